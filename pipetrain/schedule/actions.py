@@ -1,0 +1,70 @@
+"""Schedule actions: the small records a schedule is made of.
+
+A schedule is data. Builders (``builders.py``) produce, per stage, a tuple of
+``Action``s; the simulator checks them; the runtime only interprets them.
+Actions print compactly, like torch.distributed.pipelining's: ``1F3`` is stage 1
+running the forward of micro-batch 3, ``2B0`` stage 2 the backward of 0,
+``0U4`` stage 0 producing weight version 4, ``3C16`` stage 3 checkpointing at the
+cut before micro-batch 16, ``1RECV_F3`` stage 1 receiving the activation of 3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Kind(str, Enum):
+    FORWARD = "F"
+    BACKWARD = "B"
+    UPDATE = "U"
+    CHECKPOINT = "C"
+    SEND_ACT = "SEND_F"   # send the activation of k to stage + 1
+    RECV_ACT = "RECV_F"   # receive the activation of k from stage - 1
+    SEND_GRAD = "SEND_B"  # send the input gradient of k to stage - 1
+    RECV_GRAD = "RECV_B"  # receive the output gradient of k from stage + 1
+
+
+COMPUTE = (Kind.FORWARD, Kind.BACKWARD)
+COMMUNICATION = (Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step of one stage.
+
+    ``k``: the micro-batch id for F, B and the communication kinds; for
+    CHECKPOINT the cut: the state after every B of micro-batches ``< k``.
+    ``version``: for F and B the weight version they use (B always uses F's:
+    weight stashing); for UPDATE the version it produces.
+    """
+
+    stage: int
+    kind: Kind
+    k: int | None = None
+    version: int | None = None
+
+    def __str__(self) -> str:
+        k = "" if self.k is None else str(self.k)
+        if self.kind is Kind.UPDATE:
+            k = str(self.version)
+        return f"{self.stage}{self.kind.value}{k}"
+
+    def __repr__(self) -> str:
+        v = "" if self.version is None or self.kind is Kind.UPDATE else f"@v{self.version}"
+        return f"{self}{v}"
+
+
+def F(stage: int, k: int, version: int) -> Action:
+    return Action(stage, Kind.FORWARD, k, version)
+
+
+def B(stage: int, k: int, version: int) -> Action:
+    return Action(stage, Kind.BACKWARD, k, version)
+
+
+def U(stage: int, version: int) -> Action:
+    return Action(stage, Kind.UPDATE, None, version)
+
+
+def C(stage: int, cut: int) -> Action:
+    return Action(stage, Kind.CHECKPOINT, cut, None)

@@ -1,0 +1,87 @@
+"""The ``Schedule`` record every builder returns and every executor interprets.
+
+Semantics (DESIGN.md section 2), with p stages, m micro-batches per step (a
+"mini-batch"), N = steps * m micro-batches in all, stage s in 0..p-1 and
+w = p - s (the number of micro-batches stage s has in flight in steady state):
+
+- ``gpipe``: per step t, every stage runs F of the step's m micro-batches in
+  increasing k, then B of them in increasing k, then ``U t+1``. All F/B of step
+  t use version t. Same math as the unpartitioned model.
+- ``1f1b`` (PipeDream-Flush / DeepSpeed): per step, stage s runs
+  min(p - s - 1, m) warm-up forwards, then alternates F, B (one forward then one
+  backward), then the remaining backwards, then ``U t+1``. Versions as gpipe.
+- ``pipedream`` (async 1F1B, weight stashing, no flush): the micro-batches of
+  all steps stream through one 1F1B pipeline: stage s runs w warm-up forwards,
+  then alternates B, F (backward of the oldest, forward of the next), then
+  drains. After every ``accumulate``-th B (counted from micro-batch 0) it runs
+  ``U``. F k uses the latest version at that point,
+  ``floor(max(0, k - w + 1) / accumulate)``; B k uses F k's version.
+- ``2bw`` (PipeDream-2BW): the same async 1F1B order; ``U`` after the last B of
+  every mini-batch of m >= p micro-batches; every micro-batch of mini-batch t
+  uses version ``max(0, t - 1)`` (delay 1: W(t+1) = W(t) - lr * grad f(W(t-1))).
+  At most two versions are live per stage.
+
+A CHECKPOINT action with cut K sits on every stage right after the B of
+micro-batch K - 1 and the U that follows it (if any): the stage state there
+(retained weight versions, optimizer state, gradient accumulator) plus the
+data cursor K is enough to rebuild the run from K. A schedule built with
+``first_microbatch=K`` is that rebuilt run: it starts with the versions in
+``initial_versions`` and re-runs the forwards of micro-batches >= K that were
+in flight at the cut; every F/B/U carries the same version as in the full run.
+
+Communication actions are lowered in by the builders: ``RECV_F k`` just before
+``F k`` (s > 0), ``SEND_F k`` just after it (s < p - 1), ``RECV_B k`` just
+before ``B k`` (s < p - 1), ``SEND_B k`` just after it (s > 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipetrain.schedule.actions import Action, Kind
+
+SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")
+FLUSH_SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    num_stages: int
+    microbatches_per_step: int
+    steps: int
+    accumulate: int
+    checkpoint_every: int | None
+    first_microbatch: int
+    actions: tuple[tuple[Action, ...], ...]
+    initial_versions: tuple[tuple[int, ...], ...]
+
+    @property
+    def total_microbatches(self) -> int:
+        return self.steps * self.microbatches_per_step
+
+    @property
+    def is_flush(self) -> bool:
+        return self.name in FLUSH_SCHEDULES
+
+    def stage_actions(self, stage: int) -> tuple[Action, ...]:
+        return self.actions[stage]
+
+    def last_use(self, stage: int) -> dict[int, int]:
+        """Version -> index of the last action of ``stage`` that reads it.
+
+        An executor may drop a version once that action ran, unless it is the
+        stage's latest version (the next UPDATE reads it).
+        """
+        last: dict[int, int] = {}
+        for i, a in enumerate(self.actions[stage]):
+            if a.kind in (Kind.FORWARD, Kind.BACKWARD):
+                last[a.version] = i
+        return last
+
+    def checkpoint_cuts(self) -> tuple[int, ...]:
+        return tuple(a.k for a in self.actions[0] if a.kind is Kind.CHECKPOINT)
+
+    def grid(self) -> str:  # filled by the simulator module; kept here for discoverability
+        from pipetrain.schedule.simulator import render_grid
+
+        return render_grid(self)

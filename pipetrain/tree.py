@@ -1,0 +1,82 @@
+"""Framework-free pytrees for stage boundaries, the wire and checkpoints.
+
+A tree is an array (any framework), None, or a tuple / list / str-keyed dict
+of trees. ``flatten`` gives the leaves in a fixed order and a JSON-able
+structure; ``unflatten`` inverts it. Dict keys are visited sorted, like JAX.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+Tree = Any
+LEAF = "*"
+
+
+def flatten(tree: Tree) -> tuple[list[Any], Any]:
+    leaves: list[Any] = []
+
+    def walk(t: Tree) -> Any:
+        if isinstance(t, tuple):
+            return {"t": [walk(x) for x in t]}
+        if isinstance(t, list):
+            return {"l": [walk(x) for x in t]}
+        if isinstance(t, dict):
+            for key in t:
+                if not isinstance(key, str):
+                    raise TypeError(f"pytree dict keys must be str, got {key!r}")
+            return {"d": {key: walk(t[key]) for key in sorted(t)}}
+        if t is None:
+            return None
+        leaves.append(t)
+        return LEAF
+
+    return leaves, walk(tree)
+
+
+def unflatten(structure: Any, leaves: list[Any]) -> Tree:
+    it = iter(leaves)
+
+    def build(s: Any) -> Tree:
+        if s is None:
+            return None
+        if s == LEAF:
+            return next(it)
+        if "t" in s:
+            return tuple(build(x) for x in s["t"])
+        if "l" in s:
+            return [build(x) for x in s["l"]]
+        return {key: build(v) for key, v in s["d"].items()}
+
+    out = build(structure)
+    if next(it, None) is not None:
+        raise ValueError("unflatten: more leaves than the structure holds")
+    return out
+
+
+def tree_map(fn: Callable[[Any], Any], tree: Tree) -> Tree:
+    leaves, structure = flatten(tree)
+    return unflatten(structure, [fn(x) for x in leaves])
+
+
+def paths(tree: Tree, prefix: str = "") -> list[str]:
+    """Readable names of the leaves, in flatten order: ``[0]``, ``['mask']`` ..."""
+    if isinstance(tree, (tuple, list)):
+        return [p for i, x in enumerate(tree) for p in paths(x, f"{prefix}[{i}]")]
+    if isinstance(tree, dict):
+        return [p for key in sorted(tree) for p in paths(tree[key], f"{prefix}[{key!r}]")]
+    if tree is None:
+        return []
+    return [prefix or "<value>"]
+
+
+def itemsize(dtype: str) -> int:
+    if dtype == "bfloat16":
+        return 2
+    return np.dtype(dtype).itemsize
+
+
+def dtype_name(array: Any) -> str:
+    """numpy-style dtype name of any framework's array ("bfloat16" included)."""
+    return str(getattr(array.dtype, "name", array.dtype)).replace("torch.", "").replace("<dtype: '", "").rstrip("'>")
