@@ -1,0 +1,184 @@
+"""A training job as typed, validated dataclasses, read from TOML.
+
+Every error names the field at fault (``schedule.microbatches: must be >= 1``)
+and the file it came from, before any work starts.
+"""
+from __future__ import annotations
+
+import importlib
+import typing
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from pipetrain.optim import Optimizer
+from pipetrain.schedule.schedule import SCHEDULES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    entry: str = ""  # "package.module:function", called with kwargs
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # "module:factory" -> MicrobatchSource
+    heldout: str = ""  # optional, same kwargs plus split-specific ones below
+    kwargs: dict = field(default_factory=dict)
+    heldout_kwargs: dict = field(default_factory=dict)
+    eval_microbatches: int = 8
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    stages: int = 2
+    method: str = "params"  # uniform | params | flops | profile
+    boundaries: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "1f1b"
+    microbatches: int = 8  # per step
+    steps: int = 10
+    accumulate: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # micro-batches; 0 = no checkpoints
+    keep: int = 3
+    dir: str = ""  # default: RUN_DIR/checkpoints (any fsspec URL)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    scheduler: str = ""  # address; empty: an embedded LocalCluster
+    scheduler_file: str = ""
+    resource: str = "GPU"
+    placement_timeout: float = 60.0
+    max_restarts: int = 3
+    credits: int = 0  # per-edge flow-control window; 0 = the schedule's bound
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run_dir: str = "runs/job"
+    seed: int = 0
+
+    def validate(self) -> "JobConfig":
+        _require(self.model.entry, "model.entry", "an import path like 'models.gpt:build'")
+        _require(self.data.train, "data.train", "an import path like 'models.text:train_source'")
+        _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")
+        _check(self.partition.method in ("uniform", "params", "flops", "profile"), "partition.method",
+               f"{self.partition.method!r} is not one of uniform, params, flops, profile")
+        _check(self.schedule.name in SCHEDULES, "schedule.name",
+               f"{self.schedule.name!r} is not one of {', '.join(SCHEDULES)}")
+        _check(self.schedule.microbatches >= 1, "schedule.microbatches", "must be >= 1")
+        _check(self.schedule.steps >= 1, "schedule.steps", "must be >= 1")
+        _check(self.schedule.accumulate >= 1, "schedule.accumulate", "must be >= 1")
+        _check(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 turns checkpoints off)")
+        _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
+        _check(self.data.eval_microbatches >= 0, "data.eval_microbatches", "must be >= 0")
+        return self
+
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.dir or str(Path(self.run_dir) / "checkpoints")
+
+
+def _require(value: str, name: str, what: str) -> None:
+    _check(bool(value), name, f"is required: {what}")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a table, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{path + '.' if path else ''}{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = known[name]
+        full = f"{path}.{name}" if path else name
+        ftype = _field_type(cls, name)
+        if is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value, full)
+            continue
+        if isinstance(ftype, type) and ftype in (int, float, str, bool, dict, tuple):
+            value = _coerce(value, ftype, full)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        message = str(e)
+        raise ConfigError(message if path and message.startswith(path + ".") else f"{path or 'config'}: {message}") from None
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_origin(hint) or hint
+
+
+def _coerce(value: Any, ftype: type, name: str) -> Any:
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if ftype is tuple and isinstance(value, list):
+        return tuple(value)
+    if not isinstance(value, ftype) or (ftype is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {ftype.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        table = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            table = table.setdefault(p, {})
+        table[leaf] = value
+    try:
+        return _build(JobConfig, raw, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolve(entry: str, field_name: str) -> Any:
+    """Import ``module:attr`` naming the config field on failure."""
+    module_name, sep, attr = entry.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{field_name}: {entry!r} is not of the form 'module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{field_name}: cannot import module {module_name!r}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{field_name}: module {module_name!r} has no attribute {attr!r}") from None

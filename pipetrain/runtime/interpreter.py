@@ -1,0 +1,122 @@
+"""Runs one stage's action list: the only place that gives actions meaning.
+
+Both executors drive a ``StageProgram``: the reference executor steps all
+stages in one process, passing boundary values through in-memory mailboxes;
+the Dask worker runs one program in its compute thread over the transport.
+Because each stage's numbers depend only on its own actions, in its order,
+both produce the same bits.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Protocol
+
+from pipetrain.schedule.actions import Action, Kind
+from pipetrain.schedule.schedule import Schedule
+
+Tree = Any
+
+
+class Links(Protocol):
+    """How a stage reaches its neighbours."""
+
+    def ready(self, kind: Kind, k: int) -> bool:
+        """Whether RECV ``kind`` of micro-batch k would return at once."""
+
+    def recv(self, kind: Kind, k: int) -> Tree: ...
+
+    def send(self, kind: Kind, k: int, version: int, tree: Tree) -> None: ...
+
+
+class Hooks:
+    """What an executor wants to hear about; override what you need."""
+
+    def on_loss(self, k: int, loss: float) -> None: ...
+
+    def on_checkpoint(self, cut: int, stage: Any) -> None: ...
+
+    def on_action(self, action: Action, start: float, end: float) -> None: ...
+
+
+class StageProgram:
+    def __init__(self, stage: Any, schedule: Schedule, *, source: Any, links: Links, hooks: Hooks | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.stage = stage
+        self.index = stage.spec.index
+        self.actions = schedule.stage_actions(self.index)
+        self.last_use = schedule.last_use(self.index)
+        self.source, self.links = source, links
+        self.hooks = hooks or Hooks()
+        self.clock = clock
+        self.position = 0
+        self._inputs: dict[int, Tree] = {}
+        self._outputs: dict[int, Tree] = {}
+        self._grads: dict[int, Tree] = {}
+        self._input_grads: dict[int, Tree] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.actions)
+
+    def next_action(self) -> Action | None:
+        return None if self.done else self.actions[self.position]
+
+    def can_run(self) -> bool:
+        a = self.next_action()
+        if a is None:
+            return False
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+            return self.links.ready(a.kind, a.k)
+        return True
+
+    def run_next(self) -> Action:
+        a = self.actions[self.position]
+        start = self.clock()
+        self._execute(a)
+        self.hooks.on_action(a, start, self.clock())
+        self._release_unread_versions()
+        self.position += 1
+        return a
+
+    def run_all(self) -> None:
+        while not self.done:
+            self.run_next()
+
+    def _execute(self, a: Action) -> None:
+        spec = self.stage.spec
+        if a.kind is Kind.RECV_ACT:
+            self._inputs[a.k] = self.links.recv(a.kind, a.k)
+        elif a.kind is Kind.RECV_GRAD:
+            self._grads[a.k] = self.links.recv(a.kind, a.k)
+        elif a.kind is Kind.FORWARD:
+            x = self.source.inputs(a.k) if spec.is_first else self._inputs.pop(a.k)
+            targets = self.source.targets(a.k) if spec.is_last else None
+            out = self.stage.forward(a.k, x, version=a.version, targets=targets)
+            if spec.is_last:
+                self.hooks.on_loss(a.k, float(out))
+            else:
+                self._outputs[a.k] = out
+        elif a.kind is Kind.SEND_ACT:
+            self.links.send(a.kind, a.k, a.version, self._outputs.pop(a.k))
+        elif a.kind is Kind.BACKWARD:
+            grad = None if spec.is_last else self._grads.pop(a.k)
+            grad_in = self.stage.backward(a.k, grad)
+            if not spec.is_first:
+                self._input_grads[a.k] = grad_in
+        elif a.kind is Kind.SEND_GRAD:
+            self.links.send(a.kind, a.k, a.version, self._input_grads.pop(a.k))
+        elif a.kind is Kind.UPDATE:
+            self.stage.update(new_version=a.version)
+        elif a.kind is Kind.CHECKPOINT:
+            self.hooks.on_checkpoint(a.k, self.stage)
+        else:  # pragma: no cover - Kind is closed
+            raise ValueError(f"stage {self.index}: unknown action {a!r}")
+
+    def _release_unread_versions(self) -> None:
+        # A version stays while a later action reads it; the latest one always
+        # stays because the next UPDATE starts from it.
+        held = self.stage.versions()
+        latest = max(held)
+        for v in held:
+            if v != latest and self.last_use.get(v, -1) <= self.position:
+                self.stage.release(v)
