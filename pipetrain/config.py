@@ -149,7 +149,8 @@ def _coerce(value: Any, ftype: type, name: str) -> Any:
     return value
 
 
-def load(path: str | Path, overrides: dict | None = None) -> JobConfig:
+def read_raw(path: str | Path, overrides: dict | None = None) -> dict:
+    """The config file as a dict, with ``--set field=value`` overrides applied."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -163,10 +164,18 @@ def load(path: str | Path, overrides: dict | None = None) -> JobConfig:
         for p in parents:
             table = table.setdefault(p, {})
         table[leaf] = value
+    return raw
+
+
+def from_dict(raw: dict, *, origin: str = "config") -> JobConfig:
     try:
         return _build(JobConfig, raw, "").validate()
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def load(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    return from_dict(read_raw(path, overrides), origin=str(path))
 
 
 def resolve(entry: str, field_name: str) -> Any:

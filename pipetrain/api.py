@@ -1,0 +1,179 @@
+"""``pipetrain.fit``: train a model as a pipeline and return what happened."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipetrain.optim import Optimizer
+from pipetrain.observe.progress import MetricsLog, Progress
+
+
+@dataclass
+class FitResult:
+    """What a run produced. ``history`` has one record per step."""
+
+    partition: Any
+    schedule: str
+    history: list[dict]
+    losses: dict[int, float]  # micro-batch id -> training loss
+    states: list[dict[str, np.ndarray]]
+    recoveries: list[dict] = field(default_factory=list)
+    events: list[np.ndarray] = field(default_factory=list)
+    run_dir: Path | None = None
+    wall_seconds: float = 0.0
+    samples: int = 0
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    executor: str = "dask"
+
+    def stage_state(self, stage: int) -> dict[str, np.ndarray]:
+        return self.states[stage]
+
+    def build_stages(self, optimizer: Any = None) -> list[Any]:
+        """Stages rebuilt in this process with the final weights."""
+        stages = [self.partition.model.build_stage(spec, optimizer=optimizer or Optimizer())
+                  for spec in self.partition.specs()]
+        for stage, state in zip(stages, self.states):
+            stage.load_state_dict(state)
+        return stages
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_method: str = "params",
+        boundaries: list[int] | None = None, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10,
+        accumulate: int = 1, optimizer: Any = None, client: Any = None, checkpoint_dir: str | None = None,
+        checkpoint_every: int = 0, keep_checkpoints: int = 3, resume: bool = False, run_dir: str | None = None,
+        heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU", placement_timeout: float = 60.0,
+        max_restarts: int = 3, spare_workers: int = 0, credits: int = 0, executor: str = "dask",
+        progress: bool = True, job_id: str | None = None) -> FitResult:
+    """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
+
+    ``client``: a ``distributed.Client``, a scheduler address, or None for an
+    embedded ``LocalCluster`` with one worker process per stage (plus
+    ``spare_workers``), shut down afterwards. ``executor="reference"`` runs
+    every stage in this process instead (the numerics oracle).
+    """
+    from pipetrain.partition import Partition, partition as make_partition
+    from pipetrain.schedule.builders import build_schedule
+
+    optimizer = optimizer or Optimizer()
+    if isinstance(model, Partition):
+        part = model
+    else:
+        if num_stages is None:
+            raise ValueError("fit: num_stages is required when model is not already a Partition")
+        part = make_partition(model, num_stages, method=partition_method, example_input=data.inputs(0),
+                              boundaries=boundaries)
+    checkpoint_url = checkpoint_dir or (str(Path(run_dir) / "checkpoints") if run_dir and checkpoint_every else None)
+    schedule_args = dict(name=schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
+                         accumulate=accumulate, checkpoint_every=checkpoint_every or None)
+    build_schedule(**schedule_args)  # validates before any worker starts
+    run_path = Path(run_dir) if run_dir else None
+    metrics = MetricsLog(run_path / "metrics.jsonl" if run_path else None)
+    bar = Progress(steps, enabled=progress)
+    eval_ids = list(range(eval_microbatches))
+    heldout_before = _heldout_loss(part, optimizer, heldout, eval_ids, states=None)
+    metrics.write({"type": "start", "schedule": schedule, "stages": len(part.stages), "steps": steps,
+                   "microbatches": microbatches, "heldout_loss": heldout_before, "executor": executor})
+
+    if executor == "reference":
+        outcome = _run_reference(part, optimizer, schedule_args, data, bar, metrics)
+    elif executor == "dask":
+        from pipetrain.runtime.driver import Driver, JobPlan
+
+        plan = JobPlan(partition=part, source=data, optimizer=optimizer, schedule_args=schedule_args,
+                       checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
+                       placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
+                       resume=resume, **({"job_id": job_id} if job_id else {}))
+        with _client(client, len(part.stages) + spare_workers) as dask_client:
+            outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()
+    else:
+        raise ValueError(f"fit: executor must be 'dask' or 'reference', got {executor!r}")
+
+    result = FitResult(partition=part, schedule=schedule, history=outcome.history, losses=outcome.losses,
+                       states=outcome.states, recoveries=outcome.recoveries, events=outcome.events,
+                       run_dir=run_path, wall_seconds=outcome.wall_seconds,
+                       samples=steps * microbatches * data.microbatch_size, executor=executor)
+    result.heldout_before = heldout_before
+    result.heldout_after = _heldout_loss(part, optimizer, heldout, eval_ids, states=outcome.states)
+    metrics.write({"type": "end", "heldout_loss": result.heldout_after, "wall_seconds": result.wall_seconds,
+                   "samples_per_s": result.samples_per_s})
+    if run_path and outcome.events:
+        _save_events(run_path, outcome.events)
+    return result
+
+
+def _heldout_loss(part: Any, optimizer: Any, heldout: Any, ids: list[int], *, states: Any) -> float | None:
+    if heldout is None or not ids:
+        return None
+    from pipetrain.runtime.reference import evaluate
+
+    stages = [part.model.build_stage(spec, optimizer=optimizer) for spec in part.specs()]
+    if states is not None:
+        for stage, state in zip(stages, states):
+            stage.load_state_dict(state)
+    return evaluate(stages, heldout, ids)
+
+
+@dataclass
+class _Outcome:
+    losses: dict
+    states: list
+    history: list
+    recoveries: list
+    events: list
+    wall_seconds: float
+
+
+def _run_reference(part: Any, optimizer: Any, schedule_args: dict, data: Any, bar: Progress,
+                   metrics: MetricsLog) -> _Outcome:
+    from pipetrain.runtime.reference import build_stages, run_reference
+    from pipetrain.schedule.builders import build_schedule
+
+    started = time.time()
+    schedule = build_schedule(**{**schedule_args, "checkpoint_every": None})
+    result = run_reference(schedule, stages=build_stages(part, optimizer), source=data)
+    wall = time.time() - started
+    m = schedule_args["microbatches"]
+    history = []
+    for t, loss in enumerate(result.loss_history(m)):
+        record = {"type": "step", "step": t, "loss": loss, "samples_per_s": None, "busy": []}
+        history.append(record)
+        metrics.write(record)
+        bar.step(t, loss=loss, samples_per_s=None, busy=[])
+    return _Outcome(result.losses, result.state_dicts(), history, [], [], wall)
+
+
+@contextmanager
+def _client(client: Any, n_workers: int) -> Iterator[Any]:
+    from distributed import Client
+
+    if client is None:
+        from pipetrain.runtime.local import start_local_cluster
+
+        cluster = start_local_cluster(n_workers)
+        try:
+            with Client(cluster) as c:
+                yield c
+        finally:
+            cluster.close()
+    elif isinstance(client, str):
+        with Client(client) as c:
+            yield c
+    else:
+        yield client
+
+
+def _save_events(run_path: Path, events: list[np.ndarray]) -> None:
+    out = run_path / "events"
+    out.mkdir(parents=True, exist_ok=True)
+    for s, ev in enumerate(events):
+        np.save(out / f"stage-{s}.npy", ev)

@@ -1,0 +1,143 @@
+"""`pipetrain train | resume | simulate | partition | trace | report`.
+
+Each subcommand parses its arguments and hands over to the module that does
+the work; errors the user can fix (a bad config field, an unknown schedule)
+print one clear line and exit 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipetrain.config import ConfigError
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pipetrain.schedule.builders import build_schedule
+    from pipetrain.schedule.simulator import simulate
+
+    schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches,
+                              steps=args.steps, accumulate=args.accumulate)
+    report = simulate(schedule, forward_cost=args.forward_cost, backward_cost=args.backward_cost)
+    print(report.render())
+    return 0
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from pipetrain.config import resolve
+    from pipetrain.partition import partition
+
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    model = resolve(args.model, "MODEL")(**kwargs)
+    example_entry = args.example or args.model.split(":")[0] + ":example_input"
+    example = resolve(example_entry, "--example")(**kwargs)
+    boundaries = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
+    print(partition(model, args.stages, method=args.method, example_input=example, boundaries=boundaries))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipetrain.job import train_from_config
+
+    overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    train_from_config(args.config, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
+                      executor=args.executor, overrides={k: _literal(v) for k, v in overrides.items()},
+                      progress=not args.quiet)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from pipetrain.job import resume_run
+
+    resume_run(args.run_dir, scheduler=args.scheduler, scheduler_file=args.scheduler_file, progress=not args.quiet)
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from pipetrain.observe.trace import trace_command
+
+    return trace_command(args.run_dir)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipetrain.observe.report import report_command
+
+    return report_command(args.run_dir)
+
+
+def _literal(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
+    g.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pipetrain", description="Pipeline-parallel training on Dask.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a training job from a TOML config")
+    p.add_argument("config")
+    _cluster_args(p)
+    p.add_argument("--executor", choices=("dask", "reference"), default="dask",
+                   help="'reference' runs every stage in this process (the numerics oracle)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set schedule.steps=20")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("resume", help="continue a stopped job from its last committed checkpoint")
+    p.add_argument("run_dir")
+    _cluster_args(p)
+    p.set_defaults(run=_resume)
+
+    p = sub.add_parser("simulate", help="print a schedule's stage x time grid, bubble and memory")
+    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--forward-cost", type=float, default=1.0)
+    p.add_argument("--backward-cost", type=float, default=2.0)
+    p.set_defaults(run=_simulate)
+
+    p = sub.add_parser("partition", help="show how a model is cut into stages")
+    p.add_argument("model", help="import path of a model builder, e.g. models.gpt:build")
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--method", default="params", choices=("uniform", "params", "flops", "profile"))
+    p.add_argument("--boundaries", default="", help="explicit interior cut points, e.g. 2,4,6")
+    p.add_argument("--kwargs", default="", help="JSON keyword arguments for the builder")
+    p.add_argument("--example", default="", help="import path of an example-input function "
+                   "(default: example_input in the model's module)")
+    p.set_defaults(run=_partition)
+
+    p = sub.add_parser("trace", help="Chrome/Perfetto trace and Gantt chart of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(run=_trace)
+
+    p = sub.add_parser("report", help="loss and throughput plots of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(run=_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if getattr(e, "__notes__", None):
+            pass
+        print(f"pipetrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Progress, metrics log, pipeline timeline traces and plots."""

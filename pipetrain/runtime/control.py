@@ -1,0 +1,125 @@
+"""The control plane: small messages between the driver and its stages.
+
+Activations and gradients never come here: they go worker to worker over the
+transport. This is only rendezvous (each stage's transport address), reports
+(losses, busy time, checkpoint shards written) and the stop signal, carried
+by Dask's own coordination primitives through the scheduler, all namespaced
+by job id and generation so a stage of an old generation talks into the void.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ControlNames:
+    job_id: str
+    generation: int
+
+    @property
+    def prefix(self) -> str:
+        return f"pipetrain/{self.job_id}/g{self.generation}"
+
+    def address(self, stage: int) -> str:
+        return f"{self.prefix}/address/{stage}"
+
+    @property
+    def reports(self) -> str:
+        return f"{self.prefix}/reports"
+
+    @property
+    def stop(self) -> str:
+        return f"{self.prefix}/stop"
+
+
+class StageControl:
+    """A stage's side: publish its address, find its neighbours, report."""
+
+    def __init__(self, names: ControlNames, *, client: Any = None):
+        from distributed import Event, Queue
+
+        self.names = names
+        self._client = client
+        self._reports = Queue(names.reports, client=client)
+        self._stop = Event(names.stop, client=client)
+        self._outbox: queue.Queue = queue.Queue()
+        # Reports go out from a thread of their own so the compute thread never
+        # waits on a scheduler round trip.
+        self._courier = threading.Thread(target=self._deliver, name="pipetrain-courier", daemon=True)
+        self._courier.start()
+
+    def publish_address(self, stage: int, address: str) -> None:
+        from distributed import Variable
+
+        Variable(self.names.address(stage), client=self._client).set(address)
+
+    def peer_address(self, stage: int, *, timeout: float) -> str:
+        from distributed import Variable
+
+        try:
+            return Variable(self.names.address(stage), client=self._client).get(timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"stage {stage} did not publish its transport address within {timeout:.0f} s") from None
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def report(self, message: dict) -> None:
+        self._outbox.put(message)
+
+    def call_in_courier(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the courier thread, in order with reports."""
+        self._outbox.put((fn, args))
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._courier.join()
+        if self._error is not None:
+            raise self._error
+
+    _error: BaseException | None = None
+
+    def _deliver(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, tuple):
+                    fn, args = item
+                    result = fn(*args)
+                    if isinstance(result, dict):
+                        self._reports.put(result)
+                else:
+                    self._reports.put(item)
+            except BaseException as e:  # surfaced by close(), and reported
+                self._error = e
+                try:
+                    self._reports.put({"type": "error", "error": repr(e)})
+                except Exception:
+                    pass
+
+
+class DriverControl:
+    """The driver's side: read reports, raise the stop flag."""
+
+    def __init__(self, names: ControlNames, *, client: Any):
+        from distributed import Event, Queue
+
+        self.names = names
+        self._reports = Queue(names.reports, client=client)
+        self._stop = Event(names.stop, client=client)
+
+    def drain(self, timeout: float) -> list[dict]:
+        try:
+            first = self._reports.get(timeout=timeout)
+        except TimeoutError:
+            return []
+        rest = self._reports.get(batch=True)
+        return [first, *rest]
+
+    def stop(self) -> None:
+        self._stop.set()
