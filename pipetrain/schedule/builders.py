@@ -1,0 +1,230 @@
+"""Pure functions that build a ``Schedule`` (semantics: ``schedule.py``'s docstring).
+
+``build_schedule`` validates the request, asks the schedule's builder for each
+stage's compute list (F, B, U), then runs two passes over it: one inserts the
+CHECKPOINT actions at the cuts, one lowers the SEND/RECV actions in. Every
+builder covers the micro-batches ``[first, N)``; a resumed schedule is the same
+structure restarted at the cut, with the versions of the full run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from pipetrain.schedule.actions import Action, B, C, F, Kind, U
+from pipetrain.schedule.schedule import FLUSH_SCHEDULES, SCHEDULES, Schedule
+
+
+class ScheduleError(ValueError):
+    """A schedule request or a schedule that breaks the rules; the message names the field or action."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a builder needs to know: p stages, m micro-batches per step, the range [first, total)."""
+
+    num_stages: int
+    microbatches: int
+    total: int
+    first: int
+    accumulate: int
+
+
+# --- the four schedules: compute actions (F, B, U) of one stage -------------------------------
+
+def gpipe_actions(stage: int, shape: Shape) -> list[Action]:
+    m, out = shape.microbatches, []
+    for t in range(shape.first // m, shape.total // m):
+        step = range(t * m, (t + 1) * m)
+        out += [F(stage, k, t) for k in step]  # fill
+        out += [B(stage, k, t) for k in step]  # drain
+        out.append(U(stage, t + 1))            # flush: one update per step
+    return out
+
+
+def one_f_one_b_actions(stage: int, shape: Shape) -> list[Action]:
+    p, m, out = shape.num_stages, shape.microbatches, []
+    for t in range(shape.first // m, shape.total // m):
+        forwards = iter(range(t * m, (t + 1) * m))
+        backwards = iter(range(t * m, (t + 1) * m))
+        warmup = min(p - stage - 1, m)
+        out += [F(stage, next(forwards), t) for _ in range(warmup)]
+        for k in forwards:  # steady state: one forward, then the backward of the oldest
+            out += [F(stage, k, t), B(stage, next(backwards), t)]
+        out += [B(stage, k, t) for k in backwards]  # cool-down
+        out.append(U(stage, t + 1))
+    return out
+
+
+def async_order(stage: int, shape: Shape) -> Iterator[tuple[Kind, int]]:
+    """The no-flush 1F1B order shared by pipedream and 2bw: all steps stream through."""
+    forwards = iter(range(shape.first, shape.total))
+    backwards = iter(range(shape.first, shape.total))
+    warmup = min(shape.num_stages - stage, shape.total - shape.first)
+    for _ in range(warmup):
+        yield Kind.FORWARD, next(forwards)
+    for k in forwards:  # steady state: backward of the oldest, forward of the next
+        yield Kind.BACKWARD, next(backwards)
+        yield Kind.FORWARD, k
+    for k in backwards:  # cool-down
+        yield Kind.BACKWARD, k
+
+
+def pipedream_actions(stage: int, shape: Shape) -> list[Action]:
+    in_flight, a = shape.num_stages - stage, shape.accumulate
+
+    def version(k: int) -> int:  # updates done when F k runs: one per `a` backwards before it
+        return max(0, k - in_flight + 1) // a
+
+    out = []
+    for kind, k in async_order(stage, shape):
+        if kind is Kind.FORWARD:
+            out.append(F(stage, k, version(k)))
+        else:
+            out.append(B(stage, k, version(k)))  # weight stashing: F k's version
+            if (k + 1) % a == 0:
+                out.append(U(stage, (k + 1) // a))
+    return out
+
+
+def two_bw_actions(stage: int, shape: Shape) -> list[Action]:
+    m, out = shape.microbatches, []
+    for kind, k in async_order(stage, shape):
+        t = k // m
+        version = max(0, t - 1)  # delay 1: mini-batch t reads W(t-1)
+        out.append((F if kind is Kind.FORWARD else B)(stage, k, version))
+        if kind is Kind.BACKWARD and (k + 1) % m == 0:
+            out.append(U(stage, t + 1))
+    return out
+
+
+BUILDERS: dict[str, Callable[[int, Shape], list[Action]]] = {
+    "gpipe": gpipe_actions,
+    "1f1b": one_f_one_b_actions,
+    "pipedream": pipedream_actions,
+    "2bw": two_bw_actions,
+}
+
+
+# --- passes ------------------------------------------------------------------------------------
+
+def insert_checkpoints(actions: list[Action], cuts: tuple[int, ...]) -> list[Action]:
+    """``C K`` right after the B of K - 1 and the U that follows it."""
+    wanted, out, pending = set(cuts), [], None
+    for a in actions:
+        if pending is not None and a.kind is not Kind.UPDATE:
+            out.append(pending)
+            pending = None
+        out.append(a)
+        if a.kind is Kind.BACKWARD and a.k + 1 in wanted:
+            pending = C(a.stage, a.k + 1)
+    if pending is not None:
+        out.append(pending)
+    return out
+
+
+def lower_communication(actions: list[Action], *, num_stages: int) -> list[Action]:
+    """RECV just before the F/B that consumes it, SEND just after the F/B that produced it.
+
+    Communication actions carry the version of the F/B they belong to on their own stage.
+    """
+    out: list[Action] = []
+    for a in actions:
+        s, first, last = a.stage, a.stage == 0, a.stage == num_stages - 1
+        if a.kind is Kind.FORWARD:
+            out += [] if first else [Action(s, Kind.RECV_ACT, a.k, a.version)]
+            out.append(a)
+            out += [] if last else [Action(s, Kind.SEND_ACT, a.k, a.version)]
+        elif a.kind is Kind.BACKWARD:
+            out += [] if last else [Action(s, Kind.RECV_GRAD, a.k, a.version)]
+            out.append(a)
+            out += [] if first else [Action(s, Kind.SEND_GRAD, a.k, a.version)]
+        else:
+            out.append(a)
+    return out
+
+
+# --- the entry point ----------------------------------------------------------------------------
+
+def build_schedule(name: str, *, num_stages: int, microbatches: int, steps: int, accumulate: int = 1,
+                   checkpoint_every: int | None = None, first_microbatch: int = 0) -> Schedule:
+    """Build schedule ``name`` for ``steps`` steps of ``microbatches`` micro-batches each.
+
+    ``first_microbatch=K > 0`` builds the run resumed from the checkpoint at cut K.
+    """
+    _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_every, first_microbatch)
+    total = steps * microbatches
+    shape = Shape(num_stages, microbatches, total, first_microbatch, accumulate)
+    cuts = checkpoint_cuts(first=first_microbatch, total=total, every=checkpoint_every)
+    actions = []
+    for s in range(num_stages):
+        compute = BUILDERS[name](s, shape)
+        actions.append(tuple(lower_communication(insert_checkpoints(compute, cuts), num_stages=num_stages)))
+    latest = first_microbatch // (accumulate if name == "pipedream" else microbatches)
+    return Schedule(
+        name=name, num_stages=num_stages, microbatches_per_step=microbatches, steps=steps,
+        accumulate=accumulate, checkpoint_every=checkpoint_every, first_microbatch=first_microbatch,
+        actions=tuple(actions),
+        initial_versions=tuple(initial_versions(acts, latest=latest) for acts in actions),
+    )
+
+
+def checkpoint_cuts(*, first: int, total: int, every: int | None) -> tuple[int, ...]:
+    """Every multiple of ``every`` in (first, total], plus total itself."""
+    if every is None:
+        return ()
+    cuts = set(range((first // every + 1) * every, total + 1, every))
+    if total > first:
+        cuts.add(total)
+    return tuple(sorted(cuts))
+
+
+def initial_versions(actions: tuple[Action, ...], *, latest: int) -> tuple[int, ...]:
+    """Versions F/B read that no U of this schedule produces, plus the latest one at the start.
+
+    The latest is needed even when no F/B reads it: the next UPDATE starts from it.
+    """
+    read = {a.version for a in actions if a.kind in (Kind.FORWARD, Kind.BACKWARD)}
+    produced = {a.version for a in actions if a.kind is Kind.UPDATE}
+    return tuple(sorted((read - produced) | {latest}))
+
+
+def bubble_fraction_formula(name: str, p: int, m: int) -> float:
+    """The idle share of a flush schedule with uniform costs: (p - 1) / (m + p - 1)."""
+    if name not in FLUSH_SCHEDULES:
+        raise ScheduleError(f"name: the bubble formula is for {', '.join(FLUSH_SCHEDULES)}; "
+                            f"{name!r} has none (simulate it)")
+    if p < 1 or m < 1:
+        raise ScheduleError(f"p and m must be >= 1, got p={p}, m={m}")
+    return (p - 1) / (m + p - 1)
+
+
+def _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_every, first_microbatch) -> None:
+    if name not in SCHEDULES:
+        raise ScheduleError(f"name: unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    for field, value in (("num_stages", num_stages), ("microbatches", microbatches), ("steps", steps),
+                         ("accumulate", accumulate)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ScheduleError(f"{field}: must be an integer >= 1, got {value!r}")
+    m, total = microbatches, steps * microbatches
+    if name != "pipedream" and accumulate != 1:
+        raise ScheduleError(f"accumulate: only pipedream accumulates; {name} already updates once per step "
+                            f"of {m} micro-batches (got accumulate={accumulate})")
+    if name == "pipedream" and m % accumulate:
+        raise ScheduleError(f"accumulate: must divide microbatches so every step ends with an update "
+                            f"(got accumulate={accumulate}, microbatches={m})")
+    if name == "2bw" and m < num_stages:
+        raise ScheduleError(f"microbatches: 2bw needs microbatches >= num_stages so that at most two weight "
+                            f"versions are live (got {m} < {num_stages})")
+    # Cuts sit where a stage's state is complete: after an update, with nothing accumulated.
+    unit, unit_name = (accumulate, "accumulate") if name == "pipedream" else (m, "microbatches")
+    if checkpoint_every is not None:
+        if (not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1
+                or checkpoint_every % unit):
+            raise ScheduleError(f"checkpoint_every: must be a positive multiple of {unit_name}={unit} "
+                                f"for {name}, got {checkpoint_every!r}")
+    if not isinstance(first_microbatch, int) or isinstance(first_microbatch, bool) or not 0 <= first_microbatch <= total:
+        raise ScheduleError(f"first_microbatch: must be in [0, {total}], got {first_microbatch!r}")
+    if first_microbatch % unit:
+        raise ScheduleError(f"first_microbatch: {first_microbatch} is not a checkpoint cut of {name}: "
+                            f"it must be a multiple of {unit_name}={unit}")
