@@ -28,16 +28,35 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from pipetrain.checkpoint.codec import ShardFormatError, decode_state, encode_state, tensor_index
+from pipetrain.checkpoint.codec import (
+    ShardFormatError,
+    decode_state,
+    encode_state,
+    tensor_index,
+)
 from pipetrain.checkpoint.manifest import (
-    GENERATION, MANIFEST, MARKER, STEP_DIR, CheckpointCorruptError, CheckpointError,
-    CommittedCheckpoint, ShardRecord, StaleGenerationError, build_manifest, dumps, loads,
-    manifest_problem, record_file_name, shard_file_name, step_dir_name,
+    GENERATION,
+    MANIFEST,
+    MARKER,
+    STEP_DIR,
+    CheckpointCorruptError,
+    CheckpointError,
+    CommittedCheckpoint,
+    ShardRecord,
+    StaleGenerationError,
+    build_manifest,
+    dumps,
+    loads,
+    manifest_problem,
+    record_file_name,
+    shard_file_name,
+    step_dir_name,
 )
 
 log = logging.getLogger("pipetrain.checkpoint")
@@ -134,7 +153,7 @@ class CheckpointStore:
         self._makedirs(step)
         # Checked again just before the rename: a writer paused across a recovery
         # is refused at the last moment it can be, not only when it started.
-        fence = lambda: self._check_generation(generation, doing)  # noqa: E731
+        fence = lambda: self._check_generation(generation, doing)
         self._write_atomic(posixpath.join(step, record.file), data, before_publish=fence)
         self._write_atomic(posixpath.join(step, record_file_name(stage)), record_bytes, before_publish=fence)
         return record
