@@ -18,7 +18,7 @@ import pytest
 from models import gpt, mlp, text
 from models.layers import apply_sequence, dense, init_sequence
 
-SMALL = dict(context=16, d_model=32, n_heads=4, n_layers=2)
+SMALL = {"context": 16, "d_model": 32, "n_heads": 4, "n_layers": 2}
 
 
 def _gpt(batch=2, seed=0, **kw):
