@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 
 from pipetrain.schedule.actions import Kind
-from pipetrain.schedule.builders import ScheduleError, bubble_fraction_formula, build_schedule
+from pipetrain.schedule.builders import (
+    ScheduleError,
+    bubble_fraction_formula,
+    build_schedule,
+)
 from pipetrain.schedule.simulator import simulate
 
 COMPUTE_AND_STATE = (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE, Kind.CHECKPOINT)
@@ -149,13 +153,13 @@ def test_checkpoint_sits_after_the_backward_and_its_update():
 
 
 RESUMABLE = [
-    ("gpipe", dict(num_stages=3, microbatches=2, steps=4), 2),
-    ("1f1b", dict(num_stages=4, microbatches=3, steps=3), 3),
-    ("2bw", dict(num_stages=3, microbatches=3, steps=4), 3),
-    ("2bw", dict(num_stages=4, microbatches=4, steps=3), 4),
-    ("pipedream", dict(num_stages=4, microbatches=4, steps=3, accumulate=1), 1),
-    ("pipedream", dict(num_stages=3, microbatches=4, steps=3, accumulate=2), 2),
-    ("pipedream", dict(num_stages=5, microbatches=6, steps=2, accumulate=3), 3),
+    ("gpipe", {"num_stages": 3, "microbatches": 2, "steps": 4}, 2),
+    ("1f1b", {"num_stages": 4, "microbatches": 3, "steps": 3}, 3),
+    ("2bw", {"num_stages": 3, "microbatches": 3, "steps": 4}, 3),
+    ("2bw", {"num_stages": 4, "microbatches": 4, "steps": 3}, 4),
+    ("pipedream", {"num_stages": 4, "microbatches": 4, "steps": 3, "accumulate": 1}, 1),
+    ("pipedream", {"num_stages": 3, "microbatches": 4, "steps": 3, "accumulate": 2}, 2),
+    ("pipedream", {"num_stages": 5, "microbatches": 6, "steps": 2, "accumulate": 3}, 3),
 ]
 
 
@@ -216,26 +220,26 @@ def test_first_microbatch_zero_starts_from_version_zero():
 # --- validation -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,kw,match", [
-    ("zb", dict(), r"name: unknown schedule 'zb'; known: gpipe, 1f1b, pipedream, 2bw"),
-    ("1f1b", dict(num_stages=0), r"num_stages: must be an integer >= 1, got 0"),
-    ("1f1b", dict(microbatches=0), r"microbatches: must be an integer >= 1"),
-    ("1f1b", dict(steps=-1), r"steps: must be an integer >= 1"),
-    ("pipedream", dict(accumulate=0), r"accumulate: must be an integer >= 1"),
-    ("gpipe", dict(accumulate=2), r"accumulate: only pipedream accumulates"),
-    ("2bw", dict(accumulate=2), r"accumulate: only pipedream accumulates"),
-    ("pipedream", dict(microbatches=4, accumulate=3), r"accumulate: must divide microbatches"),
-    ("2bw", dict(num_stages=4, microbatches=3), r"microbatches: 2bw needs microbatches >= num_stages"),
-    ("1f1b", dict(microbatches=4, checkpoint_every=6), r"checkpoint_every: must be a positive multiple of microbatches=4"),
-    ("2bw", dict(microbatches=4, checkpoint_every=0), r"checkpoint_every: must be a positive multiple"),
-    ("pipedream", dict(microbatches=4, accumulate=2, checkpoint_every=3),
+    ("zb", {}, r"name: unknown schedule 'zb'; known: gpipe, 1f1b, pipedream, 2bw"),
+    ("1f1b", {"num_stages": 0}, r"num_stages: must be an integer >= 1, got 0"),
+    ("1f1b", {"microbatches": 0}, r"microbatches: must be an integer >= 1"),
+    ("1f1b", {"steps": -1}, r"steps: must be an integer >= 1"),
+    ("pipedream", {"accumulate": 0}, r"accumulate: must be an integer >= 1"),
+    ("gpipe", {"accumulate": 2}, r"accumulate: only pipedream accumulates"),
+    ("2bw", {"accumulate": 2}, r"accumulate: only pipedream accumulates"),
+    ("pipedream", {"microbatches": 4, "accumulate": 3}, r"accumulate: must divide microbatches"),
+    ("2bw", {"num_stages": 4, "microbatches": 3}, r"microbatches: 2bw needs microbatches >= num_stages"),
+    ("1f1b", {"microbatches": 4, "checkpoint_every": 6}, r"checkpoint_every: must be a positive multiple of microbatches=4"),
+    ("2bw", {"microbatches": 4, "checkpoint_every": 0}, r"checkpoint_every: must be a positive multiple"),
+    ("pipedream", {"microbatches": 4, "accumulate": 2, "checkpoint_every": 3},
      r"checkpoint_every: must be a positive multiple of accumulate=2"),
-    ("1f1b", dict(microbatches=4, steps=2, first_microbatch=9), r"first_microbatch: must be in \[0, 8\]"),
-    ("1f1b", dict(microbatches=4, steps=2, first_microbatch=-4), r"first_microbatch: must be in"),
-    ("gpipe", dict(microbatches=4, steps=2, first_microbatch=2), r"first_microbatch: 2 is not a checkpoint cut"),
-    ("pipedream", dict(microbatches=4, steps=2, accumulate=2, first_microbatch=3), r"multiple of accumulate=2"),
+    ("1f1b", {"microbatches": 4, "steps": 2, "first_microbatch": 9}, r"first_microbatch: must be in \[0, 8\]"),
+    ("1f1b", {"microbatches": 4, "steps": 2, "first_microbatch": -4}, r"first_microbatch: must be in"),
+    ("gpipe", {"microbatches": 4, "steps": 2, "first_microbatch": 2}, r"first_microbatch: 2 is not a checkpoint cut"),
+    ("pipedream", {"microbatches": 4, "steps": 2, "accumulate": 2, "first_microbatch": 3}, r"multiple of accumulate=2"),
 ])
 def test_invalid_requests_name_the_field(name, kw, match):
-    args = dict(num_stages=2, microbatches=4, steps=2) | kw
+    args = {"num_stages": 2, "microbatches": 4, "steps": 2} | kw
     with pytest.raises(ScheduleError, match=match):
         build_schedule(name, **args)
 

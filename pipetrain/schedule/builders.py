@@ -8,8 +8,8 @@ structure restarted at the cut, with the versions of the full run.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from pipetrain.schedule.actions import Action, B, C, F, Kind, U
 from pipetrain.schedule.schedule import FLUSH_SCHEDULES, SCHEDULES, Schedule
@@ -204,7 +204,7 @@ def _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_ever
         raise ScheduleError(f"name: unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
     for field, value in (("num_stages", num_stages), ("microbatches", microbatches), ("steps", steps),
                          ("accumulate", accumulate)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ScheduleError(f"{field}: must be an integer >= 1, got {value!r}")
     m, total = microbatches, steps * microbatches
     if name != "pipedream" and accumulate != 1:
@@ -218,13 +218,16 @@ def _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_ever
                             f"versions are live (got {m} < {num_stages})")
     # Cuts sit where a stage's state is complete: after an update, with nothing accumulated.
     unit, unit_name = (accumulate, "accumulate") if name == "pipedream" else (m, "microbatches")
-    if checkpoint_every is not None:
-        if (not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1
-                or checkpoint_every % unit):
-            raise ScheduleError(f"checkpoint_every: must be a positive multiple of {unit_name}={unit} "
-                                f"for {name}, got {checkpoint_every!r}")
-    if not isinstance(first_microbatch, int) or isinstance(first_microbatch, bool) or not 0 <= first_microbatch <= total:
+    if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1
+                                         or checkpoint_every % unit):
+        raise ScheduleError(f"checkpoint_every: must be a positive multiple of {unit_name}={unit} "
+                            f"for {name}, got {checkpoint_every!r}")
+    if not _is_int(first_microbatch) or not 0 <= first_microbatch <= total:
         raise ScheduleError(f"first_microbatch: must be in [0, {total}], got {first_microbatch!r}")
     if first_microbatch % unit:
         raise ScheduleError(f"first_microbatch: {first_microbatch} is not a checkpoint cut of {name}: "
                             f"it must be a multiple of {unit_name}={unit}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from pipetrain.schedule.actions import COMPUTE, Action, Kind
 from pipetrain.schedule.builders import ScheduleError, bubble_fraction_formula
@@ -351,8 +352,7 @@ def _grid(timeline: Sequence[Sequence[TimedAction]], unit: float, end: float, wi
     blocks = []
     for lo in range(0, shown, per_block):
         hi = min(shown, lo + per_block)
-        header = "".join(_fmt(j * unit).ljust(cell) if j % 5 == 0 or j == lo else " " * cell for j in range(lo, hi))
-        lines = ["time".ljust(label) + header.rstrip()]
+        lines = ["time".ljust(label) + _time_header(lo, hi, unit, cell)]
         lines += [f"stage {s}".ljust(label) + "".join(c.ljust(cell) for c in r[lo:hi]).rstrip()
                   for s, r in enumerate(rows)]
         blocks.append("\n".join(lines))
@@ -361,6 +361,16 @@ def _grid(timeline: Sequence[Sequence[TimedAction]], unit: float, end: float, wi
         text += (f"\n... grid truncated: showing time slots 0-{shown - 1} of {slots} "
                  f"(up to t={_fmt(shown * unit)} of {_fmt(end)})")
     return text
+
+
+def _time_header(lo: int, hi: int, unit: float, cell: int) -> str:
+    """Time at the block's first column and every 5th, each where it does not overlap the previous one."""
+    header = ""
+    for j in range(lo, hi):
+        at = (j - lo) * cell
+        if (j == lo or j % 5 == 0) and at >= len(header) + (1 if header else 0):
+            header = header.ljust(at) + _fmt(j * unit)
+    return header
 
 
 def _title(r: SimulationReport) -> str:
