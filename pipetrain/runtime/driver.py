@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -180,9 +180,9 @@ class Driver:
         latest = self.store.latest()
         if latest is None:
             self.progress.note("resume: no committed checkpoint found; starting from the beginning")
-            return self.store.current_generation() + 1, 0
+            return (self.store.current_generation() or 0) + 1, 0
         self.progress.note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})")
-        return self.store.current_generation() + 1, latest.cut
+        return (self.store.current_generation() or 0) + 1, latest.cut
 
     # -- placement and submission ---------------------------------------
     def _place(self) -> dict[int, str]:
@@ -244,18 +244,21 @@ class Driver:
             cut = message["cut"]
             shards.setdefault(cut, {})[message["stage"]] = message["record"]
             if len(shards[cut]) == self.plan.num_stages:
+                from pipetrain.checkpoint.store import ShardRecord
+
                 records = shards.pop(cut)
-                self.store.commit(cut, records=[records[s] for s in range(self.plan.num_stages)],
-                                  generation=generation, manifest=self._manifest(cut))
+                self.store.commit(cut, records=[ShardRecord.from_dict(records[s]) for s in range(self.plan.num_stages)],
+                                  generation=generation, num_stages=self.plan.num_stages,
+                                  manifest=self._manifest(cut))
                 self.metrics.write({"type": "checkpoint", "cut": cut, "generation": generation})
         elif kind == "error":
             self.metrics.write(message)
 
     def _manifest(self, cut: int) -> dict:
-        return {"schedule": {k: v for k, v in self.plan.schedule_args.items()},
+        return {"schedule": dict(self.plan.schedule_args),
                 "partition": {"boundaries": list(self.plan.partition.boundaries),
                               "method": self.plan.partition.method},
-                "job_id": self.plan.job_id, "cursor": cut}
+                "job_id": self.plan.job_id}
 
     def _stop(self, generation: int, futures: list[Any]) -> None:
         DriverControl(ControlNames(self.plan.job_id, generation), client=self.client).stop()

@@ -86,16 +86,8 @@ class _Reporter(Hooks):
         started = time.perf_counter()
         record = self.store.write_shard(cut, self.stage, snapshot, generation=self.job.generation,
                                         meta={"stage": self.stage})
-        return {"type": "shard", "stage": self.stage, "cut": cut, "record": _record_dict(record),
+        return {"type": "shard", "stage": self.stage, "cut": cut, "record": record.to_dict(),
                 "seconds": time.perf_counter() - started}
-
-
-def _record_dict(record: Any) -> dict:
-    if isinstance(record, dict):
-        return record
-    from dataclasses import asdict
-
-    return asdict(record)
 
 
 def run_stage(job: StageJob) -> dict:
