@@ -1,0 +1,431 @@
+"""PyTorch adapter: a model as a list of ``nn.Module`` layers, cut into stages.
+
+Each layer is called as ``layer(x)`` with ``x`` the whole boundary pytree (a
+tensor, or a tuple / list / dict of them) and returns the next one. The loss
+``loss(outputs, targets) -> scalar tensor`` (mean over the micro-batch) runs on
+the last stage.
+
+Weight stashing: a stage holds ``{version: {param name: tensor}}`` and runs
+its layers with ``torch.func.functional_call`` over the version a forward
+names, so forward and backward of a micro-batch see the same weights however
+many updates happen in between. Each forward builds its own autograd graph
+from fresh leaf views of that version's tensors (views, not copies).
+
+The optimizer is applied functionally on tensors (``_TensorOptimizer``) rather
+than through ``torch.optim``: ``torch.optim`` updates the ``Parameter`` objects
+it holds in place and keys its state by their identity, which is wrong when
+several weight versions must stay alive, and its state would need pickling.
+Here an update reads the latest version and writes new tensors for the new
+one; the state is a flat map of tensors that checkpoints as is. The update
+rules follow optax's (``optax.adam``/``adamw``/``sgd``) step by step, so a
+torch stage and a JAX stage with the same ``Optimizer`` agree to rounding.
+
+Buffers (``register_buffer``) are constants: they are not versioned and not
+checkpointed, so a layer that changes a buffer in forward (BatchNorm in
+training mode) is not supported.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipetrain.optim import Optimizer
+from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
+from pipetrain.stages.tensors import to_numpy, to_torch
+from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
+
+LayerLike = nn.Module | Callable[[], nn.Module]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The torch seed a layer factory runs under: a function of (model seed, global layer index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Chain(nn.ModuleDict):
+    """The stage's layers keyed by their global index, so parameter names are
+    ``"{layer index}.{param}"`` in every partition."""
+
+    def forward(self, x: Tree) -> Tree:
+        for layer in self.values():
+            x = layer(x)
+        return x
+
+
+class TorchSequential:
+    """A SequentialModel of torch layers.
+
+    ``modules``: an ``nn.Sequential``, or a list whose items are modules or
+    factories (``lambda: nn.Linear(4, 8)``). A factory runs under
+    ``torch.manual_seed(layer_seed(seed, index))`` inside a forked RNG, so every
+    partition of the model starts from the same weights; a module given
+    already built keeps its weights (``seed`` does not touch it).
+    """
+
+    framework = "torch"
+
+    def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
+                 seed: int = 0, device: str | None = None):
+        self._layers: list[LayerLike] = list(modules.children()) if isinstance(modules, nn.Sequential) else list(modules)
+        if not self._layers:
+            raise ValueError("TorchSequential: no layers given")
+        for i, layer in enumerate(self._layers):
+            if not (isinstance(layer, nn.Module) or callable(layer)):
+                raise TypeError(f"TorchSequential: layer {i} is {type(layer).__name__}, not an nn.Module or a factory")
+        self.loss = loss
+        self.seed = seed
+        self.device = device
+        self._meta: dict[int, nn.Module] = {}
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def make_layer(self, index: int, *, device: str | torch.device = "cpu") -> nn.Module:
+        """A fresh copy of layer ``index`` on ``device`` (its initial weights)."""
+        layer = self._layers[index]
+        if isinstance(layer, nn.Module):
+            return copy.deepcopy(layer).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(layer_seed(self.seed, index))
+            with torch.device(device):
+                built = layer()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"TorchSequential: factory of layer {index} returned {type(built).__name__}, not an nn.Module")
+        return built.to(device)
+
+    def _meta_layer(self, index: int) -> nn.Module:
+        if index not in self._meta:
+            self._meta[index] = self.make_layer(index, device="meta")
+        return self._meta[index]
+
+    def layer_names(self) -> list[str]:
+        return [f"{i}:{type(self._meta_layer(i)).__name__}" for i in range(len(self))]
+
+    def layer_param_counts(self) -> list[int]:
+        return [sum(p.numel() for p in self._meta_layer(i).parameters()) for i in range(len(self))]
+
+    def trace_specs(self, example_input: Tree) -> list[Tree]:
+        x = tree_map(_meta_tensor, example_input)
+        specs = []
+        for i in range(len(self)):
+            x = self._run_layer_checked(self._meta_layer(i), i, x)
+            specs.append(tree_map(lambda t: TensorSpec(tuple(t.shape), dtype_name(t)), x))
+        return specs
+
+    def _run_layer_checked(self, layer: nn.Module, i: int, x: Tree) -> Tree:
+        try:
+            with torch.no_grad():
+                return layer(x)
+        except Exception as err:  # noqa: BLE001 - re-raised with the layer named
+            shown = tree_map(lambda t: str(TensorSpec(tuple(t.shape), dtype_name(t))), x)
+            raise PartitionError(f"layer {self.layer_names()[i]}: input {shown} does not fit: {err}") from err
+
+    def layer_costs(self, method: str, example_input: Tree, *, repeats: int = 5) -> list[float]:
+        if method == "flops":
+            return self._flops(example_input)
+        if method == "profile":
+            return self._profile(example_input, repeats=repeats)
+        raise ValueError(f"layer_costs: method must be 'flops' or 'profile', got {method!r}")
+
+    def _flops(self, example_input: Tree) -> list[float]:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = tree_map(_meta_tensor, example_input)
+        costs = []
+        for i in range(len(self)):
+            layer = self._meta_layer(i)
+            x_in = tree_map(_grad_leaf, x)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.enable_grad():
+                out = layer(x_in)
+                _backward_ones(out, [*layer.parameters(), *_float_leaves(x_in)])
+            costs.append(float(counter.get_total_flops()))
+            x = tree_map(torch.Tensor.detach, out)
+        return costs
+
+    def _profile(self, example_input: Tree, *, repeats: int) -> list[float]:
+        device = self.device or default_device()
+        x = to_torch(example_input, device=device)
+        costs = []
+        for i in range(len(self)):
+            layer = self.make_layer(i, device=device)
+            times = []
+            for r in range(repeats + 1):  # the first run warms up caches and kernels
+                x_in = tree_map(_grad_leaf, x)
+                _sync(device)
+                start = time.perf_counter()
+                with torch.enable_grad():
+                    out = layer(x_in)
+                    _backward_ones(out, [*layer.parameters(), *_float_leaves(x_in)])
+                _sync(device)
+                if r:
+                    times.append(time.perf_counter() - start)
+            costs.append(statistics.median(times))
+            x = tree_map(torch.Tensor.detach, out)
+        return costs
+
+    def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> "TorchStage":
+        if not 0 <= spec.start < spec.end <= len(self):
+            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's {len(self)} layers")
+        device = torch.device(self.device or default_device())
+        chain = _Chain({str(i): self.make_layer(i, device=device) for i in range(spec.start, spec.end)})
+        return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device)
+
+
+class TorchStage:
+    """One contiguous slice of a TorchSequential; see ``pipetrain.stages.base.Stage``."""
+
+    framework = "torch"
+
+    def __init__(self, spec: StageSpec, chain: nn.Module, *, loss: Callable, optimizer: Optimizer,
+                 device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.loss = loss
+        self._chain = chain
+        self._opt = _TensorOptimizer(optimizer)
+        initial = {name: p.detach().clone() for name, p in chain.named_parameters()}
+        self._names = sorted(initial)
+        self._versions: dict[int, dict[str, torch.Tensor]] = {0: initial}
+        self._latest = 0
+        self._opt_state = self._opt.init(initial)
+        self._acc = {n: torch.zeros_like(p) for n, p in initial.items()}
+        self._accumulated = 0
+        self._pending: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------ compute
+
+    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
+        if k in self._pending:
+            raise RuntimeError(f"stage {self.spec.index}: forward of micro-batch {k} twice without its backward")
+        params = {n: p.detach().requires_grad_(p.is_floating_point()) for n, p in self._params(version).items()}
+        x = to_torch(inputs, device=self.device)
+        if not self.spec.is_first:
+            x = tree_map(_grad_leaf, x)
+        with torch.enable_grad():
+            out = torch.func.functional_call(self._chain, params, (x,))
+            if self.spec.is_last:
+                out = self.loss(out, to_torch(targets, device=self.device))
+        self._pending[k] = (params, x, out)
+        if self.spec.is_last:
+            return float(out.detach())
+        return tree_map(torch.Tensor.detach, out)
+
+    def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
+        if k not in self._pending:
+            raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
+        params, x, out = self._pending.pop(k)
+        if self.spec.is_last:
+            roots, seeds = [out], [torch.ones_like(out)]
+        else:
+            roots, seeds = _roots_and_seeds(out, to_torch(grad_outputs, device=self.device), self.spec.index)
+        trainable = [n for n in self._names if params[n].requires_grad]
+        x_leaves, x_structure = flatten(x)
+        wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
+        grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
+        for name, g in zip(trainable, grads):
+            if g is not None:
+                self._acc[name] += g
+        self._accumulated += 1
+        if self.spec.is_first:
+            return None
+        input_grads = iter(grads[len(trainable):])
+        return unflatten(x_structure, [_zero_if_none(next(input_grads), t) if t.requires_grad else None
+                                       for t in x_leaves])
+
+    def update(self, *, new_version: int) -> None:
+        if new_version in self._versions:
+            raise ValueError(f"stage {self.spec.index}: weight version {new_version} exists already")
+        latest = self._params(self._latest)
+        if self._accumulated == 0:
+            # Nothing to apply: the new version is the latest one, unchanged.
+            self._versions[new_version] = dict(latest)
+        else:
+            mean = {n: g / self._accumulated for n, g in self._acc.items()}
+            self._versions[new_version], self._opt_state = self._opt.step(latest, mean, self._opt_state)
+        self._latest = new_version
+        self._acc = {n: torch.zeros_like(g) for n, g in self._acc.items()}
+        self._accumulated = 0
+
+    def release(self, version: int) -> None:
+        if version == self._latest:
+            raise ValueError(f"stage {self.spec.index}: cannot release weight version {version}, the latest")
+        self._versions.pop(version, None)
+
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._versions))
+
+    def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
+        with torch.no_grad():
+            out = torch.func.functional_call(self._chain, self._params(self._latest), (to_torch(inputs, device=self.device),))
+            if self.spec.is_last:
+                return float(self.loss(out, to_torch(targets, device=self.device)))
+        return out
+
+    def params(self, version: int) -> dict[str, torch.Tensor]:
+        """The tensors of one weight version, by name (read-only by convention)."""
+        return dict(self._params(version))
+
+    def _params(self, version: int) -> dict[str, torch.Tensor]:
+        try:
+            return self._versions[version]
+        except KeyError:
+            raise KeyError(f"stage {self.spec.index}: no weight version {version}; held: {self.versions()}") from None
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for v, params in self._versions.items():
+            state.update({f"v{v}/{n}": _numpy_copy(t) for n, t in params.items()})
+        state.update({f"opt/{n}": _numpy_copy(t) for n, t in self._opt_state.items()})
+        state.update({f"acc/{n}": _numpy_copy(t) for n, t in self._acc.items()})
+        state["meta/versions"] = np.array(sorted(self._versions), np.int64)
+        state["meta/latest"] = np.array(self._latest, np.int64)
+        state["meta/accumulated"] = np.array(self._accumulated, np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        def get(key: str, like: torch.Tensor | None = None) -> torch.Tensor:
+            if key not in state:
+                raise KeyError(f"stage {self.spec.index}: state has no {key!r}")
+            t = to_torch(np.array(state[key]), device=self.device).clone()
+            if like is not None and (t.shape != like.shape or t.dtype != like.dtype):
+                raise ValueError(f"stage {self.spec.index}: state {key!r} is {dtype_name(t)}{list(t.shape)}, "
+                                 f"expected {dtype_name(like)}{list(like.shape)}")
+            return t
+
+        template = self._versions[self._latest]
+        known = {f"{prefix}/{n}" for prefix in ("acc",) for n in self._names}
+        known |= {f"opt/{n}" for n in self._opt_state} | {"meta/versions", "meta/latest", "meta/accumulated"}
+        versions = [int(v) for v in np.asarray(state.get("meta/versions", []))]
+        known |= {f"v{v}/{n}" for v in versions for n in self._names}
+        unexpected = sorted(set(state) - known)
+        if unexpected:
+            raise KeyError(f"stage {self.spec.index}: unexpected state keys {unexpected[:5]}")
+        self._versions = {v: {n: get(f"v{v}/{n}", template[n]) for n in self._names} for v in versions}
+        self._opt_state = {n: get(f"opt/{n}", t) for n, t in self._opt_state.items()}
+        self._acc = {n: get(f"acc/{n}", template[n]) for n in self._names}
+        self._latest = int(get("meta/latest"))
+        self._accumulated = int(get("meta/accumulated"))
+        self._pending.clear()
+
+
+# ---------------------------------------------------------------- optimizer
+
+class _TensorOptimizer:
+    """``pipetrain.optim.Optimizer`` as pure functions on tensor maps, in optax's order
+    of operations: ``init(params) -> state``, ``step(params, grads, state) -> (params, state)``."""
+
+    def __init__(self, opt: Optimizer):
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"torch stage: optimizer must be a pipetrain.optim.Optimizer, got {type(opt).__name__}")
+        self.opt = opt
+
+    def init(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = {"count": torch.zeros((), dtype=torch.int64)}
+        if self.opt.name == "momentum":
+            state.update({f"trace/{n}": torch.zeros_like(p) for n, p in params.items()})
+        if self.opt.name in ("adam", "adamw"):
+            state.update({f"mu/{n}": torch.zeros_like(p) for n, p in params.items()})
+            state.update({f"nu/{n}": torch.zeros_like(p) for n, p in params.items()})
+        return state
+
+    def step(self, params, grads, state):
+        o = self.opt
+        count = state["count"] + 1
+        new_state = {"count": count}
+        new_params = {}
+        for n, p in params.items():
+            g = grads[n]
+            if o.name == "sgd":
+                update = g
+            elif o.name == "momentum":  # optax.trace: t = g + momentum * t
+                update = new_state[f"trace/{n}"] = g + o.momentum * state[f"trace/{n}"]
+            else:  # optax.scale_by_adam, eps outside the square root, eps_root = 0
+                mu = new_state[f"mu/{n}"] = (1 - o.b1) * g + o.b1 * state[f"mu/{n}"]
+                nu = new_state[f"nu/{n}"] = (1 - o.b2) * torch.square(g) + o.b2 * state[f"nu/{n}"]
+                t = count.to(p.dtype)
+                mu_hat = mu / (1 - torch.tensor(o.b1, dtype=p.dtype) ** t)
+                nu_hat = nu / (1 - torch.tensor(o.b2, dtype=p.dtype) ** t)
+                update = mu_hat / (torch.sqrt(nu_hat) + o.eps)
+                if o.name == "adamw":  # optax.add_decayed_weights, before the learning rate
+                    update = update + o.weight_decay * p
+            new_params[n] = p + (-o.lr) * update
+        return new_params, new_state
+
+
+# ---------------------------------------------------------------- helpers
+
+def _meta_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, TensorSpec):
+        return torch.empty(x.shape, dtype=getattr(torch, x.dtype), device="meta")
+    t = to_torch(x) if not isinstance(x, torch.Tensor) else x
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _grad_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A new autograd leaf over the same storage (inputs of non-first stages)."""
+    return t.detach().requires_grad_(t.is_floating_point())
+
+
+def _float_leaves(tree: Tree) -> list[torch.Tensor]:
+    return [t for t in flatten(tree)[0] if t.requires_grad]
+
+
+def _backward_ones(out: Tree, wrt: list[torch.Tensor]) -> None:
+    roots = [t for t in flatten(out)[0] if t.requires_grad]
+    wrt = [t for t in wrt if t.requires_grad]
+    if roots and wrt:
+        # autograd.backward, not autograd.grad: FlopCounterMode's module hooks reject the latter.
+        torch.autograd.backward(roots, grad_tensors=[torch.ones_like(t) for t in roots], inputs=wrt)
+
+
+def _roots_and_seeds(out: Tree, grad_outputs: Tree, stage: int) -> tuple[list, list]:
+    """Pair each output leaf with its gradient; a None gradient (an int output) seeds nothing."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def walk(o: Tree, g: Tree, where: str) -> None:
+        if g is None or o is None:
+            return
+        if isinstance(o, (tuple, list)) and isinstance(g, (tuple, list)) and len(o) == len(g):
+            for i, (oi, gi) in enumerate(zip(o, g)):
+                walk(oi, gi, f"{where}[{i}]")
+        elif isinstance(o, dict) and isinstance(g, dict) and set(o) == set(g):
+            for key in sorted(o):
+                walk(o[key], g[key], f"{where}[{key!r}]")
+        elif isinstance(o, torch.Tensor) and isinstance(g, torch.Tensor):
+            if tuple(o.shape) != tuple(g.shape):
+                raise ValueError(f"stage {stage}: gradient of output {where or '<value>'} has shape "
+                                 f"{tuple(g.shape)}, the output {tuple(o.shape)}")
+            if o.requires_grad:
+                pairs.append((o, g.to(o.dtype)))
+        else:
+            raise ValueError(f"stage {stage}: grad_outputs {paths(grad_outputs)} do not match the outputs {paths(out)}"
+                             f" at {where or '<value>'}")
+
+    walk(out, grad_outputs, "")
+    return [o for o, _ in pairs], [g for _, g in pairs]
+
+
+def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like).detach() if g is None else g.detach()
+
+
+def _numpy_copy(t: torch.Tensor) -> np.ndarray:
+    return np.array(to_numpy(t), copy=True)
+
+
+def _sync(device: Any) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
