@@ -192,7 +192,7 @@ class Driver:
                  for s in self.plan.partition.stages]
         placement = wait_for_placement(self.client, needs, resource=self.plan.resource,
                                        timeout=self.plan.placement_timeout, exclude=tuple(self.dead_workers))
-        return dict(placement.stage_to_worker)
+        return dict(placement.stage_workers)
 
     def _submit(self, generation: int, cut: int, placement: dict[int, str]) -> list[Any]:
         plan = self.plan

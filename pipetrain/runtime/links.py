@@ -1,0 +1,106 @@
+"""A stage's links to its neighbours over the transport, for ``StageProgram``.
+
+Opening them is the rendezvous: the stage listens on its worker's host,
+publishes its address on the control plane, then connects to the stage it
+sends activations to (s + 1) and the one it sends gradients to (s - 1).
+A RECV waits in short slices so a stop from the driver (recovery) or a
+vanished peer ends the wait promptly instead of hanging the task.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from pipetrain.runtime.transport import Endpoint, Kind as Wire, TransportTimeout
+from pipetrain.schedule.actions import Kind
+from pipetrain.stages.tensors import to_numpy
+
+_WIRE_KIND = {Kind.RECV_ACT: Wire.ACTIVATION, Kind.SEND_ACT: Wire.ACTIVATION,
+              Kind.RECV_GRAD: Wire.GRADIENT, Kind.SEND_GRAD: Wire.GRADIENT}
+
+
+class Stopped(RuntimeError):
+    """The driver stopped this generation (a recovery is under way)."""
+
+
+class TransportLinks:
+    def __init__(self, endpoint: Endpoint, *, to_next: Any, to_prev: Any, control: Any,
+                 wait_slice: float = 0.5, timeout: float = 600.0, expect_input: Any = None):
+        self.endpoint, self.control = endpoint, control
+        self.channels = {Kind.SEND_ACT: to_next, Kind.SEND_GRAD: to_prev}
+        self.wait_slice, self.timeout = wait_slice, timeout
+        self.expect_input = expect_input
+
+    def ready(self, kind: Kind, k: int) -> bool:  # the worker blocks in recv instead
+        return True
+
+    def recv(self, kind: Kind, k: int) -> Any:
+        expect = self.expect_input if kind is Kind.RECV_ACT else None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.endpoint.get(_WIRE_KIND[kind], k, timeout=self.wait_slice, expect=expect).tree
+            except TransportTimeout:
+                self._check_stop_or_deadline(deadline, f"waiting for {kind.value} of micro-batch {k}")
+
+    def send(self, kind: Kind, k: int, version: int | None, tree: Any) -> None:
+        host = to_numpy(tree)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.channels[kind].put(_WIRE_KIND[kind], k, host, version=version or 0, timeout=self.wait_slice)
+                return
+            except TransportTimeout:
+                self._check_stop_or_deadline(deadline, f"waiting for credit to send {kind.value} of micro-batch {k}")
+
+    def _check_stop_or_deadline(self, deadline: float, what: str) -> None:
+        if self.control.stopped():
+            raise Stopped(f"stage {self.endpoint.stage}: stopped by the driver while {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stage {self.endpoint.stage}: gave up after {self.timeout:.0f} s {what}")
+
+    def flush(self) -> None:
+        """Wait until the neighbours took everything sent (before the task ends)."""
+        for channel in self.channels.values():
+            if channel is not None:
+                channel.wait_acked(timeout=self.timeout)
+
+
+def _listen_host() -> str:
+    try:
+        from distributed import get_worker
+        from distributed.comm.addressing import get_address_host
+
+        return get_address_host(get_worker().address)
+    except (ImportError, ValueError):
+        return "127.0.0.1"
+
+
+def _credits(job: Any) -> int:
+    # Enough for the schedule's in-flight bound, so credit never stalls a
+    # stage that the schedule lets run ahead; the user may ask for fewer.
+    return job.credits or job.spec.num_stages + 1
+
+
+@contextmanager
+def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
+    spec = job.spec
+    endpoint = Endpoint.start(stage=spec.index, host=_listen_host(), security=job.security,
+                              credits=_credits(job), generation=job.generation)
+    to_next = to_prev = None
+    try:
+        control.publish_address(spec.index, endpoint.address)
+        if not spec.is_last:
+            to_next = endpoint.connect(control.peer_address(spec.index + 1, timeout=job.connect_timeout))
+        if not spec.is_first:
+            to_prev = endpoint.connect(control.peer_address(spec.index - 1, timeout=job.connect_timeout))
+        links = TransportLinks(endpoint, to_next=to_next, to_prev=to_prev, control=control,
+                               expect_input=job.input_specs)
+        yield links
+        links.flush()
+    finally:
+        for channel in (to_next, to_prev):
+            if channel is not None:
+                channel.close()
+        endpoint.close()
