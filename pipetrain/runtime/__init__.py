@@ -1,0 +1,1 @@
+"""Executors of schedules: the single-process reference and the Dask runtime."""

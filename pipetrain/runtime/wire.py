@@ -1,0 +1,209 @@
+"""What a stage-to-stage message looks like in bytes, and back.
+
+A message is a small header ``(generation, stage, kind, k, version)`` plus a
+pytree of host arrays. On a byte stream one message is::
+
+    prefix   16 bytes: magic "PTW1", meta length (u32), payload length (u64)
+    meta     JSON: header, per-channel sequence number, tree structure,
+             and per leaf [dtype, shape, nbytes]
+    payload  the leaves' raw bytes, each starting on a 64-byte boundary
+
+Arrays are never pickled: the sender hands the arrays' own memory to the
+socket (``memoryview``), the receiver reads the payload straight into one
+pooled buffer and builds every leaf as a numpy view on it
+(``np.frombuffer``). Shape and dtype travel with every message, so successive
+micro-batches may differ in shape. A pooled buffer goes back to its pool when
+the last array built on it is dropped, so a steady pipeline reuses its
+receive buffers instead of faulting in fresh pages for every micro-batch.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipetrain.tree import Tree, dtype_name, flatten, paths, unflatten
+
+MAGIC = b"PTW1"
+PREFIX = struct.Struct("<4sIQ")
+ALIGN = 64  # every leaf starts 64-byte aligned in the receive buffer (SIMD, DLPack)
+_PADDING = bytes(ALIGN)
+
+
+class Kind(enum.IntEnum):
+    ACTIVATION = 1  # forward: stage i -> i+1
+    GRADIENT = 2  # backward: stage i+1 -> i
+    CONTROL = 3  # runtime's own messages (stop, checkpoint, ...); tree may be None
+    ACK = 4  # credit return; sent by the transport itself
+    BYE = 5  # the sender closes cleanly; sent by the transport itself
+
+
+@dataclass
+class Message:
+    """One message as the runtime sees it. ``stage`` is the sender's index."""
+
+    kind: Kind
+    k: int
+    tree: Tree = None
+    version: int = 0
+    stage: int = -1
+    generation: int = 0
+    info: Any = None  # small JSON-able extra (control messages)
+    nbytes: int = field(default=0, compare=False)
+
+
+class BoundaryMismatch(ValueError):
+    """A tree crossing a stage boundary does not match the receiver's spec."""
+
+
+def _np_dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # bfloat16, float8_*: installed with JAX
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def host_array(leaf: Any, where: str) -> np.ndarray:
+    """A C-contiguous, native-endian numpy array of the leaf (no copy when it is one)."""
+    array = np.ascontiguousarray(leaf if isinstance(leaf, np.ndarray) else np.asarray(leaf))
+    numeric = array.dtype.kind in "biufc" or (array.dtype.kind == "V" and array.dtype.names is None and array.dtype.name != f"void{array.dtype.itemsize * 8}")
+    if not numeric:  # strings, objects, records: their name does not describe their bytes
+        raise TypeError(f"tensor {where} has dtype {array.dtype}; only numeric arrays cross stage boundaries")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def encode(message: Message, seq: int) -> tuple[dict, list[np.ndarray]]:
+    """The message's meta (JSON-able) and its leaves as flat uint8 arrays (views, no copy)."""
+    leaves, structure = flatten(message.tree)
+    names = paths(message.tree) if leaves else []
+    arrays = [host_array(leaf, name) for leaf, name in zip(leaves, names)]
+    meta = {
+        "g": message.generation,
+        "s": message.stage,
+        "kind": int(message.kind),
+        "k": message.k,
+        "v": message.version,
+        "seq": seq,
+        "tree": structure,
+        "leaves": [[dtype_name(a), list(a.shape), a.nbytes] for a in arrays],
+    }
+    if message.info is not None:
+        meta["info"] = message.info
+    return meta, [a.reshape(-1).view(np.uint8) for a in arrays]
+
+
+def control_meta(kind: Kind, seq: int, generation: int = 0, stage: int = -1) -> dict:
+    """Meta of a transport-internal message without payload (ACK, BYE)."""
+    return {"g": generation, "s": stage, "kind": int(kind), "k": -1, "v": 0, "seq": seq, "tree": None, "leaves": []}
+
+
+def leaf_offsets(meta: dict) -> tuple[list[int], int]:
+    """Where each leaf starts in the payload, and the payload length."""
+    offsets, end = [], 0
+    for _, _, nbytes in meta["leaves"]:
+        end += -end % ALIGN
+        offsets.append(end)
+        end += nbytes
+    return offsets, end
+
+
+def frames(meta: dict, buffers: list[np.ndarray]) -> list[Any]:
+    """The bytes of one message as a list to hand to a socket in order."""
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    offsets, total = leaf_offsets(meta)
+    out: list[Any] = [PREFIX.pack(MAGIC, len(head), total) + head]
+    position = 0
+    for offset, buf in zip(offsets, buffers):
+        if offset > position:
+            out.append(_PADDING[: offset - position])
+        if buf.nbytes:
+            out.append(memoryview(buf))
+        position = offset + buf.nbytes
+    return out
+
+
+def decode(meta: dict, payload: np.ndarray | list[np.ndarray]) -> Message:
+    """Build the message on ``payload``: one uint8 buffer (stream) or one per leaf."""
+    specs = meta["leaves"]
+    if isinstance(payload, list):
+        pieces = [np.asarray(p).reshape(-1).view(np.uint8) for p in payload]
+    else:
+        offsets, _ = leaf_offsets(meta)
+        pieces = [payload[o : o + nbytes] for o, (_, _, nbytes) in zip(offsets, specs)]
+    leaves = [piece.view(_np_dtype(dtype)).reshape(tuple(shape)) for piece, (dtype, shape, _) in zip(pieces, specs)]
+    return Message(
+        kind=Kind(meta["kind"]),
+        k=meta["k"],
+        tree=unflatten(meta["tree"], leaves),
+        version=meta["v"],
+        stage=meta["s"],
+        generation=meta["g"],
+        info=meta.get("info"),
+        nbytes=sum(nbytes for _, _, nbytes in specs),
+    )
+
+
+class BufferPool:
+    """Receive buffers by power-of-two size class, reused once no array uses them.
+
+    ``take`` wraps a raw buffer in a fresh numpy array whose base is a
+    memoryview; every leaf built on it keeps that memoryview alive, and a
+    finalizer on it returns the raw buffer to the pool. Lock-free: a bounded
+    deque per size class, since finalizers run in whichever thread drops the
+    last array.
+    """
+
+    MIN_CLASS = 4096
+
+    def __init__(self, *, keep_per_class: int = 4):
+        self._keep = keep_per_class
+        self._free: dict[int, deque] = {}
+        self.allocated = 0
+        self.reused = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        size = max(self.MIN_CLASS, 1 << max(0, nbytes - 1).bit_length())
+        free = self._free.setdefault(size, deque(maxlen=self._keep))
+        try:
+            raw = free.pop()
+            self.reused += 1
+        except IndexError:
+            raw = np.empty(size, np.uint8)
+            self.allocated += 1
+        buffer = np.frombuffer(memoryview(raw), np.uint8, count=nbytes)
+        weakref.finalize(buffer.base, free.append, raw)
+        return buffer
+
+
+def _shape_fits(expected: tuple, got: tuple) -> bool:
+    return len(expected) == len(got) and all(e is None or e == -1 or e == g for e, g in zip(expected, got))
+
+
+def check_boundary(expected_specs: Tree, tree: Tree, *, sender_stage: int, receiver_stage: int) -> None:
+    """Raise ``BoundaryMismatch`` naming both stages and the tensor when ``tree``
+    does not match ``expected_specs`` (a pytree of ``TensorSpec``; a dimension
+    of None or -1 accepts any size, e.g. a variable sequence length)."""
+    where = f"stage {sender_stage} -> stage {receiver_stage}"
+    expected_leaves, expected_structure = flatten(expected_specs)
+    leaves, structure = flatten(tree)
+    if structure != expected_structure:
+        raise BoundaryMismatch(
+            f"{where}: the tree has leaves {paths(tree)} but stage {receiver_stage} expects {paths(expected_specs)}"
+        )
+    for name, spec, leaf in zip(paths(tree), expected_leaves, leaves):
+        shape, dtype = tuple(leaf.shape), dtype_name(leaf)
+        if dtype != spec.dtype or not _shape_fits(tuple(spec.shape), shape):
+            got = f"{dtype}[{','.join(map(str, shape))}]"
+            raise BoundaryMismatch(
+                f"{where}: tensor {name} is {got} but stage {receiver_stage} expects {spec}"
+            )
