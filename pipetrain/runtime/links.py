@@ -77,6 +77,19 @@ def _listen_host() -> str:
         return "127.0.0.1"
 
 
+def _security(job: Any) -> Any:
+    # The cluster's own Security: stage-to-stage traffic is TLS exactly when
+    # the worker's connections to the scheduler are.
+    if job.security is not None:
+        return job.security
+    try:
+        from distributed import get_worker
+
+        return get_worker().security
+    except (ImportError, ValueError):
+        return None
+
+
 def _credits(job: Any) -> int:
     # Enough for the schedule's in-flight bound, so credit never stalls a
     # stage that the schedule lets run ahead; the user may ask for fewer.
@@ -86,7 +99,7 @@ def _credits(job: Any) -> int:
 @contextmanager
 def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
     spec = job.spec
-    endpoint = Endpoint.start(stage=spec.index, host=_listen_host(), security=job.security,
+    endpoint = Endpoint.start(stage=spec.index, host=_listen_host(), security=_security(job),
                               credits=_credits(job), generation=job.generation)
     to_next = to_prev = None
     try:
