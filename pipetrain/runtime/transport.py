@@ -316,11 +316,6 @@ class _SocketLink:
 class _TlsLink(asyncio.BufferedProtocol):
     """tls:// over asyncio's SSL transport; writes go through the loop thread."""
 
-    # asyncio (3.11) copies whatever the kernel does not take at once into its
-    # own buffer. Hand it one chunk at a time and only while its buffer is
-    # empty (write limits 0: paused as soon as it buffers) to bound that copy.
-    CHUNK = 512 * 1024
-
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: wire.BufferPool, on_message: Callable, on_closed: Callable):
         self.peer = "?"
         self.bye_seen = False
@@ -328,50 +323,25 @@ class _TlsLink(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self._reader = _FrameReader(pool, lambda meta, payload: on_message(self, meta, payload))
         self._transport: asyncio.Transport | None = None
-        self._out: deque[memoryview] = deque()
-        self._paused = False
 
-    # -- writing (any thread: hops to the loop)
+    # -- writing (any thread: hops to the loop). Encryption copies the bytes
+    # anyway, so the frames go to the SSL transport whole; credits bound it.
     def write(self, meta: dict, buffers: list[np.ndarray]) -> None:
-        frames = [memoryview(frame).cast("B") for frame in wire.frames(meta, buffers)]
+        frames = wire.frames(meta, buffers)
         if threading.get_ident() == self._loop._thread_id:  # type: ignore[attr-defined]
-            self._enqueue(frames)
+            self._write_now(frames)
         else:
-            self._loop.call_soon_threadsafe(self._enqueue, frames)
+            self._loop.call_soon_threadsafe(self._write_now, frames)
 
-    def _enqueue(self, frames: list[memoryview]) -> None:
+    def _write_now(self, frames: list[Any]) -> None:
         if self._transport is None or self._transport.is_closing():
             return  # on_closed has reported it
-        self._out.extend(frames)
-        self._pump()
-
-    def _pump(self) -> None:
-        out, transport = self._out, self._transport
-        while out and not self._paused and transport is not None:
-            frame = out[0]
-            if len(frame) > self.CHUNK:
-                piece, out[0] = frame[: self.CHUNK], frame[self.CHUNK :]
-            else:
-                piece = out.popleft()
-            if piece is _CLOSE:
-                transport.close()
-                return
-            transport.write(piece)  # may call pause_writing at once
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        self._pump()
+        for frame in frames:
+            self._transport.write(frame)
 
     def close(self) -> None:
-        if self._transport is None:
-            return
-        if self._out:  # flush our queue first; transport.close() flushes its own buffer
-            self._out.append(_CLOSE)
-            return
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()  # after what is buffered
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -380,7 +350,6 @@ class _TlsLink(asyncio.BufferedProtocol):
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=0, low=0)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
@@ -401,9 +370,6 @@ class _TlsLink(asyncio.BufferedProtocol):
             self._on_closed(self, TransportError(f"protocol error from {self.peer}: {error}"))
             self._on_closed = lambda link, exc: None
             self.abort()
-
-
-_CLOSE: Any = memoryview(b"")  # marks "close after the queued frames" in a link's queue
 
 
 class _DaskLink:
