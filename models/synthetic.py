@@ -58,38 +58,43 @@ class SleepStage:
         self._acc = np.zeros_like(weights)
         self._count = 0
 
-    def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            time.sleep(seconds)
+    @staticmethod
+    def _sleep_until(deadline: float) -> None:
+        # The compute above counts towards the fixed duration, so a forward
+        # takes forward_ms in all, whatever numpy costs on this machine.
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
 
     def forward(self, k: int, inputs: Any, *, version: int, targets: Any = None) -> Any:
         if version not in self._versions:
             raise KeyError(f"stage {self.spec.index}: forward of micro-batch {k} needs version {version}, "
                            f"held: {sorted(self._versions)}")
+        deadline = time.perf_counter() + self.model.forward_s
         x = np.asarray(inputs, dtype=np.float32)
-        scale = float(np.prod(self._versions[version]))
-        self._sleep(self.model.forward_s)
-        y = x * np.float32(scale)
+        y = x * np.float32(np.prod(self._versions[version]))
         self._saved[k] = (x, version, targets)
-        if self.spec.is_last:
-            return float(np.mean(y.astype(np.float64) * np.asarray(targets, dtype=np.float64)))
-        return y
+        out = float(np.mean(y * targets, dtype=np.float64)) if self.spec.is_last else y
+        self._sleep_until(deadline)
+        return out
 
     def backward(self, k: int, grad_outputs: Any = None) -> Any:
         if k not in self._saved:
             raise KeyError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
+        deadline = time.perf_counter() + self.model.backward_s
         x, version, targets = self._saved.pop(k)
         w = self._versions[version]
         if self.spec.is_last:
-            g = (np.asarray(targets, dtype=np.float64) / x.size).astype(np.float32)
+            g = np.asarray(targets, dtype=np.float32) / np.float32(x.size)
         else:
             g = np.asarray(grad_outputs, dtype=np.float32)
-        self._sleep(self.model.backward_s)
-        dscale = float(np.sum(g.astype(np.float64) * x))
+        dscale = float(np.dot(g.ravel(), x.ravel()))
         prod = float(np.prod(w))
         self._acc += np.array([prod / wi * dscale for wi in w])
         self._count += 1
-        return None if self.spec.is_first else g * np.float32(prod)
+        grad_in = None if self.spec.is_first else g * np.float32(prod)
+        self._sleep_until(deadline)
+        return grad_in
 
     def update(self, *, new_version: int) -> None:
         latest = self._versions[max(self._versions)]
@@ -106,7 +111,7 @@ class SleepStage:
     def evaluate(self, inputs: Any, *, targets: Any = None) -> Any:
         w = self._versions[max(self._versions)]
         y = np.asarray(inputs, dtype=np.float32) * np.float32(np.prod(w))
-        return float(np.mean(y * targets)) if self.spec.is_last else y
+        return float(np.mean(y * targets, dtype=np.float64)) if self.spec.is_last else y
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {f"v{v}/w": w.copy() for v, w in self._versions.items()}
