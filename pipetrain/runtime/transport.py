@@ -227,6 +227,10 @@ class _SocketLink:
         self._done = False
         loop.add_reader(sock.fileno(), self._readable)
 
+    @property
+    def finished(self) -> bool:
+        return self._done
+
     # -- reading (loop thread)
     def _readable(self) -> None:
         try:
@@ -343,6 +347,10 @@ class _TlsLink(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.close()  # after what is buffered
 
+    @property
+    def finished(self) -> bool:
+        return self._transport is None
+
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
@@ -415,6 +423,10 @@ class _DaskLink:
 
     def close(self) -> None:
         self.write(None, None)
+
+    @property
+    def finished(self) -> bool:
+        return self.comm.closed()
 
     def abort(self) -> None:
         self.comm.abort()
@@ -821,6 +833,7 @@ class Endpoint:
         link.write(wire.control_meta(Kind.ACK, seq, self._generation, self.stage), [])
 
     async def _shutdown(self) -> None:
+        links = [channel._link for channel in self._channels] + list(self._links)
         for channel in self._channels:
             channel._goodbye()
         for link in list(self._links):  # inbound
@@ -833,4 +846,10 @@ class Endpoint:
                 self._server.close()
             else:
                 self._server.close()
-        await asyncio.sleep(0.05)  # let the goodbyes flush
+        deadline = time.monotonic() + 2
+        while not all(link.finished for link in links) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # goodbyes and queued frames flush
+        for link in links:
+            if not link.finished:
+                link.abort()
+        await asyncio.sleep(0)

@@ -180,7 +180,9 @@ class BufferPool:
             raw = free.pop()
             self.reused += 1
         except IndexError:
-            raw = np.empty(size, np.uint8)
+            spare = np.empty(size + ALIGN, np.uint8)  # numpy aligns small arrays to 16 only
+            start = -spare.ctypes.data % ALIGN
+            raw = spare[start : start + size]
             self.allocated += 1
         buffer = np.frombuffer(memoryview(raw), np.uint8, count=nbytes)
         weakref.finalize(buffer.base, free.append, raw)
