@@ -8,12 +8,20 @@ import torch
 from torch import nn
 
 from pipetrain.optim import Optimizer
-from pipetrain.stages.base import PartitionError, SequentialModel, Stage, StageSpec, TensorSpec, stage_ranges
-from pipetrain.stages.tensors import to_jax, to_numpy, to_torch
+from pipetrain.stages.base import (
+    PartitionError,
+    SequentialModel,
+    Stage,
+    StageSpec,
+    TensorSpec,
+    stage_ranges,
+)
+from pipetrain.stages.tensors import to_jax, to_numpy
 from pipetrain.stages.torch_stage import TorchSequential, _TensorOptimizer
 
 SIZES = [(16, 32), (32, 32), (32, 4)]
 RTOL = 1e-5
+SGD = Optimizer("sgd", lr=0.1)
 
 
 def loss_fn(logits, labels):
@@ -30,7 +38,7 @@ def batch(k, n=8):
     return rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
 
 
-def stages(model, boundaries, opt=Optimizer("sgd", lr=0.1)):
+def stages(model, boundaries, opt=SGD):
     ranges = stage_ranges(boundaries, len(model))
     return [model.build_stage(StageSpec(i, len(ranges), a, b), optimizer=opt) for i, (a, b) in enumerate(ranges)]
 

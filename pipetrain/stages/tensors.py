@@ -17,6 +17,8 @@ Where a copy happens (and the tests pin each case down):
   XLA CPU requirement); otherwise JAX copies it;
 - a read-only numpy array -> TF is copied: DLPack (as numpy exports it) cannot
   mark a buffer read-only, so numpy refuses to export it;
+- any CPU buffer -> TF that is not 64-byte aligned is copied: TF's kernels
+  assume that alignment and would abort the process (see ``TF_ALIGN``);
 - a change of device (``to_torch(device="cuda")`` of a CPU array, or
   ``to_numpy`` of a GPU array) is a transfer, hence a copy.
 
@@ -31,6 +33,12 @@ from typing import Any
 import numpy as np
 
 from pipetrain.tree import Tree, tree_map
+
+# TensorFlow's CPU kernels (Eigen, oneDNN) assume 64-byte-aligned buffers, and
+# tf.experimental.dlpack.from_dlpack does not check: a misaligned CPU buffer
+# aborts the process (``Check failed: IsAligned()``) in the first matmul. So a
+# misaligned buffer going to TF is copied into an aligned one.
+TF_ALIGN = 64
 
 
 def framework_of(x: Any) -> str:
@@ -187,12 +195,18 @@ def _leaf_to_tf(x: Any) -> Any:
     if kind == "keras":
         return tf.convert_to_tensor(x.value)
     if kind == "torch":
-        return tf.experimental.dlpack.from_dlpack(x.detach().contiguous().__dlpack__())
+        t = x.detach().contiguous()
+        if t.device.type == "cpu" and t.data_ptr() % TF_ALIGN:
+            t = t.clone()  # copy: see TF_ALIGN (a slice past the start of its storage)
+        return tf.experimental.dlpack.from_dlpack(t.__dlpack__())
     if kind == "jax":
+        if next(iter(x.devices())).platform == "cpu" and x.unsafe_buffer_pointer() % TF_ALIGN:
+            return tf.convert_to_tensor(np.asarray(x))
         return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
     a = _contiguous_numpy(x)
-    if not a.flags.writeable:
-        return tf.convert_to_tensor(a)  # copy: numpy will not export a read-only buffer
+    if not a.flags.writeable or a.__array_interface__["data"][0] % TF_ALIGN:
+        # copy: numpy will not export a read-only buffer, and TF must not get a misaligned one
+        return tf.convert_to_tensor(a)
     try:
         if a.dtype == _bf16_numpy_dtype():
             return tf.bitcast(tf.experimental.dlpack.from_dlpack(a.view(np.uint16).__dlpack__()), tf.bfloat16)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class TorchSequential:
         try:
             with torch.no_grad():
                 return layer(x)
-        except Exception as err:  # noqa: BLE001 - re-raised with the layer named
+        except Exception as err:
             shown = tree_map(lambda t: str(TensorSpec(tuple(t.shape), dtype_name(t))), x)
             raise PartitionError(f"layer {self.layer_names()[i]}: input {shown} does not fit: {err}") from err
 
@@ -174,7 +175,7 @@ class TorchSequential:
             x = tree_map(torch.Tensor.detach, out)
         return costs
 
-    def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> "TorchStage":
+    def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> TorchStage:
         if not 0 <= spec.start < spec.end <= len(self):
             raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's {len(self)} layers")
         device = torch.device(self.device or default_device())

@@ -1,0 +1,411 @@
+"""TensorFlow / Keras 3 adapter: a model as a list of Keras layers, cut into stages.
+
+Each layer is called as ``layer(x)`` with ``x`` the whole boundary pytree and
+returns the next one; ``loss(outputs, targets) -> scalar tf tensor`` (mean over
+the micro-batch) runs on the last stage. Keras must run on the TensorFlow
+backend.
+
+Building: Keras layers create their weights when they first see an input, so
+the model needs the shape of its input: ``input_spec=`` (an example pytree of
+arrays or ``TensorSpec``) or, failing that, the example last given to
+``trace_specs`` / ``layer_costs`` (what ``pipetrain.partition`` does). Each
+layer is re-created from its config under ``keras.utils.set_random_seed(
+layer_seed(seed, index))`` and built, so every partition starts from the same
+weights; a layer given already built keeps its weights (copied). Setting the
+seed resets Keras', TF's, numpy's and Python's global RNGs, as Keras does.
+
+Weight stashing: a stage holds ``{version: {name: tf tensor}}`` and runs each
+layer with ``layer.stateless_call(values, ...)``, so the variables themselves
+are never assigned and any number of versions can be alive. Each forward runs
+under its own ``tf.GradientTape`` watching that version's tensors and the
+inputs; backward calls ``tape.gradient(outputs, params + inputs,
+output_gradients=...)``. Non-trainable variables (BatchNorm statistics, seed
+generators) are constants: not versioned, not checkpointed, updates dropped.
+
+The optimizer is a small functional sgd / momentum / adam / adamw on tf
+tensors in optax's order of operations rather than ``keras.optimizers``:
+a Keras optimizer assigns into the variables it was built for and keeps its
+slots per variable, which does not fit several live versions, and Keras' Adam
+adds epsilon to sqrt(v) *before* bias correction (the paper's "epsilon hat"),
+so it would not match a JAX or torch stage with the same ``Optimizer``.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipetrain.optim import Optimizer
+from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
+from pipetrain.stages.tensors import to_numpy, to_tf
+from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
+
+LayerLike = keras.layers.Layer | Callable[[], keras.layers.Layer]
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """The Keras seed a layer is created under: a function of (model seed, global layer index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0] >> 1)
+
+
+def _spec_of(x: Any) -> TensorSpec:
+    if isinstance(x, TensorSpec):
+        return x
+    if isinstance(x, keras.KerasTensor):
+        return TensorSpec(tuple(x.shape), str(x.dtype))
+    return TensorSpec(tuple(x.shape), dtype_name(x))
+
+
+def _symbolic(spec: TensorSpec) -> keras.KerasTensor:
+    return keras.KerasTensor(spec.shape, dtype=spec.dtype)
+
+
+class KerasSequential:
+    """A SequentialModel of Keras layers: a ``keras.Sequential`` (or a slice of
+    one, ``model.layers[a:b]``), or a list of layers and layer factories."""
+
+    framework = "tf"
+
+    def __init__(self, layers: keras.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
+                 seed: int = 0, input_spec: Tree | None = None, device: str | None = None):
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(f"KerasSequential needs the tensorflow Keras backend, not {keras.backend.backend()!r}"
+                               " (set KERAS_BACKEND=tensorflow)")
+        self._layers = list(layers.layers) if isinstance(layers, keras.Sequential) else list(layers)
+        if not self._layers:
+            raise ValueError("KerasSequential: no layers given")
+        for i, layer in enumerate(self._layers):
+            if not (isinstance(layer, keras.layers.Layer) or callable(layer)):
+                raise TypeError(f"KerasSequential: layer {i} is {type(layer).__name__}, not a Keras layer or a factory")
+        self.loss = loss
+        self.seed = seed
+        self.device = device
+        self.input_spec = None if input_spec is None else tree_map(_spec_of, input_spec)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def make_layer(self, index: int, input_spec: Tree) -> tuple[keras.layers.Layer, Tree]:
+        """A fresh layer ``index`` built for ``input_spec``, and its symbolic output."""
+        given = self._layers[index]
+        keras.utils.set_random_seed(layer_seed(self.seed, index))
+        if isinstance(given, keras.layers.Layer):
+            layer = type(given).from_config(given.get_config())
+        else:
+            layer = given()
+            if not isinstance(layer, keras.layers.Layer):
+                raise TypeError(f"KerasSequential: factory of layer {index} returned {type(layer).__name__}")
+        try:
+            out = layer(tree_map(lambda s: _symbolic(_spec_of(s)), input_spec))
+        except Exception as err:
+            shown = tree_map(lambda s: str(_spec_of(s)), input_spec)
+            raise PartitionError(f"layer {index}:{type(layer).__name__}: input {shown} does not fit: {err}") from err
+        if isinstance(given, keras.layers.Layer) and given.built:
+            layer.set_weights(given.get_weights())
+        return layer, out
+
+    def _traced(self, example_input: Tree | None, upto: int) -> list[tuple[keras.layers.Layer, Tree, Tree]]:
+        """(layer, input spec, output spec) of layers [0, upto)."""
+        if example_input is not None:
+            self.input_spec = tree_map(_spec_of, example_input)
+        if self.input_spec is None:
+            raise PartitionError("KerasSequential: input shape unknown; pass input_spec= or call trace_specs first")
+        x, out = self.input_spec, []
+        for i in range(upto):
+            layer, y = self.make_layer(i, x)
+            y = tree_map(_spec_of, y)
+            out.append((layer, x, y))
+            x = y
+        return out
+
+    def layer_names(self) -> list[str]:
+        names = []
+        for i, layer in enumerate(self._layers):
+            cls = type(layer).__name__ if isinstance(layer, keras.layers.Layer) else None
+            if cls is None:
+                keras.utils.set_random_seed(layer_seed(self.seed, i))
+                cls = type(layer()).__name__
+            names.append(f"{i}:{cls}")
+        return names
+
+    def layer_param_counts(self) -> list[int]:
+        return [sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+                for layer, _, _ in self._traced(None, len(self))]
+
+    def trace_specs(self, example_input: Tree) -> list[Tree]:
+        return [y for _, _, y in self._traced(example_input, len(self))]
+
+    def layer_costs(self, method: str, example_input: Tree, *, repeats: int = 5) -> list[float]:
+        if method == "flops":
+            raise NotImplementedError("KerasSequential.layer_costs: 'flops' is not implemented for Keras stages;"
+                                      " use method='profile' (measured time) or 'params'-based balancing")
+        if method != "profile":
+            raise ValueError(f"layer_costs: method must be 'flops' or 'profile', got {method!r}")
+        x = to_tf(example_input)
+        costs = []
+        with self._device():
+            for layer, _, _ in self._traced(example_input, len(self)):
+                times = []
+                for r in range(repeats + 1):  # the first run builds TF's kernels
+                    start = time.perf_counter()
+                    with tf.GradientTape() as tape:
+                        leaves = [t for t in flatten(x)[0] if t.dtype.is_floating]
+                        tape.watch(leaves)
+                        out = layer(x)
+                    roots = [t for t in flatten(out)[0] if t.dtype.is_floating]
+                    grads = tape.gradient(roots, [*layer.trainable_variables, *leaves])
+                    _ = [g.numpy() for g in grads if g is not None]  # wait for the work
+                    if r:
+                        times.append(time.perf_counter() - start)
+                costs.append(statistics.median(times))
+                x = out
+        return costs
+
+    def _device(self):
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
+
+    def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> KerasStage:
+        if not 0 <= spec.start < spec.end <= len(self):
+            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's {len(self)} layers")
+        with self._device():
+            traced = self._traced(None, spec.end)[spec.start:]
+        layers = {spec.start + i: layer for i, (layer, _, _) in enumerate(traced)}
+        return KerasStage(spec, layers, loss=self.loss, optimizer=optimizer, device=self.device)
+
+
+class KerasStage:
+    """One contiguous slice of a KerasSequential; see ``pipetrain.stages.base.Stage``."""
+
+    framework = "tf"
+
+    def __init__(self, spec: StageSpec, layers: dict[int, keras.layers.Layer], *, loss: Callable,
+                 optimizer: Optimizer, device: str | None = None):
+        self.spec = spec
+        self.loss = loss
+        self.device = device
+        self._layers = layers
+        self._names: dict[int, list[str]] = {i: _variable_names(i, layer) for i, layer in layers.items()}
+        initial = {n: tf.identity(v.value) for i, layer in layers.items()
+                   for n, v in zip(self._names[i], layer.trainable_variables)}
+        self._all_names = sorted(initial)
+        self._versions: dict[int, dict[str, tf.Tensor]] = {0: initial}
+        self._latest = 0
+        self._opt = _TensorOptimizer(optimizer)
+        self._opt_state = self._opt.init(initial)
+        self._acc = {n: tf.zeros_like(p) for n, p in initial.items()}
+        self._accumulated = 0
+        self._pending: dict[int, tuple] = {}
+
+    def _device(self):
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
+
+    def _run(self, params: dict[str, tf.Tensor], x: Tree) -> Tree:
+        for i, layer in self._layers.items():
+            values = [params[n] for n in self._names[i]]
+            x, _ = layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x)
+        return x
+
+    # ------------------------------------------------------------ compute
+
+    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
+        if k in self._pending:
+            raise RuntimeError(f"stage {self.spec.index}: forward of micro-batch {k} twice without its backward")
+        params = self._params(version)
+        with self._device():
+            x = to_tf(inputs)
+            x_leaves = flatten(x)[0]
+            watched = [t for t in x_leaves if t.dtype.is_floating] if not self.spec.is_first else []
+            tape = tf.GradientTape()
+            with tape:
+                tape.watch([params[n] for n in self._all_names] + watched)
+                out = self._run(params, x)
+                if self.spec.is_last:
+                    out = self.loss(out, to_tf(targets))
+        self._pending[k] = (tape, params, x, watched, out)
+        return float(out) if self.spec.is_last else out
+
+    def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
+        if k not in self._pending:
+            raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
+        tape, params, x, watched, out = self._pending.pop(k)
+        with self._device():
+            if self.spec.is_last:
+                roots, seeds = [out], [tf.ones_like(out)]
+            else:
+                roots, seeds = _roots_and_seeds(out, to_tf(grad_outputs), self.spec.index)
+            wrt = [params[n] for n in self._all_names] + watched
+            grads = tape.gradient(roots, wrt, output_gradients=seeds,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO) if roots and wrt else []
+            for name, g in zip(self._all_names, grads):
+                self._acc[name] = self._acc[name] + tf.convert_to_tensor(g)
+        self._accumulated += 1
+        if self.spec.is_first:
+            return None
+        input_grads = iter(grads[len(self._all_names):])
+        x_leaves, structure = flatten(x)
+        return unflatten(structure, [next(input_grads) if t.dtype.is_floating else None for t in x_leaves])
+
+    def update(self, *, new_version: int) -> None:
+        if new_version in self._versions:
+            raise ValueError(f"stage {self.spec.index}: weight version {new_version} exists already")
+        latest = self._params(self._latest)
+        if self._accumulated == 0:
+            self._versions[new_version] = dict(latest)  # nothing to apply
+        else:
+            with self._device():
+                mean = {n: g / self._accumulated for n, g in self._acc.items()}
+                self._versions[new_version], self._opt_state = self._opt.step(latest, mean, self._opt_state)
+        self._latest = new_version
+        self._acc = {n: tf.zeros_like(g) for n, g in self._acc.items()}
+        self._accumulated = 0
+
+    def release(self, version: int) -> None:
+        if version == self._latest:
+            raise ValueError(f"stage {self.spec.index}: cannot release weight version {version}, the latest")
+        self._versions.pop(version, None)
+
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._versions))
+
+    def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
+        with self._device():
+            out = self._run(self._params(self._latest), to_tf(inputs))
+            return float(self.loss(out, to_tf(targets))) if self.spec.is_last else out
+
+    def params(self, version: int) -> dict[str, tf.Tensor]:
+        """The tensors of one weight version, by name."""
+        return dict(self._params(version))
+
+    def _params(self, version: int) -> dict[str, tf.Tensor]:
+        try:
+            return self._versions[version]
+        except KeyError:
+            raise KeyError(f"stage {self.spec.index}: no weight version {version}; held: {self.versions()}") from None
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for v, params in self._versions.items():
+            state.update({f"v{v}/{n}": _numpy_copy(t) for n, t in params.items()})
+        state.update({f"opt/{n}": _numpy_copy(t) for n, t in self._opt_state.items()})
+        state.update({f"acc/{n}": _numpy_copy(t) for n, t in self._acc.items()})
+        state["meta/versions"] = np.array(sorted(self._versions), np.int64)
+        state["meta/latest"] = np.array(self._latest, np.int64)
+        state["meta/accumulated"] = np.array(self._accumulated, np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        template = self._versions[self._latest]
+
+        def get(key: str, like: tf.Tensor | None = None) -> tf.Tensor:
+            if key not in state:
+                raise KeyError(f"stage {self.spec.index}: state has no {key!r}")
+            a = np.array(state[key])  # an owned, writable copy: TF shares it
+            if like is not None and (a.shape != tuple(like.shape) or str(a.dtype) != like.dtype.name):
+                raise ValueError(f"stage {self.spec.index}: state {key!r} is {a.dtype}{list(a.shape)}, "
+                                 f"expected {like.dtype.name}{list(like.shape)}")
+            with self._device():
+                return tf.identity(to_tf(a))
+
+        versions = [int(v) for v in np.asarray(state.get("meta/versions", []))]
+        known = {f"acc/{n}" for n in self._all_names} | {f"opt/{n}" for n in self._opt_state}
+        known |= {"meta/versions", "meta/latest", "meta/accumulated"}
+        known |= {f"v{v}/{n}" for v in versions for n in self._all_names}
+        unexpected = sorted(set(state) - known)
+        if unexpected:
+            raise KeyError(f"stage {self.spec.index}: unexpected state keys {unexpected[:5]}")
+        self._versions = {v: {n: get(f"v{v}/{n}", template[n]) for n in self._all_names} for v in versions}
+        self._opt_state = {n: get(f"opt/{n}", t) for n, t in self._opt_state.items()}
+        self._acc = {n: get(f"acc/{n}", template[n]) for n in self._all_names}
+        self._latest = int(state["meta/latest"])
+        self._accumulated = int(state["meta/accumulated"])
+        self._pending.clear()
+
+
+# ---------------------------------------------------------------- optimizer
+
+class _TensorOptimizer:
+    """``pipetrain.optim.Optimizer`` as pure functions on tf tensor maps, in optax's order."""
+
+    def __init__(self, opt: Optimizer):
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"Keras stage: optimizer must be a pipetrain.optim.Optimizer, got {type(opt).__name__}")
+        self.opt = opt
+
+    def init(self, params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        state = {"count": tf.zeros((), tf.int64)}
+        if self.opt.name == "momentum":
+            state.update({f"trace/{n}": tf.zeros_like(p) for n, p in params.items()})
+        if self.opt.name in ("adam", "adamw"):
+            state.update({f"mu/{n}": tf.zeros_like(p) for n, p in params.items()})
+            state.update({f"nu/{n}": tf.zeros_like(p) for n, p in params.items()})
+        return state
+
+    def step(self, params, grads, state):
+        o = self.opt
+        count = state["count"] + 1
+        new_state = {"count": count}
+        new_params = {}
+        for n, p in params.items():
+            g = grads[n]
+            if o.name == "sgd":
+                update = g
+            elif o.name == "momentum":  # optax.trace: t = g + momentum * t
+                update = new_state[f"trace/{n}"] = g + o.momentum * state[f"trace/{n}"]
+            else:  # optax.scale_by_adam: eps outside the square root, after bias correction
+                mu = new_state[f"mu/{n}"] = (1 - o.b1) * g + o.b1 * state[f"mu/{n}"]
+                nu = new_state[f"nu/{n}"] = (1 - o.b2) * tf.square(g) + o.b2 * state[f"nu/{n}"]
+                t = tf.cast(count, p.dtype)
+                mu_hat = mu / (1 - tf.pow(tf.constant(o.b1, p.dtype), t))
+                nu_hat = nu / (1 - tf.pow(tf.constant(o.b2, p.dtype), t))
+                update = mu_hat / (tf.sqrt(nu_hat) + o.eps)
+                if o.name == "adamw":  # optax.add_decayed_weights, before the learning rate
+                    update = update + o.weight_decay * p
+            new_params[n] = p + (-o.lr) * update
+        return new_params, new_state
+
+
+# ---------------------------------------------------------------- helpers
+
+def _variable_names(index: int, layer: keras.layers.Layer) -> list[str]:
+    """``"{layer index}.{variable name}"``; a name repeated inside the layer gets its position."""
+    short = [v.name for v in layer.trainable_variables]
+    return [f"{index}.{s}" if short.count(s) == 1 else f"{index}.{j}.{s}" for j, s in enumerate(short)]
+
+
+def _roots_and_seeds(out: Tree, grad_outputs: Tree, stage: int) -> tuple[list, list]:
+    """Pair each floating output leaf with its gradient; a None gradient seeds nothing."""
+    pairs: list[tuple[Any, Any]] = []
+
+    def walk(o: Tree, g: Tree, where: str) -> None:
+        if g is None or o is None:
+            return
+        if isinstance(o, (tuple, list)) and isinstance(g, (tuple, list)) and len(o) == len(g):
+            for i, (oi, gi) in enumerate(zip(o, g)):
+                walk(oi, gi, f"{where}[{i}]")
+        elif isinstance(o, dict) and isinstance(g, dict) and set(o) == set(g):
+            for key in sorted(o):
+                walk(o[key], g[key], f"{where}[{key!r}]")
+        elif tf.is_tensor(o) and tf.is_tensor(g):
+            if tuple(o.shape) != tuple(g.shape):
+                raise ValueError(f"stage {stage}: gradient of output {where or '<value>'} has shape "
+                                 f"{tuple(g.shape)}, the output {tuple(o.shape)}")
+            if o.dtype.is_floating:
+                pairs.append((o, tf.cast(g, o.dtype)))
+        else:
+            raise ValueError(f"stage {stage}: grad_outputs {paths(grad_outputs)} do not match the outputs {paths(out)}"
+                             f" at {where or '<value>'}")
+
+    walk(out, grad_outputs, "")
+    return [o for o, _ in pairs], [g for _, g in pairs]
+
+
+def _numpy_copy(t: tf.Tensor) -> np.ndarray:
+    return np.array(to_numpy(t), copy=True)
