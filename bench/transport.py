@@ -243,7 +243,7 @@ def main() -> None:
     print("ping-pong RTT (latency) and streaming GB/s (one direction, back to back, credits=4):")
     print(f"{'payload':>8} | " + " | ".join(f"{n:>36}" for n in names))
     print(f"{'':>8} | " + " | ".join(f"{'RTT ms':>9} {'pp x tcp':>8} {'GB/s':>7} {'x tcp':>8}" for _ in names))
-    for label, size in SIZES.items():
+    for label in SIZES:
         cells = []
         for name in names:
             pingpong_ratio = best["tcp socket pair", label] / best[name, label]

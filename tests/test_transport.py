@@ -169,7 +169,7 @@ def test_non_numeric_leaves_are_refused_by_name(pair):
 
 @pytest.mark.parametrize("pair", BACKENDS, indirect=True)
 def test_a_closed_peer_is_a_clear_error_not_a_hang(pair):
-    sender, receiver, channel = pair
+    _, receiver, channel = pair
     channel.put(Kind.ACTIVATION, 0, np.zeros(3))
     receiver.close()
     with pytest.raises(PeerLost, match="connection to .* lost"):

@@ -29,30 +29,40 @@ naming the stage and what it waited for.
 
 Backends (same interface, ``backend=``):
 
-- ``"stream"`` (default): framed asyncio transport (``wire``): a
-  BufferedProtocol receives straight into pooled buffers, leaves are numpy
-  views on them; no pickle. TLS via the cluster's ``Security`` contexts
-  (``get_listen_args("worker")`` / ``get_connection_args("worker")``).
-- ``"dask"``: ``distributed.comm`` connect/listen (its tcp/tls and
-  serialization); kept as the baseline and for distributed's other comms.
+- ``"stream"`` (default): the wire framing (``wire.py``). Plain tcp:// runs
+  on a non-blocking socket: the calling thread sends what the kernel takes
+  at once (a memoryview of the caller's arrays, under a lock), the loop
+  thread sends any remainder and reads straight into pooled buffers; leaves
+  are numpy views on them. tls:// runs on asyncio's SSL transport with the
+  cluster's ``Security`` contexts (``get_listen_args("worker")`` /
+  ``get_connection_args("worker")``), same framing and receive path.
+- ``"dask"``: ``distributed.comm`` connect/listen (its tcp/tls framing and
+  serialization); the baseline, and a way to distributed's other comms.
 
-Why stream is the default, measured by ``bench/transport.py`` (ping-pong
-between two processes, loopback, 2-core VM, best of several runs, ratio of
-GB/s to a plain blocking socket pair):
+Why "stream" is the default: ``bench/transport.py``, two processes on
+loopback, 2-core VM under other load, two runs (ratio = GB/s over a plain
+blocking socket pair's in the same run):
 
-    payload        stream   dask comm
-    1 MiB          ~0.85    ~0.45
-    16 MiB         ~0.9     ~0.6
-    64 MiB         ~0.9     ~0.6
+    payload   streaming, credits=4        ping-pong (2 x payload / RTT)
+              stream      dask comm       stream      dask comm
+    1 MiB     0.78-0.87   0.52-0.58       0.43-0.56   0.31-0.34
+    16 MiB    1.03-1.25   0.54-0.83       0.80-1.02   0.38-0.88
+    64 MiB    1.34-1.48   0.85-1.11       1.23-1.35   0.20-0.40
+    4 KiB RTT 0.17-0.25 ms (socket pair 0.03 ms; dask comm 0.57-0.59 ms)
 
-distributed.comm misses the 0.7 bar from 1 MiB up; the stream transport meets
-it. (Figures are refreshed in the README by the benchmark.)
+The stream transport clears the 0.7 bar from 1 MiB up in streaming, the
+way a pipeline uses an edge; distributed.comm does not at 1 MiB. A lone
+1 MiB ping-pong stays below 0.7: each message costs a fixed ~0.1 ms more
+than a bare socket, the wake-up of the thread that waits in ``get``, which
+credits overlap in a pipeline. (Ratios above 1: the blocking socket pair
+wakes per arriving segment; it is a reference, not a ceiling.) tls:// moves
+0.5-0.7 GB/s at 16-64 MiB, bound by encryption in asyncio's SSL layer.
 
 Why a loop thread of our own rather than the Dask worker's loop: the worker's
-loop carries heartbeats and the scheduler stream; TLS encryption and the
-copy of a 64 MiB activation on it would stall both, and a private loop lets
-the same code run in tests, benchmarks and the reference executor with no
-worker at all. The cost is one thread hop per message (tens of us).
+loop carries heartbeats and the scheduler stream; reading a 64 MiB activation
+or encrypting it on that loop would stall both, and a private loop lets the
+same code run in tests, benchmarks and the reference executor with no worker.
+The cost is the thread wake-up above.
 """
 from __future__ import annotations
 
@@ -64,7 +74,8 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -72,14 +83,14 @@ from pipetrain.runtime import wire
 from pipetrain.runtime.wire import BoundaryMismatch, Kind, Message, check_boundary
 
 __all__ = [
-    "Endpoint",
+    "BoundaryMismatch",
     "Channel",
+    "Endpoint",
     "Kind",
     "Message",
-    "TransportError",
     "PeerLost",
+    "TransportError",
     "TransportTimeout",
-    "BoundaryMismatch",
     "check_boundary",
 ]
 
@@ -215,7 +226,8 @@ class _SocketLink:
                  on_message: Callable, on_closed: Callable):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = "%s:%s" % sock.getpeername()[:2]
+        host, port = sock.getpeername()[:2]
+        self.peer = f"{host}:{port}"
         self.bye_seen = False
         self._sock, self._loop = sock, loop
         self._on_closed = on_closed
@@ -438,7 +450,7 @@ class _DaskLink:
 class Channel:
     """The sending side of one edge, to one peer endpoint. Use from the compute thread."""
 
-    def __init__(self, endpoint: "Endpoint", peer: str, credits: int):
+    def __init__(self, endpoint: Endpoint, peer: str, credits: int):
         self.peer = peer
         self.credits = credits
         self._endpoint = endpoint
@@ -570,7 +582,7 @@ class Endpoint:
         credits: int = 2,
         generation: int = 0,
         timeout: float = 30,
-    ) -> "Endpoint":
+    ) -> Endpoint:
         """Start the loop thread and listen; ``security`` is a ``distributed.security.Security``
         (tls:// when it has TLS settings, else tcp://)."""
         endpoint = cls(stage=stage, security=security, backend=backend, credits=credits, generation=generation)
@@ -594,10 +606,10 @@ class Endpoint:
             pass
         self._io.stop()
 
-    def __enter__(self) -> "Endpoint":
+    def __enter__(self) -> Endpoint:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- generation fencing
@@ -632,7 +644,7 @@ class Endpoint:
         channel = Channel(self, address, credits or self.credits)
         try:
             channel._link = self._io.run(self._connect(address, channel, timeout), timeout + 1)
-        except (OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as error:
+        except (TimeoutError, OSError, concurrent.futures.TimeoutError) as error:
             raise TransportError(f"stage {self.stage}: cannot connect to {address}: {error!r}") from error
         return channel
 
