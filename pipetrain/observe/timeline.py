@@ -1,0 +1,128 @@
+"""Reading a run directory back: per-stage event arrays, metrics, the schedule that ran.
+
+Shared by ``trace.py`` (timeline trace, Gantt chart, measured vs simulated
+bubble) and ``report.py`` (loss and throughput plots). Nothing here imports
+matplotlib or a framework.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EVENT_DTYPE = np.dtype([("kind", "U6"), ("k", "i8"), ("version", "i8"), ("start", "f8"), ("end", "f8")])
+COMPUTE_KINDS = ("F", "B")
+BUSY_KINDS = ("F", "B", "U")  # what a stage's "busy share" counts: work, not waiting or moving bytes
+KINDS = ("F", "B", "U", "C", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What ran: the schedule's arguments as far as the run directory tells them."""
+
+    schedule: str | None
+    num_stages: int
+    microbatches: int | None
+    steps: int | None
+    accumulate: int
+    checkpoint_every: int | None
+    first_microbatch: int
+
+    def title(self) -> str:
+        name = self.schedule or "unknown schedule"
+        m = f", {self.microbatches} micro-batches/step" if self.microbatches else ""
+        return f"{name}, {self.num_stages} stage{'s' if self.num_stages != 1 else ''}{m}"
+
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    return path
+
+
+def load_events(run_dir: str | Path) -> list[np.ndarray]:
+    """``RUN_DIR/events/stage-{s}.npy`` for s = 0, 1, ... (no pickle); a clear error when absent or malformed."""
+    path = require_run_dir(run_dir)
+    folder = path / "events"
+    files = sorted(folder.glob("stage-*.npy"), key=lambda f: _stage_number(f))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no stage-*.npy event files (did the run finish on the dask executor?)")
+    numbers = [_stage_number(f) for f in files]
+    if numbers != list(range(len(files))):
+        raise ValueError(f"{folder}: event files for stages {numbers}, expected stage-0 .. stage-{len(files) - 1}")
+    events = []
+    for f in files:
+        try:
+            array = np.load(f, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{f}: not a plain numpy event array ({e})") from e
+        missing = [name for name in EVENT_DTYPE.names if array.dtype.names is None or name not in array.dtype.names]
+        if missing:
+            raise ValueError(f"{f}: event array lacks field(s) {missing}; expected dtype {EVENT_DTYPE}")
+        events.append(array)
+    return events
+
+
+def _stage_number(f: Path) -> int:
+    try:
+        return int(f.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{f}: event files are named stage-<index>.npy") from None
+
+
+def load_metrics(run_dir: str | Path) -> list[dict]:
+    from pipetrain.observe.progress import read_metrics
+
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def records(metrics: list[dict], kind: str) -> list[dict]:
+    return [r for r in metrics if r.get("type") == kind]
+
+
+def run_info(run_dir: str | Path, events: list[np.ndarray], metrics: list[dict]) -> RunInfo:
+    """job.json's schedule section if present, else the metrics' start record, with gaps filled from the events."""
+    config: dict = {}
+    job_file = Path(run_dir) / "job.json"
+    if job_file.exists():
+        try:
+            config = json.loads(job_file.read_text()).get("config", {}) or {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{job_file}: not valid JSON ({e})") from e
+    sched = dict(config.get("schedule", {}) or {})
+    start = next(iter(records(metrics, "start")), {})
+    name = sched.get("name") or start.get("schedule")
+    every = (config.get("checkpoint", {}) or {}).get("every") or None
+    stage0 = events[0] if events else np.zeros(0, EVENT_DTYPE)
+    forwards = stage0["k"][stage0["kind"] == "F"]
+    accumulate = int(sched.get("accumulate") or 0)
+    if not accumulate and name == "pipedream":
+        # not recorded by the Python API: one U per `accumulate` backwards
+        updates = int(np.sum(stage0["kind"] == "U"))
+        accumulate = max(1, round(int(np.sum(stage0["kind"] == "B")) / updates)) if updates else 1
+    return RunInfo(schedule=name, num_stages=len(events), microbatches=sched.get("microbatches") or start.get("microbatches"),
+                   steps=sched.get("steps") or start.get("steps"), accumulate=accumulate or 1,
+                   checkpoint_every=every, first_microbatch=int(forwards.min()) if forwards.size else 0)
+
+
+def run_start(events: list[np.ndarray]) -> float:
+    starts = [float(e["start"].min()) for e in events if e.size]
+    return min(starts) if starts else 0.0
+
+
+def run_end(events: list[np.ndarray]) -> float:
+    ends = [float(e["end"].max()) for e in events if e.size]
+    return max(ends) if ends else 0.0
+
+
+def event_name(kind: str, k: int, version: int) -> str:
+    """``F3``, ``B0``, ``U4`` (the version it produces), ``C16`` (the cut), ``RECV_F3``: as the schedule prints."""
+    return f"{kind}{version if kind == 'U' else k}"
+
+
+def time_unit(seconds: float) -> tuple[str, float]:
+    """("ms", 1000) for short spans, ("s", 1) otherwise: axis labels stay readable."""
+    return ("ms", 1000.0) if seconds < 10 else ("s", 1.0)
