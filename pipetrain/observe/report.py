@@ -1,0 +1,217 @@
+"""`pipetrain report RUN_DIR`: loss and throughput plots of a run, and a short text summary.
+
+Reads only ``RUN_DIR/metrics.jsonl`` (and ``job.json`` when present), so it
+works on a run that is still going or one that failed. After a recovery the
+driver replays the rolled-back steps: the log then holds those steps twice,
+and the loss plot draws each generation as its own segment so the replay is
+visible rather than a zig-zag.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipetrain.observe.timeline import load_metrics, records, require_run_dir
+
+REPORT_SIZE_PX = (1100, 520)  # width, height of loss.png and throughput.png
+RECOVERY_COLOUR = "#C44E52"
+
+
+def _schedule_facts(run: Path, metrics: list[dict]) -> dict:
+    facts = dict(next(iter(records(metrics, "start")), {}))
+    job_file = run / "job.json"
+    if job_file.exists():
+        sched = (json.loads(job_file.read_text()).get("config", {}) or {}).get("schedule", {}) or {}
+        facts.update({"schedule": sched.get("name", facts.get("schedule")),
+                      "microbatches": sched.get("microbatches", facts.get("microbatches")),
+                      "steps": sched.get("steps", facts.get("steps"))})
+    return facts
+
+
+def _samples_per_step(metrics: list[dict], facts: dict) -> tuple[float, str]:
+    """(x per step, axis name): samples when the end record tells the total, else micro-batches, else steps."""
+    end = next(iter(records(metrics, "end")), {})
+    steps = facts.get("steps")
+    if steps and end.get("samples_per_s") and end.get("wall_seconds"):
+        return end["samples_per_s"] * end["wall_seconds"] / steps, "samples seen"
+    if facts.get("microbatches"):
+        return float(facts["microbatches"]), "micro-batches seen"
+    return 1.0, "steps done"
+
+
+def _segments(metrics: list[dict]) -> list[list[dict]]:
+    """Step records split at each recovery: one list per generation."""
+    out: list[list[dict]] = [[]]
+    for r in metrics:
+        if r.get("type") == "recovery":
+            out.append([])
+        elif r.get("type") == "step" and r.get("step", -1) >= 0:
+            out[-1].append(r)
+    return out
+
+
+def _figure(plt):
+    w, h = REPORT_SIZE_PX
+    fig = plt.figure(figsize=(w / 100, h / 100), dpi=100)
+    ax = fig.add_axes((0.08, 0.12, 0.89, 0.78))
+    return fig, ax
+
+
+def plot_loss(run_dir: str | Path, path: str | Path) -> Path:
+    """Training loss per step against samples seen; held-out loss at start and end; recoveries marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = require_run_dir(run_dir)
+    metrics = load_metrics(run)
+    facts = _schedule_facts(run, metrics)
+    per_step, x_name = _samples_per_step(metrics, facts)
+    fig, ax = _figure(plt)
+    segments = _segments(metrics)
+    for g, seg in enumerate(segments):
+        xs = [(r["step"] + 1) * per_step for r in seg if isinstance(r.get("loss"), (int, float))]
+        ys = [r["loss"] for r in seg if isinstance(r.get("loss"), (int, float))]
+        if xs:
+            label = "training loss (mean over the step's micro-batches)" if g == 0 else None
+            ax.plot(xs, ys, color="#4C72B0", marker="o" if len(xs) <= 40 else None, markersize=3, label=label,
+                    alpha=1.0 if g == len(segments) - 1 else 0.55)
+    start = next(iter(records(metrics, "start")), {})
+    end = next(iter(records(metrics, "end")), {})
+    total_steps = facts.get("steps") or max((r["step"] + 1 for seg in segments for r in seg), default=0)
+    held = [(0.0, start.get("heldout_loss")), (total_steps * per_step, end.get("heldout_loss"))]
+    held = [(x, y) for x, y in held if isinstance(y, (int, float))]
+    if held:
+        ax.plot(*zip(*held), linestyle="none", marker="D", markersize=8, color="#DD8452", label="held-out loss")
+        for x, y in held:
+            ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(6, 6), color="#DD8452", fontsize=9)
+    seen_before = [max((r["step"] + 1 for r in seg), default=0) * per_step for seg in segments]
+    for i, r in enumerate(records(metrics, "recovery")):
+        x = seen_before[i] if i < len(seen_before) else 0.0
+        _mark_recovery(ax, x, r, f"back to micro-batch {r.get('rollback_to')}", index=i)
+    ax.set_xlabel(x_name)
+    ax.set_ylabel("loss")
+    ax.set_title(f"loss: {_title(facts)}", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.set_xlim(left=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def plot_throughput(run_dir: str | Path, path: str | Path) -> Path:
+    """Samples/s per step against time since the run started; the run's overall rate; recoveries marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = require_run_dir(run_dir)
+    metrics = load_metrics(run)
+    facts = _schedule_facts(run, metrics)
+    origin = min((r["time"] for r in metrics if "time" in r), default=0.0)
+    steps = [r for r in records(metrics, "step") if isinstance(r.get("samples_per_s"), (int, float))]
+    fig, ax = _figure(plt)
+    if steps:
+        ax.plot([r["time"] - origin for r in steps], [r["samples_per_s"] for r in steps], color="#4C72B0",
+                marker="o" if len(steps) <= 40 else None, markersize=3, label="per step")
+    end = next(iter(records(metrics, "end")), {})
+    if isinstance(end.get("samples_per_s"), (int, float)):
+        ax.axhline(end["samples_per_s"], color="#55A868", linestyle=":", label=f"whole run: {end['samples_per_s']:,.0f}")
+    for i, r in enumerate(records(metrics, "recovery")):
+        _mark_recovery(ax, r["time"] - origin, r, f"stopped {r.get('stop_seconds', 0):.2g} s", index=i)
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("throughput (samples/s)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    ax.set_title(f"throughput: {_title(facts)}", fontsize=11)
+    ax.grid(alpha=0.3)
+    if not steps:
+        ax.text(0.5, 0.5, "no per-step throughput in metrics.jsonl", transform=ax.transAxes, ha="center")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _mark_recovery(ax, x: float, r: dict, detail: str, *, index: int) -> None:
+    ax.axvline(x, color=RECOVERY_COLOUR, linestyle="--", linewidth=1.3)
+    # successive recoveries step down so their labels never overprint each other
+    ax.text(x, 0.98 - 0.13 * (index % 5), f" recovery g{r.get('generation')}:\n stage {r.get('stage')} lost,\n {detail}",
+            transform=ax.get_xaxis_transform(), color=RECOVERY_COLOUR, fontsize=8, va="top")
+
+
+def _title(facts: dict) -> str:
+    parts = [str(facts.get("schedule") or "unknown schedule")]
+    if facts.get("stages"):
+        parts.append(f"{facts['stages']} stages")
+    if facts.get("microbatches"):
+        parts.append(f"{facts['microbatches']} micro-batches/step")
+    return ", ".join(parts)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
+
+
+def summary(run_dir: str | Path) -> str:
+    """A few lines: what ran, loss first -> last, held-out loss, throughput, checkpoints, recoveries."""
+    run = require_run_dir(run_dir)
+    metrics = load_metrics(run)
+    if not metrics:
+        raise FileNotFoundError(f"{run / 'metrics.jsonl'}: missing or empty")
+    facts = _schedule_facts(run, metrics)
+    start = next(iter(records(metrics, "start")), {})
+    end = next(iter(records(metrics, "end")), None)
+    steps = records(metrics, "step")
+    losses = [r["loss"] for r in steps if isinstance(r.get("loss"), (int, float))]
+    lines = [f"run {run}: {_title(facts)}, {facts.get('steps', '?')} steps"
+             + (f" ({start['executor']} executor)" if start.get("executor") else "")
+             + ("" if end else " - not finished (no end record)")]
+    if losses:
+        lines.append(f"training loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(steps)} step records")
+    held = [start.get("heldout_loss"), (end or {}).get("heldout_loss")]
+    if any(isinstance(h, (int, float)) for h in held):
+        lines.append("held-out loss " + " -> ".join(f"{h:.4g}" if isinstance(h, (int, float)) else "?" for h in held))
+    rates = [r["samples_per_s"] for r in steps if isinstance(r.get("samples_per_s"), (int, float))]
+    if end and isinstance(end.get("samples_per_s"), (int, float)):
+        rate = f"throughput {end['samples_per_s']:,.0f} samples/s over {end.get('wall_seconds', 0):.3g} s"
+        lines.append(rate + (f"; median per step {np.median(rates):,.0f}" if rates else ""))
+    elif rates:
+        lines.append(f"throughput median per step {np.median(rates):,.0f} samples/s")
+    busy = [r["busy"] for r in steps if r.get("busy")]
+    if busy:
+        lines.append("busy share per stage (last step) " + " ".join(f"{b:.0%}" for b in busy[-1]))
+    checkpoints = records(metrics, "checkpoint")
+    if checkpoints:
+        lines.append(f"checkpoints: {len(checkpoints)} committed, last at micro-batch {checkpoints[-1].get('cut')}")
+    recoveries = records(metrics, "recovery")
+    if not recoveries:
+        lines.append("recoveries: none")
+    else:
+        lines.append(f"recoveries: {len(recoveries)}")
+        for r in recoveries:
+            lines.append(f"  generation {r.get('generation')}: stage {r.get('stage')} on {r.get('worker')} lost "
+                         f"({r.get('reason')}); rolled back to micro-batch {r.get('rollback_to')}, "
+                         f"stopped {r.get('stop_seconds', 0):.3g} s")
+    errors = records(metrics, "error")
+    if errors:
+        lines.append(f"errors reported by stages: {len(errors)}")
+    return "\n".join(lines)
+
+
+def report_command(run_dir: str | Path) -> int:
+    """Write RUN_DIR/loss.png and RUN_DIR/throughput.png; print the summary. Returns 0."""
+    run = require_run_dir(run_dir)
+    text = summary(run)
+    loss = plot_loss(run, run / "loss.png")
+    throughput = plot_throughput(run, run / "throughput.png")
+    print(text)
+    print(f"\nwrote {loss} and {throughput}")
+    return 0
