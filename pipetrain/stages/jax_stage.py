@@ -1,0 +1,563 @@
+"""JAX adapter: a model as a sequence of JAX layers, cut into stages.
+
+A layer is a ``pipetrain.stages.jax_layers.Layer`` (an ``init``/``apply``
+pair of pure functions) or a Flax NNX module, given either as a factory
+``rngs -> module`` (built with ``nnx.Rngs(layer_key(seed, i))``) or as a
+built instance (its parameters are taken as they are). ``("name", item)``
+names a layer; otherwise a Layer keeps its ``name`` and an NNX module is
+named after its class. NNX modules become plain Layers with
+``nnx.split``/``nnx.merge``; only their ``nnx.Param`` variables are state
+(a module holding other variables, RNG streams or batch statistics, is
+refused: a pure stage cannot carry their in-place updates).
+
+Initial parameters of layer i are ``init(layer_key(seed, i), x_spec)`` with
+``layer_key(seed, i) = fold_in(key(seed), i)``, run eagerly, so every
+partition (and the unpartitioned oracle) starts from the same weights. ``init``
+needs the layer's input spec, so the model needs to know its input: pass
+``example_input=`` to ``JaxSequential``, or let the first ``trace_specs`` call
+(which ``partition`` always makes) record it. Only the spec (shapes, dtypes)
+is kept, never arrays, and no jitted function lives on the model: it pickles
+with cloudpickle for Dask workers.
+
+A stage keeps the VJP of each forward until its backward: ``forward`` is
+``jit(lambda p, x: jax.vjp(apply, p, x))`` (the VJP function is a pytree of
+residuals, so it leaves and re-enters jit), ``backward`` is a jitted call of
+that VJP plus the gradient accumulation. Both compile once per input shape;
+``JaxStage.trace_counts`` counts the traces. Integer leaves of a boundary
+pytree (token ids, masks) are not differentiated: their input gradient is
+None, and a None output gradient means zeros.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pipetrain.optim import Optimizer
+from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
+from pipetrain.stages.jax_layers import Layer
+from pipetrain.stages.tensors import to_jax
+from pipetrain.tree import Tree, dtype_name
+from pipetrain.tree import tree_map as boundary_map
+
+LayerLike = Layer | nnx.Module | Callable[[nnx.Rngs], nnx.Module] | tuple[str, Any]
+
+
+def layer_key(seed: int, index: int) -> jax.Array:
+    """The PRNG key layer ``index`` is initialized from."""
+    return jax.random.fold_in(jax.random.key(seed), index)
+
+
+# ---------------------------------------------------------------- NNX modules as Layers
+
+def _as_layer(item: LayerLike, index: int) -> Layer:
+    name = None
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        name, item = item
+    if isinstance(item, Layer):
+        return item if name is None else dataclasses.replace(item, name=name)
+    if isinstance(item, nnx.Module):
+        graphdef, params = _split_params(item, index)
+        # numpy, not device arrays: the model object travels to Dask workers.
+        init = functools.partial(_instance_init, jax.device_get(params))
+        return Layer(name or type(item).__name__, init, functools.partial(_nnx_apply, graphdef))
+    if callable(item):
+        abstract = nnx.eval_shape(lambda: item(nnx.Rngs(0)))
+        if not isinstance(abstract, nnx.Module):
+            raise TypeError(f"JaxSequential: factory of layer {index} returned {type(abstract).__name__}, "
+                            "not an nnx.Module")
+        graphdef, _ = _split_params(abstract, index)
+        return Layer(name or type(abstract).__name__, functools.partial(_factory_init, item),
+                     functools.partial(_nnx_apply, graphdef))
+    raise TypeError(f"JaxSequential: layer {index} is {type(item).__name__}; expected a Layer, an nnx.Module, "
+                    "a factory rngs -> nnx.Module, or a (name, one of those) tuple")
+
+
+def _split_params(module: nnx.Module, index: int) -> tuple[Any, Any]:
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    if jax.tree_util.tree_leaves(rest):
+        kinds = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
+            rest, is_leaf=lambda x: isinstance(x, nnx.Variable))})
+        raise TypeError(f"JaxSequential: layer {index} ({type(module).__name__}) holds non-parameter NNX "
+                        f"variables ({', '.join(kinds)}); only nnx.Param state is supported")
+    return graphdef, params
+
+
+def _instance_init(params: Any, key: Any, x_spec: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _factory_init(factory: Callable, key: Any, x_spec: Any) -> Any:
+    return nnx.split(factory(nnx.Rngs(key)), nnx.Param, ...)[1]
+
+
+def _nnx_apply(graphdef: Any, params: Any, x: Any) -> Any:
+    return nnx.merge(graphdef, params)(x)
+
+
+# ---------------------------------------------------------------- specs and pytrees
+
+def _abstract(example_input: Tree) -> Tree:
+    """Any framework's arrays, TensorSpecs or ShapeDtypeStructs -> ShapeDtypeStructs."""
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        if isinstance(x, TensorSpec):
+            return jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(x.dtype))
+        return jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(dtype_name(x)))
+    return boundary_map(leaf, example_input)
+
+
+def _tensor_specs(tree: Tree) -> Tree:
+    return jax.tree_util.tree_map(lambda s: TensorSpec(tuple(s.shape), jnp.dtype(s.dtype).name), tree)
+
+
+def _show(tree: Tree) -> str:
+    return str(jax.tree_util.tree_map(str, _tensor_specs(tree)))
+
+
+def _inexact(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _floats(tree: Tree) -> Tree:
+    """The differentiable leaves; None where a leaf is an integer (or bool)."""
+    return jax.tree_util.tree_map(lambda a: a if _inexact(a) else None, tree)
+
+
+def _ints(tree: Tree) -> Tree:
+    return jax.tree_util.tree_map(lambda a: None if _inexact(a) else a, tree)
+
+
+def _merge(floats: Tree, ints: Tree) -> Tree:
+    return jax.tree_util.tree_map(lambda f, i: i if f is None else f, floats, ints,
+                                  is_leaf=lambda x: x is None)
+
+
+def _nbytes(tree: Tree) -> int:
+    return sum(int(np.prod(a.shape, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree_util.tree_leaves(tree))
+
+
+def _size(tree: Tree) -> int:
+    return sum(int(np.prod(a.shape, dtype=np.int64)) for a in jax.tree_util.tree_leaves(tree))
+
+
+def _path_name(path: tuple) -> str:
+    """``('dense0', 'w')``-style keys as ``dense0/w``; an NNX Variable's ``.value`` is left out."""
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            if entry.name != "value":
+                parts.append(entry.name)
+        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(entry.key))
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)
+
+
+def _named_leaves(tree: Tree) -> list[tuple[str, Any]]:
+    return [(_path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+# ---------------------------------------------------------------- the model
+
+class JaxSequential:
+    """A SequentialModel of JAX layers (see the module docstring).
+
+    ``JaxSequential(layers, *, loss, seed=0, example_input=None)``:
+    ``loss(outputs, targets) -> scalar`` (mean over the micro-batch) runs on
+    the last stage; ``example_input`` (arrays or TensorSpecs) fixes the input
+    signature that initialization needs, else the first ``trace_specs`` does.
+    """
+
+    framework = "jax"
+
+    def __init__(self, layers: Sequence[LayerLike], *, loss: Callable[[Any, Any], Any], seed: int = 0,
+                 example_input: Tree | None = None):
+        self._layers = [_as_layer(item, i) for i, item in enumerate(layers)]
+        if not self._layers:
+            raise ValueError("JaxSequential: no layers given")
+        self.loss = loss
+        self.seed = seed
+        self.input_spec: Tree | None = None if example_input is None else _tensor_specs(_abstract(example_input))
+        self._traced: dict[str, list[tuple]] = {}
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_traced": {}}  # abstract traces are cheap to redo
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return tuple(self._layers)
+
+    def layer_names(self) -> list[str]:
+        """Layer names, made unique as ``"{index}:{name}"`` where a name repeats."""
+        names = [layer.name for layer in self._layers]
+        repeated = {n for n in names if names.count(n) > 1}
+        return [f"{i}:{n}" if n in repeated else n for i, n in enumerate(names)]
+
+    # ------------------------------------------------------------ shapes
+
+    def _trace(self, example_input: Tree | None = None) -> list[tuple]:
+        """Per layer (input, params, output) as ShapeDtypeStruct trees, all abstract."""
+        if example_input is None:
+            if self.input_spec is None:
+                raise PartitionError("JaxSequential: the input signature is unknown; pass example_input= "
+                                     "to JaxSequential or call partition()/trace_specs() first")
+            example_input = self.input_spec
+        x = _abstract(example_input)
+        cache_key = repr(x)
+        if cache_key in self._traced:
+            return self._traced[cache_key]
+        names, rows = self.layer_names(), []
+        for i, layer in enumerate(self._layers):
+            try:
+                p = jax.eval_shape(layer.init, layer_key(self.seed, i), x)
+                out = jax.eval_shape(layer.apply, p, x)
+            except Exception as err:
+                came_from = f"the output of layer {i - 1} ({names[i - 1]})" if i else "the model input"
+                error = PartitionError(f"layer {i} ({names[i]}): its input {_show(x)}, {came_from}, "
+                                       f"does not fit: {type(err).__name__}: {err}")
+                error.layer = i
+                raise error from err
+            rows.append((x, p, out))
+            x = out
+        self._traced[cache_key] = rows
+        return rows
+
+    def trace_specs(self, example_input: Tree) -> list[Tree]:
+        rows = self._trace(example_input)
+        if self.input_spec is None:
+            self.input_spec = _tensor_specs(_abstract(example_input))
+        return [_tensor_specs(out) for _, _, out in rows]
+
+    def layer_param_counts(self) -> list[int]:
+        return [_size(p) for _, p, _ in self._trace()]
+
+    def layer_param_bytes(self) -> list[int]:
+        """Bytes of each layer's parameters (an optional extension ``partition`` reads)."""
+        return [_nbytes(p) for _, p, _ in self._trace()]
+
+    # ------------------------------------------------------------ costs
+
+    def layer_costs(self, method: str, example_input: Tree, *, repeats: int = 5) -> list[float]:
+        if method == "flops":
+            return [_flops(layer.apply, p, x) for layer, (x, p, _) in zip(self._layers, self._trace(example_input))]
+        if method == "profile":
+            return self._profile(example_input, repeats=repeats)
+        raise ValueError(f"layer_costs: method must be 'flops' or 'profile', got {method!r}")
+
+    def _profile(self, example_input: Tree, *, repeats: int) -> list[float]:
+        if repeats < 1:
+            raise ValueError(f"layer_costs: repeats must be >= 1, got {repeats}")
+        rows = self._trace(example_input)
+        x = _concrete(example_input)
+        costs = []
+        for i, (layer, (x_spec, _, _)) in enumerate(zip(self._layers, rows)):
+            params = layer.init(layer_key(self.seed, i), x_spec)
+            step = jax.jit(_forward_backward(layer.apply))
+            jax.block_until_ready(step(params, x))  # compile and warm up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(step(params, x))
+                times.append(time.perf_counter() - start)
+            costs.append(statistics.median(times))
+            x = jax.jit(layer.apply)(params, x)
+        return costs
+
+    # ------------------------------------------------------------ stages
+
+    def init_params(self, start: int = 0, end: int | None = None) -> dict[str, Any]:
+        """Initial parameters of layers [start, end), keyed by layer name."""
+        end = len(self) if end is None else end
+        rows, names = self._trace(), self.layer_names()
+        return {names[i]: self._layers[i].init(layer_key(self.seed, i), rows[i][0]) for i in range(start, end)}
+
+    def build_stage(self, spec: StageSpec, *, optimizer: Optimizer | optax.GradientTransformation) -> JaxStage:
+        if not 0 <= spec.start < spec.end <= len(self):
+            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's "
+                                 f"{len(self)} layers")
+        names = self.layer_names()[spec.start:spec.end]
+        return JaxStage(spec, layers=list(zip(names, self._layers[spec.start:spec.end])),
+                        params=self.init_params(spec.start, spec.end), loss=self.loss, optimizer=optimizer)
+
+
+def _forward_backward(apply: Callable) -> Callable:
+    """A layer's forward and backward (ones as output gradient), for costing."""
+    def step(params, x):
+        xi = _ints(x)
+
+        def f(p, xf):
+            return _floats(apply(p, _merge(xf, xi)))
+
+        out, vjp = jax.vjp(f, params, _floats(x))
+        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))
+    return step
+
+
+def _flops(apply: Callable, params: Any, x: Any) -> float:
+    analysis = jax.jit(_forward_backward(apply)).lower(params, x).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def _concrete(example_input: Tree) -> Tree:
+    """Arrays for profiling: the example itself, or standard normals / zeros for specs."""
+    rng = np.random.default_rng(0)
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, (TensorSpec, jax.ShapeDtypeStruct)):
+            dtype = jnp.dtype(x.dtype)
+            if jnp.issubdtype(dtype, jnp.inexact):
+                return jnp.asarray(rng.standard_normal(x.shape), dtype)
+            return jnp.zeros(x.shape, dtype)
+        return to_jax(x)
+    return boundary_map(leaf, example_input)
+
+
+# ---------------------------------------------------------------- optimizers
+
+def as_optax(optimizer: Optimizer | optax.GradientTransformation) -> optax.GradientTransformation:
+    """A ``pipetrain.optim.Optimizer`` as the optax transformation it names."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"jax stage: optimizer must be a pipetrain.optim.Optimizer or an "
+                        f"optax.GradientTransformation, got {type(optimizer).__name__}")
+    o = optimizer
+    if o.name == "sgd":
+        return optax.sgd(o.lr)
+    if o.name == "momentum":
+        return optax.sgd(o.lr, momentum=o.momentum)
+    if o.name == "adam":
+        return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    return optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+
+# ---------------------------------------------------------------- the stage
+
+class JaxStage:
+    """One contiguous slice of a JaxSequential; see ``pipetrain.stages.base.Stage``.
+
+    Parameters are a dict ``{layer name: layer params}``; each weight version
+    is one such dict. ``trace_counts`` counts how often each jitted function
+    was traced (compiled), by name.
+    """
+
+    framework = "jax"
+
+    def __init__(self, spec: StageSpec, *, layers: list[tuple[str, Layer]], params: dict[str, Any],
+                 loss: Callable, optimizer: Optimizer | optax.GradientTransformation):
+        self.spec = spec
+        self._layers = layers
+        self._loss = loss
+        self._tx = as_optax(optimizer)
+        self._versions: dict[int, dict[str, Any]] = {0: params}
+        self._latest = 0
+        self._opt_state = self._tx.init(params)
+        self._acc = jax.tree_util.tree_map(jnp.zeros_like, params)
+        self._count = 0
+        self._pending: dict[int, tuple[int, Any, Any]] = {}  # k -> (version, vjp, output spec)
+        self.trace_counts: Counter[str] = Counter()
+        self._forward_jit = jax.jit(self._forward_fn)
+        self._backward_jit = jax.jit(self._backward_fn)
+        self._update_jit = jax.jit(self._update_fn)
+        self._evaluate_jit = jax.jit(self._evaluate_fn)
+
+    def _where(self, k: int | None = None) -> str:
+        return f"stage {self.spec.index}" + (f", micro-batch {k}" if k is not None else "")
+
+    # ------------------------------------------------------------ pure functions (traced once per shape)
+
+    def _apply(self, params: dict[str, Any], x: Tree) -> Tree:
+        for name, layer in self._layers:
+            x = layer.apply(params[name], x)
+        return x
+
+    def _forward_fn(self, params, x, targets):
+        self.trace_counts["forward"] += 1
+        # The first stage's inputs are data: no gradient with respect to them. Integer
+        # leaves are never differentiated; they travel as the VJP's auxiliary output.
+        x_ints = None if self.spec.is_first else _ints(x)
+
+        def head(p, *x_floats):
+            out = self._apply(p, x if self.spec.is_first else _merge(x_floats[0], x_ints))
+            if self.spec.is_last:
+                return self._loss(out, targets), None
+            return _floats(out), _ints(out)
+
+        primals = (params,) if self.spec.is_first else (params, _floats(x))
+        out_floats, vjp, out_ints = jax.vjp(head, *primals, has_aux=True)
+        return (out_floats if self.spec.is_last else _merge(out_floats, out_ints)), vjp
+
+    def _backward_fn(self, vjp, cotangent, acc):
+        self.trace_counts["backward"] += 1
+        grads = vjp(cotangent)
+        acc = jax.tree_util.tree_map(jnp.add, acc, grads[0])
+        return acc, (None if self.spec.is_first else grads[1])
+
+    def _update_fn(self, params, opt_state, acc, count):
+        self.trace_counts["update"] += 1
+        mean = jax.tree_util.tree_map(lambda g: (g / count).astype(g.dtype), acc)
+        updates, opt_state = self._tx.update(mean, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _evaluate_fn(self, params, x, targets):
+        self.trace_counts["evaluate"] += 1
+        out = self._apply(params, x)
+        return self._loss(out, targets) if targets is not None else out
+
+    # ------------------------------------------------------------ Stage protocol
+
+    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
+        if k in self._pending:
+            raise RuntimeError(f"{self._where(k)}: forward twice without its backward")
+        params = self._params(version, k)
+        if self.spec.is_last and targets is None:
+            raise ValueError(f"{self._where(k)}: the last stage needs targets to compute the loss")
+        x = to_jax(inputs)
+        out, vjp = self._forward_jit(params, x, to_jax(targets) if self.spec.is_last else None)
+        if self.spec.is_last:
+            if jnp.shape(out) != ():
+                raise ValueError(f"{self._where(k)}: loss must return a scalar, got shape {jnp.shape(out)}")
+            self._pending[k] = (version, vjp, jax.ShapeDtypeStruct((), out.dtype))
+            return float(out)
+        self._pending[k] = (version, vjp, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out))
+        return out
+
+    def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
+        if k not in self._pending:
+            raise RuntimeError(f"{self._where(k)}: backward of a micro-batch that was never forwarded "
+                               f"(in flight: {sorted(self._pending)})")
+        _, vjp, out_spec = self._pending[k]
+        if self.spec.is_last:
+            cotangent = jnp.ones((), out_spec.dtype)
+        else:
+            cotangent = self._cotangent(k, out_spec, grad_outputs)
+        self._acc, grad_inputs = self._backward_jit(vjp, cotangent, self._acc)
+        del self._pending[k]
+        self._count += 1
+        return grad_inputs
+
+    def _cotangent(self, k: int, out_spec: Tree, grad_outputs: Tree) -> Tree:
+        """The output gradient in the outputs' float structure and dtypes (None -> zeros)."""
+        def leaf(spec: Any, g: Any) -> Any:
+            if not _inexact(spec):
+                return None
+            if g is None:
+                return jnp.zeros(spec.shape, spec.dtype)
+            g = to_jax(g)
+            if tuple(g.shape) != tuple(spec.shape):
+                raise ValueError(f"{self._where(k)}: output gradient of shape {tuple(g.shape)} for an output "
+                                 f"of shape {tuple(spec.shape)}")
+            return g.astype(spec.dtype)
+        try:
+            return jax.tree_util.tree_map(leaf, out_spec, grad_outputs)
+        except (ValueError, TypeError) as err:
+            if str(err).startswith(self._where(k)):
+                raise
+            raise ValueError(f"{self._where(k)}: output gradient does not match the outputs "
+                             f"{_show(out_spec)}: {err}") from err
+
+    def update(self, *, new_version: int) -> None:
+        if new_version in self._versions:
+            raise ValueError(f"{self._where()}: weight version {new_version} exists already")
+        latest = self._versions[self._latest]
+        if self._count == 0:  # nothing accumulated: the new version is the latest, unchanged
+            self._versions[new_version] = latest
+        else:
+            self._versions[new_version], self._opt_state = self._update_jit(
+                latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32))
+        self._latest = new_version
+        self._acc = jax.tree_util.tree_map(jnp.zeros_like, self._acc)
+        self._count = 0
+
+    def release(self, version: int) -> None:
+        if version == self._latest:
+            raise ValueError(f"{self._where()}: cannot release weight version {version}, the latest")
+        self._versions.pop(version, None)
+
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._versions))
+
+    def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
+        params = self._versions[self._latest]
+        targets = to_jax(targets) if self.spec.is_last and targets is not None else None
+        out = self._evaluate_jit(params, to_jax(inputs), targets)
+        return float(out) if targets is not None else out
+
+    def params(self, version: int) -> dict[str, Any]:
+        """One weight version: ``{layer name: params}`` (JAX arrays, immutable)."""
+        return self._params(version)
+
+    def _params(self, version: int, k: int | None = None) -> dict[str, Any]:
+        try:
+            return self._versions[version]
+        except KeyError:
+            raise KeyError(f"{self._where(k)}: no weight version {version}; held: {self.versions()}") from None
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state: dict[str, np.ndarray] = {}
+        for v, params in self._versions.items():
+            state.update({f"v{v}/{name}": np.array(x) for name, x in _named_leaves(params)})
+        state.update({f"opt/{name}": np.array(x) for name, x in _named_leaves(self._opt_state)})
+        state.update({f"acc/{name}": np.array(x) for name, x in _named_leaves(self._acc)})
+        state["meta/versions"] = np.array(sorted(self._versions), np.int64)
+        state["meta/latest"] = np.array(self._latest, np.int64)
+        state["meta/count"] = np.array(self._count, np.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for meta in ("meta/versions", "meta/latest", "meta/count"):
+            if meta not in state:
+                raise KeyError(f"{self._where()}: state has no {meta!r}")
+        versions = [int(v) for v in np.asarray(state["meta/versions"]).reshape(-1)]
+        template = self._versions[self._latest]
+        used: set[str] = {"meta/versions", "meta/latest", "meta/count"}
+        restored = {v: self._restore(state, f"v{v}/", template, used) for v in versions}
+        opt_state = self._restore(state, "opt/", self._opt_state, used)
+        acc = self._restore(state, "acc/", self._acc, used)
+        unexpected = sorted(set(state) - used)
+        if unexpected:
+            raise KeyError(f"{self._where()}: unexpected state keys {unexpected[:5]}")
+        latest = int(state["meta/latest"])
+        if latest not in restored:
+            raise ValueError(f"{self._where()}: meta/latest is {latest}, not one of the versions {versions}")
+        self._versions, self._opt_state, self._acc = restored, opt_state, acc
+        self._latest, self._count = latest, int(state["meta/count"])
+        self._pending.clear()
+
+    def _restore(self, state: dict[str, np.ndarray], prefix: str, template: Tree, used: set[str]) -> Tree:
+        paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+        leaves = []
+        for path, like in paths:
+            key = prefix + _path_name(path)
+            if key not in state:
+                raise KeyError(f"{self._where()}: state has no {key!r}")
+            a = np.asarray(state[key])
+            if a.shape != tuple(like.shape) or a.dtype != np.dtype(like.dtype):
+                raise ValueError(f"{self._where()}: state {key!r} is {a.dtype}{list(a.shape)}, "
+                                 f"expected {np.dtype(like.dtype)}{list(like.shape)}")
+            leaves.append(jax.device_put(np.array(a)))
+            used.add(key)
+        return jax.tree_util.tree_unflatten(treedef, leaves)
