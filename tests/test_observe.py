@@ -291,3 +291,25 @@ def test_stage_gauges_reject_unknown_figures():
         gauges.update(busyness=0.5)
     with pytest.raises(ValueError, match="stage"):
         StageGauges(stage=-1)
+
+
+# --- a real multi-process run ------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["1f1b", "pipedream"])
+def test_trace_of_a_real_run_matches_its_schedule_and_the_simulated_bubble(tmp_path, name):
+    from models.synthetic import SleepData, SleepSequential
+    from pipetrain.api import fit
+    from pipetrain.observe.trace import measured_figures, write_chrome_trace
+
+    fit(SleepSequential(3, forward_ms=10, backward_ms=20), SleepData(nbytes=1 << 12), num_stages=3,
+        partition_method="uniform", schedule=name, microbatches=6, steps=4, run_dir=str(tmp_path), resource="",
+        progress=False)
+    schedule = build_schedule(name, num_stages=3, microbatches=6, steps=4)
+    trace = json.loads(write_chrome_trace(tmp_path).read_text())
+    for s, actions in enumerate(schedule.actions):
+        expected = [event_name(a.kind.value, -1 if a.k is None else a.k, -1 if a.version is None else a.version)
+                    for a in actions]
+        assert _trace_actions(trace, s) == expected, f"stage {s}"
+    figures = measured_figures(tmp_path)
+    assert abs(figures.bubble - figures.predicted_bubble) < 0.05, figures.render()

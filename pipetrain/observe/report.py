@@ -125,7 +125,8 @@ def plot_throughput(run_dir: str | Path, path: str | Path) -> Path:
         _mark_recovery(ax, r["time"] - origin, r, f"stopped {r.get('stop_seconds', 0):.2g} s", index=i)
     ax.set_xlabel("time since the run started (s)")
     ax.set_ylabel("throughput (samples/s)")
-    ax.set_ylim(bottom=0)
+    peaks = [r["samples_per_s"] for r in steps] + [end.get("samples_per_s") or 0.0]
+    ax.set_ylim(0, max(peaks) * 1.15 or 1.0)  # headroom so the curve and the recovery labels stay clear
     ax.set_xlim(left=0)
     ax.set_title(f"throughput: {_title(facts)}", fontsize=11)
     ax.grid(alpha=0.3)
