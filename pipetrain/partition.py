@@ -25,8 +25,9 @@ weight versions of a schedule for the full picture.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec, stage_ranges
 from pipetrain.tree import Tree, flatten

@@ -10,7 +10,14 @@ from oracles import initial_params
 
 from models.layers import activation, apply_sequence, cross_entropy, dense
 from pipetrain.optim import Optimizer
-from pipetrain.stages.base import PartitionError, SequentialModel, Stage, StageSpec, TensorSpec, stage_ranges
+from pipetrain.stages.base import (
+    PartitionError,
+    SequentialModel,
+    Stage,
+    StageSpec,
+    TensorSpec,
+    stage_ranges,
+)
 from pipetrain.stages.jax_layers import Layer
 from pipetrain.stages.jax_stage import JaxSequential, as_optax, layer_key
 
@@ -354,7 +361,7 @@ def test_load_state_dict_errors_name_the_key():
 
 def test_protocol_misuse_names_stage_and_microbatch():
     first, last = stages(model(), [2])
-    x, y = batch(1)
+    x, _y = batch(1)
     with pytest.raises(RuntimeError, match="stage 1, micro-batch 4: backward of a micro-batch that was never forwarded"):
         last.backward(4)
     with pytest.raises(KeyError, match="stage 0, micro-batch 2: no weight version 5; held: \\(0,\\)"):
