@@ -370,10 +370,15 @@ class JaxStage:
         self._layers = layers
         self._loss = loss
         self._tx = as_optax(optimizer)
+        leaves = jax.tree_util.tree_leaves(params)
+        self.device = next(iter(leaves[0].devices())) if leaves else jax.devices()[0]
+        # Everything lives committed on one device, so every jitted call sees the same
+        # argument placement and hits one cache entry.
+        params = jax.device_put(params, self.device)
         self._versions: dict[int, dict[str, Any]] = {0: params}
         self._latest = 0
-        self._opt_state = self._tx.init(params)
-        self._acc = jax.tree_util.tree_map(jnp.zeros_like, params)
+        self._opt_state = jax.device_put(self._tx.init(params), self.device)
+        self._acc = self._zeros(params)
         self._count = 0
         self._pending: dict[int, tuple[int, Any, Any]] = {}  # k -> (version, vjp, output spec)
         self.trace_counts: Counter[str] = Counter()
@@ -381,6 +386,15 @@ class JaxStage:
         self._backward_jit = jax.jit(self._backward_fn)
         self._update_jit = jax.jit(self._update_fn)
         self._evaluate_jit = jax.jit(self._evaluate_fn)
+
+    def _here(self, tree: Tree) -> Tree:
+        """Any framework's arrays as JAX arrays on this stage's device. DLPack keeps a
+        torch/TF array where it was (a CPU tensor stays on the CPU), and jit refuses
+        to mix devices, so the arrays are moved next to the parameters (no-op there)."""
+        return jax.device_put(to_jax(tree), self.device)
+
+    def _zeros(self, tree: Tree) -> Tree:
+        return jax.device_put(jax.tree_util.tree_map(jnp.zeros_like, tree), self.device)
 
     def _where(self, k: int | None = None) -> str:
         return f"stage {self.spec.index}" + (f", micro-batch {k}" if k is not None else "")
@@ -433,8 +447,8 @@ class JaxStage:
         params = self._params(version, k)
         if self.spec.is_last and targets is None:
             raise ValueError(f"{self._where(k)}: the last stage needs targets to compute the loss")
-        x = to_jax(inputs)
-        out, vjp = self._forward_jit(params, x, to_jax(targets) if self.spec.is_last else None)
+        x = self._here(inputs)
+        out, vjp = self._forward_jit(params, x, self._here(targets) if self.spec.is_last else None)
         if self.spec.is_last:
             if jnp.shape(out) != ():
                 raise ValueError(f"{self._where(k)}: loss must return a scalar, got shape {jnp.shape(out)}")
@@ -464,7 +478,7 @@ class JaxStage:
                 return None
             if g is None:
                 return jnp.zeros(spec.shape, spec.dtype)
-            g = to_jax(g)
+            g = self._here(g)
             if tuple(g.shape) != tuple(spec.shape):
                 raise ValueError(f"{self._where(k)}: output gradient of shape {tuple(g.shape)} for an output "
                                  f"of shape {tuple(spec.shape)}")
@@ -487,7 +501,7 @@ class JaxStage:
             self._versions[new_version], self._opt_state = self._update_jit(
                 latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32))
         self._latest = new_version
-        self._acc = jax.tree_util.tree_map(jnp.zeros_like, self._acc)
+        self._acc = self._zeros(self._acc)
         self._count = 0
 
     def release(self, version: int) -> None:
@@ -500,8 +514,8 @@ class JaxStage:
 
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
         params = self._versions[self._latest]
-        targets = to_jax(targets) if self.spec.is_last and targets is not None else None
-        out = self._evaluate_jit(params, to_jax(inputs), targets)
+        targets = self._here(targets) if self.spec.is_last and targets is not None else None
+        out = self._evaluate_jit(params, self._here(inputs), targets)
         return float(out) if targets is not None else out
 
     def params(self, version: int) -> dict[str, Any]:
@@ -558,6 +572,6 @@ class JaxStage:
             if a.shape != tuple(like.shape) or a.dtype != np.dtype(like.dtype):
                 raise ValueError(f"{self._where()}: state {key!r} is {a.dtype}{list(a.shape)}, "
                                  f"expected {np.dtype(like.dtype)}{list(like.shape)}")
-            leaves.append(jax.device_put(np.array(a)))
+            leaves.append(jax.device_put(np.array(a), self.device))
             used.add(key)
         return jax.tree_util.tree_unflatten(treedef, leaves)
