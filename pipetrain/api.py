@@ -53,7 +53,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
         checkpoint_every: int = 0, keep_checkpoints: int = 3, resume: bool = False, run_dir: str | None = None,
         heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU", placement_timeout: float = 60.0,
         max_restarts: int = 3, spare_workers: int = 0, credits: int = 0, executor: str = "dask",
-        progress: bool = True, job_id: str | None = None) -> FitResult:
+        progress: bool = True, job_id: str | None = None, record_events: bool = True) -> FitResult:
     """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
@@ -92,7 +92,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
         plan = JobPlan(partition=part, source=data, optimizer=optimizer, schedule_args=schedule_args,
                        checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
                        placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
-                       resume=resume, **({"job_id": job_id} if job_id else {}))
+                       resume=resume, record_events=record_events, **({"job_id": job_id} if job_id else {}))
         with _client(client, len(part.stages) + spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()
     else:

@@ -48,6 +48,7 @@ class JobPlan:
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     resume: bool = False
     security: Any = None
+    record_events: bool = True
 
     @property
     def num_stages(self) -> int:
@@ -109,7 +110,7 @@ class _StepBook:
         busy = [per_stage[s]["busy"] / per_stage[s]["wall"] if per_stage[s]["wall"] > 0 else 0.0
                 for s in range(self.p)]
         return {"type": "step", "step": t, "loss": float(np.mean(losses)) if losses else None,
-                "samples_per_s": rate, "busy": busy}
+                "samples_per_s": rate, "busy": busy, "stage0_done": first["time"]}
 
     def forget_from(self, cut: int) -> None:
         """After a rollback to ``cut``, those micro-batches run again."""
@@ -201,7 +202,8 @@ class Driver:
             job = StageJob(job_id=plan.job_id, generation=generation, spec=spec, model=plan.partition.model,
                            optimizer=plan.optimizer, schedule_args={**plan.schedule_args, "first_microbatch": cut},
                            source=plan.source, checkpoint_url=plan.checkpoint_url,
-                           resume_cut=cut or None, credits=plan.credits, security=plan.security)
+                           resume_cut=cut or None, credits=plan.credits, security=plan.security,
+                           max_events=StageJob.max_events if plan.record_events else 0)
             futures.append(self.client.submit(run_stage, job, workers=[placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
                                               key=f"pipetrain-{plan.job_id}-g{generation}-stage{spec.index}"))

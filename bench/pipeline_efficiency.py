@@ -1,0 +1,88 @@
+"""How close does the Dask runtime come to each schedule's ideal throughput?
+
+Four stages whose compute is a fixed sleep (10 ms forward, 20 ms backward),
+1 MiB activations and gradients, 16 micro-batches per mini-batch, on the
+embedded local cluster (one worker process per stage). Sleeping stages make
+the two cores of a small machine irrelevant: what is measured is the
+schedule plus pipetrain's own overhead (transport, flow control, reports).
+
+Ideal: the bottleneck stage's bound, one micro-batch per (F + B); times
+m / (m + p - 1) for the flush schedules (gpipe, 1f1b), whose bubble is part
+of the design. Measured: micro-batches per second over the steady state
+(steps 1..S-1; step 0 includes start-up). Each schedule runs with the
+timeline events on and off, interleaved, to show what recording costs.
+
+    .venv/bin/python bench/pipeline_efficiency.py [--steps 8] [--repeats 2]
+
+Prints a table, then one JSON line: {"efficiency": {...}, "event_overhead": ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distributed import Client  # noqa: E402
+
+from models.synthetic import SleepData, SleepSequential  # noqa: E402
+from pipetrain.api import fit  # noqa: E402
+from pipetrain.optim import Optimizer  # noqa: E402
+from pipetrain.partition import partition  # noqa: E402
+from pipetrain.runtime.local import start_local_cluster  # noqa: E402
+
+SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")
+P, M, F_MS, B_MS = 4, 16, 10.0, 20.0
+
+
+def ideal_rate(schedule: str) -> float:
+    per_microbatch = (F_MS + B_MS) / 1000
+    if schedule in ("gpipe", "1f1b"):
+        return M / ((M + P - 1) * per_microbatch)
+    return 1 / per_microbatch
+
+
+def measured_rate(history: list[dict]) -> float:
+    done = [h["stage0_done"] for h in sorted(history, key=lambda h: h["step"])]
+    return (len(done) - 1) * M / (done[-1] - done[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    data = SleepData(nbytes=1 << 20)
+    part = partition(SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS), P, method="uniform",
+                     example_input=data.inputs(0))
+    rates: dict[tuple[str, bool], list[float]] = {}
+    cluster = start_local_cluster(P)
+    with Client(cluster) as client:
+        for _ in range(args.repeats):
+            for schedule in SCHEDULES:
+                for events in (True, False):
+                    result = fit(part, data, client=client, schedule=schedule, microbatches=M, steps=args.steps,
+                                 optimizer=Optimizer("sgd", lr=0.01), progress=False, record_events=events)
+                    rates.setdefault((schedule, events), []).append(measured_rate(result.history))
+    cluster.close()
+
+    efficiency, overheads = {}, []
+    print(f"{P} stages, F {F_MS:.0f} ms, B {B_MS:.0f} ms, 1 MiB boundaries, {M} micro-batches per mini-batch, "
+          f"{args.steps} mini-batches, best of {args.repeats}")
+    print(f"{'schedule':<10} {'ideal mb/s':>10} {'measured':>9} {'efficiency':>10} {'events off':>10} {'events cost':>11}")
+    for schedule in SCHEDULES:
+        on, off = max(rates[(schedule, True)]), max(rates[(schedule, False)])
+        efficiency[schedule] = round(on / ideal_rate(schedule), 3)
+        overhead = 1 - on / off
+        overheads.append(overhead)
+        print(f"{schedule:<10} {ideal_rate(schedule):>10.2f} {on:>9.2f} {efficiency[schedule]:>10.3f} "
+              f"{off:>10.2f} {overhead:>+10.1%}")
+    print(json.dumps({"efficiency": efficiency, "event_overhead": round(statistics.median(overheads), 4)}))
+
+
+if __name__ == "__main__":
+    main()
