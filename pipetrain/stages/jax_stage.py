@@ -513,6 +513,8 @@ class JaxStage:
         return tuple(sorted(self._versions))
 
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
+        """Latest weights, nothing kept: the loss (float) on the last stage given targets,
+        else the outputs (JAX arrays; the last stage's predictions without targets)."""
         params = self._versions[self._latest]
         targets = self._here(targets) if self.spec.is_last and targets is not None else None
         out = self._evaluate_jit(params, self._here(inputs), targets)
