@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipetrain.config import ConfigError
@@ -128,13 +129,23 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all a user needs: no traceback for them."""
+    from pipetrain.runtime.placement import PlacementError
+
+    errors: list[type[BaseException]] = [ConfigError, ValueError, FileNotFoundError, PlacementError]
+    if "pipetrain.runtime.driver" in sys.modules:
+        errors.append(sys.modules["pipetrain.runtime.driver"].JobFailed)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        if getattr(e, "__notes__", None):
-            pass
+    except Exception as e:
+        if not isinstance(e, _user_errors()) or os.environ.get("PIPETRAIN_DEBUG"):
+            raise
         print(f"pipetrain {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -121,7 +121,8 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     transfer = [out_bytes[i] / bandwidth if count_transfer else 0.0 for i in range(n)]
     transfer[-1] = 0.0  # the last stage sends nothing
 
-    cuts = list(boundaries) if boundaries is not None else balanced_boundaries(costs, num_stages, transfer=transfer)
+    cuts = list(boundaries) if boundaries is not None else balanced_boundaries(costs, num_stages, transfer=transfer,
+                                                                      required=getattr(model, "required_cuts", ()))
     param_bytes = _param_bytes(model, params)
     plans = []
     for s, (a, b) in enumerate(stage_ranges(cuts, n)):
@@ -199,24 +200,30 @@ def _specs_of(example_input: Tree) -> Tree:
 
 # ---------------------------------------------------------------- the balanced split
 
-def balanced_boundaries(costs: Sequence[float], num_stages: int, *, transfer: Sequence[float] | None = None
-                        ) -> list[int]:
+def balanced_boundaries(costs: Sequence[float], num_stages: int, *, transfer: Sequence[float] | None = None,
+                        required: Sequence[int] = ()) -> list[int]:
     """Interior cut points minimizing the bottleneck stage cost exactly.
 
     A stage [a, b) costs ``sum(costs[a:b]) + transfer[b - 1]``. First a DP
     finds the optimal bottleneck B; a second DP picks, among splits whose
     every stage costs at most B, the one with the smallest sum of squares.
-    O(num_stages * n^2).
+    O(num_stages * n^2). ``required``: cut points every split must have (a
+    stage may not straddle them, e.g. the framework boundaries of a mixed model).
     """
     n = len(costs)
     if not 1 <= num_stages <= n:
         raise PartitionError(f"partition: cannot cut {n} layers into {num_stages} non-empty stages")
+    if num_stages < len(required) + 1:
+        raise PartitionError(f"partition: the model must be cut at layers {list(required)} (between its parts), "
+                             f"so it needs at least {len(required) + 1} stages, not {num_stages}")
     transfer = list(transfer) if transfer is not None else [0.0] * n
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
 
     def stage_cost(a: int, b: int) -> float:
+        if any(a < c < b for c in required):
+            return float("inf")
         return prefix[b] - prefix[a] + (transfer[b - 1] if b < n else 0.0)
 
     bottleneck = _min_bottleneck(stage_cost, n, num_stages)

@@ -110,3 +110,12 @@ def test_a_stage_may_not_straddle_two_frameworks():
 
     with pytest.raises(PartitionError, match="cross from the jax part into the torch part"):
         build_stages(partition(mixed.build(), 2, boundaries=[3], example_input=SOURCE.inputs(0)), Optimizer())
+
+
+def test_the_partitioner_cuts_between_frameworks():
+    part = partition(mixed.build(), 4, method="params", example_input=SOURCE.inputs(0))
+    assert {2, 4} <= set(part.boundaries)
+    from pipetrain.stages.base import PartitionError
+
+    with pytest.raises(PartitionError, match="at least 3 stages"):
+        partition(mixed.build(), 2, example_input=SOURCE.inputs(0))
