@@ -20,6 +20,9 @@ DETERMINISTIC_ENV = {
     "TF_NUM_INTEROP_THREADS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
+    # Stages of the embedded cluster share one host, and on a GPU host one
+    # device: no process may grab most of its memory up front.
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
 
 
