@@ -30,6 +30,14 @@ class FitResult:
     heldout_before: float | None = None
     heldout_after: float | None = None
     executor: str = "dask"
+    # Per stage, the exactly-once ledger of the final generation: "applied", the
+    # runs [first, last + 1] of micro-batch ids each update folded into the
+    # weights, in order; "pending", ids accumulated but not yet applied.
+    ledgers: list[dict] = field(default_factory=list)
+
+    def applied_ids(self, stage: int) -> list[int]:
+        """Every micro-batch id stage ``stage``'s updates applied, in order, repeats kept."""
+        return [k for first, end in self.ledgers[stage]["applied"] for k in range(first, end)]
 
     def stage_state(self, stage: int) -> dict[str, np.ndarray]:
         return self.states[stage]
@@ -101,7 +109,8 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     result = FitResult(partition=part, schedule=schedule, history=outcome.history, losses=outcome.losses,
                        states=outcome.states, recoveries=outcome.recoveries, events=outcome.events,
                        run_dir=run_path, wall_seconds=outcome.wall_seconds,
-                       samples=steps * microbatches * data.microbatch_size, executor=executor)
+                       samples=steps * microbatches * data.microbatch_size, executor=executor,
+                       ledgers=outcome.ledgers)
     result.heldout_before = heldout_before
     result.heldout_after = _heldout_loss(part, optimizer, heldout, eval_ids, states=outcome.states)
     metrics.write({"type": "end", "heldout_loss": result.heldout_after, "wall_seconds": result.wall_seconds,
@@ -131,6 +140,7 @@ class _Outcome:
     recoveries: list
     events: list
     wall_seconds: float
+    ledgers: list = field(default_factory=list)
 
 
 def _run_reference(part: Any, optimizer: Any, schedule_args: dict, data: Any, bar: Progress,

@@ -5,11 +5,16 @@ transport. This is only rendezvous (each stage's transport address), reports
 (losses, busy time, checkpoint shards written) and the stop signal, carried
 by Dask's own coordination primitives through the scheduler, all namespaced
 by job id and generation so a stage of an old generation talks into the void.
+
+The stop flag is watched by a thread of its own (one blocking ``Event.wait``
+at a time on the scheduler), so the compute thread checks a local flag: cheap
+enough to look at after every action, not only while waiting for data.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,22 +55,46 @@ class StageControl:
         # waits on a scheduler round trip.
         self._courier = threading.Thread(target=self._deliver, name="pipetrain-courier", daemon=True)
         self._courier.start()
+        self._stop_seen = threading.Event()
+        self._closed = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_stop, name="pipetrain-stop-watch", daemon=True)
+        self._watcher.start()
 
     def publish_address(self, stage: int, address: str) -> None:
         from distributed import Variable
 
         Variable(self.names.address(stage), client=self._client).set(address)
 
-    def peer_address(self, stage: int, *, timeout: float) -> str:
+    def peer_address(self, stage: int, *, timeout: float, wait_slice: float = 0.5) -> str:
+        """The transport address stage ``stage`` published; waits in slices so a
+        stop (a neighbour died while the generation was starting) ends the wait."""
         from distributed import Variable
 
-        try:
-            return Variable(self.names.address(stage), client=self._client).get(timeout=timeout)
-        except TimeoutError:
-            raise TimeoutError(f"stage {stage} did not publish its transport address within {timeout:.0f} s") from None
+        variable = Variable(self.names.address(stage), client=self._client)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return variable.get(timeout=wait_slice)
+            except TimeoutError:
+                if self.stopped():
+                    from pipetrain.runtime.links import Stopped
+
+                    raise Stopped(f"stopped by the driver while waiting for the address of stage {stage}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"stage {stage} did not publish its transport address within {timeout:.0f} s") from None
 
     def stopped(self) -> bool:
-        return self._stop.is_set()
+        return self._stop_seen.is_set()
+
+    def _watch_stop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                if self._stop.wait(timeout=1.0):
+                    self._stop_seen.set()
+                    return
+            except Exception:  # scheduler unreachable for a moment: try again
+                self._closed.wait(0.5)
 
     def report(self, message: dict) -> None:
         self._outbox.put(message)
@@ -75,6 +104,7 @@ class StageControl:
         self._outbox.put((fn, args))
 
     def close(self) -> None:
+        self._closed.set()
         self._outbox.put(None)
         self._courier.join()
         if self._error is not None:

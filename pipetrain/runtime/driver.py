@@ -3,9 +3,28 @@
 Each stage is one long-running Dask task pinned to its worker (DESIGN.md
 section 3). The driver never touches activations: it reads the stages'
 reports from the control plane, commits checkpoints once every shard of a
-cut is durable, and, when a stage's task fails or its worker leaves the
-cluster, stops the generation, re-places the stages and resumes every stage
-from the last committed checkpoint under a new generation.
+cut is durable, and recovers when a stage is lost:
+
+1. detect: a stage task fails, or a stage's worker leaves the cluster,
+   whichever the driver sees first (it looks every ``poll`` seconds); the
+   blame goes to the workers that left, if any did;
+2. stop: raise the generation's stop flag; every stage leaves at its next
+   action or wait slice. A stage still running after ``stop_timeout`` is
+   cancelled and its worker avoided (its thread may linger there);
+3. re-place: the stages whose workers survived stay; lost ones go to spares
+   first, else wait up to ``placement_timeout`` for a replacement (e.g. the
+   nanny's restarted worker, at a new address);
+4. roll back: every stage loads the newest committed checkpoint that verifies
+   (or starts from micro-batch 0) under generation g + 1: the store refuses
+   writes of older generations, the transport drops their messages, and the
+   control plane's names carry the generation, so a stage of an old
+   generation that wakes up cannot write into the new run.
+
+At most ``max_restarts`` recoveries, then ``JobFailed`` naming what died and
+where the last good checkpoint is. Each recovery is a "recovery" record in
+the metrics log when it is decided, and a "recovered" record (placement,
+load, warm-up and total seconds) when the new generation's first micro-batch
+has come back through stage 0.
 """
 from __future__ import annotations
 
@@ -22,9 +41,22 @@ from pipetrain.runtime.worker import StageJob, run_stage
 
 
 class StageLost(RuntimeError):
-    def __init__(self, stage: int, worker: str, reason: str):
-        super().__init__(f"stage {stage} on worker {worker}: {reason}")
-        self.stage, self.worker, self.reason = stage, worker, reason
+    """One or more stages of the running generation are gone."""
+
+    def __init__(self, stages: list[int], workers: list[str], reason: str, *, worker_died: bool):
+        where = ", ".join(f"stage {s} on worker {w}" for s, w in zip(stages, workers))
+        super().__init__(f"{where}: {reason}")
+        self.stages, self.workers, self.reason = stages, workers, reason
+        self.worker_died = worker_died
+        self.detected_at = time.time()
+
+    @property
+    def stage(self) -> int:
+        return self.stages[0]
+
+    @property
+    def worker(self) -> str:
+        return self.workers[0]
 
 
 class JobFailed(RuntimeError):
@@ -49,6 +81,8 @@ class JobPlan:
     resume: bool = False
     security: Any = None
     record_events: bool = True
+    stop_timeout: float = 10.0
+    poll: float = 0.2
 
     @property
     def num_stages(self) -> int:
@@ -72,6 +106,7 @@ class RunOutcome:
     recoveries: list[dict]
     generation: int
     wall_seconds: float
+    ledgers: list[dict] = field(default_factory=list)
 
 
 class _StepBook:
@@ -120,6 +155,28 @@ class _StepBook:
         self.reports = {t: r for t, r in self.reports.items() if t < first_step}
         self.last_stage0_time = None
 
+    def restore(self, losses: dict[int, float], cut: int) -> list[dict]:
+        """A resumed job: the losses before ``cut`` come from the checkpoint manifest;
+        returns the step records of the steps the checkpoint completed."""
+        self.losses = {k: v for k, v in losses.items() if k < cut}
+        records = []
+        for t in range(cut // self.m):
+            ks = range(t * self.m, (t + 1) * self.m)
+            values = [self.losses[k] for k in ks if k in self.losses]
+            records.append({"type": "step", "step": t, "loss": float(np.mean(values)) if values else None,
+                            "samples_per_s": None, "busy": [], "restored": True})
+            self.emitted.add(t)
+        return records
+
+
+@dataclass
+class _Start:
+    """Where a generation starts: its number, its cut, the ledgers at that cut."""
+
+    generation: int
+    cut: int = 0
+    ledgers: dict[int, dict] = field(default_factory=dict)
+
 
 class Driver:
     def __init__(self, client: Any, plan: JobPlan, *, progress: Progress, metrics: MetricsLog,
@@ -129,6 +186,7 @@ class Driver:
         self.recoveries: list[dict] = []
         self.history: list[dict] = []
         self.dead_workers: set[str] = set()
+        self.avoid_workers: set[str] = set()
         self.store = None
         if plan.checkpoint_url:
             from pipetrain.checkpoint.store import CheckpointStore
@@ -138,101 +196,213 @@ class Driver:
     # -- the job ---------------------------------------------------------
     def run(self) -> RunOutcome:
         started = time.time()
-        generation, cut = self._starting_point()
         book = _StepBook(self.plan.num_stages, self.plan.microbatches, self.plan.source.microbatch_size)
+        start = self._starting_point(book)
         restarts = 0
+        placement: dict[int, str] = {}
+        lost: StageLost | None = None
         while True:
             if self.store is not None:
-                self.store.begin_generation(generation)
-            futures, placement = [], {}
+                self.store.begin_generation(start.generation)
+            futures: list[Any] = []
             try:
-                placement = self._place()
-                futures = self._submit(generation, cut, placement)
-                results = self._watch(generation, futures, placement, book)
+                placed_at = time.time()
+                placement = self._place(placement, lost)
+                if self.recoveries and lost is not None:
+                    self.recoveries[-1]["place_seconds"] = time.time() - placed_at
+                    self.recoveries[-1]["workers_after"] = dict(placement)
+                futures = self._submit(start, placement)
+                results = self._watch(start.generation, futures, placement, book)
                 return RunOutcome(losses=dict(sorted(book.losses.items())),
                                   states=[r["state"] for r in results], events=[r["events"] for r in results],
-                                  history=self.history, recoveries=self.recoveries, generation=generation,
-                                  wall_seconds=time.time() - started)
-            except StageLost as lost:
-                lost_at = time.time()
-                self._stop(generation, futures)
+                                  history=self.history, recoveries=self.recoveries, generation=start.generation,
+                                  wall_seconds=time.time() - started, ledgers=[r["ledger"] for r in results])
+            except StageLost as error:
+                lost = error
+                stop_seconds = self._stop(start.generation, futures, placement, lost)
                 restarts += 1
-                latest = self.store.latest() if self.store is not None else None
+                latest = self._latest_checkpoint()
                 if restarts > self.plan.max_restarts:
-                    where = f"the last committed checkpoint is {latest.path}" if latest else "no checkpoint was committed"
-                    raise JobFailed(f"{lost}; gave up after {self.plan.max_restarts} restarts ({where})") from lost
-                if lost.worker:
-                    self.dead_workers.add(lost.worker)
-                cut = latest.cut if latest else 0
-                generation += 1
-                book.forget_from(cut)
-                self.history = [h for h in self.history if h["step"] < cut // self.plan.microbatches]
-                event = {"type": "recovery", "generation": generation, "stage": lost.stage, "worker": lost.worker,
-                         "reason": lost.reason, "rollback_to": cut, "stop_seconds": time.time() - lost_at}
-                self.recoveries.append(event)
-                self.metrics.write(event)
-                self.progress.note(f"recovery: {lost}; rolling back to micro-batch {cut} as generation {generation}")
+                    self._fail(lost, latest, f"gave up after {self.plan.max_restarts} restart(s)")
+                start = self._rollback(start.generation + 1, latest)
+                self._discard_after(start.cut)
+                book.forget_from(start.cut)
+                self.history = [h for h in self.history if h["step"] < start.cut // self.plan.microbatches]
+                self._record_recovery(lost, start, latest, stop_seconds)
+            except Exception as error:
+                from pipetrain.runtime.placement import PlacementError
 
-    def _starting_point(self) -> tuple[int, int]:
+                if not isinstance(error, PlacementError):
+                    raise
+                self._stop(start.generation, futures, placement, None)
+                latest = self._latest_checkpoint()
+                cause = lost or StageLost([], [], "no stage lost yet", worker_died=False)
+                self._fail(cause, latest, f"no workers to place the stages on:\n{error}")
+
+    def _fail(self, lost: StageLost, latest: Any, why: str) -> None:
+        where = (f"the last committed checkpoint is {latest.path} (micro-batch {latest.cut}); "
+                 f"`pipetrain resume` continues from it" if latest else "no checkpoint was committed")
+        record = {"type": "failed", "stages": lost.stages, "workers": lost.workers, "reason": lost.reason,
+                  "why": why, "checkpoint": latest.path if latest else None}
+        self.metrics.write(record)
+        self.progress.note(f"job failed: {lost}; {why}; {where}")
+        raise JobFailed(f"{lost}; {why}; {where}") from lost
+
+    def _latest_checkpoint(self) -> Any:
+        return self.store.latest() if self.store is not None else None
+
+    def _rollback(self, generation: int, latest: Any) -> _Start:
+        if latest is None:
+            return _Start(generation=generation)
+        ledgers = {s: latest.shard(s).get("meta", {}).get("ledger", {}) for s in range(latest.num_stages)}
+        return _Start(generation=generation, cut=latest.cut, ledgers=ledgers)
+
+    def _discard_after(self, cut: int) -> None:
+        """Remove step directories newer than the rollback cut: torn or corrupt
+        ones (the newest that verified is ``cut``). The new generation writes
+        those cuts again, and the store refuses to write into a directory that
+        still holds a (corrupt) commit marker."""
+        if self.store is None:
+            return
+        from pipetrain.checkpoint.manifest import MARKER
+
+        for info in self.store.list():
+            if info.cut <= cut:
+                continue
+            fs = self.store.fs
+            try:  # marker first: a crash half-way leaves an uncommitted leftover
+                fs.rm_file(f"{info.path}/{MARKER}")
+            except FileNotFoundError:
+                pass
+            try:
+                fs.rm(info.path, recursive=True)
+            except FileNotFoundError:
+                pass
+
+    def _record_recovery(self, lost: StageLost, start: _Start, latest: Any, stop_seconds: float) -> None:
+        skipped = [{"cut": cut, "why": why} for cut, why in (latest.skipped if latest else ())]
+        event = {"type": "recovery", "generation": start.generation, "stage": lost.stage, "worker": lost.worker,
+                 "stages": lost.stages, "workers": lost.workers, "reason": lost.reason,
+                 "worker_died": lost.worker_died, "rollback_to": start.cut,
+                 "checkpoint": latest.path if latest else None, "skipped_checkpoints": skipped,
+                 "detected_at": lost.detected_at, "stop_seconds": stop_seconds}
+        self.recoveries.append(event)
+        self.metrics.write(event)
+        for item in skipped:
+            self.progress.note(f"recovery: checkpoint at micro-batch {item['cut']} not used: {item['why']}")
+        source = f"the checkpoint at micro-batch {start.cut}" if latest else "the beginning (no checkpoint)"
+        self.progress.note(f"recovery: {lost}; rolling back to {source} as generation {start.generation}")
+
+    def _starting_point(self, book: _StepBook) -> _Start:
         if not self.plan.resume:
-            return 0, 0
+            return _Start(generation=0)
         if self.store is None:
             raise JobFailed("resume needs a checkpoint directory")
+        previous = self.store.current_generation()
         latest = self.store.latest()
+        if previous is not None:
+            # Stages of the run that stopped (its driver died) may still be going on
+            # their workers: tell them to stop, so they free their workers' threads.
+            job_ids = {self.plan.job_id, latest.manifest.get("job_id") if latest else None} - {None}
+            for job_id in job_ids:
+                DriverControl(ControlNames(job_id, previous), client=self.client).stop()
+        generation = (previous or 0) + 1
+        for cut, why in (latest.skipped if latest else ()):
+            self.progress.note(f"resume: checkpoint at micro-batch {cut} not used: {why}")
+        self._discard_after(latest.cut if latest else -1)
         if latest is None:
             self.progress.note("resume: no committed checkpoint found; starting from the beginning")
-            return (self.store.current_generation() or 0) + 1, 0
+            return _Start(generation=generation)
         self.progress.note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})")
-        return (self.store.current_generation() or 0) + 1, latest.cut
+        saved = {int(k): float(v) for k, v in latest.manifest.get("losses", {}).items()}
+        for record in book.restore(saved, latest.cut):
+            self.history.append(record)
+        self.metrics.write({"type": "resume", "generation": generation, "rollback_to": latest.cut,
+                            "checkpoint": latest.path})
+        return self._rollback(generation, latest)
 
     # -- placement and submission ---------------------------------------
-    def _place(self) -> dict[int, str]:
+    def _place(self, previous: dict[int, str], lost: StageLost | None) -> dict[int, str]:
         from pipetrain.runtime.placement import StageNeed, wait_for_placement
 
         needs = [StageNeed(stage=s.index, memory_bytes=getattr(s, "memory_bytes", 0) or 0)
                  for s in self.plan.partition.stages]
         placement = wait_for_placement(self.client, needs, resource=self.plan.resource,
-                                       timeout=self.plan.placement_timeout, exclude=tuple(self.dead_workers))
-        return dict(placement.stage_workers)
+                                       timeout=self.plan.placement_timeout,
+                                       exclude=tuple(self.dead_workers | self.avoid_workers))
+        fresh = dict(placement.stage_workers)
+        if not previous:
+            return fresh
+        # Surviving stages stay where they are; lost ones take spares first,
+        # then whatever the fresh placement freed.
+        usable = set(fresh.values()) | set(placement.spares)
+        kept = {s: w for s, w in previous.items() if w in usable}
+        free = [w for w in list(placement.spares) + sorted(fresh.values()) if w not in kept.values()]
+        free = list(dict.fromkeys(free))
+        for s in sorted(fresh):
+            if s not in kept:
+                kept[s] = free.pop(0)
+        return kept
 
-    def _submit(self, generation: int, cut: int, placement: dict[int, str]) -> list[Any]:
+    def _submit(self, start: _Start, placement: dict[int, str]) -> list[Any]:
         plan = self.plan
         futures = []
         for spec in plan.partition.specs():
-            job = StageJob(job_id=plan.job_id, generation=generation, spec=spec, model=plan.partition.model,
-                           optimizer=plan.optimizer, schedule_args={**plan.schedule_args, "first_microbatch": cut},
+            job = StageJob(job_id=plan.job_id, generation=start.generation, spec=spec, model=plan.partition.model,
+                           optimizer=plan.optimizer,
+                           schedule_args={**plan.schedule_args, "first_microbatch": start.cut},
                            source=plan.source, checkpoint_url=plan.checkpoint_url,
-                           resume_cut=cut or None, credits=plan.credits, security=plan.security,
-                           max_events=StageJob.max_events if plan.record_events else 0)
+                           resume_cut=start.cut or None, credits=plan.credits, security=plan.security,
+                           max_events=StageJob.max_events if plan.record_events else 0,
+                           resume_ledger=start.ledgers.get(spec.index))
             futures.append(self.client.submit(run_stage, job, workers=[placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
-                                              key=f"pipetrain-{plan.job_id}-g{generation}-stage{spec.index}"))
+                                              key=f"pipetrain-{plan.job_id}-g{start.generation}-stage{spec.index}"))
         return futures
 
     # -- watching ---------------------------------------------------------
+    def _alive(self) -> set[str]:
+        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+
     def _watch(self, generation: int, futures: list[Any], placement: dict[int, str], book: _StepBook) -> list[dict]:
         control = DriverControl(ControlNames(self.plan.job_id, generation), client=self.client)
         shards: dict[int, dict[int, dict]] = {}
+        self._ready: dict[int, dict] = {}
         last_membership_check = 0.0
         while True:
-            for message in control.drain(timeout=0.2):
+            for message in control.drain(timeout=self.plan.poll):
                 self._handle(message, book, shards, generation)
-            for s, f in enumerate(futures):
-                if f.status == "error":
-                    raise StageLost(s, placement[s], _short(f.exception()))
-                if f.status in ("cancelled", "lost"):
-                    raise StageLost(s, placement[s], f"task {f.status}")
-            if time.time() - last_membership_check > 0.5:
+            failed = [s for s, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
+            if failed or time.time() - last_membership_check > 2 * self.plan.poll:
                 last_membership_check = time.time()
-                alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
-                for s, address in placement.items():
-                    if address not in alive:
-                        raise StageLost(s, address, "worker left the cluster")
+                self._check(futures, placement, failed)
             if all(f.status == "finished" for f in futures):
                 results = self.client.gather(futures)
                 for message in control.drain(timeout=0.05):
                     self._handle(message, book, shards, generation)
                 return results
+
+    def _check(self, futures: list[Any], placement: dict[int, str], failed: list[int]) -> None:
+        """Raise StageLost if a stage's worker left or its task failed; a worker
+        that left is the cause, the failures of its neighbours are the effect."""
+        alive = self._alive()
+        gone = [s for s in sorted(placement) if placement[s] not in alive]
+        grace = time.time() + 1.0
+        while failed and not gone and time.time() < grace:
+            # A neighbour's failure (its peer vanished) often arrives before the
+            # scheduler has dropped the killed worker: give it a moment.
+            time.sleep(0.1)
+            alive = self._alive()
+            gone = [s for s in sorted(placement) if placement[s] not in alive]
+        if gone:
+            raise StageLost(gone, [placement[s] for s in gone], "worker left the cluster", worker_died=True)
+        if not failed:
+            return
+        s = failed[0]
+        f = futures[s]
+        reason = _short(f.exception()) if f.status == "error" else f"task {f.status}"
+        died = "KilledWorker" in reason
+        raise StageLost([s], [placement[s]], reason, worker_died=died)
 
     def _handle(self, message: dict, book: _StepBook, shards: dict, generation: int) -> None:
         kind = message.get("type")
@@ -246,28 +416,76 @@ class Driver:
             cut = message["cut"]
             shards.setdefault(cut, {})[message["stage"]] = message["record"]
             if len(shards[cut]) == self.plan.num_stages:
-                from pipetrain.checkpoint.store import ShardRecord
-
-                records = shards.pop(cut)
-                self.store.commit(cut, records=[ShardRecord.from_dict(records[s]) for s in range(self.plan.num_stages)],
-                                  generation=generation, num_stages=self.plan.num_stages,
-                                  manifest=self._manifest(cut))
-                self.metrics.write({"type": "checkpoint", "cut": cut, "generation": generation})
+                self._commit(cut, shards.pop(cut), book, generation)
+        elif kind == "ready":
+            self._ready[message["stage"]] = message
+        elif kind == "first" and message["stage"] == 0:
+            self._recovered(message["time"])
         elif kind == "error":
             self.metrics.write(message)
 
-    def _manifest(self, cut: int) -> dict:
+    def _commit(self, cut: int, records: dict[int, dict], book: _StepBook, generation: int) -> None:
+        from pipetrain.checkpoint.store import ShardRecord
+
+        started = time.perf_counter()
+        self.store.commit(cut, records=[ShardRecord.from_dict(records[s]) for s in range(self.plan.num_stages)],
+                          generation=generation, num_stages=self.plan.num_stages,
+                          manifest=self._manifest(cut, book))
+        self.metrics.write({"type": "checkpoint", "cut": cut, "generation": generation,
+                            "commit_seconds": time.perf_counter() - started})
+
+    def _recovered(self, first_done: float) -> None:
+        """The new generation's first micro-batch is back at stage 0: the recovery is over."""
+        if not self.recoveries or "total_seconds" in self.recoveries[-1]:
+            return
+        r = self.recoveries[-1]
+        ready = list(self._ready.values())
+        ready_at = max((m["time"] for m in ready), default=first_done)
+        r.update({
+            "load_seconds": max((m.get("load_seconds", 0.0) for m in ready), default=0.0),
+            "startup_seconds": max((m.get("seconds", 0.0) for m in ready), default=0.0),
+            "warmup_seconds": max(0.0, first_done - ready_at),
+            "first_microbatch_at": first_done,
+            "total_seconds": first_done - r["detected_at"],
+        })
+        self.metrics.write({"type": "recovered", **{k: v for k, v in r.items() if k != "type"}})
+        self.progress.note(f"recovered: generation {r['generation']} completed its first micro-batch "
+                           f"{r['total_seconds']:.1f} s after the loss was detected "
+                           f"(stop {r['stop_seconds']:.1f} s, placement {r.get('place_seconds', 0):.1f} s, "
+                           f"load {r['load_seconds']:.2f} s, warm-up {r['warmup_seconds']:.1f} s)")
+
+    def _manifest(self, cut: int, book: _StepBook) -> dict:
         return {"schedule": dict(self.plan.schedule_args),
                 "partition": {"boundaries": list(self.plan.partition.boundaries),
                               "method": self.plan.partition.method},
-                "job_id": self.plan.job_id}
+                "job_id": self.plan.job_id,
+                # repr-exact floats: a resumed job reports the same loss history
+                "losses": {str(k): v for k, v in sorted(book.losses.items()) if k < cut}}
 
-    def _stop(self, generation: int, futures: list[Any]) -> None:
+    def _stop(self, generation: int, futures: list[Any], placement: dict[int, str], lost: StageLost | None) -> float:
+        """Stop every stage of ``generation``; returns the seconds it took."""
+        started = time.time()
         DriverControl(ControlNames(self.plan.job_id, generation), client=self.client).stop()
-        deadline = time.time() + 10
-        while time.time() < deadline and any(f.status == "pending" for f in futures):
+        lingering: list[int] = []
+        alive: set[str] = set()
+        while True:
+            alive = self._alive()
+            # A task on a worker that is gone will never report back: do not wait for it.
+            lingering = [s for s, f in enumerate(futures) if f.status == "pending" and placement.get(s) in alive]
+            if not lingering or time.time() - started > self.plan.stop_timeout:
+                break
             time.sleep(0.05)
-        self.client.cancel(futures, force=True)
+        if futures:
+            self.client.cancel(futures, force=True)
+        self.dead_workers |= {w for w in placement.values() if w not in alive}
+        if lost is not None and lost.worker_died:
+            self.dead_workers |= set(lost.workers)
+        for s in lingering:
+            # Its thread may still hold the worker's only slot: place elsewhere.
+            self.avoid_workers.add(placement[s])
+            self.progress.note(f"recovery: stage {s} on {placement[s]} did not stop within "
+                               f"{self.plan.stop_timeout:g} s; cancelled, and that worker is avoided")
+        return time.time() - started
 
 
 def _short(error: BaseException | None) -> str:

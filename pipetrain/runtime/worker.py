@@ -4,7 +4,14 @@ The task thread is the stage's compute thread: it interprets the stage's
 action list (``StageProgram``) while the transport's event loop moves bytes.
 Reports and checkpoint writes leave through the courier thread, so compute
 never waits on the scheduler or the disk. The task returns the stage's final
-state and its timeline events.
+state, its timeline events and its ledger.
+
+The ledger is the exactly-once evidence (DESIGN.md section 2): in the order
+they were applied, the micro-batch ids whose gradients each UPDATE folded
+into the weights, plus those accumulated since the last one. It travels with
+the state: a checkpoint's shard record carries the ledger at its cut, and a
+stage resumed from that cut starts from it, so after any number of
+recoveries the final ledger says how often each id reached the weights.
 """
 from __future__ import annotations
 
@@ -38,31 +45,83 @@ class StageJob:
     input_specs: Any = None  # expected boundary specs from the partition, if known
     security: Any = None
     max_events: int = 200_000
+    resume_ledger: dict | None = None  # the ledger at resume_cut, from the checkpoint manifest
+
+
+class Ledger:
+    """Which micro-batch ids reached the weights, as runs ``[first, last + 1]`` in order."""
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}
+        self.applied: list[list[int]] = [list(run) for run in saved.get("applied", [])]
+        self.pending: list[int] = list(saved.get("pending", []))
+
+    def backward(self, k: int) -> None:
+        self.pending.append(k)
+
+    def update(self) -> None:
+        for k in self.pending:
+            if self.applied and self.applied[-1][1] == k:
+                self.applied[-1][1] = k + 1
+            else:
+                self.applied.append([k, k + 1])
+        self.pending = []
+
+    def to_dict(self) -> dict:
+        return {"applied": [list(run) for run in self.applied], "pending": list(self.pending)}
+
+
+class StopRequested(RuntimeError):
+    """The driver stopped this generation; raised between actions."""
 
 
 class _Reporter(Hooks):
-    """Turns the program's callbacks into reports, events and checkpoints."""
+    """Turns the program's callbacks into reports, events, gauges and checkpoints."""
 
-    def __init__(self, job: StageJob, control: StageControl, store: Any):
-        self.job, self.control, self.store = job, control, store
+    def __init__(self, job: StageJob, control: StageControl, store: Any, gauges: Any = None):
+        self.job, self.control, self.store, self.gauges = job, control, store, gauges
         self.m = job.schedule_args["microbatches"]
         self.stage = job.spec.index
+        self.is_last = job.spec.is_last
         self.losses: dict[int, float] = {}
         self.busy = 0.0
         self.window_start = time.time()
         self.events: list[tuple] = []
+        self.ledger = Ledger(job.resume_ledger)
+        self.endpoint: Any = None  # set once the links are open (queued-message gauge)
+        self.received = 0
+        self.latest_version = 0
+        self.staleness = 0
+        self.first_backward_reported = False
 
     def on_loss(self, k: int, loss: float) -> None:
         self.losses[k] = loss
 
     def on_action(self, action: Action, start: float, end: float) -> None:
-        if action.kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE):
+        kind = action.kind
+        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE):
             self.busy += end - start
         if len(self.events) < self.job.max_events:
-            self.events.append((action.kind.value, -1 if action.k is None else action.k,
+            self.events.append((kind.value, -1 if action.k is None else action.k,
                                 -1 if action.version is None else action.version, start, end))
-        if action.kind is Kind.BACKWARD and action.k % self.m == self.m - 1:
-            self._report_step(action.k // self.m, end)
+        if kind is Kind.FORWARD:
+            self.staleness = max(0, self.latest_version - action.version)
+        elif kind is Kind.BACKWARD:
+            self.ledger.backward(action.k)
+            if not self.first_backward_reported:
+                self.first_backward_reported = True
+                self.control.report({"type": "first", "stage": self.stage, "k": action.k, "time": time.time()})
+            if action.k % self.m == self.m - 1:
+                self._report_step(action.k // self.m, end)
+        elif kind is Kind.UPDATE:
+            self.ledger.update()
+            self.latest_version = action.version
+        elif kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+            self.received += 1
+        # A local flag (see control.py): a stage computing without waiting on
+        # data still stops within one action.
+        if self.control.stopped():
+            raise StopRequested(f"stage {self.stage}: stopped by the driver after {action!r}")
 
     def _report_step(self, step: int, now: float) -> None:
         wall = now - self.window_start
@@ -72,31 +131,64 @@ class _Reporter(Hooks):
             message["losses"] = self.losses
             self.losses = {}
         self.control.report(message)
+        if self.gauges is not None:
+            self.gauges.update(microbatches_per_s=self.m / wall if wall > 0 else 0.0,
+                               busy=self.busy / wall if wall > 0 else 0.0,
+                               queued=self._queued(), staleness=self.staleness)
         self.busy, self.window_start = 0.0, now
+
+    def _queued(self) -> int:
+        if self.endpoint is None:
+            return 0
+        stats = self.endpoint.stats
+        return max(0, stats["received"] - stats["dropped_stale"] - self.received)
+
+    def flush_losses(self) -> None:
+        if self.losses:
+            self.control.report({"type": "step", "stage": self.stage, "step": -1, "busy": 0.0, "wall": 0.0,
+                                 "time": time.time(), "losses": self.losses})
+            self.losses = {}
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
         if self.store is None:
             return
+        # Losses before the cut reach the driver before this shard does, so the
+        # manifest it commits can carry the loss history up to the cut.
+        if self.is_last:
+            self.flush_losses()
         # The snapshot is taken here, between micro-batches; the write happens
         # on the courier thread while compute goes on.
         snapshot = {name: np.array(value, copy=True) for name, value in stage.state_dict().items()}
-        self.control.call_in_courier(self._write, cut, snapshot)
+        self.control.call_in_courier(self._write, cut, snapshot, self.ledger.to_dict())
 
-    def _write(self, cut: int, snapshot: dict) -> dict:
+    def _write(self, cut: int, snapshot: dict, ledger: dict) -> dict:
         started = time.perf_counter()
         record = self.store.write_shard(cut, self.stage, snapshot, generation=self.job.generation,
-                                        meta={"stage": self.stage})
+                                        meta={"stage": self.stage, "ledger": ledger})
         return {"type": "shard", "stage": self.stage, "cut": cut, "record": record.to_dict(),
                 "seconds": time.perf_counter() - started}
 
 
+def _install_gauges(job: StageJob) -> Any:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    from pipetrain.observe.dashboard import StageGauges
+
+    return StageGauges(stage=job.spec.index, job_id=job.job_id).install(worker)
+
+
 def run_stage(job: StageJob) -> dict:
-    """The body of a stage task. Returns {"state": ..., "events": ...}."""
+    """The body of a stage task. Returns {"state", "events", "ledger"}."""
     from pipetrain.runtime.links import open_links
     from pipetrain.schedule.builders import build_schedule
 
     started = time.time()
     control = StageControl(ControlNames(job.job_id, job.generation))
+    gauges = _install_gauges(job)
     store = None
     if job.checkpoint_url:
         from pipetrain.checkpoint.store import CheckpointStore
@@ -105,19 +197,25 @@ def run_stage(job: StageJob) -> dict:
     try:
         schedule = build_schedule(**job.schedule_args)
         stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
+        built = time.time()
         if job.resume_cut:
             stage.load_state_dict(store.load_shard(job.resume_cut, job.spec.index))
-        reporter = _Reporter(job, control, store)
+        loaded = time.time()
+        reporter = _Reporter(job, control, store, gauges)
         with open_links(job, control) as links:
-            control.report({"type": "ready", "stage": job.spec.index, "seconds": time.time() - started})
+            reporter.endpoint = links.endpoint
+            control.report({"type": "ready", "stage": job.spec.index, "seconds": time.time() - started,
+                            "build_seconds": built - started, "load_seconds": loaded - built,
+                            "connect_seconds": time.time() - loaded, "time": time.time()})
             StageProgram(stage, schedule, source=job.source, links=links, hooks=reporter, clock=time.time).run_all()
-            if reporter.losses:
-                control.report({"type": "step", "stage": job.spec.index, "step": -1, "busy": 0.0, "wall": 0.0,
-                                "time": time.time(), "losses": reporter.losses})
+            reporter.flush_losses()
         control.report({"type": "done", "stage": job.spec.index, "seconds": time.time() - started})
     finally:
+        if gauges is not None:
+            gauges.uninstall()
         control.close()
-    return {"state": stage.state_dict(), "events": np.array(reporter.events, dtype=_EVENT_DTYPE)}
+    return {"state": stage.state_dict(), "events": np.array(reporter.events, dtype=_EVENT_DTYPE),
+            "ledger": reporter.ledger.to_dict()}
 
 
 _EVENT_DTYPE = np.dtype([("kind", "U6"), ("k", "i8"), ("version", "i8"), ("start", "f8"), ("end", "f8")])
