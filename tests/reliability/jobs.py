@@ -24,8 +24,9 @@ N = M * STEPS  # micro-batch ids 0..31; checkpoints at cuts 8, 16, 24
 DATA = SleepData(nbytes=4096)
 
 
-def model() -> SleepSequential:
-    return SleepSequential(STAGES, forward_ms=2, backward_ms=4, seed=7)
+def model(sleep_scale: float = 1.0) -> SleepSequential:
+    # The sleeps set the pace only; the numbers do not depend on them.
+    return SleepSequential(STAGES, forward_ms=2 * sleep_scale, backward_ms=4 * sleep_scale, seed=7)
 
 
 def job_kwargs(schedule: str) -> dict:
@@ -33,12 +34,12 @@ def job_kwargs(schedule: str) -> dict:
                 progress=False)
 
 
-def run(client, tmp_path: Path, schedule: str, faults: list[Fault], **overrides):
+def run(client, tmp_path: Path, schedule: str, faults: list[Fault], *, sleep_scale: float = 1.0, **overrides):
     """Run the job with ``faults`` on ``client``; returns (FitResult, checkpoint dir)."""
     checkpoints = tmp_path / "checkpoints"
     markers = tmp_path / "markers"
     markers.mkdir(exist_ok=True)
-    chaos = ChaosModel(model(), faults=faults, marker_dir=str(markers), checkpoint_dir=str(checkpoints))
+    chaos = ChaosModel(model(sleep_scale), faults=faults, marker_dir=str(markers), checkpoint_dir=str(checkpoints))
     part = partition(chaos, STAGES, method="uniform", example_input=DATA.inputs(0))
     kwargs = {**job_kwargs(schedule), "checkpoint_dir": str(checkpoints), "checkpoint_every": EVERY,
               "run_dir": str(tmp_path / "run"), "placement_timeout": 30.0, **overrides}
