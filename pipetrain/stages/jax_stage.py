@@ -455,7 +455,10 @@ class JaxStage:
             self._pending[k] = (version, vjp, jax.ShapeDtypeStruct((), out.dtype))
             return float(out)
         self._pending[k] = (version, vjp, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out))
-        return out
+        # Wait for the result here, not in whatever reads it next: the
+        # executors time each action, and a stage's busy share and the
+        # pipeline trace should show compute as compute, not as a slow send.
+        return jax.block_until_ready(out)
 
     def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
         if k not in self._pending:
@@ -466,7 +469,7 @@ class JaxStage:
             cotangent = jnp.ones((), out_spec.dtype)
         else:
             cotangent = self._cotangent(k, out_spec, grad_outputs)
-        self._acc, grad_inputs = self._backward_jit(vjp, cotangent, self._acc)
+        self._acc, grad_inputs = jax.block_until_ready(self._backward_jit(vjp, cotangent, self._acc))
         del self._pending[k]
         self._count += 1
         return grad_inputs
@@ -498,8 +501,8 @@ class JaxStage:
         if self._count == 0:  # nothing accumulated: the new version is the latest, unchanged
             self._versions[new_version] = latest
         else:
-            self._versions[new_version], self._opt_state = self._update_jit(
-                latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32))
+            self._versions[new_version], self._opt_state = jax.block_until_ready(self._update_jit(
+                latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32)))
         self._latest = new_version
         self._acc = self._zeros(self._acc)
         self._count = 0
