@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 WIDTH, DEPTH, CLASSES = 1024, 8, 10
 BATCH, M, STAGES, LR, SEED = 256, 8, 2, 0.01, 0
@@ -226,7 +226,7 @@ def main() -> None:
     ap.add_argument("--torch-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    sizes = dict(width=args.width, depth=args.depth, batch=args.batch)
+    sizes = {"width": args.width, "depth": args.depth, "batch": args.batch}
     if args.torch_rank is not None:
         torch_pipelining_rank(args.torch_rank, args.port, steps=args.steps, warmup=args.warmup, **sizes)
         return
@@ -247,7 +247,7 @@ def main() -> None:
     cluster = start_local_cluster(STAGES)
     with Client(cluster) as client:
         threads = worker_threads(client)
-        common = dict(steps=args.steps, warmup=args.warmup)
+        common = {"steps": args.steps, "warmup": args.warmup}
         contestants = {
             "torch_single": lambda: run_single(accumulate=True, **common, **sizes),
             "torch_pipelining_1f1b": lambda: run_torch_pipelining(**common, **sizes),

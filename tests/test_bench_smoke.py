@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "vs_torch_pipelining.
 def test_vs_torch_pipelining_smoke():
     out = subprocess.run([sys.executable, str(BENCH), "--steps", "2", "--warmup", "1", "--repeats", "1",
                           "--width", "32", "--depth", "2", "--batch", "32"],
-                         capture_output=True, text=True, timeout=110)
+                         capture_output=True, text=True, timeout=110, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     rates = result["samples_per_s"]
