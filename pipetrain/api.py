@@ -61,13 +61,22 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
         checkpoint_every: int = 0, keep_checkpoints: int = 3, resume: bool = False, run_dir: str | None = None,
         heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU", placement_timeout: float = 60.0,
         max_restarts: int = 3, spare_workers: int = 0, credits: int = 0, executor: str = "dask",
-        progress: bool = True, job_id: str | None = None, record_events: bool = True) -> FitResult:
+        progress: bool = True, job_id: str | None = None, record_events: bool = True,
+        stop_timeout: float = 10.0) -> FitResult:
     """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
     embedded ``LocalCluster`` with one worker process per stage (plus
     ``spare_workers``), shut down afterwards. ``executor="reference"`` runs
     every stage in this process instead (the numerics oracle).
+
+    Recovery: when a stage's worker dies or its task fails, every stage is
+    stopped (one that has not stopped after ``stop_timeout`` seconds is
+    cancelled and its worker avoided), the stages are re-placed (spares
+    first, waiting up to ``placement_timeout`` for replacements) and resume
+    from the newest committed checkpoint in ``checkpoint_dir`` (written every
+    ``checkpoint_every`` micro-batches), at most ``max_restarts`` times.
+    ``resume=True`` continues a job stopped earlier from its checkpoints.
     """
     from pipetrain.partition import Partition, partition as make_partition
     from pipetrain.schedule.builders import build_schedule
@@ -100,7 +109,8 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
         plan = JobPlan(partition=part, source=data, optimizer=optimizer, schedule_args=schedule_args,
                        checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
                        placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
-                       resume=resume, record_events=record_events, **({"job_id": job_id} if job_id else {}))
+                       resume=resume, record_events=record_events, stop_timeout=stop_timeout,
+                       **({"job_id": job_id} if job_id else {}))
         with _client(client, len(part.stages) + spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()
     else:

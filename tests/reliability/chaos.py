@@ -115,6 +115,7 @@ class ChaosStage:
             os.kill(os.getpid(), signal.SIGSTOP)
             with open(path, "a") as f:  # after SIGCONT: when this old-generation stage woke up
                 f.write(f"woke {time.time()}\n")
+            return  # and carries on as if nothing happened
         time.sleep(60)  # a kill is asynchronous: never run on past it
 
     # -- the Stage protocol, delegated ------------------------------------

@@ -14,7 +14,7 @@ WORKERS = 4
 
 def start_cluster(n_workers: int = WORKERS, **scheduler_kwargs) -> LocalCluster:
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, memory_limit=0,
-                        dashboard_address=None, env=single_thread_env(), silence_logs=50,
+                        dashboard_address=":0", env=single_thread_env(), silence_logs=50,
                         scheduler_kwargs=scheduler_kwargs or None)
 
 
