@@ -50,6 +50,7 @@ import numpy as np
 
 WIDTH, DEPTH, CLASSES = 1024, 8, 10
 BATCH, M, STAGES, LR, SEED = 256, 8, 2, 0.01, 0
+ENV_BEFORE_DASK: dict[str, str] = {}
 CONTESTANTS = ("torch_single", "torch_pipelining_1f1b", "pipetrain_1f1b", "pipetrain_pipedream")
 
 
@@ -153,7 +154,9 @@ def torch_pipelining_rank(rank: int, port: int, *, steps: int, warmup: int, widt
 
 def run_torch_pipelining(*, steps: int, warmup: int, width: int, depth: int, batch: int) -> dict:
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # The environment from before the Dask cluster started: its nanny leaves
+    # MALLOC_TRIM_THRESHOLD_ in os.environ, which would slow these processes too.
+    env = {**ENV_BEFORE_DASK, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = [f"--steps={steps}", f"--warmup={warmup}", f"--width={width}", f"--depth={depth}", f"--batch={batch}"]
     procs = [subprocess.Popen([sys.executable, __file__, "--torch-rank", str(r), "--port", str(port), *args],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -204,6 +207,18 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
     return out
 
 
+def tune_worker_malloc() -> bool:
+    """The proposed fix, applied from outside: glibc keeps freed memory and serves
+    blocks up to 32 MiB from the heap, instead of the mmap/munmap round trip per
+    tensor that Dask's MALLOC_TRIM_THRESHOLD_ (which freezes the mmap threshold at
+    128 KiB) causes."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 256 << 20) and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def worker_threads(client) -> list[int]:
     def threads() -> int:
         import torch
@@ -220,6 +235,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="measured steps (mini-batches) per contestant")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")
     ap.add_argument("--repeats", type=int, default=2, help="rounds; each contestant keeps its best")
+    ap.add_argument("--worker-mallopt", action="store_true",
+                    help="tune glibc malloc in the Dask workers first (the proposed fix, see tune_worker_malloc)")
     ap.add_argument("--width", type=int, default=WIDTH, help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, default=DEPTH, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -244,9 +261,12 @@ def main() -> None:
     part = partition(build_model(width=args.width, depth=args.depth), STAGES, method="explicit",
                      boundaries=[args.depth], example_input=data.inputs(0))
     load_before = os.getloadavg()[0]
+    ENV_BEFORE_DASK.update(os.environ)
     cluster = start_local_cluster(STAGES)
     with Client(cluster) as client:
         threads = worker_threads(client)
+        if args.worker_mallopt:
+            assert all(client.run(tune_worker_malloc).values()), "mallopt failed on a worker"
         common = {"steps": args.steps, "warmup": args.warmup}
         contestants = {
             "torch_single": lambda: run_single(accumulate=True, **common, **sizes),
@@ -272,7 +292,8 @@ def main() -> None:
     print(f"MLP {args.depth} x Linear({args.width}, {args.width}) + Tanh, head Linear({args.width}, {CLASSES}), "
           f"batch {args.batch} = {M} x {args.batch // M}, {STAGES} stages cut after layer {args.depth - 1}, "
           f"SGD lr {LR}, 1 thread per process (Dask workers' torch threads: {threads}); {args.steps} steps after "
-          f"{args.warmup} warm-up, best of {args.repeats} rounds; load average {load_before:.2f} before, "
+          f"{args.warmup} warm-up, best of {args.repeats} rounds"
+          f"{'; worker malloc tuned (--worker-mallopt)' if args.worker_mallopt else ''}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after")
     print(f"{'contestant':<26} {'samples/s':>9} {'vs single':>9} {'vs torch pp':>11} {'each round':>22} "
           f"{'loss first..last':>17}")
