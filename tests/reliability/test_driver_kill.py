@@ -1,0 +1,83 @@
+"""Kill the driver process, then `pipetrain resume`: same result as the uninterrupted run.
+
+`pipetrain train CONFIG --scheduler ADDR` runs as a subprocess against the
+test's cluster and is SIGKILLed once checkpoint 16 is committed. Its stage
+tasks are orphans then, still running on the workers: resuming tells them
+to stop (their generation's stop flag), fences them out of the checkpoint
+directory (a new generation), and continues from checkpoint 16. The loss
+history before the cut comes back from the checkpoint manifest.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipetrain.job import resume_run
+from reliability.jobs import EVERY, M, STEPS, assert_bit_identical, assert_exactly_once
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """
+run_dir = "{run_dir}"
+
+[model]
+entry = "models.synthetic:SleepSequential"
+kwargs = {{ num_layers = 3, forward_ms = 20, backward_ms = 40, seed = 7 }}
+
+[data]
+train = "models.synthetic:SleepData"
+kwargs = {{ nbytes = 4096 }}
+eval_microbatches = 0
+
+[partition]
+stages = 3
+method = "uniform"
+
+[schedule]
+name = "pipedream"
+microbatches = {m}
+steps = {steps}
+
+[optimizer]
+name = "sgd"
+lr = 0.05
+
+[checkpoint]
+every = {every}
+keep = 3
+
+[cluster]
+placement_timeout = 30
+"""
+
+
+def test_driver_killed_then_resumed(client, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "job.toml"
+    config.write_text(CONFIG.format(run_dir=run_dir, m=M, steps=STEPS, every=EVERY))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipetrain", "train", str(config), "--scheduler",
+                               client.scheduler.address, "-q"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    committed = run_dir / "checkpoints" / "step-0000000016" / "COMMITTED"
+    deadline = time.time() + 120
+    while not committed.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert driver.poll() is None, f"the driver ended before it could be killed: {driver.stderr.read().decode()}"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not (run_dir / "summary.json").exists()
+
+    result = resume_run(str(run_dir), scheduler=client.scheduler.address, progress=False)
+
+    assert_bit_identical(result, "pipedream")
+    assert_exactly_once(result)
+    assert [h["step"] for h in result.history] == list(range(STEPS))
+    log = (run_dir / "metrics.jsonl").read_text()
+    assert '"type": "resume"' in log and '"rollback_to": 16' in log
