@@ -210,6 +210,7 @@ class Driver:
                 placement = self._place(placement, lost)
                 if self.recoveries and lost is not None:
                     self.recoveries[-1]["place_seconds"] = time.time() - placed_at
+                    self.recoveries[-1]["placed_at"] = time.time()
                     self.recoveries[-1]["workers_after"] = dict(placement)
                 futures = self._submit(start, placement)
                 results = self._watch(start.generation, futures, placement, book)
@@ -445,6 +446,7 @@ class Driver:
             "load_seconds": max((m.get("load_seconds", 0.0) for m in ready), default=0.0),
             "startup_seconds": max((m.get("seconds", 0.0) for m in ready), default=0.0),
             "warmup_seconds": max(0.0, first_done - ready_at),
+            "ready_at": ready_at,
             "first_microbatch_at": first_done,
             "total_seconds": first_done - r["detected_at"],
         })
