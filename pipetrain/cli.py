@@ -32,7 +32,7 @@ def _partition(args: argparse.Namespace) -> int:
     kwargs = json.loads(args.kwargs) if args.kwargs else {}
     model = resolve(args.model, "MODEL")(**kwargs)
     example_entry = args.example or args.model.split(":")[0] + ":example_input"
-    example = resolve(example_entry, "--example")(**kwargs)
+    example = _call_with_accepted(resolve(example_entry, "--example"), kwargs)
     boundaries = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
     print(partition(model, args.stages, method=args.method, example_input=example, boundaries=boundaries))
     return 0
@@ -65,6 +65,17 @@ def _report(args: argparse.Namespace) -> int:
     from pipetrain.observe.report import report_command
 
     return report_command(args.run_dir)
+
+
+def _call_with_accepted(fn, kwargs: dict):
+    """Call ``fn`` with those of the builder's keyword arguments it accepts
+    (``example_input(context=...)`` shares some with ``build``, not all)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
 def _literal(text: str):

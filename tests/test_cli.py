@@ -1,0 +1,64 @@
+"""The command line: simulate, partition, and errors a user can act on."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipetrain.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_simulate_prints_the_grid_and_the_formula_bubble(capsys):
+    assert main(["simulate", "--stages", "4", "--microbatches", "8", "--schedule", "1f1b"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 3" in out and "F0 B0" in out.replace("  ", " ")
+    assert "27.3% simulated, 27.3% by formula (p-1)/(m+p-1) = 3/11" in out
+
+
+def test_simulate_async_schedule_reports_weight_versions(capsys):
+    assert main(["simulate", "--stages", "3", "--microbatches", "6", "--schedule", "2bw", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "weight versions" in out and "2bw" in out
+
+
+def test_unknown_schedule_is_a_clear_error(capsys):
+    assert main(["simulate", "--schedule", "zb"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown schedule 'zb'" in err and "gpipe, 1f1b, pipedream, 2bw" in err
+
+
+def test_partition_of_a_model_named_by_import_path(capsys):
+    assert main(["partition", "models.gpt:build", "--stages", "3", "--method", "params",
+                 "--kwargs", '{"n_layers": 4}']) == 0
+    out = capsys.readouterr().out
+    assert "6 layers in 3 stages" in out and "block3" in out and "share" in out
+
+
+def test_partition_with_bad_boundaries_names_the_problem(capsys):
+    assert main(["partition", "models.gpt:build", "--stages", "3", "--boundaries", "4,2"]) == 2
+    assert "increasing" in capsys.readouterr().err
+
+
+def test_bad_config_field_names_the_field_and_the_file(tmp_path, capsys):
+    config = tmp_path / "job.toml"
+    config.write_text('[model]\nentry = "models.gpt:build"\n[data]\ntrain = "models.text:CharWindows"\n'
+                      '[schedule]\nmicrobatches = 0\n')
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "schedule.microbatches: must be >= 1" in err
+
+
+@pytest.mark.slow
+def test_console_script_and_module_entry_points_work():
+    for cmd in ([str(Path(sys.executable).parent / "pipetrain"), "--help"], [sys.executable, "-m", "pipetrain", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 0 and "simulate" in proc.stdout
+
+
+def test_import_pipetrain_imports_no_framework():
+    code = ("import sys, pipetrain; pipetrain.Optimizer; "
+            "print(sorted(m for m in ('jax', 'torch', 'tensorflow', 'distributed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
+    assert out.strip() == "[]"
