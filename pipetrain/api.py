@@ -55,10 +55,24 @@ class FitResult:
         return self.samples / self.wall_seconds if self.wall_seconds else 0.0
 
 
+# Micro-batches between checkpoints when a checkpoint_dir is given without an
+# interval (rounded up to what the schedule allows). For the flagship GPT on
+# 2 CPU cores (~0.15 s per micro-batch) that is one checkpoint every ~10 s:
+# at most ~10 s of work to redo after a failure (as long as the recovery
+# itself takes, bench/recovery.py), while the snapshot on the compute thread
+# costs a few ms against those 10 s (bench/checkpoint_overhead.py measures it).
+DEFAULT_CHECKPOINT_EVERY = 64
+
+
+def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: int = 1) -> int:
+    unit = accumulate if schedule == "pipedream" else microbatches
+    return -(-DEFAULT_CHECKPOINT_EVERY // unit) * unit
+
+
 def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_method: str = "params",
         boundaries: list[int] | None = None, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10,
         accumulate: int = 1, optimizer: Any = None, client: Any = None, checkpoint_dir: str | None = None,
-        checkpoint_every: int = 0, keep_checkpoints: int = 3, resume: bool = False, run_dir: str | None = None,
+        checkpoint_every: int | None = None, keep_checkpoints: int = 3, resume: bool = False, run_dir: str | None = None,
         heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU", placement_timeout: float = 60.0,
         max_restarts: int = 3, spare_workers: int = 0, credits: int = 0, executor: str = "dask",
         progress: bool = True, job_id: str | None = None, record_events: bool = True,
@@ -75,7 +89,8 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     cancelled and its worker avoided), the stages are re-placed (spares
     first, waiting up to ``placement_timeout`` for replacements) and resume
     from the newest committed checkpoint in ``checkpoint_dir`` (written every
-    ``checkpoint_every`` micro-batches), at most ``max_restarts`` times.
+    ``checkpoint_every`` micro-batches; ``DEFAULT_CHECKPOINT_EVERY`` when a
+    directory is given without an interval), at most ``max_restarts`` times.
     ``resume=True`` continues a job stopped earlier from its checkpoints.
     """
     from pipetrain.partition import Partition, partition as make_partition
@@ -89,6 +104,9 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
             raise ValueError("fit: num_stages is required when model is not already a Partition")
         part = make_partition(model, num_stages, method=partition_method, example_input=data.inputs(0),
                               boundaries=boundaries)
+    if checkpoint_every is None:
+        checkpoint_every = (default_checkpoint_every(schedule=schedule, microbatches=microbatches,
+                                                     accumulate=accumulate) if checkpoint_dir else 0)
     checkpoint_url = checkpoint_dir or (str(Path(run_dir) / "checkpoints") if run_dir and checkpoint_every else None)
     schedule_args = dict(name=schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
                          accumulate=accumulate, checkpoint_every=checkpoint_every or None)

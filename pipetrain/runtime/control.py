@@ -1,7 +1,8 @@
 """The control plane: small messages between the driver and its stages.
 
 Activations and gradients never come here: they go worker to worker over the
-transport. This is only rendezvous (each stage's transport address), reports
+transport. This is only rendezvous (each stage's transport address, in the scheduler's
+metadata), reports
 (losses, busy time, checkpoint shards written) and the stop signal, carried
 by Dask's own coordination primitives through the scheduler, all namespaced
 by job id and generation so a stage of an old generation talks into the void.
@@ -60,29 +61,34 @@ class StageControl:
         self._watcher = threading.Thread(target=self._watch_stop, name="pipetrain-stop-watch", daemon=True)
         self._watcher.start()
 
+    def _metadata_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        from distributed import get_client
+
+        return get_client()
+
     def publish_address(self, stage: int, address: str) -> None:
-        from distributed import Variable
+        self._metadata_client().set_metadata(["pipetrain", self.names.address(stage)], address)
 
-        Variable(self.names.address(stage), client=self._client).set(address)
-
-    def peer_address(self, stage: int, *, timeout: float, wait_slice: float = 0.5) -> str:
-        """The transport address stage ``stage`` published; waits in slices so a
-        stop (a neighbour died while the generation was starting) ends the wait."""
-        from distributed import Variable
-
-        variable = Variable(self.names.address(stage), client=self._client)
+    def peer_address(self, stage: int, *, timeout: float, poll: float = 0.02) -> str:
+        """The transport address stage ``stage`` published. Polled (scheduler
+        metadata has a non-blocking read; a blocking ``Variable.get`` that times
+        out logs an error on the scheduler), so a stop (a neighbour died while
+        the generation was starting) ends the wait."""
+        client = self._metadata_client()
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                return variable.get(timeout=wait_slice)
-            except TimeoutError:
-                if self.stopped():
-                    from pipetrain.runtime.links import Stopped
+            address = client.get_metadata(["pipetrain", self.names.address(stage)], default=None)
+            if address is not None:
+                return address
+            if self.stopped():
+                from pipetrain.runtime.links import Stopped
 
-                    raise Stopped(f"stopped by the driver while waiting for the address of stage {stage}") from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"stage {stage} did not publish its transport address within {timeout:.0f} s") from None
+                raise Stopped(f"stopped by the driver while waiting for the address of stage {stage}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stage {stage} did not publish its transport address within {timeout:.0f} s")
+            time.sleep(poll)
 
     def stopped(self) -> bool:
         return self._stop_seen.is_set()

@@ -363,7 +363,11 @@ class Driver:
 
     # -- watching ---------------------------------------------------------
     def _alive(self) -> set[str]:
-        return set(self.client.scheduler_info(n_workers=-1)["workers"])
+        # Asked of the scheduler directly: ``Client.scheduler_info`` returns a
+        # cache that the client's periodic refresh may just have replaced with
+        # one holding no workers, which would read as "every worker left".
+        identity = self.client.sync(self.client.scheduler.identity, n_workers=-1)
+        return set(identity["workers"])
 
     def _watch(self, generation: int, futures: list[Any], placement: dict[int, str], book: _StepBook) -> list[dict]:
         control = DriverControl(ControlNames(self.plan.job_id, generation), client=self.client)
