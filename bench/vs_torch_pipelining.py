@@ -27,7 +27,13 @@ Each contestant takes its best of ``--repeats`` rounds (this is a shared
 second table splits each stage's steady-state wall time by action kind from
 ``result.events`` (RECV = waiting for input, SEND includes waiting for credit).
 
-    .venv/bin/python bench/vs_torch_pipelining.py [--steps 10] [--warmup 2] [--repeats 2]
+``--worker-mallopt`` first tunes glibc malloc inside the Dask workers (see
+``tune_worker_malloc``): Dask's nanny starts workers with
+``MALLOC_TRIM_THRESHOLD_=65536``, which pins glibc's mmap threshold at 128 KiB,
+so every gradient and weight tensor is a fresh mmap + page faults + munmap.
+The flag shows what pipetrain gains once it does this itself.
+
+    .venv/bin/python bench/vs_torch_pipelining.py [--steps 10] [--warmup 2] [--repeats 3] [--worker-mallopt]
 
 Prints tables, then one JSON line:
 {"samples_per_s": {"torch_single": ..., "torch_pipelining_1f1b": ..., "pipetrain_1f1b": ...,
@@ -234,7 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="measured steps (mini-batches) per contestant")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds; each contestant keeps its best")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each contestant keeps its best")
     ap.add_argument("--worker-mallopt", action="store_true",
                     help="tune glibc malloc in the Dask workers first (the proposed fix, see tune_worker_malloc)")
     ap.add_argument("--width", type=int, default=WIDTH, help=argparse.SUPPRESS)
