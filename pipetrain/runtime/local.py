@@ -23,6 +23,12 @@ DETERMINISTIC_ENV = {
     # Stages of the embedded cluster share one host, and on a GPU host one
     # device: no process may grab most of its memory up front.
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    # A worker that replaces a lost one (recovery), and every later run,
+    # loads the stages' compiled programs from disk instead of compiling
+    # again: measured 4.5 s -> 1.0 s for the flagship's first step.
+    "JAX_COMPILATION_CACHE_DIR": os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pipetrain", "jax")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
 }
 
 

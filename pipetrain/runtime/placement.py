@@ -161,7 +161,9 @@ def wait_for_placement(client, needs: Sequence[StageNeed], *, resource: str | No
                        timeout: float = 60.0, poll: float = 0.5) -> Placement:
     """Poll a synchronous `distributed.Client` until the stages can be placed."""
     def attempt() -> Placement:
-        info = client.scheduler_info(n_workers=-1)
+        # Asked of the scheduler, not the client's periodically refreshed cache,
+        # which can briefly read as "no workers".
+        info = client.sync(client.scheduler.identity, n_workers=-1)
         return place(workers_from_scheduler_info(info), needs, resource=resource,
                      exclude=exclude, require_resource=require_resource)
 
