@@ -48,6 +48,7 @@ class StageLost(RuntimeError):
         super().__init__(f"{where}: {reason}")
         self.stages, self.workers, self.reason = stages, workers, reason
         self.worker_died = worker_died
+        self.deterministic = False  # set when the stage's own computation raised
         self.detected_at = time.time()
 
     @property
@@ -223,6 +224,9 @@ class Driver:
                 stop_seconds = self._stop(start.generation, futures, placement, lost)
                 restarts += 1
                 latest = self._latest_checkpoint()
+                if lost.deterministic:
+                    self._fail(lost, latest, "the stage's own computation failed, so a restart would fail "
+                                             "the same way")
                 if restarts > self.plan.max_restarts:
                     self._fail(lost, latest, f"gave up after {self.plan.max_restarts} restart(s)")
                 start = self._rollback(start.generation + 1, latest)
@@ -355,7 +359,8 @@ class Driver:
                            source=plan.source, checkpoint_url=plan.checkpoint_url,
                            resume_cut=start.cut or None, credits=plan.credits, security=plan.security,
                            max_events=StageJob.max_events if plan.record_events else 0,
-                           resume_ledger=start.ledgers.get(spec.index))
+                           resume_ledger=start.ledgers.get(spec.index),
+                           input_specs=_boundary_specs(plan.partition, spec.index))
             futures.append(self.client.submit(run_stage, job, workers=[placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
                                               key=f"pipetrain-{plan.job_id}-g{start.generation}-stage{spec.index}"))
@@ -405,9 +410,12 @@ class Driver:
             return
         s = failed[0]
         f = futures[s]
-        reason = _short(f.exception()) if f.status == "error" else f"task {f.status}"
+        error = f.exception() if f.status == "error" else None
+        reason = _short(error) if error is not None else f"task {f.status}"
         died = "KilledWorker" in reason
-        raise StageLost([s], [placement[s]], reason, worker_died=died)
+        lost = StageLost([s], [placement[s]], reason, worker_died=died)
+        lost.deterministic = error is not None and _is_computation_error(error)
+        raise lost
 
     def _handle(self, message: dict, book: _StepBook, shards: dict, generation: int) -> None:
         kind = message.get("type")
@@ -492,6 +500,35 @@ class Driver:
             self.progress.note(f"recovery: stage {s} on {placement[s]} did not stop within "
                                f"{self.plan.stop_timeout:g} s; cancelled, and that worker is avoided")
         return time.time() - started
+
+
+# Errors of the machinery around a stage (a vanished peer, a stop, a timeout,
+# a lost worker): a restart may cure them. Anything else came from the
+# stage's own computation on its data, which a restart would only repeat.
+_RETRYABLE = ("PeerLost", "TransportError", "TransportTimeout", "Stopped", "TimeoutError", "KilledWorker",
+              "CancelledError", "CommClosedError", "StaleGenerationError", "MemoryError")
+
+
+def _is_computation_error(error: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return not (names & set(_RETRYABLE)) and not isinstance(error, OSError)
+
+
+def _boundary_specs(partition: Any, stage: int) -> Any:
+    """What stage ``stage`` must receive: the previous stage's output specs
+    as traced by the partitioner, every dimension but the last free (batch
+    and sequence length may vary per micro-batch; dtypes and feature sizes
+    may not)."""
+    if stage == 0:
+        return None
+    from pipetrain.stages.base import TensorSpec
+    from pipetrain.tree import tree_map
+
+    def relaxed(spec: TensorSpec) -> TensorSpec:
+        shape = tuple(None for _ in spec.shape[:-1]) + tuple(spec.shape[-1:])
+        return TensorSpec(shape, spec.dtype)
+
+    return tree_map(relaxed, partition.stages[stage - 1].output_specs)
 
 
 def _short(error: BaseException | None) -> str:

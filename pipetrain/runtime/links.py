@@ -8,6 +8,8 @@ vanished peer ends the wait promptly instead of hanging the task.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -24,13 +26,79 @@ class Stopped(RuntimeError):
     """The driver stopped this generation (a recovery is under way)."""
 
 
+class _Sender:
+    """Sends on one channel from a thread of its own, in order.
+
+    The compute thread hands over a host copy and goes on computing; this
+    thread waits for credit and writes. The hand-over queue holds at most
+    ``credits`` messages, so the stage still cannot run ahead of the
+    schedule's memory bound. One thread per channel: a send blocked on the
+    previous stage's credit never holds back one to the next stage.
+    """
+
+    def __init__(self, links: "TransportLinks", channel: Any, credits: int):
+        self.links, self.channel = links, channel
+        self.pending: queue.Queue = queue.Queue(maxsize=max(1, credits))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"pipetrain-send-{channel.peer}", daemon=True)
+        self.thread.start()
+
+    def submit(self, item: tuple) -> None:
+        deadline = time.monotonic() + self.links.timeout
+        while True:
+            self.raise_error()
+            try:
+                self.pending.put(item, timeout=self.links.wait_slice)
+                return
+            except queue.Full:
+                self.links._check_stop_or_deadline(deadline, f"waiting to send {item[0].name} of micro-batch {item[1]}")
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            item = self.pending.get()
+            if item is None:
+                self.pending.task_done()
+                return
+            try:
+                if self.error is None:
+                    self._put(*item)
+            except BaseException as e:  # handed to the compute thread at its next send or flush
+                self.error = e
+            finally:
+                self.pending.task_done()
+
+    def _put(self, wire_kind: Any, k: int, tree: Any, version: int) -> None:
+        deadline = time.monotonic() + self.links.timeout
+        while True:
+            try:
+                self.channel.put(wire_kind, k, tree, version=version, timeout=self.links.wait_slice)
+                return
+            except TransportTimeout:
+                self.links._check_stop_or_deadline(deadline, f"waiting for credit to send {wire_kind.name} of "
+                                                             f"micro-batch {k}")
+
+    def drain(self) -> None:
+        self.pending.join()
+        self.raise_error()
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.thread.join(timeout=self.links.timeout)
+
+
 class TransportLinks:
     def __init__(self, endpoint: Endpoint, *, to_next: Any, to_prev: Any, control: Any,
                  wait_slice: float = 0.5, timeout: float = 600.0, expect_input: Any = None):
         self.endpoint, self.control = endpoint, control
-        self.channels = {Kind.SEND_ACT: to_next, Kind.SEND_GRAD: to_prev}
         self.wait_slice, self.timeout = wait_slice, timeout
         self.expect_input = expect_input
+        self.senders = {kind: _Sender(self, channel, channel.credits)
+                        for kind, channel in ((Kind.SEND_ACT, to_next), (Kind.SEND_GRAD, to_prev))
+                        if channel is not None}
 
     def ready(self, kind: Kind, k: int) -> bool:  # the worker blocks in recv instead
         return True
@@ -45,14 +113,9 @@ class TransportLinks:
                 self._check_stop_or_deadline(deadline, f"waiting for {kind.value} of micro-batch {k}")
 
     def send(self, kind: Kind, k: int, version: int | None, tree: Any) -> None:
-        host = to_numpy(tree)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                self.channels[kind].put(_WIRE_KIND[kind], k, host, version=version or 0, timeout=self.wait_slice)
-                return
-            except TransportTimeout:
-                self._check_stop_or_deadline(deadline, f"waiting for credit to send {kind.value} of micro-batch {k}")
+        # The host copy is made here, in the compute thread, so the stage's
+        # arrays are never read while its next action runs.
+        self.senders[kind].submit((_WIRE_KIND[kind], k, to_numpy(tree), version or 0))
 
     def _check_stop_or_deadline(self, deadline: float, what: str) -> None:
         if self.control.stopped():
@@ -62,9 +125,13 @@ class TransportLinks:
 
     def flush(self) -> None:
         """Wait until the neighbours took everything sent (before the task ends)."""
-        for channel in self.channels.values():
-            if channel is not None:
-                channel.wait_acked(timeout=self.timeout)
+        for sender in self.senders.values():
+            sender.drain()
+            sender.channel.wait_acked(timeout=self.timeout)
+
+    def close(self) -> None:
+        for sender in self.senders.values():
+            sender.close()
 
 
 def _listen_host() -> str:
@@ -101,7 +168,7 @@ def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
     spec = job.spec
     endpoint = Endpoint.start(stage=spec.index, host=_listen_host(), security=_security(job),
                               credits=_credits(job), generation=job.generation)
-    to_next = to_prev = None
+    to_next = to_prev = links = None
     try:
         control.publish_address(spec.index, endpoint.address)
         if not spec.is_last:
@@ -113,6 +180,8 @@ def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
         yield links
         links.flush()
     finally:
+        if links is not None:
+            links.close()
         for channel in (to_next, to_prev):
             if channel is not None:
                 channel.close()

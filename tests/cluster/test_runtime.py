@@ -56,3 +56,39 @@ def test_bad_schedule_fails_before_any_worker_starts(client):
     part = partition(mlp.build(), 2, example_input=source.inputs(0))
     with pytest.raises(ValueError, match="2bw"):
         fit(part, source, client=client, schedule="2bw", microbatches=1, steps=1, progress=False)
+
+
+def test_a_boundary_that_does_not_match_the_partition_names_both_stages_and_the_tensor(client):
+    import jax.numpy as jnp
+
+    from pipetrain.stages.jax_layers import Layer
+    from pipetrain.stages.jax_stage import JaxSequential
+
+    def narrows_on_micro_batch_3(params, x):
+        # Traced with float32; from the 4th micro-batch (8 rows) on, emits float16.
+        return x.astype(jnp.float16) if x.shape[0] == 8 else x
+
+    x = np.ones((4, 3), np.float32)
+
+    class Source:
+        microbatch_size = 4
+
+        def inputs(self, k):
+            return np.ones((8 if k >= 3 else 4, 3), np.float32)
+
+        def targets(self, k):
+            return np.ones((8 if k >= 3 else 4, 3), np.float32)
+
+    layers = [Layer("cast", lambda key, spec: {}, narrows_on_micro_batch_3),
+              Layer("scale", lambda key, spec: {"w": jnp.ones(())}, lambda p, x: x * p["w"])]
+    model = JaxSequential(layers, loss=lambda out, t: jnp.mean((out - t) ** 2), example_input=x)
+    part = partition(model, 2, method="uniform", example_input=x)
+    from pipetrain.runtime.driver import JobFailed
+
+    with pytest.raises(JobFailed) as failure:
+        fit(part, Source(), client=client, schedule="1f1b", microbatches=2, steps=3, max_restarts=3,
+            progress=False)
+    message = str(failure.value)
+    assert "stage 0 -> stage 1: tensor <value> is float16[8,3] but stage 1 expects float32[None,3]" in message
+    # A mistake in the stage's own computation is not retried (max_restarts=3).
+    assert "a restart would fail the same way" in message
