@@ -296,13 +296,13 @@ def test_stage_gauges_reject_unknown_figures():
 # --- a real multi-process run ------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["1f1b", "pipedream"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "pipedream", "2bw"])
 def test_trace_of_a_real_run_matches_its_schedule_and_the_simulated_bubble(tmp_path, name):
     from models.synthetic import SleepData, SleepSequential
     from pipetrain.api import fit
     from pipetrain.observe.trace import measured_figures, write_chrome_trace
 
-    fit(SleepSequential(3, forward_ms=10, backward_ms=20), SleepData(nbytes=1 << 12), num_stages=3,
+    fit(SleepSequential(3, forward_ms=20, backward_ms=40), SleepData(nbytes=1 << 12), num_stages=3,
         partition_method="uniform", schedule=name, microbatches=6, steps=4, run_dir=str(tmp_path), resource="",
         progress=False)
     schedule = build_schedule(name, num_stages=3, microbatches=6, steps=4)

@@ -181,11 +181,36 @@ def _install_gauges(job: StageJob) -> Any:
     return StageGauges(stage=job.spec.index, job_id=job.job_id).install(worker)
 
 
+def _keep_freed_memory() -> None:
+    """Undo what Dask's nanny does to glibc's allocator for this process.
+
+    The nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also
+    pins glibc's mmap threshold at 128 KiB: every activation, gradient and
+    weight tensor then becomes mmap + page faults + munmap. Measured on the
+    torch benchmark: 266k page faults against 29k, backward 15 -> 7.5 ms,
+    update 30 -> 3 ms. The variable is read at process start, so only
+    mallopt at run time helps. Cost: up to 256 MiB of freed heap is kept
+    for reuse instead of returned (Dask shows it as unmanaged memory).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl)
+        return
+    libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum on 64-bit
+
+
 def run_stage(job: StageJob) -> dict:
     """The body of a stage task. Returns {"state", "events", "ledger"}."""
     from pipetrain.runtime.links import open_links
     from pipetrain.schedule.builders import build_schedule
 
+    _keep_freed_memory()
     started = time.time()
     control = StageControl(ControlNames(job.job_id, job.generation))
     gauges = _install_gauges(job)

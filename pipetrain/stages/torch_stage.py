@@ -252,10 +252,16 @@ class TorchStage:
             # Nothing to apply: the new version is the latest one, unchanged.
             self._versions[new_version] = dict(latest)
         else:
-            mean = {n: g / self._accumulated for n, g in self._acc.items()}
-            self._versions[new_version], self._opt_state = self._opt.step(latest, mean, self._opt_state)
+            # In place, over all tensors at once (torch's multi-tensor ops): the
+            # accumulator is averaged where it lies, then zeroed for reuse, so an
+            # update allocates nothing but the new version (and the optimizer
+            # state it keeps).
+            names = list(self._acc)
+            grads = [self._acc[n] for n in names]
+            torch._foreach_div_(grads, float(self._accumulated))
+            self._versions[new_version], self._opt_state = self._opt.step(latest, self._acc, self._opt_state)
+            torch._foreach_zero_(grads)
         self._latest = new_version
-        self._acc = {n: torch.zeros_like(g) for n, g in self._acc.items()}
         self._accumulated = 0
 
     def release(self, version: int) -> None:
@@ -346,6 +352,10 @@ class _TensorOptimizer:
         o = self.opt
         count = state["count"] + 1
         new_state = {"count": count}
+        if o.name == "sgd":  # the common case: one fused multi-tensor op
+            names = list(params)
+            updated = torch._foreach_add([params[n] for n in names], [grads[n] for n in names], alpha=-o.lr)
+            return dict(zip(names, updated)), new_state
         new_params = {}
         for n, p in params.items():
             g = grads[n]
