@@ -118,7 +118,6 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         raise ConfigError(f"{path + '.' if path else ''}{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in raw.items():
-        f = known[name]
         full = f"{path}.{name}" if path else name
         ftype = _field_type(cls, name)
         if is_dataclass(ftype):

@@ -16,7 +16,7 @@ recoveries the final ledger says how often each id reached the weights.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipetrain.optim import Optimizer
+from pipetrain.stages import flat_state
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_tf
 from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
@@ -291,41 +292,22 @@ class KerasStage:
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        state: dict[str, np.ndarray] = {}
-        for v, params in self._versions.items():
-            state.update({f"v{v}/{n}": _numpy_copy(t) for n, t in params.items()})
-        state.update({f"opt/{n}": _numpy_copy(t) for n, t in self._opt_state.items()})
-        state.update({f"acc/{n}": _numpy_copy(t) for n, t in self._acc.items()})
-        state["meta/versions"] = np.array(sorted(self._versions), np.int64)
-        state["meta/latest"] = np.array(self._latest, np.int64)
-        state["meta/accumulated"] = np.array(self._accumulated, np.int64)
-        return state
+        return flat_state.pack(self._versions, self._opt_state, self._acc, latest=self._latest,
+                               accumulated=self._accumulated, to_numpy=_numpy_copy)
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        template = self._versions[self._latest]
-
-        def get(key: str, like: tf.Tensor | None = None) -> tf.Tensor:
-            if key not in state:
-                raise KeyError(f"stage {self.spec.index}: state has no {key!r}")
-            a = np.array(state[key])  # an owned, writable copy: TF shares it
-            if like is not None and (a.shape != tuple(like.shape) or str(a.dtype) != like.dtype.name):
+        def convert(key: str, a: np.ndarray, like: tf.Tensor) -> tf.Tensor:
+            if a.shape != tuple(like.shape) or str(a.dtype) != like.dtype.name:
                 raise ValueError(f"stage {self.spec.index}: state {key!r} is {a.dtype}{list(a.shape)}, "
                                  f"expected {like.dtype.name}{list(like.shape)}")
             with self._device():
                 return tf.identity(to_tf(a))
 
-        versions = [int(v) for v in np.asarray(state.get("meta/versions", []))]
-        known = {f"acc/{n}" for n in self._all_names} | {f"opt/{n}" for n in self._opt_state}
-        known |= {"meta/versions", "meta/latest", "meta/accumulated"}
-        known |= {f"v{v}/{n}" for v in versions for n in self._all_names}
-        unexpected = sorted(set(state) - known)
-        if unexpected:
-            raise KeyError(f"stage {self.spec.index}: unexpected state keys {unexpected[:5]}")
-        self._versions = {v: {n: get(f"v{v}/{n}", template[n]) for n in self._all_names} for v in versions}
-        self._opt_state = {n: get(f"opt/{n}", t) for n, t in self._opt_state.items()}
-        self._acc = {n: get(f"acc/{n}", template[n]) for n in self._all_names}
-        self._latest = int(state["meta/latest"])
-        self._accumulated = int(state["meta/accumulated"])
+        restored = flat_state.unpack(state, stage=self.spec.index, names=self._all_names,
+                                     template=self._versions[self._latest], opt_template=self._opt_state,
+                                     convert=convert)
+        self._versions, self._opt_state, self._acc = restored.versions, restored.opt_state, restored.acc
+        self._latest, self._accumulated = restored.latest, restored.accumulated
         self._pending.clear()
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pipetrain.optim import Optimizer
+from pipetrain.stages import flat_state
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_torch
 from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
@@ -292,39 +293,22 @@ class TorchStage:
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        state: dict[str, np.ndarray] = {}
-        for v, params in self._versions.items():
-            state.update({f"v{v}/{n}": _numpy_copy(t) for n, t in params.items()})
-        state.update({f"opt/{n}": _numpy_copy(t) for n, t in self._opt_state.items()})
-        state.update({f"acc/{n}": _numpy_copy(t) for n, t in self._acc.items()})
-        state["meta/versions"] = np.array(sorted(self._versions), np.int64)
-        state["meta/latest"] = np.array(self._latest, np.int64)
-        state["meta/accumulated"] = np.array(self._accumulated, np.int64)
-        return state
+        return flat_state.pack(self._versions, self._opt_state, self._acc, latest=self._latest,
+                               accumulated=self._accumulated, to_numpy=_numpy_copy)
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        def get(key: str, like: torch.Tensor | None = None) -> torch.Tensor:
-            if key not in state:
-                raise KeyError(f"stage {self.spec.index}: state has no {key!r}")
-            t = to_torch(np.array(state[key]), device=self.device).clone()
-            if like is not None and (t.shape != like.shape or t.dtype != like.dtype):
+        def convert(key: str, a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+            t = to_torch(a, device=self.device).clone()
+            if t.shape != like.shape or t.dtype != like.dtype:
                 raise ValueError(f"stage {self.spec.index}: state {key!r} is {dtype_name(t)}{list(t.shape)}, "
                                  f"expected {dtype_name(like)}{list(like.shape)}")
             return t
 
-        template = self._versions[self._latest]
-        known = {f"{prefix}/{n}" for prefix in ("acc",) for n in self._names}
-        known |= {f"opt/{n}" for n in self._opt_state} | {"meta/versions", "meta/latest", "meta/accumulated"}
-        versions = [int(v) for v in np.asarray(state.get("meta/versions", []))]
-        known |= {f"v{v}/{n}" for v in versions for n in self._names}
-        unexpected = sorted(set(state) - known)
-        if unexpected:
-            raise KeyError(f"stage {self.spec.index}: unexpected state keys {unexpected[:5]}")
-        self._versions = {v: {n: get(f"v{v}/{n}", template[n]) for n in self._names} for v in versions}
-        self._opt_state = {n: get(f"opt/{n}", t) for n, t in self._opt_state.items()}
-        self._acc = {n: get(f"acc/{n}", template[n]) for n in self._names}
-        self._latest = int(get("meta/latest"))
-        self._accumulated = int(get("meta/accumulated"))
+        restored = flat_state.unpack(state, stage=self.spec.index, names=self._names,
+                                     template=self._versions[self._latest], opt_template=self._opt_state,
+                                     convert=convert)
+        self._versions, self._opt_state, self._acc = restored.versions, restored.opt_state, restored.acc
+        self._latest, self._accumulated = restored.latest, restored.accumulated
         self._pending.clear()
 
 
