@@ -103,7 +103,19 @@ def summarize(result: Any, cfg: JobConfig) -> dict:
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_after,
         "recoveries": len(result.recoveries), "run_dir": str(cfg.run_dir),
+        "checkpoint": _latest_checkpoint(cfg),
     }
+
+
+def _latest_checkpoint(cfg: JobConfig) -> dict | None:
+    if not cfg.checkpoint.every:
+        return None
+    from pipetrain.checkpoint.store import CheckpointStore
+
+    latest = CheckpointStore(cfg.checkpoint_url()).latest()
+    if latest is None:
+        return None
+    return {"cut": latest.cut, "path": latest.path, "every": cfg.checkpoint.every, "keep": cfg.checkpoint.keep}
 
 
 def render_summary(s: dict) -> str:
@@ -117,6 +129,9 @@ def render_summary(s: dict) -> str:
         ("train loss", f"{fmt(s['train_loss_first'])} -> {fmt(s['train_loss_last'])}"),
         ("held-out loss", f"{fmt(s['heldout_loss_before'])} -> {fmt(s['heldout_loss_after'])}"),
         ("recoveries", str(s["recoveries"])),
+        ("checkpoints", "none" if not s.get("checkpoint") else
+         f"every {s['checkpoint']['every']} micro-batches, last {s['checkpoint']['keep']} kept; latest at "
+         f"micro-batch {s['checkpoint']['cut']}: {s['checkpoint']['path']}"),
         ("run directory", s["run_dir"]),
     ]
     width = max(len(k) for k, _ in rows)
