@@ -7,9 +7,9 @@ metadata), reports
 by Dask's own coordination primitives through the scheduler, all namespaced
 by job id and generation so a stage of an old generation talks into the void.
 
-The stop flag is watched by a thread of its own (one blocking ``Event.wait``
-at a time on the scheduler), so the compute thread checks a local flag: cheap
-enough to look at after every action, not only while waiting for data.
+The stop flag is watched by a thread of its own (polling the scheduler four
+times a second), so the compute thread checks a local flag: cheap enough to
+look at after every action, not only while waiting for data.
 """
 from __future__ import annotations
 
@@ -94,13 +94,16 @@ class StageControl:
         return self._stop_seen.is_set()
 
     def _watch_stop(self) -> None:
-        while not self._closed.is_set():
+        # Polled with is_set rather than a blocking Event.wait: a wait still
+        # pending on the scheduler when the task ends or the cluster closes is
+        # cancelled there and logged as an error.
+        while not self._closed.wait(0.25):
             try:
-                if self._stop.wait(timeout=1.0):
+                if self._stop.is_set():
                     self._stop_seen.set()
                     return
             except Exception:  # scheduler unreachable for a moment: try again
-                self._closed.wait(0.5)
+                continue
 
     def report(self, message: dict) -> None:
         self._outbox.put(message)
