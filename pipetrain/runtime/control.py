@@ -1,11 +1,11 @@
 """The control plane: small messages between the driver and its stages.
 
 Activations and gradients never come here: they go worker to worker over the
-transport. This is only rendezvous (each stage's transport address, in the scheduler's
-metadata), reports
-(losses, busy time, checkpoint shards written) and the stop signal, carried
-by Dask's own coordination primitives through the scheduler, all namespaced
-by job id and generation so a stage of an old generation talks into the void.
+transport. This is only rendezvous (each stage's transport address, in the
+scheduler's metadata), reports (losses, busy time, checkpoint shards written)
+and the stop signal, carried by Dask's own coordination primitives through
+the scheduler, all namespaced by job id and generation so a stage of an old
+generation talks into the void.
 
 The stop flag is watched by a thread of its own (polling the scheduler four
 times a second), so the compute thread checks a local flag: cheap enough to
