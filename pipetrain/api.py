@@ -76,7 +76,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
         heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU", placement_timeout: float = 60.0,
         max_restarts: int = 3, spare_workers: int = 0, credits: int = 0, executor: str = "dask",
         progress: bool = True, job_id: str | None = None, record_events: bool = True,
-        stop_timeout: float = 10.0) -> FitResult:
+        stop_timeout: float = 10.0, checkpoint_seconds: float = 0.0) -> FitResult:
     """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
@@ -91,6 +91,8 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     from the newest committed checkpoint in ``checkpoint_dir`` (written every
     ``checkpoint_every`` micro-batches; ``DEFAULT_CHECKPOINT_EVERY`` when a
     directory is given without an interval), at most ``max_restarts`` times.
+    ``checkpoint_seconds``: also checkpoint once that long has passed since
+    the last one (at a cut the driver picks ahead of every stage).
     ``resume=True`` continues a job stopped earlier from its checkpoints.
     """
     from pipetrain.partition import Partition, partition as make_partition
@@ -107,7 +109,8 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     if checkpoint_every is None:
         checkpoint_every = (default_checkpoint_every(schedule=schedule, microbatches=microbatches,
                                                      accumulate=accumulate) if checkpoint_dir else 0)
-    checkpoint_url = checkpoint_dir or (str(Path(run_dir) / "checkpoints") if run_dir and checkpoint_every else None)
+    checkpoint_url = checkpoint_dir or (str(Path(run_dir) / "checkpoints")
+                                        if run_dir and (checkpoint_every or checkpoint_seconds) else None)
     schedule_args = dict(name=schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
                          accumulate=accumulate, checkpoint_every=checkpoint_every or None)
     build_schedule(**schedule_args)  # validates before any worker starts
@@ -128,6 +131,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
                        checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
                        placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
                        resume=resume, record_events=record_events, stop_timeout=stop_timeout,
+                       checkpoint_seconds=checkpoint_seconds,
                        **({"job_id": job_id} if job_id else {}))
         with _client(client, len(part.stages) + spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()

@@ -52,7 +52,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # micro-batches; 0 = no checkpoints
+    every: int = 0  # micro-batches; 0 = none at fixed intervals
+    seconds: float = 0.0  # also one whenever this long passed since the last; 0 = off
     keep: int = 3
     dir: str = ""  # default: RUN_DIR/checkpoints (any fsspec URL)
 
@@ -92,6 +93,7 @@ class JobConfig:
         _check(self.schedule.accumulate >= 1, "schedule.accumulate", "must be >= 1")
         _check(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 turns checkpoints off)")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.checkpoint.seconds >= 0, "checkpoint.seconds", "must be >= 0 (0 turns time-based checkpoints off)")
         _check(self.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
         _check(self.data.eval_microbatches >= 0, "data.eval_microbatches", "must be >= 0")
         return self

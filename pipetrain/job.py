@@ -35,8 +35,9 @@ def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: st
     cfg = cfgmod.from_dict(saved["config"], origin=str(job_file))
     if Path(cfg.run_dir).resolve() != Path(run_dir).resolve():
         cfg = _with_run_dir(cfg, run_dir)
-    if not cfg.checkpoint.every:
-        raise ConfigError(f"{job_file}: checkpoint.every is 0, so this job wrote no checkpoints to resume from")
+    if not (cfg.checkpoint.every or cfg.checkpoint.seconds):
+        raise ConfigError(f"{job_file}: checkpoint.every and checkpoint.seconds are 0, so this job wrote no "
+                          f"checkpoints to resume from")
     return _run(cfg, job_id=saved["job_id"], scheduler=scheduler, scheduler_file=scheduler_file, executor="dask",
                 progress=progress, resume=True)
 
@@ -74,8 +75,10 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     client = _client_arg(scheduler, scheduler_file)
     result = fit(part, train, schedule=cfg.schedule.name, microbatches=cfg.schedule.microbatches,
                  steps=cfg.schedule.steps, accumulate=cfg.schedule.accumulate, optimizer=cfg.optimizer,
-                 client=client, checkpoint_dir=cfg.checkpoint_url() if cfg.checkpoint.every else None,
-                 checkpoint_every=cfg.checkpoint.every, keep_checkpoints=cfg.checkpoint.keep, resume=resume,
+                 client=client,
+                 checkpoint_dir=cfg.checkpoint_url() if cfg.checkpoint.every or cfg.checkpoint.seconds else None,
+                 checkpoint_every=cfg.checkpoint.every, checkpoint_seconds=cfg.checkpoint.seconds,
+                 keep_checkpoints=cfg.checkpoint.keep, resume=resume,
                  run_dir=cfg.run_dir, heldout=heldout, eval_microbatches=cfg.data.eval_microbatches,
                  resource=cfg.cluster.resource, placement_timeout=cfg.cluster.placement_timeout,
                  max_restarts=cfg.cluster.max_restarts, credits=cfg.cluster.credits, executor=executor,
@@ -108,7 +111,7 @@ def summarize(result: Any, cfg: JobConfig) -> dict:
 
 
 def _latest_checkpoint(cfg: JobConfig) -> dict | None:
-    if not cfg.checkpoint.every:
+    if not (cfg.checkpoint.every or cfg.checkpoint.seconds):
         return None
     from pipetrain.checkpoint.store import CheckpointStore
 
@@ -130,7 +133,7 @@ def render_summary(s: dict) -> str:
         ("held-out loss", f"{fmt(s['heldout_loss_before'])} -> {fmt(s['heldout_loss_after'])}"),
         ("recoveries", str(s["recoveries"])),
         ("checkpoints", "none" if not s.get("checkpoint") else
-         f"every {s['checkpoint']['every']} micro-batches, last {s['checkpoint']['keep']} kept; latest at "
+         f"every {s['checkpoint']['every'] or '-'} micro-batches, last {s['checkpoint']['keep']} kept; latest at "
          f"micro-batch {s['checkpoint']['cut']}: {s['checkpoint']['path']}"),
         ("run directory", s["run_dir"]),
     ]

@@ -40,6 +40,10 @@ class ControlNames:
     def stop(self) -> str:
         return f"{self.prefix}/stop"
 
+    @property
+    def checkpoint_request(self) -> list[str]:
+        return ["pipetrain", f"{self.prefix}/checkpoint-request"]
+
 
 class StageControl:
     """A stage's side: publish its address, find its neighbours, report."""
@@ -57,6 +61,7 @@ class StageControl:
         self._courier = threading.Thread(target=self._deliver, name="pipetrain-courier", daemon=True)
         self._courier.start()
         self._stop_seen = threading.Event()
+        self.requested_cut: int | None = None  # a time-based checkpoint the driver asked for
         self._closed = threading.Event()
         self._watcher = threading.Thread(target=self._watch_stop, name="pipetrain-stop-watch", daemon=True)
         self._watcher.start()
@@ -102,6 +107,7 @@ class StageControl:
                 if self._stop.is_set():
                     self._stop_seen.set()
                     return
+                self.requested_cut = self._metadata_client().get_metadata(self.names.checkpoint_request, default=None)
             except Exception:  # scheduler unreachable for a moment: try again
                 continue
 
@@ -164,3 +170,7 @@ class DriverControl:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def request_checkpoint(self, client: Any, cut: int) -> None:
+        """Ask every stage for a checkpoint at ``cut`` (time-based checkpoints)."""
+        client.set_metadata(self.names.checkpoint_request, cut)

@@ -74,6 +74,7 @@ class JobPlan:
     schedule_args: dict
     checkpoint_url: str | None = None
     keep_checkpoints: int = 3
+    checkpoint_seconds: float = 0.0  # also checkpoint when this long passed since the last commit
     resource: str = "GPU"
     placement_timeout: float = 60.0
     max_restarts: int = 3
@@ -177,6 +178,60 @@ class _Start:
     generation: int
     cut: int = 0
     ledgers: dict[int, dict] = field(default_factory=dict)
+
+
+class _TimedCheckpoints:
+    """Checkpoints every ``checkpoint_seconds`` as well as every N micro-batches.
+
+    A cut must be one every stage reaches after it hears of it, so the driver
+    picks K about a second (and at least two steps) past the furthest step any
+    stage reported, and asks for it on the control plane; each stage snapshots right after its B of K - 1
+    (and the U that follows), the point a scheduled CHECKPOINT K occupies. A
+    stage that heard too late says so and the driver asks again later. Which
+    cuts get taken depends on timing; the numbers never do.
+    """
+
+    def __init__(self, plan: JobPlan, client: Any, control: DriverControl, metrics: MetricsLog):
+        self.plan, self.client, self.control, self.metrics = plan, client, control, metrics
+        self.last = time.time()
+        self.furthest_step = -1
+        self.step_seconds = 0.0  # the latest pace, from the furthest stage's reports
+        self._furthest_at = 0.0
+        self.pending: int | None = None
+
+    # Reports reach the driver late and stages see a request only at their
+    # next poll: the cut must lie this far ahead of what the driver knows.
+    LEAD_SECONDS = 1.0
+
+    def heard(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "step" and message["step"] > self.furthest_step:
+            if self.furthest_step >= 0:
+                steps = message["step"] - self.furthest_step
+                self.step_seconds = (message["time"] - self._furthest_at) / steps
+            self.furthest_step, self._furthest_at = message["step"], message["time"]
+        elif kind == "missed" and message["cut"] == self.pending:
+            self.metrics.write({"type": "checkpoint-missed", "cut": message["cut"], "stage": message["stage"]})
+            self.pending = None
+        elif kind == "shard" and message["stage"] == 0:
+            # Stage 0 is the last to pass any cut: its shard marks the cut done.
+            self.last = time.time()
+            if message["cut"] == self.pending:
+                self.pending = None
+
+    def maybe_request(self) -> None:
+        seconds = self.plan.checkpoint_seconds
+        if not seconds or self.plan.checkpoint_url is None or self.pending is not None or self.furthest_step < 0:
+            return
+        if time.time() - self.last < seconds:
+            return
+        lead = 2 + (int(self.LEAD_SECONDS / self.step_seconds) if self.step_seconds > 0 else 0)
+        cut = (self.furthest_step + 1 + lead) * self.plan.microbatches
+        if cut >= self.plan.steps * self.plan.microbatches:
+            return
+        self.pending = cut
+        self.control.request_checkpoint(self.client, cut)
+        self.metrics.write({"type": "checkpoint-request", "cut": cut, "furthest_step": self.furthest_step})
 
 
 class Driver:
@@ -378,10 +433,12 @@ class Driver:
         control = DriverControl(ControlNames(self.plan.job_id, generation), client=self.client)
         shards: dict[int, dict[int, dict]] = {}
         self._ready: dict[int, dict] = {}
+        self._timed = _TimedCheckpoints(self.plan, self.client, control, self.metrics)
         last_membership_check = 0.0
         while True:
             for message in control.drain(timeout=self.plan.poll):
                 self._handle(message, book, shards, generation)
+            self._timed.maybe_request()
             failed = [s for s, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
             if failed or time.time() - last_membership_check > 2 * self.plan.poll:
                 last_membership_check = time.time()
@@ -419,6 +476,8 @@ class Driver:
 
     def _handle(self, message: dict, book: _StepBook, shards: dict, generation: int) -> None:
         kind = message.get("type")
+        if kind in ("step", "missed", "shard") and hasattr(self, "_timed"):
+            self._timed.heard(message)
         if kind == "step":
             for record in book.add(message):
                 self.history.append(record)

@@ -93,6 +93,26 @@ class _Reporter(Hooks):
         self.latest_version = 0
         self.staleness = 0
         self.first_backward_reported = False
+        self.stage_object: Any = None  # set by run_stage: what time-based checkpoints snapshot
+        self.position = -1
+        self.cut_points: dict[int, int] = {}
+        self.handled_cuts: set[int] = set()
+
+    def follow(self, actions: Any) -> None:
+        """Where in this stage's action list each cut K is consistent: after
+        the B of K - 1 and the U that follows it, if one does (the same point
+        a scheduled CHECKPOINT K occupies). Scheduled cuts are left to those."""
+        scheduled = {a.k for a in actions if a.kind is Kind.CHECKPOINT}
+        for i, a in enumerate(actions):
+            if a.kind is not Kind.BACKWARD or a.k + 1 in scheduled:
+                continue
+            point = i
+            for j in range(i + 1, len(actions)):
+                if actions[j].kind is Kind.UPDATE:
+                    point = j
+                if actions[j].kind not in (Kind.SEND_GRAD, Kind.UPDATE):
+                    break
+            self.cut_points[a.k + 1] = point
 
     def on_loss(self, k: int, loss: float) -> None:
         self.losses[k] = loss
@@ -118,10 +138,24 @@ class _Reporter(Hooks):
             self.latest_version = action.version
         elif kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
             self.received += 1
+        self.position += 1
+        self._maybe_checkpoint_on_request()
         # A local flag (see control.py): a stage computing without waiting on
         # data still stops within one action.
         if self.control.stopped():
             raise StopRequested(f"stage {self.stage}: stopped by the driver after {action!r}")
+
+    def _maybe_checkpoint_on_request(self) -> None:
+        cut = self.control.requested_cut
+        if cut is None or cut in self.handled_cuts or cut not in self.cut_points or self.store is None:
+            return
+        if self.position == self.cut_points[cut]:
+            self.handled_cuts.add(cut)
+            self.on_checkpoint(cut, self.stage_object)
+        elif self.position > self.cut_points[cut]:
+            # Heard of it too late: the driver drops this cut and asks again later.
+            self.handled_cuts.add(cut)
+            self.control.report({"type": "missed", "stage": self.stage, "cut": cut})
 
     def _report_step(self, step: int, now: float) -> None:
         wall = now - self.window_start
@@ -227,6 +261,8 @@ def run_stage(job: StageJob) -> dict:
             stage.load_state_dict(store.load_shard(job.resume_cut, job.spec.index))
         loaded = time.time()
         reporter = _Reporter(job, control, store, gauges)
+        reporter.stage_object = stage
+        reporter.follow(schedule.stage_actions(job.spec.index))
         with open_links(job, control) as links:
             reporter.endpoint = links.endpoint
             control.report({"type": "ready", "stage": job.spec.index, "seconds": time.time() - started,
