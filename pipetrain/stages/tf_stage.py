@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from pipetrain.optim import Optimizer
 from pipetrain.stages import flat_state
+from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_tf
 from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
@@ -180,7 +181,7 @@ class KerasSequential:
         return KerasStage(spec, layers, loss=self.loss, optimizer=optimizer, device=self.device)
 
 
-class KerasStage:
+class KerasStage(VersionedParams):
     """One contiguous slice of a KerasSequential; see ``pipetrain.stages.base.Stage``."""
 
     framework = "tf"
@@ -266,28 +267,10 @@ class KerasStage:
         self._acc = {n: tf.zeros_like(g) for n, g in self._acc.items()}
         self._accumulated = 0
 
-    def release(self, version: int) -> None:
-        if version == self._latest:
-            raise ValueError(f"stage {self.spec.index}: cannot release weight version {version}, the latest")
-        self._versions.pop(version, None)
-
-    def versions(self) -> tuple[int, ...]:
-        return tuple(sorted(self._versions))
-
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
         with self._device():
             out = self._run(self._params(self._latest), to_tf(inputs))
             return float(self.loss(out, to_tf(targets))) if self.spec.is_last else out
-
-    def params(self, version: int) -> dict[str, tf.Tensor]:
-        """The tensors of one weight version, by name."""
-        return dict(self._params(version))
-
-    def _params(self, version: int) -> dict[str, tf.Tensor]:
-        try:
-            return self._versions[version]
-        except KeyError:
-            raise KeyError(f"stage {self.spec.index}: no weight version {version}; held: {self.versions()}") from None
 
     # ------------------------------------------------------------ state
 

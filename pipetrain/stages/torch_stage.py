@@ -38,6 +38,7 @@ from torch import nn
 
 from pipetrain.optim import Optimizer
 from pipetrain.stages import flat_state
+from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_torch
 from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
@@ -184,7 +185,7 @@ class TorchSequential:
         return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device)
 
 
-class TorchStage:
+class TorchStage(VersionedParams):
     """One contiguous slice of a TorchSequential; see ``pipetrain.stages.base.Stage``."""
 
     framework = "torch"
@@ -265,30 +266,12 @@ class TorchStage:
         self._latest = new_version
         self._accumulated = 0
 
-    def release(self, version: int) -> None:
-        if version == self._latest:
-            raise ValueError(f"stage {self.spec.index}: cannot release weight version {version}, the latest")
-        self._versions.pop(version, None)
-
-    def versions(self) -> tuple[int, ...]:
-        return tuple(sorted(self._versions))
-
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
         with torch.no_grad():
             out = torch.func.functional_call(self._chain, self._params(self._latest), (to_torch(inputs, device=self.device),))
             if self.spec.is_last:
                 return float(self.loss(out, to_torch(targets, device=self.device)))
         return out
-
-    def params(self, version: int) -> dict[str, torch.Tensor]:
-        """The tensors of one weight version, by name (read-only by convention)."""
-        return dict(self._params(version))
-
-    def _params(self, version: int) -> dict[str, torch.Tensor]:
-        try:
-            return self._versions[version]
-        except KeyError:
-            raise KeyError(f"stage {self.spec.index}: no weight version {version}; held: {self.versions()}") from None
 
     # ------------------------------------------------------------ state
 

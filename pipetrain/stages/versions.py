@@ -1,0 +1,35 @@
+"""Weight-version bookkeeping the torch and Keras stages share.
+
+A stage keeps ``self._versions`` ({version: {param name: tensor}}) and
+``self._latest``; the schedule decides which versions live (see
+``Schedule.last_use``), this only guards the rules: the latest is never
+released, and asking for a version that is not held names the stage and
+what it holds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class VersionedParams:
+    _versions: dict[int, dict[str, Any]]
+    _latest: int
+    spec: Any
+
+    def release(self, version: int) -> None:
+        if version == self._latest:
+            raise ValueError(f"stage {self.spec.index}: cannot release weight version {version}, the latest")
+        self._versions.pop(version, None)
+
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._versions))
+
+    def params(self, version: int) -> dict[str, Any]:
+        """The tensors of one weight version, by name (read-only by convention)."""
+        return dict(self._params(version))
+
+    def _params(self, version: int) -> dict[str, Any]:
+        try:
+            return self._versions[version]
+        except KeyError:
+            raise KeyError(f"stage {self.spec.index}: no weight version {version}; held: {self.versions()}") from None
