@@ -236,8 +236,17 @@ class TorchStage(VersionedParams):
         x_leaves, x_structure = flatten(x)
         wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
         grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
+        first = self._accumulated == 0
         for name, g in zip(trainable, grads):
-            if g is not None:
+            # The first gradient after an update becomes the accumulator: no
+            # zeroing pass at the update and no add here (a pass over every
+            # parameter each, about 7% of a backward on the benchmark MLP).
+            if g is None:
+                if first:
+                    self._acc[name].zero_()
+            elif first:
+                self._acc[name] = g
+            else:
                 self._acc[name] += g
         self._accumulated += 1
         if self.spec.is_first:
@@ -255,14 +264,10 @@ class TorchStage(VersionedParams):
             self._versions[new_version] = dict(latest)
         else:
             # In place, over all tensors at once (torch's multi-tensor ops): the
-            # accumulator is averaged where it lies, then zeroed for reuse, so an
-            # update allocates nothing but the new version (and the optimizer
-            # state it keeps).
-            names = list(self._acc)
-            grads = [self._acc[n] for n in names]
-            torch._foreach_div_(grads, float(self._accumulated))
+            # accumulator is averaged where it lies; the next backward replaces
+            # it (see backward), so it needs no zeroing.
+            torch._foreach_div_(list(self._acc.values()), float(self._accumulated))
             self._versions[new_version], self._opt_state = self._opt.step(latest, self._acc, self._opt_state)
-            torch._foreach_zero_(grads)
         self._latest = new_version
         self._accumulated = 0
 
@@ -276,7 +281,10 @@ class TorchStage(VersionedParams):
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return flat_state.pack(self._versions, self._opt_state, self._acc, latest=self._latest,
+        # With nothing accumulated the accumulator holds stale values (the next
+        # backward overwrites them): a checkpoint stores zeros, its meaning.
+        acc = self._acc if self._accumulated else {n: torch.zeros_like(t) for n, t in self._acc.items()}
+        return flat_state.pack(self._versions, self._opt_state, acc, latest=self._latest,
                                accumulated=self._accumulated, to_numpy=_numpy_copy)
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
