@@ -13,7 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipetrain.observe.timeline import load_metrics, records, require_run_dir
+from pipetrain.observe.timeline import (
+    load_metrics,
+    records,
+    require_run_dir,
+    save_figure,
+)
 
 REPORT_SIZE_PX = (1100, 520)  # width, height of loss.png and throughput.png
 RECOVERY_COLOUR = "#C44E52"
@@ -99,7 +104,7 @@ def plot_loss(run_dir: str | Path, path: str | Path) -> Path:
     ax.set_xlim(left=0)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_throughput(run_dir: str | Path, path: str | Path) -> Path:
@@ -134,7 +139,7 @@ def plot_throughput(run_dir: str | Path, path: str | Path) -> Path:
         ax.text(0.5, 0.5, "no per-step throughput in metrics.jsonl", transform=ax.transAxes, ha="center")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def _mark_recovery(ax, x: float, r: dict, detail: str, *, index: int) -> None:
@@ -151,14 +156,6 @@ def _title(facts: dict) -> str:
     if facts.get("microbatches"):
         parts.append(f"{facts['microbatches']} micro-batches/step")
     return ", ".join(parts)
-
-
-def _save(plt, fig, path: str | Path) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
 
 
 def summary(run_dir: str | Path) -> str:

@@ -126,3 +126,12 @@ def event_name(kind: str, k: int, version: int) -> str:
 def time_unit(seconds: float) -> tuple[str, float]:
     """("ms", 1000) for short spans, ("s", 1) otherwise: axis labels stay readable."""
     return ("ms", 1000.0) if seconds < 10 else ("s", 1.0)
+
+
+def save_figure(plt, fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG (creating the folder) and close it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target

@@ -29,6 +29,7 @@ from pipetrain.observe.timeline import (
     run_end,
     run_info,
     run_start,
+    save_figure,
     time_unit,
 )
 
@@ -336,11 +337,7 @@ def plot_gantt(run_dir: str | Path, path: str | Path, *, window: tuple[float, fl
                for k in KIND_STYLE if k in present]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9,
                bbox_to_anchor=(0.5, 0.0))
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    return target
+    return save_figure(plt, fig, path)
 
 
 # --- the command -------------------------------------------------------------------------------
