@@ -18,15 +18,14 @@ from pipetrain.stages.base import (
     Stage,
     StageSpec,
     TensorSpec,
-    stage_ranges,
 )
 from pipetrain.stages.tensors import to_jax, to_numpy, to_tf, to_torch
 from pipetrain.stages.tf_stage import KerasSequential, _TensorOptimizer
 from pipetrain.stages.torch_stage import TorchSequential
 from tests.test_tensors import aligned_numpy
+from stage_helpers import batch, pipeline_step, stages
 
 RTOL = 1e-5
-SGD = Optimizer("sgd", lr=0.1)
 X_SPEC = TensorSpec((8, 16), "float32")
 
 
@@ -46,28 +45,6 @@ def mlp(seed=0, input_spec=X_SPEC):
     layers = [lambda: keras.layers.Dense(32), lambda: keras.layers.Activation("tanh"),
               lambda: keras.layers.Dense(32), lambda: keras.layers.Activation("tanh"), lambda: keras.layers.Dense(4)]
     return KerasSequential(layers, loss=loss_fn, seed=seed, input_spec=input_spec)
-
-
-def batch(k, n=8):
-    rng = np.random.default_rng(k)
-    return rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
-
-
-def stages(model, boundaries, opt=SGD):
-    ranges = stage_ranges(boundaries, len(model))
-    return [model.build_stage(StageSpec(i, len(ranges), a, b), optimizer=opt) for i, (a, b) in enumerate(ranges)]
-
-
-def pipeline_step(stages_, k, x, y, *, version=0):
-    h = x
-    for s in stages_[:-1]:
-        h = to_numpy(s.forward(k, h, version=version))
-    loss = stages_[-1].forward(k, h, version=version, targets=y)
-    g = None
-    for s in reversed(stages_):
-        g = s.backward(k, g)
-        g = None if g is None else to_numpy(g)
-    return loss
 
 
 def all_params(stages_, version):

@@ -14,14 +14,13 @@ from pipetrain.stages.base import (
     Stage,
     StageSpec,
     TensorSpec,
-    stage_ranges,
 )
 from pipetrain.stages.tensors import to_jax, to_numpy
 from pipetrain.stages.torch_stage import TorchSequential, _TensorOptimizer
+from stage_helpers import batch, pipeline_step, stages
 
 SIZES = [(16, 32), (32, 32), (32, 4)]
 RTOL = 1e-5
-SGD = Optimizer("sgd", lr=0.1)
 
 
 def loss_fn(logits, labels):
@@ -31,29 +30,6 @@ def loss_fn(logits, labels):
 def mlp(seed=0):
     layers = [lambda: nn.Linear(16, 32), nn.Tanh, lambda: nn.Linear(32, 32), nn.Tanh, lambda: nn.Linear(32, 4)]
     return TorchSequential(layers, loss=loss_fn, seed=seed, device="cpu")
-
-
-def batch(k, n=8):
-    rng = np.random.default_rng(k)
-    return rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
-
-
-def stages(model, boundaries, opt=SGD):
-    ranges = stage_ranges(boundaries, len(model))
-    return [model.build_stage(StageSpec(i, len(ranges), a, b), optimizer=opt) for i, (a, b) in enumerate(ranges)]
-
-
-def pipeline_step(stages_, k, x, y, *, version=0):
-    """F then B of micro-batch k through all stages, activations as numpy (the wire)."""
-    h = x
-    for s in stages_[:-1]:
-        h = to_numpy(s.forward(k, h, version=version))
-    loss = stages_[-1].forward(k, h, version=version, targets=y)
-    g = None
-    for s in reversed(stages_):
-        g = s.backward(k, g)
-        g = None if g is None else to_numpy(g)
-    return loss
 
 
 def reference_grads(model, params, xs, ys):

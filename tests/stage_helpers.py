@@ -1,0 +1,33 @@
+"""Helpers the adapter tests share: a seeded micro-batch, a model cut into
+stages, and one micro-batch driven forward and backward through them with
+numpy at the boundaries (as on the wire)."""
+import numpy as np
+
+from pipetrain.optim import Optimizer
+from pipetrain.stages.base import StageSpec, stage_ranges
+from pipetrain.stages.tensors import to_numpy
+
+SGD = Optimizer("sgd", lr=0.1)
+
+
+def batch(k, n=8):
+    rng = np.random.default_rng(k)
+    return rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
+
+
+def stages(model, boundaries, opt=SGD):
+    ranges = stage_ranges(boundaries, len(model))
+    return [model.build_stage(StageSpec(i, len(ranges), a, b), optimizer=opt) for i, (a, b) in enumerate(ranges)]
+
+
+def pipeline_step(stages_, k, x, y, *, version=0):
+    """F then B of micro-batch k through all stages, activations as numpy (the wire)."""
+    h = x
+    for s in stages_[:-1]:
+        h = to_numpy(s.forward(k, h, version=version))
+    loss = stages_[-1].forward(k, h, version=version, targets=y)
+    g = None
+    for s in reversed(stages_):
+        g = s.backward(k, g)
+        g = None if g is None else to_numpy(g)
+    return loss
