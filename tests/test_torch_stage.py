@@ -205,6 +205,21 @@ def test_optimizer_matches_optax(name):
     np.testing.assert_allclose(tp["w"].numpy(), np.asarray(jx["w"]), rtol=1e-6, atol=1e-7)
 
 
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_optimizer_takes_the_mean_of_summed_gradients(name):
+    """The stage hands the optimizer the sum of its micro-batches' gradients:
+    the step must equal one on their mean (SGD folds the 1/n into its step size)."""
+    rng = np.random.default_rng(2)
+    w0 = rng.standard_normal((5, 3)).astype(np.float32)
+    grads = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(4)]
+    ours = _TensorOptimizer(Optimizer(name, lr=1e-2))
+    state = ours.init({"w": torch.from_numpy(w0)})
+    summed, _ = ours.step({"w": torch.from_numpy(w0)}, {"w": torch.from_numpy(np.sum(grads, axis=0))}, state, summed=4)
+    mean, _ = ours.step({"w": torch.from_numpy(w0)}, {"w": torch.from_numpy(np.mean(grads, axis=0))}, state)
+    assert not np.allclose(summed["w"].numpy(), w0)
+    np.testing.assert_allclose(summed["w"].numpy(), mean["w"].numpy(), rtol=1e-6, atol=1e-7)
+
 def test_adam_matches_torch_optim_adam():
     """torch.optim.Adam puts eps where optax does (after the bias-corrected square
     root), so the two agree to float rounding; only the order of operations differs
