@@ -89,6 +89,21 @@ def test_leaves_are_aligned_views_on_one_reused_buffer(pair):
     assert receiver._pool.reused >= 4 and receiver._pool.allocated <= 2
 
 
+
+def test_messages_larger_than_the_socket_buffers_arrive_whole(pair):
+    """Several multi-leaf messages of megabytes, written while the receiver is
+    not reading: the gather writes end part-way through a frame and the loop
+    writes the rest; every leaf must arrive intact and in place."""
+    _, receiver, channel = pair
+    channel.credits = 4
+    rng = np.random.default_rng(0)
+    trees = [(rng.standard_normal(1_000_003).astype(np.float32), np.arange(7, dtype=np.int8),
+              rng.standard_normal((513, 1025)).astype(np.float32)) for _ in range(4)]
+    for k, tree in enumerate(trees):
+        channel.put(Kind.ACTIVATION, k, tree, timeout=10)
+    for k, tree in enumerate(trees):
+        assert_trees_equal(receiver.get(Kind.ACTIVATION, k, timeout=10).tree, tree)
+
 def test_out_of_order_get_buffers_other_arrivals(pair):
     _, receiver, channel = pair
     channel.credits = 3
