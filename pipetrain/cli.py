@@ -20,7 +20,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches,
                               steps=args.steps, accumulate=args.accumulate)
-    report = simulate(schedule, forward_cost=args.forward_cost, backward_cost=args.backward_cost)
+    report = simulate(schedule, forward_cost=args.forward_cost, backward_cost=args.backward_cost,
+                      update_cost=args.update_cost, send_cost=args.send_cost)
     print(report.render())
     return 0
 
@@ -118,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--forward-cost", type=float, default=1.0)
     p.add_argument("--backward-cost", type=float, default=2.0)
+    p.add_argument("--update-cost", type=float, default=0.0, help="time of one optimizer update (default 0)")
+    p.add_argument("--send-cost", type=float, default=0.0, help="latency of one message between stages (default 0)")
     p.set_defaults(run=_simulate)
 
     p = sub.add_parser("partition", help="show how a model is cut into stages")

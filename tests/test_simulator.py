@@ -105,6 +105,15 @@ def test_send_cost_delays_the_receiver():
     assert recv.start == pytest.approx(1.5)
 
 
+def test_update_cost_runs_after_the_last_backward():
+    s = build_schedule("gpipe", num_stages=2, microbatches=2, steps=1)
+    r = simulate(s, forward_cost=1, backward_cost=2, update_cost=[3, 0.5])
+    # stage 1: F F B B (1..7) then U (7..7.5); stage 0's B 0 waits for stage 1's (5), B B (5..9), U (9..12)
+    assert r.makespan == pytest.approx(12.0)
+    assert r.busy == pytest.approx((9.0, 6.5))
+    assert simulate(s, forward_cost=1, backward_cost=2).makespan == pytest.approx(9.0)  # updates free by default
+
+
 def test_credits_slow_the_sender_down():
     s = build_schedule("gpipe", num_stages=2, microbatches=4, steps=1)
     free = simulate(s, forward_cost=1, backward_cost=1, send_cost=3.0)
@@ -220,6 +229,8 @@ def test_bad_simulation_arguments():
         simulate(s, forward_cost=[1, 1, 1])
     with pytest.raises(ScheduleError, match=r"backward_cost: stage 1's cost must be a finite number > 0"):
         simulate(s, backward_cost=[1, 0])
+    with pytest.raises(ScheduleError, match=r"update_cost: stage 0's cost must be a finite number >= 0"):
+        simulate(s, update_cost=[-1, 0])
     with pytest.raises(ScheduleError, match=r"send_cost: must be a number >= 0"):
         simulate(s, send_cost=-1)
     with pytest.raises(ScheduleError, match=r"credits: must be None"):

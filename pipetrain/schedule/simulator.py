@@ -3,8 +3,9 @@
 ``simulate`` first checks each stage's list on its own (every micro-batch gets
 one F and one B, F before B, the weight version each reads is held, live
 activations stay within the schedule's bound, sends and receives pair up),
-then runs all stages together: each stage runs its actions in order, a RECV
-waits for the matching SEND plus ``send_cost``, and a SEND waits for a credit
+then runs all stages together: each stage runs its actions in order (F, B
+and U take their stage's cost; an update costs nothing unless
+``update_cost`` says so), a RECV waits for the matching SEND plus ``send_cost``, and a SEND waits for a credit
 when ``credits`` bounds the unacknowledged micro-batches of its edge. The run
 either finishes (deadlock-free, with a timeline) or stops with a
 ``ScheduleError`` that prints the stage x time grid so far and what each stage
@@ -25,6 +26,7 @@ from pipetrain.schedule.schedule import Schedule
 __all__ = ["ScheduleError", "SimulationReport", "TimedAction", "activation_bound", "check_schedule",
            "render_grid", "simulate"]
 
+_FREE = defaultdict(float)  # sends, receives and checkpoints take no time of their own
 MAX_GRID_SLOTS = 256  # about 64 micro-batches at F=1, B=2 on a handful of stages
 
 
@@ -46,10 +48,11 @@ class SimulationReport:
     schedule: Schedule
     forward_cost: tuple[float, ...]
     backward_cost: tuple[float, ...]
+    update_cost: tuple[float, ...]
     send_cost: float
     credits: int | None
     makespan: float
-    busy: tuple[float, ...]
+    busy: tuple[float, ...]  # F, B and U time per stage
     peak_live_activations: tuple[int, ...]
     activation_bounds: tuple[int, ...]
     peak_stashed_versions: tuple[int, ...]
@@ -79,22 +82,24 @@ class SimulationReport:
 # --- the entry points --------------------------------------------------------------------------
 
 def simulate(schedule: Schedule, *, forward_cost: float | Sequence[float] = 1.0,
-             backward_cost: float | Sequence[float] = 2.0, send_cost: float = 0.0,
-             credits: int | None = None) -> SimulationReport:
+             backward_cost: float | Sequence[float] = 2.0, update_cost: float | Sequence[float] = 0.0,
+             send_cost: float = 0.0, credits: int | None = None) -> SimulationReport:
     """Check ``schedule``'s invariants and time it; raise ``ScheduleError`` naming the fault."""
     p = schedule.num_stages
     fwd = _per_stage(forward_cost, p, "forward_cost")
     bwd = _per_stage(backward_cost, p, "backward_cost")
+    upd = _per_stage(update_cost, p, "update_cost", zero_ok=True)
     if not isinstance(send_cost, (int, float)) or send_cost < 0:
         raise ScheduleError(f"send_cost: must be a number >= 0, got {send_cost!r}")
     if credits is not None and (not isinstance(credits, int) or credits < 1):
         raise ScheduleError(f"credits: must be None (unbounded) or an integer >= 1, got {credits!r}")
     memory = check_schedule(schedule)
-    timeline = _run(schedule, fwd, bwd, float(send_cost), credits)
+    timeline = _run(schedule, fwd, bwd, upd, float(send_cost), credits)
     makespan = max((t[-1].end for t in timeline if t), default=0.0)
-    busy = tuple(sum(e.end - e.start for e in t if e.action.kind in COMPUTE) for t in timeline)
+    busy = tuple(sum(e.end - e.start for e in t if e.action.kind in (*COMPUTE, Kind.UPDATE)) for t in timeline)
     return SimulationReport(
-        schedule=schedule, forward_cost=fwd, backward_cost=bwd, send_cost=float(send_cost), credits=credits,
+        schedule=schedule, forward_cost=fwd, backward_cost=bwd, update_cost=upd, send_cost=float(send_cost),
+        credits=credits,
         makespan=makespan, busy=busy,
         peak_live_activations=tuple(m.peak_live_activations for m in memory),
         activation_bounds=tuple(activation_bound(schedule, s) for s in range(p)),
@@ -256,8 +261,8 @@ def _message(a: Action) -> tuple[str, int, int]:
     return "B", a.stage + 1, a.k
 
 
-def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], send_cost: float,
-         credits: int | None) -> tuple[tuple[TimedAction, ...], ...]:
+def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd: tuple[float, ...],
+         send_cost: float, credits: int | None) -> tuple[tuple[TimedAction, ...], ...]:
     p, actions = schedule.num_stages, schedule.actions
     position, clock = [0] * p, [0.0] * p
     timeline: list[list[TimedAction]] = [[] for _ in range(p)]
@@ -287,7 +292,7 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], sen
                 start = start_time(a)
                 if start is None:
                     break
-                cost = fwd[s] if a.kind is Kind.FORWARD else bwd[s] if a.kind is Kind.BACKWARD else 0.0
+                cost = {Kind.FORWARD: fwd, Kind.BACKWARD: bwd, Kind.UPDATE: upd}.get(a.kind, _FREE)[s]
                 if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
                     arrival[_message(a)] = start + send_cost
                     sent[_message(a)[:2]] += 1
@@ -380,7 +385,8 @@ def _title(r: SimulationReport) -> str:
     extra += f", checkpoint every {s.checkpoint_every}" if s.checkpoint_every else ""
     return (f"schedule {s.name}: {s.num_stages} stages, {s.microbatches_per_step} micro-batches/step, "
             f"{s.steps} step{'s' if s.steps != 1 else ''} ({run}){extra}\n"
-            f"costs: forward {_costs(r.forward_cost)}, backward {_costs(r.backward_cost)}, send {_fmt(r.send_cost)}; "
+            f"costs: forward {_costs(r.forward_cost)}, backward {_costs(r.backward_cost)}, "
+            f"update {_costs(r.update_cost)}, send {_fmt(r.send_cost)}; "
             f"credits {'unbounded' if r.credits is None else r.credits}; one grid column = {_fmt(r.slot)}")
 
 
@@ -406,13 +412,15 @@ def _slot(fwd: Sequence[float], bwd: Sequence[float], send_cost: float) -> float
     return min(c for c in (*fwd, *bwd, send_cost) if c > 0)
 
 
-def _per_stage(cost: float | Sequence[float], p: int, field: str) -> tuple[float, ...]:
+def _per_stage(cost: float | Sequence[float], p: int, field: str, *, zero_ok: bool = False) -> tuple[float, ...]:
     values = [cost] * p if isinstance(cost, (int, float)) else list(cost)
     if len(values) != p:
         raise ScheduleError(f"{field}: expected one cost per stage ({p}), got {len(values)}")
     for s, c in enumerate(values):
-        if not isinstance(c, (int, float)) or isinstance(c, bool) or not c > 0 or math.isinf(c):
-            raise ScheduleError(f"{field}: stage {s}'s cost must be a finite number > 0, got {c!r}")
+        ok = isinstance(c, (int, float)) and not isinstance(c, bool) and (c >= 0 if zero_ok else c > 0)
+        if not ok or math.isinf(c):
+            raise ScheduleError(f"{field}: stage {s}'s cost must be a finite number {'>=' if zero_ok else '>'} 0, "
+                                f"got {c!r}")
     return tuple(float(c) for c in values)
 
 
