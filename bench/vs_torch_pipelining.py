@@ -213,6 +213,29 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
     return out
 
 
+PIPETRAIN_RUNS = {"pipetrain_1f1b": {"schedule": "1f1b", "accumulate": 1},
+                  "pipetrain_pipedream": {"schedule": "pipedream", "accumulate": 1},
+                  "pipetrain_pipedream_acc8": {"schedule": "pipedream", "accumulate": M}}
+
+
+def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, batch: int) -> float:
+    """Samples/s of ``schedule`` in steady state if every stage took exactly its
+    measured median F, B and U and messages were free and instant: the most
+    any runtime could get from these kernels on this machine."""
+    from pipetrain.schedule.builders import build_schedule
+    from pipetrain.schedule.simulator import simulate
+
+    costs = {f"{kind}_cost": [row[f"{kind[0].upper()} ms"] for row in breakdown]
+             for kind in ("forward", "backward", "update")}
+
+    def makespan(steps: int) -> float:
+        built = build_schedule(schedule, num_stages=STAGES, microbatches=M, steps=steps, accumulate=accumulate)
+        return simulate(built, **costs).makespan
+
+    ms_per_step = (makespan(8) - makespan(4)) / 4  # steady state: fill and drain cancel out
+    return batch / ms_per_step * 1e3
+
+
 def tune_worker_malloc() -> bool:
     """The proposed fix, applied from outside: glibc keeps freed memory and serves
     blocks up to 32 MiB from the heap, instead of the mmap/munmap round trip per
@@ -317,6 +340,12 @@ def main() -> None:
             print(f"{name + f' stage {stage}':<32}" + "".join(f"{row.get(k, 0.0):>6.1f}" for k in ms_kinds)
                   + "".join(f"{row.get(k, 0.0):>7.1%}" for k in kinds))
 
+    ceilings = {name: ceiling(best[name]["breakdown"], batch=args.batch, **PIPETRAIN_RUNS[name]) for name in names if name in PIPETRAIN_RUNS}
+    print("\nceiling: samples/s the schedule would reach on its own stages' measured F, B and U (medians above)\n"
+          "with free, instant communication (pipetrain simulate); the ratio to torch.distributed.pipelining's measured rate")
+    for name, limit in ceilings.items():
+        print(f"{name:<26} {limit:>9.1f} {limit / peer:>8.2f}x   (measured {rate[name] / limit:.0%} of it)")
+
     print(json.dumps({
         "samples_per_s": {name: rate[name] for name in CONTESTANTS},
         "ratio_to_single": {name: round(rate[name] / base, 3) for name in CONTESTANTS},
@@ -324,6 +353,7 @@ def main() -> None:
         "extra_samples_per_s": {name: rate[name] for name in names if name not in CONTESTANTS},
         # Same initial weights, data and math: the sync runs agree; pipedream differs by design.
         "last_loss": {name: round(best[name]["losses"][-1], 6) for name in names},
+        "ceiling_samples_per_s": {name: round(limit, 1) for name, limit in ceilings.items()},
         "targets_met": {"pipetrain_1f1b >= torch_pipelining_1f1b": rate["pipetrain_1f1b"] >= peer,
                         "pipetrain_pipedream >= 1.2 x torch_pipelining_1f1b": rate["pipetrain_pipedream"] >= 1.2 * peer},
     }))

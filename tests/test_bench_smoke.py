@@ -22,6 +22,11 @@ def test_vs_torch_pipelining_smoke():
     rates = result["samples_per_s"]
     assert set(rates) == {"torch_single", "torch_pipelining_1f1b", "pipetrain_1f1b", "pipetrain_pipedream"}
     assert all(rate > 0 for rate in rates.values())
+    # The ceiling is what the measured kernels allow with free communication:
+    # no run can beat it (a margin for the median's noise at toy sizes).
+    ceilings = result["ceiling_samples_per_s"]
+    assert set(ceilings) >= {"pipetrain_1f1b", "pipetrain_pipedream"}
+    assert all(rates[name] <= 1.5 * ceilings[name] for name in ("pipetrain_1f1b", "pipetrain_pipedream"))
     assert result["ratio_to_single"]["torch_single"] == 1.0
     # The sync contestants train the same model on the same data with the same math.
     loss = result["last_loss"]
