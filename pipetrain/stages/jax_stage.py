@@ -432,7 +432,10 @@ class JaxStage:
         self.trace_counts["update"] += 1
         mean = jax.tree_util.tree_map(lambda g: (g / count).astype(g.dtype), acc)
         updates, opt_state = self._tx.update(mean, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        # The fresh accumulator comes out of the same compiled call: one
+        # dispatch instead of one zeros_like per parameter after every update.
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, acc)
+        return optax.apply_updates(params, updates), opt_state, zeros
 
     def _evaluate_fn(self, params, x, targets):
         self.trace_counts["evaluate"] += 1
@@ -501,10 +504,9 @@ class JaxStage:
         if self._count == 0:  # nothing accumulated: the new version is the latest, unchanged
             self._versions[new_version] = latest
         else:
-            self._versions[new_version], self._opt_state = jax.block_until_ready(self._update_jit(
+            self._versions[new_version], self._opt_state, self._acc = jax.block_until_ready(self._update_jit(
                 latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32)))
-        self._latest = new_version
-        self._acc = self._zeros(self._acc)
+        self._latest = new_version  # (with nothing accumulated, the accumulator is still zeros)
         self._count = 0
 
     def release(self, version: int) -> None:
