@@ -186,6 +186,64 @@ def test_tuple_boundary_gradients_equal_unpartitioned():
         np.testing.assert_allclose((v0[n] - v1[n]).numpy(), grad.numpy(), rtol=RTOL, atol=1e-6)
 
 
+
+def _three_stage_run(split_backward, *, split_calls=False):
+    """Three micro-batches through [Linear] | [Split, Merge, Tanh] | [Linear, Tanh, Linear]:
+    the middle and last stages hold several layers, a tuple with an int leaf inside one."""
+    layers = [lambda: nn.Linear(16, 32), Split, Merge, nn.Tanh, lambda: nn.Linear(32, 32), nn.Tanh,
+              lambda: nn.Linear(32, 4)]
+    model = TorchSequential(layers, loss=loss_fn, split_backward=split_backward)
+    ss = stages(model, [1, 4], Optimizer("adam", lr=1e-2))
+    sent = []
+    for k in range(3):
+        x, y = batch(k)
+        h = to_numpy(ss[0].forward(k, x, version=0))
+        h = to_numpy(ss[1].forward(k, h, version=0))
+        ss[2].forward(k, h, version=0, targets=y)
+        g = None
+        for s in reversed(ss[1:]):
+            if split_calls:
+                g = s.backward_input(k, g)
+                sent.append(to_numpy(g).copy())  # leaves before the weight gradients exist
+                s.backward_weights(k)
+            else:
+                g = s.backward(k, g)
+                sent.append(to_numpy(g).copy())
+            g = to_numpy(g)
+        ss[0].backward(k, g)
+    for s in ss:
+        s.update(new_version=1)
+    return ss, sent
+
+
+def test_split_backward_gives_the_same_bits_as_one_fused_backward():
+    fused, fused_sent = _three_stage_run(False)
+    assert not any(s.splits_backward for s in fused)
+    for split_calls in (False, True):
+        split, split_sent = _three_stage_run(True, split_calls=split_calls)
+        assert [s.splits_backward for s in split] == [False, True, True]  # the first stage has no input gradient
+        for a, b in zip(fused_sent, split_sent):
+            np.testing.assert_array_equal(a, b)
+        for sa, sb in zip(fused, split):
+            for n, t in sa.params(1).items():
+                assert torch.equal(t, sb.params(1)[n]), n
+
+
+def test_split_backward_is_guarded():
+    model = mlp()
+    ss = stages(model, [2])
+    x, y = batch(0)
+    ss[1].forward(0, to_numpy(ss[0].forward(0, x, version=0)), version=0, targets=y)
+    ss[1].backward_input(0)
+    with pytest.raises(RuntimeError, match="stage 1: update with the weight gradients of micro-batches \\[0\\]"):
+        ss[1].update(new_version=1)
+    with pytest.raises(RuntimeError, match="state_dict between backward_input and backward_weights"):
+        ss[1].state_dict()
+    ss[1].backward_weights(0)
+    with pytest.raises(RuntimeError, match="weight gradients of micro-batch 0 without its backward_input"):
+        ss[1].backward_weights(0)
+    ss[1].update(new_version=1)
+
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
 def test_optimizer_matches_optax(name):
     opt = Optimizer(name, lr=1e-2, weight_decay=0.05 if name == "adamw" else 0.0)

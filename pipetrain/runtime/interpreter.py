@@ -5,6 +5,11 @@ stages in one process, passing boundary values through in-memory mailboxes;
 the Dask worker runs one program in its compute thread over the transport.
 Because each stage's numbers depend only on its own actions, in its order,
 both produce the same bits.
+
+A stage that can split its backward (``splits_backward``, torch stages after
+the first) runs a B followed by its SEND_GRAD as: input gradient, send, then
+weight gradients (reported with ``Hooks.on_weights``), so the previous stage
+gets its gradient before this one computes what only its next update reads.
 """
 from __future__ import annotations
 
@@ -37,6 +42,10 @@ class Hooks:
 
     def on_action(self, action: Action, start: float, end: float) -> None: ...
 
+    def on_weights(self, k: int, version: int, start: float, end: float) -> None:
+        """A split backward's weight gradients of micro-batch k ran in [start, end]
+        (after its SEND_GRAD, reported just before; see ``StageProgram``)."""
+
 
 class StageProgram:
     def __init__(self, stage: Any, schedule: Schedule, *, source: Any, links: Links, hooks: Hooks | None = None,
@@ -53,6 +62,7 @@ class StageProgram:
         self._outputs: dict[int, Tree] = {}
         self._grads: dict[int, Tree] = {}
         self._input_grads: dict[int, Tree] = {}
+        self._weights_due: int | None = None  # micro-batch whose weight gradients follow its SEND_GRAD
 
     @property
     def done(self) -> bool:
@@ -73,7 +83,16 @@ class StageProgram:
         a = self.actions[self.position]
         start = self.clock()
         self._execute(a)
-        self.hooks.on_action(a, start, self.clock())
+        end = self.clock()
+        if a.kind is Kind.SEND_GRAD and self._weights_due == a.k:
+            # The split backward's second half, before anything reads the
+            # stage's state (a checkpoint requested at this point included).
+            self.stage.backward_weights(a.k)
+            self._weights_due = None
+            self.hooks.on_action(a, start, end)
+            self.hooks.on_weights(a.k, a.version, end, self.clock())
+        else:
+            self.hooks.on_action(a, start, end)
         self._release_unread_versions()
         self.position += 1
         return a
@@ -100,9 +119,13 @@ class StageProgram:
             self.links.send(a.kind, a.k, a.version, self._outputs.pop(a.k))
         elif a.kind is Kind.BACKWARD:
             grad = None if spec.is_last else self._grads.pop(a.k)
-            grad_in = self.stage.backward(a.k, grad)
-            if not spec.is_first:
-                self._input_grads[a.k] = grad_in
+            if self._sends_before_weights(a):
+                self._input_grads[a.k] = self.stage.backward_input(a.k, grad)
+                self._weights_due = a.k
+            else:
+                grad_in = self.stage.backward(a.k, grad)
+                if not spec.is_first:
+                    self._input_grads[a.k] = grad_in
         elif a.kind is Kind.SEND_GRAD:
             self.links.send(a.kind, a.k, a.version, self._input_grads.pop(a.k))
         elif a.kind is Kind.UPDATE:
@@ -111,6 +134,15 @@ class StageProgram:
             self.hooks.on_checkpoint(a.k, self.stage)
         else:  # pragma: no cover - Kind is closed
             raise ValueError(f"stage {self.index}: unknown action {a!r}")
+
+    def _sends_before_weights(self, a: Action) -> bool:
+        """Whether this B runs split: the input gradient, the SEND_GRAD that follows
+        it, then the weight gradients. Only a stage that can split its backward
+        (``splits_backward``) does; the numbers are the same either way."""
+        if not getattr(self.stage, "splits_backward", False) or self.position + 1 >= len(self.actions):
+            return False
+        after = self.actions[self.position + 1]
+        return after.kind is Kind.SEND_GRAD and after.k == a.k
 
     def _release_unread_versions(self) -> None:
         # A version stays while a later action reads it; the latest one always

@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 from pipetrain.optim import Optimizer
-from pipetrain.stages import flat_state
+from pipetrain.stages import flat_state, torch_segments
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_torch
+from pipetrain.stages.torch_segments import roots_and_seeds, zero_if_none
 from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
 
 LayerLike = nn.Module | Callable[[], nn.Module]
@@ -73,12 +74,17 @@ class TorchSequential:
     ``torch.manual_seed(layer_seed(seed, index))`` inside a forked RNG, so every
     partition of the model starts from the same weights; a module given
     already built keeps its weights (``seed`` does not touch it).
+
+    ``split_backward`` (default True): stages after the first compute their
+    input gradient before their weight gradients, so the runtime can send it
+    in between (``torch_segments``); False keeps one fused autograd call.
+    Both give the same bits.
     """
 
     framework = "torch"
 
     def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
-                 seed: int = 0, device: str | None = None):
+                 seed: int = 0, device: str | None = None, split_backward: bool = True):
         self._layers: list[LayerLike] = list(modules.children()) if isinstance(modules, nn.Sequential) else list(modules)
         if not self._layers:
             raise ValueError("TorchSequential: no layers given")
@@ -88,6 +94,7 @@ class TorchSequential:
         self.loss = loss
         self.seed = seed
         self.device = device
+        self.split_backward = split_backward
         self._meta: dict[int, nn.Module] = {}
 
     def __len__(self) -> int:
@@ -182,7 +189,8 @@ class TorchSequential:
             raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's {len(self)} layers")
         device = torch.device(self.device or default_device())
         chain = _Chain({str(i): self.make_layer(i, device=device) for i in range(spec.start, spec.end)})
-        return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device)
+        return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device,
+                          split_backward=self.split_backward)
 
 
 class TorchStage(VersionedParams):
@@ -191,7 +199,7 @@ class TorchStage(VersionedParams):
     framework = "torch"
 
     def __init__(self, spec: StageSpec, chain: nn.Module, *, loss: Callable, optimizer: Optimizer,
-                 device: torch.device):
+                 device: torch.device, split_backward: bool = True):
         self.spec = spec
         self.device = device
         self.loss = loss
@@ -205,6 +213,12 @@ class TorchStage(VersionedParams):
         self._acc = {n: torch.zeros_like(p) for n, p in initial.items()}
         self._accumulated = 0
         self._pending: dict[int, tuple] = {}
+        # A stage with inputs to differentiate runs one autograd segment per
+        # layer, so its input gradient can leave before its weight gradients
+        # are computed (see torch_segments). The first stage has no input
+        # gradient to send and keeps one fused backward.
+        self.splits_backward = split_backward and not spec.is_first
+        self._weights_pending: dict[int, torch_segments.PendingWeights] = {}
 
     # ------------------------------------------------------------ compute
 
@@ -215,29 +229,64 @@ class TorchStage(VersionedParams):
         x = to_torch(inputs, device=self.device)
         if not self.spec.is_first:
             x = tree_map(_grad_leaf, x)
+        targets = to_torch(targets, device=self.device) if self.spec.is_last else None
         with torch.enable_grad():
-            out = torch.func.functional_call(self._chain, params, (x,))
-            if self.spec.is_last:
-                out = self.loss(out, to_torch(targets, device=self.device))
-        self._pending[k] = (params, x, out)
+            if self.splits_backward:
+                out, segments = torch_segments.forward(self._chain, params, x, targets=targets,
+                                                       loss=self.loss if self.spec.is_last else None)
+            else:
+                out, segments = torch.func.functional_call(self._chain, params, (x,)), None
+                if self.spec.is_last:
+                    out = self.loss(out, targets)
+        self._pending[k] = (params, x, out, segments)
         if self.spec.is_last:
             return float(out.detach())
         return tree_map(torch.Tensor.detach, out)
 
     def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
+        if self.splits_backward:
+            grad_inputs = self.backward_input(k, grad_outputs)
+            self.backward_weights(k)
+            return grad_inputs
         if k not in self._pending:
             raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
-        params, x, out = self._pending.pop(k)
+        params, x, out, _ = self._pending.pop(k)
         if self.spec.is_last:
             roots, seeds = [out], [torch.ones_like(out)]
         else:
-            roots, seeds = _roots_and_seeds(out, to_torch(grad_outputs, device=self.device), self.spec.index)
+            roots, seeds = roots_and_seeds(out, to_torch(grad_outputs, device=self.device), self.spec.index)
         trainable = [n for n in self._names if params[n].requires_grad]
         x_leaves, x_structure = flatten(x)
         wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
         grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
+        self._accumulate(zip(trainable, grads))
+        if self.spec.is_first:
+            return None
+        input_grads = iter(grads[len(trainable):])
+        return unflatten(x_structure, [zero_if_none(next(input_grads), t) if t.requires_grad else None
+                                       for t in x_leaves])
+
+    def backward_input(self, k: int, grad_outputs: Tree | None = None) -> Tree:
+        """The first half of a split backward: the gradient of the inputs only.
+        ``backward_weights(k)`` must follow before any other call on this stage."""
+        if k not in self._pending:
+            raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
+        _, _, _, segments = self._pending.pop(k)
+        grads = None if self.spec.is_last else to_torch(grad_outputs, device=self.device)
+        grad_inputs, self._weights_pending[k] = torch_segments.input_gradients(segments, grads,
+                                                                               stage=self.spec.index)
+        return grad_inputs
+
+    def backward_weights(self, k: int) -> None:
+        """The second half of a split backward: accumulate micro-batch k's weight gradients."""
+        if k not in self._weights_pending:
+            raise RuntimeError(f"stage {self.spec.index}: weight gradients of micro-batch {k} without its "
+                               f"backward_input")
+        self._accumulate(torch_segments.weight_gradients(self._weights_pending.pop(k)))
+
+    def _accumulate(self, named_grads: Any) -> None:
         first = self._accumulated == 0
-        for name, g in zip(trainable, grads):
+        for name, g in named_grads:
             # The first gradient after an update becomes the accumulator: no
             # zeroing pass at the update and no add here (a pass over every
             # parameter each, about 7% of a backward on the benchmark MLP).
@@ -249,13 +298,11 @@ class TorchStage(VersionedParams):
             else:
                 self._acc[name] += g
         self._accumulated += 1
-        if self.spec.is_first:
-            return None
-        input_grads = iter(grads[len(trainable):])
-        return unflatten(x_structure, [_zero_if_none(next(input_grads), t) if t.requires_grad else None
-                                       for t in x_leaves])
 
     def update(self, *, new_version: int) -> None:
+        if self._weights_pending:
+            raise RuntimeError(f"stage {self.spec.index}: update with the weight gradients of micro-batches "
+                               f"{sorted(self._weights_pending)} not computed (call backward_weights first)")
         if new_version in self._versions:
             raise ValueError(f"stage {self.spec.index}: weight version {new_version} exists already")
         latest = self._params(self._latest)
@@ -281,6 +328,9 @@ class TorchStage(VersionedParams):
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        if self._weights_pending:
+            raise RuntimeError(f"stage {self.spec.index}: state_dict between backward_input and backward_weights "
+                               f"of micro-batches {sorted(self._weights_pending)}")
         # With nothing accumulated the accumulator holds stale values (the next
         # backward overwrites them): a checkpoint stores zeros, its meaning.
         acc = self._acc if self._accumulated else {n: torch.zeros_like(t) for n, t in self._acc.items()}
@@ -301,6 +351,7 @@ class TorchStage(VersionedParams):
         self._versions, self._opt_state, self._acc = restored.versions, restored.opt_state, restored.acc
         self._latest, self._accumulated = restored.latest, restored.accumulated
         self._pending.clear()
+        self._weights_pending.clear()
 
 
 # ---------------------------------------------------------------- optimizer
@@ -383,37 +434,6 @@ def _backward_ones(out: Tree, wrt: list[torch.Tensor]) -> None:
     if roots and wrt:
         # autograd.backward, not autograd.grad: FlopCounterMode's module hooks reject the latter.
         torch.autograd.backward(roots, grad_tensors=[torch.ones_like(t) for t in roots], inputs=wrt)
-
-
-def _roots_and_seeds(out: Tree, grad_outputs: Tree, stage: int) -> tuple[list, list]:
-    """Pair each output leaf with its gradient; a None gradient (an int output) seeds nothing."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def walk(o: Tree, g: Tree, where: str) -> None:
-        if g is None or o is None:
-            return
-        if isinstance(o, (tuple, list)) and isinstance(g, (tuple, list)) and len(o) == len(g):
-            for i, (oi, gi) in enumerate(zip(o, g)):
-                walk(oi, gi, f"{where}[{i}]")
-        elif isinstance(o, dict) and isinstance(g, dict) and set(o) == set(g):
-            for key in sorted(o):
-                walk(o[key], g[key], f"{where}[{key!r}]")
-        elif isinstance(o, torch.Tensor) and isinstance(g, torch.Tensor):
-            if tuple(o.shape) != tuple(g.shape):
-                raise ValueError(f"stage {stage}: gradient of output {where or '<value>'} has shape "
-                                 f"{tuple(g.shape)}, the output {tuple(o.shape)}")
-            if o.requires_grad:
-                pairs.append((o, g.to(o.dtype)))
-        else:
-            raise ValueError(f"stage {stage}: grad_outputs {paths(grad_outputs)} do not match the outputs {paths(out)}"
-                             f" at {where or '<value>'}")
-
-    walk(out, grad_outputs, "")
-    return [o for o, _ in pairs], [g for _, g in pairs]
-
-
-def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like).detach() if g is None else g.detach()
 
 
 def _numpy_copy(t: torch.Tensor) -> np.ndarray:
