@@ -21,6 +21,7 @@ import fsspec
 import ml_dtypes
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipetrain.checkpoint import (
@@ -402,6 +403,95 @@ def test_committed_cut_is_not_overwritten(url):
     store.commit(8, records=records, generation=1, num_stages=STAGES)
     with pytest.raises(CheckpointError, match="already committed"):
         store.commit(8, records=records, generation=1, num_stages=STAGES)
+
+
+# -- discarding what follows a rollback cut ------------------------------------
+
+
+def flip_a_bit(store: CheckpointStore, cut: int, stage: int) -> None:
+    path = step_file(store, cut, f"stage-{stage}.safetensors")
+    data = bytearray(store.fs.cat_file(path))
+    data[-3] ^= 0x10
+    store.fs.pipe_file(path, bytes(data))
+
+
+def test_discard_after_lets_a_corrupt_committed_cut_be_written_again(url):
+    store = CheckpointStore(url)
+    store.begin_generation(1)
+    save(store, 4)
+    save(store, 8)
+    flip_a_bit(store, 8, 1)
+    assert store.latest().cut == 4  # the rollback cut
+    store.begin_generation(2)
+    with pytest.raises(CheckpointError, match="already committed"):  # why the discard is needed
+        store.write_shard(8, 0, stage_state(0, 8), generation=2)
+    assert store.discard_after(4, generation=2) == [8]
+    assert not store.fs.exists(posixpath.join(store.root, "step-0000000008"))
+    save(store, 8, generation=2)  # the new generation writes and commits cut 8 again
+    checkpoint = store.latest()
+    assert (checkpoint.cut, checkpoint.generation, checkpoint.skipped) == (8, 2, ())
+    for s in range(STAGES):
+        assert_same(store.load_shard(8, s), stage_state(s, 8))
+
+
+def test_discard_after_keeps_the_cut_and_older_ones(url):
+    store = CheckpointStore(url, keep=5)
+    for cut in (4, 8, 12):
+        save(store, cut)
+    store.write_shard(16, 0, stage_state(0, 16), generation=1)  # torn, newer still
+    assert store.discard_after(8, generation=1) == [12, 16]
+    assert [(i.cut, i.status) for i in store.list()] == [(4, "committed"), (8, "committed")]
+    assert store.latest().cut == 8
+    assert_same(store.load_shard(4, 2), stage_state(2, 4))
+    assert store.discard_after(8, generation=1) == []  # nothing newer: a no-op
+    assert store.discard_after(-1, generation=1) == [4, 8]  # no usable checkpoint: all go
+    assert store.list() == [] and store.latest() is None
+
+
+def test_discard_after_is_refused_from_a_stale_generation(url):
+    store = CheckpointStore(url)
+    store.begin_generation(1)
+    save(store, 4)
+    save(store, 8)
+    store.begin_generation(3)
+    with pytest.raises(StaleGenerationError, match="discarding .*step-0000000008.* refused.*generation 2.*generation 3"):
+        store.discard_after(4, generation=2)
+    assert [i.cut for i in store.list()] == [4, 8]
+
+
+class CrashesInRmtree:
+    """A file system that dies after deleting a file and before a recursive delete."""
+
+    def rm(self, path, recursive=False, **kwargs):
+        if recursive:
+            raise OSError(f"injected crash before removing {path}")
+        return super().rm(path, recursive=recursive, **kwargs)
+
+
+class CrashingLocalFS(CrashesInRmtree, LocalFileSystem):
+    pass
+
+
+class CrashingMemoryFS(CrashesInRmtree, MemoryFileSystem):
+    pass
+
+
+def test_crash_inside_discard_after_leaves_an_uncommitted_leftover(url, caplog):
+    crashing = (CrashingMemoryFS if url.startswith("memory://") else CrashingLocalFS)(skip_instance_cache=True)
+    store = CheckpointStore(url)
+    save(store, 4)
+    save(store, 8)
+    flip_a_bit(store, 8, 0)
+    with pytest.raises(OSError, match="injected crash"):
+        CheckpointStore(url, fs=crashing).discard_after(4, generation=1)
+    # The marker went first: cut 8 is now a plain uncommitted leftover.
+    assert store.fs.exists(step_file(store, 8, "manifest.json"))
+    assert not store.fs.exists(step_file(store, 8, "COMMITTED"))
+    assert [(i.cut, i.status) for i in store.list()] == [(4, "committed"), (8, "uncommitted")]
+    latest_with_warning(store, caplog, expect_cut=4, reason="no COMMITTED marker")
+    # The rerun (or the next generation's writes) can go on from here.
+    save(store, 8)
+    assert store.latest().cut == 8
 
 
 def test_bad_inputs_have_clear_errors(url):

@@ -9,7 +9,9 @@ Who calls what (DESIGN.md section 2, "Nothing torn"):
   generation=g, num_stages=p, manifest={...})`` writes ``manifest.json``, then
   the ``COMMITTED`` marker last, then prunes;
 - on (re)start: ``latest()`` is the newest committed checkpoint that verifies
-  end to end; anything torn or corrupt is skipped with a warning saying why.
+  end to end; anything torn or corrupt is skipped with a warning saying why;
+- on a rollback to that cut: ``discard_after(cut, generation=g)`` removes the
+  newer, unusable step directories so their cuts can be written again.
 
 Fencing: the driver records each new run's generation with
 ``begin_generation(g)``; a writer or committer of an older generation is
@@ -210,6 +212,28 @@ class CheckpointStore:
             if c in kept or c > newest:
                 continue
             self._remove_step(c)
+
+    def discard_after(self, cut: int, *, generation: int) -> list[int]:
+        """Remove every step directory newer than ``cut``; returns the cuts removed.
+
+        For a rollback to ``cut`` (the newest checkpoint that verified, or -1 for
+        none): whatever is newer is torn or corrupt, and the new generation writes
+        those cuts again, which ``write_shard`` and ``commit`` refuse while a
+        directory still holds a commit marker. Each marker goes first, so a crash
+        half-way leaves an uncommitted leftover that ``latest()`` passes over and
+        the next discard or prune removes. Refused, like any write, for a
+        generation older than the one the store records.
+        """
+        removed = []
+        for c in self._cuts():
+            if c <= cut:
+                continue
+            # Checked per directory: a newer driver that begins its generation
+            # half-way stops this one from deleting what that driver now writes.
+            self._check_generation(generation, f"discarding {self._step_path(c)} (newer than cut {cut})")
+            self._remove_step(c)
+            removed.append(c)
+        return removed
 
     def _remove_step(self, cut: int) -> None:
         step = self._step_path(cut)
