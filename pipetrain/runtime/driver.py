@@ -172,7 +172,7 @@ class Driver:
                 if restarts > self.plan.max_restarts:
                     self._fail(lost, latest, f"gave up after {self.plan.max_restarts} restart(s)")
                 start = self._rollback(start.generation + 1, latest)
-                self._discard_after(start.cut)
+                self._discard_after(start.cut, start.generation)
                 book.forget_from(start.cut)
                 self.history = [h for h in self.history if h["step"] < start.cut // self.plan.microbatches]
                 self._record_recovery(lost, start, latest, stop_seconds)
@@ -204,27 +204,12 @@ class Driver:
         ledgers = {s: latest.shard(s).get("meta", {}).get("ledger", {}) for s in range(latest.num_stages)}
         return _Start(generation=generation, cut=latest.cut, ledgers=ledgers)
 
-    def _discard_after(self, cut: int) -> None:
-        """Remove step directories newer than the rollback cut: torn or corrupt
-        ones (the newest that verified is ``cut``). The new generation writes
-        those cuts again, and the store refuses to write into a directory that
-        still holds a (corrupt) commit marker."""
-        if self.store is None:
-            return
-        from pipetrain.checkpoint.manifest import MARKER
-
-        for info in self.store.list():
-            if info.cut <= cut:
-                continue
-            fs = self.store.fs
-            try:  # marker first: a crash half-way leaves an uncommitted leftover
-                fs.rm_file(f"{info.path}/{MARKER}")
-            except FileNotFoundError:
-                pass
-            try:
-                fs.rm(info.path, recursive=True)
-            except FileNotFoundError:
-                pass
+    def _discard_after(self, cut: int, generation: int) -> None:
+        """Remove the step directories newer than the rollback cut (torn or
+        corrupt: the newest that verified is ``cut``), so ``generation`` can
+        write and commit those cuts again."""
+        if self.store is not None:
+            self.store.discard_after(cut, generation=generation)
 
     def _record_recovery(self, lost: StageLost, start: _Start, latest: Any, stop_seconds: float) -> None:
         skipped = [{"cut": cut, "why": why} for cut, why in (latest.skipped if latest else ())]
@@ -256,7 +241,7 @@ class Driver:
         generation = (previous or 0) + 1
         for cut, why in (latest.skipped if latest else ()):
             self.progress.note(f"resume: checkpoint at micro-batch {cut} not used: {why}")
-        self._discard_after(latest.cut if latest else -1)
+        self._discard_after(latest.cut if latest else -1, generation)
         if latest is None:
             self.progress.note("resume: no committed checkpoint found; starting from the beginning")
             return _Start(generation=generation)
