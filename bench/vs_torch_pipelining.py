@@ -68,7 +68,7 @@ def cross_entropy(logits, labels):
     return F.cross_entropy(logits, labels)
 
 
-def build_model(*, width: int = WIDTH, depth: int = DEPTH):
+def build_model(*, width: int = WIDTH, depth: int = DEPTH, split_backward: bool = True):
     """The TorchSequential every contestant takes its layers from (same initial weights)."""
     from torch import nn
 
@@ -78,7 +78,7 @@ def build_model(*, width: int = WIDTH, depth: int = DEPTH):
     for _ in range(depth):
         layers += [lambda: nn.Linear(width, width), nn.Tanh]
     layers.append(lambda: nn.Linear(width, CLASSES))
-    return TorchSequential(layers, loss=cross_entropy, seed=SEED, device="cpu")
+    return TorchSequential(layers, loss=cross_entropy, seed=SEED, device="cpu", split_backward=split_backward)
 
 
 def fixed_data(*, width: int = WIDTH, batch: int = BATCH) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +207,7 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
     for kind in np.unique(events["kind"]):
         mine = events["kind"] == kind
         out[str(kind)] = float((e - s)[mine].sum()) / (end - start)
-        if kind in ("F", "B", "U") and (mine & inside).any():
+        if kind in ("F", "B", "W", "U") and (mine & inside).any():
             out[f"{kind} ms"] = float(np.median((events["end"] - events["start"])[mine & inside])) * 1e3
     out["other"] = 1 - sum(v for k, v in out.items() if not k.endswith(" ms"))
     return out
@@ -215,7 +215,9 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
 
 PIPETRAIN_RUNS = {"pipetrain_1f1b": {"schedule": "1f1b", "accumulate": 1},
                   "pipetrain_pipedream": {"schedule": "pipedream", "accumulate": 1},
-                  "pipetrain_pipedream_acc8": {"schedule": "pipedream", "accumulate": M}}
+                  "pipetrain_pipedream_acc8": {"schedule": "pipedream", "accumulate": M},
+                  "pipetrain_1f1b_fused_backward": {"schedule": "1f1b", "accumulate": 1},
+                  "pipetrain_pipedream_fused_backward": {"schedule": "pipedream", "accumulate": 1}}
 
 
 def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, batch: int) -> float:
@@ -225,8 +227,10 @@ def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int
     from pipetrain.schedule.builders import build_schedule
     from pipetrain.schedule.simulator import simulate
 
-    costs = {f"{kind}_cost": [row[f"{kind[0].upper()} ms"] for row in breakdown]
-             for kind in ("forward", "backward", "update")}
+    # A split backward (B, then W after the send) counts whole: the simulator has no W.
+    costs = {"forward_cost": [row["F ms"] for row in breakdown],
+             "backward_cost": [row["B ms"] + row.get("W ms", 0.0) for row in breakdown],
+             "update_cost": [row["U ms"] for row in breakdown]}
 
     def makespan(steps: int) -> float:
         built = build_schedule(schedule, num_stages=STAGES, microbatches=M, steps=steps, accumulate=accumulate)
@@ -287,8 +291,9 @@ def main() -> None:
 
     x, y = fixed_data(width=args.width, batch=args.batch)
     data = ArraySource(x, y, microbatch_size=args.batch // M, shuffle=False)
-    part = partition(build_model(width=args.width, depth=args.depth), STAGES, method="explicit",
-                     boundaries=[args.depth], example_input=data.inputs(0))
+    part, part_fused = (partition(build_model(width=args.width, depth=args.depth, split_backward=split), STAGES,
+                                  method="explicit", boundaries=[args.depth], example_input=data.inputs(0))
+                        for split in (True, False))
     load_before = os.getloadavg()[0]
     ENV_BEFORE_DASK.update(os.environ)
     cluster = start_local_cluster(STAGES)
@@ -305,6 +310,11 @@ def main() -> None:
             "torch_single_whole_batch": lambda: run_single(accumulate=False, **common, **sizes),
             "pipetrain_pipedream_acc8": lambda: run_pipetrain(part, data, client, schedule="pipedream",
                                                               accumulate=M, **common),
+            # The same runs without the split backward (the input gradient sent
+            # before the weight gradients): what the split is worth here.
+            "pipetrain_1f1b_fused_backward": lambda: run_pipetrain(part_fused, data, client, schedule="1f1b", **common),
+            "pipetrain_pipedream_fused_backward": lambda: run_pipetrain(part_fused, data, client,
+                                                                        schedule="pipedream", **common),
         }
         runs: dict[str, list[dict]] = {name: [] for name in contestants}
         names = list(contestants)
@@ -324,27 +334,28 @@ def main() -> None:
           f"{args.warmup} warm-up, best of {args.repeats} rounds"
           f"{'; worker malloc tuned (--worker-mallopt)' if args.worker_mallopt else ''}; load average {load_before:.2f} before, "
           f"{load_after:.2f} after")
-    print(f"{'contestant':<26} {'samples/s':>9} {'vs single':>9} {'vs torch pp':>11} {'each round':>22} "
+    print(f"{'contestant':<34} {'samples/s':>9} {'vs single':>9} {'vs torch pp':>11} {'each round':>22} "
           f"{'loss first..last':>17}")
     for name in names:
         rounds = " ".join(f"{r['samples_per_s']:.0f}" for r in runs[name])
         losses = best[name]["losses"]
-        print(f"{name:<26} {rate[name]:>9.1f} {rate[name] / base:>8.2f}x {rate[name] / peer:>10.2f}x "
+        print(f"{name:<34} {rate[name]:>9.1f} {rate[name] / base:>8.2f}x {rate[name] / peer:>10.2f}x "
               f"{rounds:>22} {losses[0]:>8.4f}..{losses[-1]:.4f}")
 
-    print("\npipetrain, each stage in its best round: median ms of F, B, U; share of the steady-state wall time")
-    ms_kinds, kinds = ("F ms", "B ms", "U ms"), ("F", "B", "U", "RECV_F", "RECV_B", "SEND_F", "SEND_B", "other")
-    print(f"{'run':<32}" + "".join(f"{k:>6}" for k in ms_kinds) + "".join(f"{k:>7}" for k in kinds))
+    print("\npipetrain, each stage in its best round: median ms of F, B, W (weight gradients after a split backward's send), U; share of the steady-state wall time")
+    ms_kinds, kinds = ("F ms", "B ms", "W ms", "U ms"), ("F", "B", "W", "U", "RECV_F", "RECV_B", "SEND_F", "SEND_B",
+                                                         "other")
+    print(f"{'run':<42}" + "".join(f"{k:>6}" for k in ms_kinds) + "".join(f"{k:>7}" for k in kinds))
     for name in (n for n in names if n.startswith("pipetrain")):
         for stage, row in enumerate(best[name]["breakdown"]):
-            print(f"{name + f' stage {stage}':<32}" + "".join(f"{row.get(k, 0.0):>6.1f}" for k in ms_kinds)
+            print(f"{name + f' stage {stage}':<42}" + "".join(f"{row.get(k, 0.0):>6.1f}" for k in ms_kinds)
                   + "".join(f"{row.get(k, 0.0):>7.1%}" for k in kinds))
 
     ceilings = {name: ceiling(best[name]["breakdown"], batch=args.batch, **PIPETRAIN_RUNS[name]) for name in names if name in PIPETRAIN_RUNS}
     print("\nceiling: samples/s the schedule would reach on its own stages' measured F, B and U (medians above)\n"
           "with free, instant communication (pipetrain simulate); the ratio to torch.distributed.pipelining's measured rate")
     for name, limit in ceilings.items():
-        print(f"{name:<26} {limit:>9.1f} {limit / peer:>8.2f}x   (measured {rate[name] / limit:.0%} of it)")
+        print(f"{name:<34} {limit:>9.1f} {limit / peer:>8.2f}x   (measured {rate[name] / limit:.0%} of it)")
 
     print(json.dumps({
         "samples_per_s": {name: rate[name] for name in CONTESTANTS},

@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from pipetrain.optim import Optimizer
-from pipetrain.stages import flat_state, torch_segments
+from pipetrain.stages import flat_state, torch_split_backward
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_torch
-from pipetrain.stages.torch_segments import roots_and_seeds, zero_if_none
+from pipetrain.stages.torch_split_backward import roots_and_seeds, zero_if_none
 from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
 
 LayerLike = nn.Module | Callable[[], nn.Module]
@@ -213,12 +213,11 @@ class TorchStage(VersionedParams):
         self._acc = {n: torch.zeros_like(p) for n, p in initial.items()}
         self._accumulated = 0
         self._pending: dict[int, tuple] = {}
-        # A stage with inputs to differentiate runs one autograd segment per
-        # layer, so its input gradient can leave before its weight gradients
-        # are computed (see torch_segments). The first stage has no input
-        # gradient to send and keeps one fused backward.
-        self.splits_backward = split_backward and not spec.is_first
-        self._weights_pending: dict[int, torch_segments.PendingWeights] = {}
+        # A stage with inputs to differentiate can let its input gradient leave
+        # before it computes its weight gradients (see torch_split_backward).
+        # The first stage has no input gradient to send.
+        self.splits_backward = split_backward and not spec.is_first and torch_split_backward.available()
+        self._weights_pending: dict[int, torch_split_backward.PendingWeights | None] = {}
 
     # ------------------------------------------------------------ compute
 
@@ -229,16 +228,11 @@ class TorchStage(VersionedParams):
         x = to_torch(inputs, device=self.device)
         if not self.spec.is_first:
             x = tree_map(_grad_leaf, x)
-        targets = to_torch(targets, device=self.device) if self.spec.is_last else None
         with torch.enable_grad():
-            if self.splits_backward:
-                out, segments = torch_segments.forward(self._chain, params, x, targets=targets,
-                                                       loss=self.loss if self.spec.is_last else None)
-            else:
-                out, segments = torch.func.functional_call(self._chain, params, (x,)), None
-                if self.spec.is_last:
-                    out = self.loss(out, targets)
-        self._pending[k] = (params, x, out, segments)
+            out = torch.func.functional_call(self._chain, params, (x,))
+            if self.spec.is_last:
+                out = self.loss(out, to_torch(targets, device=self.device))
+        self._pending[k] = (params, x, out)
         if self.spec.is_last:
             return float(out.detach())
         return tree_map(torch.Tensor.detach, out)
@@ -248,13 +242,34 @@ class TorchStage(VersionedParams):
             grad_inputs = self.backward_input(k, grad_outputs)
             self.backward_weights(k)
             return grad_inputs
+        return self._fused_backward(*self._take_pending(k), grad_outputs)
+
+    def backward_input(self, k: int, grad_outputs: Tree | None = None) -> Tree:
+        """The first half of a split backward: the gradient of the inputs only.
+        ``backward_weights(k)`` must follow before any other call on this stage."""
+        params, x, out = self._take_pending(k)
+        x_leaves, x_structure = flatten(x)
+        wrt = [t for t in x_leaves if t.requires_grad]
+        if not wrt:  # only integer inputs: nothing to send early, one fused backward
+            self._weights_pending[k] = None
+            return self._fused_backward(params, x, out, grad_outputs)
+        roots, seeds = self._roots(out, grad_outputs, seed_loss=False)
+        grads, self._weights_pending[k] = torch_split_backward.input_gradients(roots, seeds, wrt, params)
+        found = iter(grads)
+        return unflatten(x_structure, [zero_if_none(next(found), t) if t.requires_grad else None for t in x_leaves])
+
+    def _take_pending(self, k: int) -> tuple:
         if k not in self._pending:
             raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
-        params, x, out, _ = self._pending.pop(k)
-        if self.spec.is_last:
-            roots, seeds = [out], [torch.ones_like(out)]
-        else:
-            roots, seeds = roots_and_seeds(out, to_torch(grad_outputs, device=self.device), self.spec.index)
+        return self._pending.pop(k)
+
+    def _roots(self, out: Tree, grad_outputs: Tree | None, *, seed_loss: bool) -> tuple[list, list | None]:
+        if self.spec.is_last:  # the loss, seeded with 1 (None lets the split seed it itself)
+            return [out], [torch.ones_like(out)] if seed_loss else None
+        return roots_and_seeds(out, to_torch(grad_outputs, device=self.device), self.spec.index)
+
+    def _fused_backward(self, params: dict, x: Tree, out: Tree, grad_outputs: Tree | None) -> Tree | None:
+        roots, seeds = self._roots(out, grad_outputs, seed_loss=True)
         trainable = [n for n in self._names if params[n].requires_grad]
         x_leaves, x_structure = flatten(x)
         wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
@@ -266,23 +281,14 @@ class TorchStage(VersionedParams):
         return unflatten(x_structure, [zero_if_none(next(input_grads), t) if t.requires_grad else None
                                        for t in x_leaves])
 
-    def backward_input(self, k: int, grad_outputs: Tree | None = None) -> Tree:
-        """The first half of a split backward: the gradient of the inputs only.
-        ``backward_weights(k)`` must follow before any other call on this stage."""
-        if k not in self._pending:
-            raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
-        _, _, _, segments = self._pending.pop(k)
-        grads = None if self.spec.is_last else to_torch(grad_outputs, device=self.device)
-        grad_inputs, self._weights_pending[k] = torch_segments.input_gradients(segments, grads,
-                                                                               stage=self.spec.index)
-        return grad_inputs
-
     def backward_weights(self, k: int) -> None:
         """The second half of a split backward: accumulate micro-batch k's weight gradients."""
         if k not in self._weights_pending:
             raise RuntimeError(f"stage {self.spec.index}: weight gradients of micro-batch {k} without its "
                                f"backward_input")
-        self._accumulate(torch_segments.weight_gradients(self._weights_pending.pop(k)))
+        pending = self._weights_pending.pop(k)
+        if pending is not None:
+            self._accumulate(torch_split_backward.weight_gradients(pending))
 
     def _accumulate(self, named_grads: Any) -> None:
         first = self._accumulated == 0
