@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 
 EVENT_DTYPE = np.dtype([("kind", "U6"), ("k", "i8"), ("version", "i8"), ("start", "f8"), ("end", "f8")])
-COMPUTE_KINDS = ("F", "B")
-BUSY_KINDS = ("F", "B", "U")  # what a stage's "busy share" counts: work, not waiting or moving bytes
-KINDS = ("F", "B", "U", "C", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
+# "W": the weight gradients of a split backward, after its SEND_B (runtime/interpreter.py);
+# not a schedule action, but work the stage does.
+COMPUTE_KINDS = ("F", "B", "W")
+BUSY_KINDS = ("F", "B", "W", "U")  # what a stage's "busy share" counts: work, not waiting or moving bytes
+KINDS = ("F", "B", "W", "U", "C", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
 
 @dataclass(frozen=True)

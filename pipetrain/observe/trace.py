@@ -36,6 +36,7 @@ from pipetrain.observe.timeline import (
 KIND_STYLE = {  # kind: (legend label, colour, hatch)
     "F": ("forward", "#4C72B0", None),
     "B": ("backward", "#DD8452", None),
+    "W": ("weight gradients", "#C9A227", None),
     "U": ("update", "#55A868", None),
     "C": ("checkpoint snapshot", "#8172B3", None),
     "SEND_F": ("send activation", "#A1C9F4", None),
@@ -161,7 +162,7 @@ def measured_figures(run_dir: str | Path) -> TraceFigures:
     busy = [_total(e, BUSY_KINDS) for e in events]
     waiting = [_total(e, ("RECV_F", "RECV_B")) for e in events]
     fwd = [_median(e, "F") for e in events]
-    bwd = [_median(e, "B") for e in events]
+    bwd = [_backward_median(e) for e in events]
     send_cost = message_latency(events)
     report, note = _simulate(info, fwd, bwd, send_cost)
     stages = tuple(StageFigures(
@@ -221,6 +222,12 @@ def _simulate(info: RunInfo, fwd: list, bwd: list, send_cost: float):
 def _total(e: np.ndarray, kinds: tuple[str, ...]) -> float:
     chosen = e[np.isin(e["kind"], kinds)]
     return float(np.sum(chosen["end"] - chosen["start"]))
+
+
+def _backward_median(e: np.ndarray) -> float | None:
+    """A backward's median time, its split-off weight gradients (W) included."""
+    b, w = _median(e, "B"), _median(e, "W")
+    return b + w if b is not None and w is not None else b
 
 
 def _median(e: np.ndarray, kind: str) -> float | None:
@@ -313,7 +320,7 @@ def plot_gantt(run_dir: str | Path, path: str | Path, *, window: tuple[float, fl
             # hatches take the edge colour: grey on waits, white separators between work boxes
             ax.broken_barh(bars, (s - 0.4, 0.8), facecolors=colour, edgecolor="#8C8C8C" if hatch else "white",
                            linewidth=0.3 if hatch else 0.6, hatch=hatch)
-            if kind in ("F", "B"):
+            if kind in ("F", "B", "W"):
                 for row, a, w in zip(chosen, starts, widths):
                     text = str(int(row["k"]))
                     if w * px_per_second >= 7 * len(text) + 4:
