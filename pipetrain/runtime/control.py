@@ -98,6 +98,10 @@ class StageControl:
     def stopped(self) -> bool:
         return self._stop_seen.is_set()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Whether the driver's stop arrives within ``timeout`` seconds."""
+        return self._stop_seen.wait(timeout)
+
     def _watch_stop(self) -> None:
         # Polled with is_set rather than a blocking Event.wait: a wait still
         # pending on the scheduler when the task ends or the cluster closes is

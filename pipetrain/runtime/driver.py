@@ -5,12 +5,16 @@ section 3). The driver never touches activations: it reads the stages'
 reports from the control plane, commits checkpoints once every shard of a
 cut is durable, and recovers when a stage is lost:
 
-1. detect: a stage task fails, or a stage's worker leaves the cluster,
-   whichever the driver sees first (it looks every ``poll`` seconds); the
-   blame goes to the workers that left, if any did;
+1. detect: a stage task fails, a stage reports that a neighbour vanished,
+   or a stage's worker leaves the cluster, whichever the driver sees first
+   (it looks every ``poll`` seconds); the blame goes to the workers that
+   left, if any did;
 2. stop: raise the generation's stop flag; every stage leaves at its next
-   action or wait slice. A stage still running after ``stop_timeout`` is
-   cancelled and its worker avoided (its thread may linger there);
+   action or wait slice, and its task returns {"ended": "stopped"} rather
+   than failing (so Dask logs no error for what is only a recovery's
+   effect; see ``worker._ended_by_recovery``). A stage still running after
+   ``stop_timeout`` is cancelled and its worker avoided (its thread may
+   linger there);
 3. re-place: the stages whose workers survived stay; lost ones go to spares
    first, else wait up to ``placement_timeout`` for a replacement (e.g. the
    nanny's restarted worker, at a new address);
@@ -130,6 +134,7 @@ class Driver:
         self.history: list[dict] = []
         self.dead_workers: set[str] = set()
         self.avoid_workers: set[str] = set()
+        self._peer_lost: dict[int, dict] = {}  # per generation: stage -> its "peer-lost" report (worker.py)
         self.store = None
         if plan.checkpoint_url:
             from pipetrain.checkpoint.store import CheckpointStore
@@ -305,6 +310,7 @@ class Driver:
         control = DriverControl(ControlNames(self.plan.job_id, generation), client=self.client)
         shards: dict[int, dict[int, dict]] = {}
         self._ready: dict[int, dict] = {}
+        self._peer_lost = {}
         self._timed = TimedCheckpoints(self.plan, self.client, control, self.metrics)
         last_membership_check = 0.0
         while True:
@@ -312,32 +318,38 @@ class Driver:
                 self._handle(message, book, shards, generation)
             self._timed.maybe_request()
             failed = [s for s, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
-            if failed or time.time() - last_membership_check > 2 * self.plan.poll:
+            if failed or self._peer_lost or time.time() - last_membership_check > 2 * self.plan.poll:
                 last_membership_check = time.time()
                 self._check(futures, placement, failed)
             if all(f.status == "finished" for f in futures):
                 results = self.client.gather(futures)
                 for message in control.drain(timeout=0.05):
                     self._handle(message, book, shards, generation)
+                self._check_ended(results, placement)
                 return results
 
     def _check(self, futures: list[Any], placement: dict[int, str], failed: list[int]) -> None:
-        """Raise StageLost if a stage's worker left or its task failed; a worker
-        that left is the cause, the failures of its neighbours are the effect."""
+        """Raise StageLost if a stage's worker left, its task failed or it lost a
+        peer; a worker that left is the cause, its neighbours' lost peers (or
+        failures) are the effect. A stage that reported a lost peer is waiting
+        for the stop: it counts exactly as if its task had failed with PeerLost."""
+        suspects = sorted(set(failed) | set(self._peer_lost))
         alive = self._alive()
         gone = [s for s in sorted(placement) if placement[s] not in alive]
         grace = time.time() + 1.0
-        while failed and not gone and time.time() < grace:
-            # A neighbour's failure (its peer vanished) often arrives before the
-            # scheduler has dropped the killed worker: give it a moment.
+        while suspects and not gone and time.time() < grace:
+            # A neighbour's lost peer often comes to light before the scheduler
+            # has dropped the killed worker: give it a moment.
             time.sleep(0.1)
             alive = self._alive()
             gone = [s for s in sorted(placement) if placement[s] not in alive]
         if gone:
             raise StageLost(gone, [placement[s] for s in gone], "worker left the cluster", worker_died=True)
-        if not failed:
+        if not suspects:
             return
-        s = failed[0]
+        s = suspects[0]
+        if s not in failed:
+            raise StageLost([s], [placement[s]], self._peer_lost[s]["reason"], worker_died=False)
         f = futures[s]
         error = f.exception() if f.status == "error" else None
         reason = _short(error) if error is not None else f"task {f.status}"
@@ -345,6 +357,16 @@ class Driver:
         lost = StageLost([s], [placement[s]], reason, worker_died=died)
         lost.deterministic = error is not None and _is_computation_error(error)
         raise lost
+
+    def _check_ended(self, results: list[dict], placement: dict[int, str]) -> None:
+        """A result saying the stop of this generation ended its stage. This
+        driver never stops a generation it still watches, so someone else did
+        (a second driver resuming the same job): the stage did not finish, and
+        is lost as it was when its task failed with ``Stopped``."""
+        ended = [s for s, r in enumerate(results) if r.get("ended")]
+        if ended:
+            s = ended[0]
+            raise StageLost([s], [placement[s]], results[s]["reason"], worker_died=False)
 
     def _handle(self, message: dict, book: StepBook, shards: dict, generation: int) -> None:
         kind = message.get("type")
@@ -363,6 +385,8 @@ class Driver:
                 self._commit(cut, shards.pop(cut), book, generation)
         elif kind == "ready":
             self._ready[message["stage"]] = message
+        elif kind == "peer-lost":
+            self._peer_lost.setdefault(message["stage"], message)
         elif kind == "first" and message["stage"] == 0:
             self._recovered(message["time"])
         elif kind == "error":

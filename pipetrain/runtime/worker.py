@@ -4,7 +4,9 @@ The task thread is the stage's compute thread: it interprets the stage's
 action list (``StageProgram``) while the transport's event loop moves bytes.
 Reports and checkpoint writes leave through the courier thread, so compute
 never waits on the scheduler or the disk. The task returns the stage's final
-state, its timeline events and its ledger.
+state, its timeline events and its ledger; or, when a recovery's stop ended
+it, a small ``{"ended": "stopped"}`` result instead of an error (an expected
+ending, which Dask would otherwise log as a failed task with a traceback).
 
 The ledger is the exactly-once evidence (DESIGN.md section 2): in the order
 they were applied, the micro-batch ids whose gradients each UPDATE folded
@@ -15,6 +17,7 @@ recoveries the final ledger says how often each id reached the weights.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,8 @@ from pipetrain.runtime.control import ControlNames, StageControl
 from pipetrain.runtime.interpreter import Hooks, StageProgram
 from pipetrain.schedule.actions import Action, Kind
 from pipetrain.stages.base import StageSpec
+
+log = logging.getLogger("pipetrain.runtime")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class StageJob:
     security: Any = None
     max_events: int = 200_000
     resume_ledger: dict | None = None  # the ledger at resume_cut, from the checkpoint manifest
+    # How long a stage whose neighbour vanished waits for the driver's stop
+    # before it fails loudly after all (see ``_ended_by_recovery``).
+    peer_lost_wait: float = 10.0
 
 
 class Ledger:
@@ -73,6 +81,42 @@ class Ledger:
 
 class StopRequested(RuntimeError):
     """The driver stopped this generation; raised between actions."""
+
+
+def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseException) -> dict | None:
+    """The small result a stage returns when a recovery, not its own work, ended
+    it; None when ``error`` must fail the task (and be logged by Dask) as usual.
+
+    - Stopped by the driver (between actions, or while waiting): the driver
+      is already recovering, so this is expected, not a failure.
+    - A neighbour vanished (``PeerLost``): the effect of a failure elsewhere,
+      which the driver detects on its own (that worker left the cluster).
+      The stage tells the driver (a "peer-lost" report, which the driver
+      weighs exactly as it weighed this task failing with PeerLost), then
+      waits for the stop. If none comes within ``job.peer_lost_wait`` the
+      error is raised after all: something is wrong beyond a recovery.
+    - Any transport error once the stop was seen: the generation is being
+      torn down around this stage.
+
+    Anything else, above all an error of the stage's own computation, is
+    raised: the driver must see it fail and must not retry it.
+    """
+    from pipetrain.runtime.links import Stopped
+    from pipetrain.runtime.transport import PeerLost, TransportError
+
+    stage = job.spec.index
+    text = f"{type(error).__name__}: {error}"
+    text = text if len(text) < 400 else text[:400] + "..."
+    if isinstance(error, (Stopped, StopRequested)):
+        pass
+    elif isinstance(error, PeerLost) and not control.stopped():
+        control.report({"type": "peer-lost", "stage": stage, "reason": text, "time": time.time()})
+        if not control.wait_stopped(job.peer_lost_wait):
+            return None
+    elif not (isinstance(error, TransportError) and control.stopped()):
+        return None
+    log.info("stage %d of generation %d ended by the driver's stop (%s)", stage, job.generation, text)
+    return {"ended": "stopped", "stage": stage, "generation": job.generation, "reason": text}
 
 
 class _Reporter(Hooks):
@@ -240,10 +284,8 @@ def _keep_freed_memory() -> None:
 
 
 def run_stage(job: StageJob) -> dict:
-    """The body of a stage task. Returns {"state", "events", "ledger"}."""
-    from pipetrain.runtime.links import open_links
-    from pipetrain.schedule.builders import build_schedule
-
+    """The body of a stage task. Returns {"state", "events", "ledger"}, or
+    {"ended": "stopped", ...} when the driver's stop for a recovery ended it."""
     _keep_freed_memory()
     started = time.time()
     control = StageControl(ControlNames(job.job_id, job.generation))
@@ -254,27 +296,39 @@ def run_stage(job: StageJob) -> dict:
 
         store = CheckpointStore(job.checkpoint_url)
     try:
-        schedule = build_schedule(**job.schedule_args)
-        stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
-        built = time.time()
-        if job.resume_cut:
-            stage.load_state_dict(store.load_shard(job.resume_cut, job.spec.index))
-        loaded = time.time()
-        reporter = _Reporter(job, control, store, gauges)
-        reporter.stage_object = stage
-        reporter.follow(schedule.stage_actions(job.spec.index))
-        with open_links(job, control) as links:
-            reporter.endpoint = links.endpoint
-            control.report({"type": "ready", "stage": job.spec.index, "seconds": time.time() - started,
-                            "build_seconds": built - started, "load_seconds": loaded - built,
-                            "connect_seconds": time.time() - loaded, "time": time.time()})
-            StageProgram(stage, schedule, source=job.source, links=links, hooks=reporter, clock=time.time).run_all()
-            reporter.flush_losses()
-        control.report({"type": "done", "stage": job.spec.index, "seconds": time.time() - started})
+        return _run(job, control, store, gauges, started)
+    except Exception as error:
+        ended = _ended_by_recovery(job, control, error)
+        if ended is None:
+            raise
+        return ended
     finally:
         if gauges is not None:
             gauges.uninstall()
         control.close()
+
+
+def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started: float) -> dict:
+    from pipetrain.runtime.links import open_links
+    from pipetrain.schedule.builders import build_schedule
+
+    schedule = build_schedule(**job.schedule_args)
+    stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
+    built = time.time()
+    if job.resume_cut:
+        stage.load_state_dict(store.load_shard(job.resume_cut, job.spec.index))
+    loaded = time.time()
+    reporter = _Reporter(job, control, store, gauges)
+    reporter.stage_object = stage
+    reporter.follow(schedule.stage_actions(job.spec.index))
+    with open_links(job, control) as links:
+        reporter.endpoint = links.endpoint
+        control.report({"type": "ready", "stage": job.spec.index, "seconds": time.time() - started,
+                        "build_seconds": built - started, "load_seconds": loaded - built,
+                        "connect_seconds": time.time() - loaded, "time": time.time()})
+        StageProgram(stage, schedule, source=job.source, links=links, hooks=reporter, clock=time.time).run_all()
+        reporter.flush_losses()
+    control.report({"type": "done", "stage": job.spec.index, "seconds": time.time() - started})
     return {"state": stage.state_dict(), "events": np.array(reporter.events, dtype=_EVENT_DTYPE),
             "ledger": reporter.ledger.to_dict()}
 

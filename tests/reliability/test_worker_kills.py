@@ -20,10 +20,17 @@ KILLS = [
 ]
 
 
+def compute_failures(client, job_id: str) -> list[str]:
+    """The "Compute Failed" errors the workers logged for this job's tasks."""
+    return [message for logs in client.get_worker_logs().values() for _, message in logs
+            if "Compute Failed" in message and f"pipetrain-{job_id}-" in message]
+
+
 @pytest.mark.parametrize("schedule,fault,cut", KILLS, ids=[f"{s}-{f.name}" for s, f, _ in KILLS])
 def test_killed_worker_recovers_bit_identical(client, tmp_path, schedule, fault, cut):
     pids = client.run(lambda: __import__("os").getpid())
-    result, checkpoints = run(client, tmp_path, schedule, [fault])
+    job_id = f"kill-{fault.name}"
+    result, checkpoints = run(client, tmp_path, schedule, [fault], job_id=job_id)
 
     killed = fired(tmp_path / "markers", fault)
     assert killed in pids.values(), "the fault did not fire in a worker process"
@@ -38,3 +45,6 @@ def test_killed_worker_recovers_bit_identical(client, tmp_path, schedule, fault,
         assert "not committed" in recovery["skipped_checkpoints"][0]["why"]
     assert_bit_identical(result, schedule)
     assert_exactly_once(result)
+    # The neighbours that lost their peer, or were stopped for the recovery,
+    # ended quietly: no error in the logs of the workers that survived.
+    assert compute_failures(client, job_id) == []
