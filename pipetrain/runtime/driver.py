@@ -212,8 +212,11 @@ class Driver:
     def _discard_after(self, cut: int, generation: int) -> None:
         """Remove the step directories newer than the rollback cut (torn or
         corrupt: the newest that verified is ``cut``), so ``generation`` can
-        write and commit those cuts again."""
+        write and commit those cuts again. The new generation is recorded
+        first: a stage of the old one that wakes up now can no longer write
+        into a directory just discarded."""
         if self.store is not None:
+            self.store.begin_generation(generation)
             self.store.discard_after(cut, generation=generation)
 
     def _record_recovery(self, lost: StageLost, start: _Start, latest: Any, stop_seconds: float) -> None:
