@@ -161,6 +161,13 @@ class _Reporter(Hooks):
     def on_loss(self, k: int, loss: float) -> None:
         self.losses[k] = loss
 
+    def on_weights(self, k: int, version: int, start: float, end: float) -> None:
+        # Work, not an action of the schedule: an event and busy time, but no
+        # move of the action cursor (checkpoint cuts are positions in the list).
+        self.busy += end - start
+        if len(self.events) < self.job.max_events:
+            self.events.append(("W", k, version, start, end))
+
     def on_action(self, action: Action, start: float, end: float) -> None:
         kind = action.kind
         if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE):

@@ -86,6 +86,17 @@ def test_mixed_pipedream_on_dask_equals_reference_and_imports_only_its_framework
         assert a.keys() == b.keys()
         for name in a:
             assert np.array_equal(a[name], b[name]), f"stage {s}: {name}"
+    # The torch stage (stage 1) split its backward: each micro-batch's weight
+    # gradients (W) ran right after its gradient was sent; the others did not.
+    torch_events = dask_run.events[1]
+    kinds = list(torch_events["kind"])
+    weights = [int(e["k"]) for e in torch_events if e["kind"] == "W"]
+    assert weights == list(range(16))
+    for i, kind in enumerate(kinds):
+        if kind == "W":
+            assert kinds[i - 1] == "SEND_B" and torch_events["k"][i - 1] == torch_events["k"][i]
+            assert torch_events["start"][i] >= torch_events["end"][i - 1]
+    assert not any("W" in list(e["kind"]) for e in (dask_run.events[0], dask_run.events[2]))
     # Three worker processes, one stage each: one loaded only JAX, one only
     # torch, one TensorFlow/Keras and no torch. (TensorFlow itself imports JAX
     # when it is installed: tensorflow/lite/python/util.py does `from jax import jit`.)
