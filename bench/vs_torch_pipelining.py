@@ -68,7 +68,7 @@ def cross_entropy(logits, labels):
     return F.cross_entropy(logits, labels)
 
 
-def build_model(*, width: int = WIDTH, depth: int = DEPTH, split_backward: bool = True):
+def build_model(*, width: int = WIDTH, depth: int = DEPTH, split_backward: bool = False):
     """The TorchSequential every contestant takes its layers from (same initial weights)."""
     from torch import nn
 
@@ -216,8 +216,8 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
 PIPETRAIN_RUNS = {"pipetrain_1f1b": {"schedule": "1f1b", "accumulate": 1},
                   "pipetrain_pipedream": {"schedule": "pipedream", "accumulate": 1},
                   "pipetrain_pipedream_acc8": {"schedule": "pipedream", "accumulate": M},
-                  "pipetrain_1f1b_fused_backward": {"schedule": "1f1b", "accumulate": 1},
-                  "pipetrain_pipedream_fused_backward": {"schedule": "pipedream", "accumulate": 1}}
+                  "pipetrain_1f1b_split_backward": {"schedule": "1f1b", "accumulate": 1},
+                  "pipetrain_pipedream_split_backward": {"schedule": "pipedream", "accumulate": 1}}
 
 
 def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, batch: int) -> float:
@@ -291,9 +291,9 @@ def main() -> None:
 
     x, y = fixed_data(width=args.width, batch=args.batch)
     data = ArraySource(x, y, microbatch_size=args.batch // M, shuffle=False)
-    part, part_fused = (partition(build_model(width=args.width, depth=args.depth, split_backward=split), STAGES,
+    part, part_split = (partition(build_model(width=args.width, depth=args.depth, split_backward=split), STAGES,
                                   method="explicit", boundaries=[args.depth], example_input=data.inputs(0))
-                        for split in (True, False))
+                        for split in (False, True))
     load_before = os.getloadavg()[0]
     ENV_BEFORE_DASK.update(os.environ)
     cluster = start_local_cluster(STAGES)
@@ -310,10 +310,10 @@ def main() -> None:
             "torch_single_whole_batch": lambda: run_single(accumulate=False, **common, **sizes),
             "pipetrain_pipedream_acc8": lambda: run_pipetrain(part, data, client, schedule="pipedream",
                                                               accumulate=M, **common),
-            # The same runs without the split backward (the input gradient sent
-            # before the weight gradients): what the split is worth here.
-            "pipetrain_1f1b_fused_backward": lambda: run_pipetrain(part_fused, data, client, schedule="1f1b", **common),
-            "pipetrain_pipedream_fused_backward": lambda: run_pipetrain(part_fused, data, client,
+            # The same runs with a split backward (the input gradient sent
+            # before the weight gradients are computed): what it is worth here.
+            "pipetrain_1f1b_split_backward": lambda: run_pipetrain(part_split, data, client, schedule="1f1b", **common),
+            "pipetrain_pipedream_split_backward": lambda: run_pipetrain(part_split, data, client,
                                                                         schedule="pipedream", **common),
         }
         runs: dict[str, list[dict]] = {name: [] for name in contestants}

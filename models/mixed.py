@@ -27,7 +27,7 @@ def jax_twin(*, seed: int = 0):
     return JaxSequential(mlp.layers(sizes=SIZES, kind="tanh"), loss=mlp.loss_fn, seed=seed, example_input=x)
 
 
-def _torch_part(params: dict, *, seed: int):
+def _torch_part(params: dict, *, seed: int, split_backward: bool = False):
     import torch
     from torch import nn
 
@@ -37,7 +37,7 @@ def _torch_part(params: dict, *, seed: int):
     with torch.no_grad():
         linear.weight.copy_(torch.from_numpy(np.asarray(params["dense1"]["w"]).T.copy()))
         linear.bias.copy_(torch.from_numpy(np.asarray(params["dense1"]["b"]).copy()))
-    return TorchSequential([linear, nn.Tanh()], loss=None, seed=seed)
+    return TorchSequential([linear, nn.Tanh()], loss=None, seed=seed, split_backward=split_backward)
 
 
 def _keras_loss(logits, labels):
@@ -63,8 +63,9 @@ def _keras_part(params: dict, *, seed: int):
     return KerasSequential(layers, loss=_keras_loss, seed=seed)
 
 
-def build(*, seed: int = 0):
-    """JAX -> torch -> Keras, initialized from the all-JAX twin's weights."""
+def build(*, seed: int = 0, split_backward: bool = False):
+    """JAX -> torch -> Keras, initialized from the all-JAX twin's weights
+    (``split_backward``: the torch stage's, see TorchSequential)."""
     from pipetrain.stages.mixed import MixedSequential
 
     from models import mlp
@@ -73,7 +74,8 @@ def build(*, seed: int = 0):
     twin = jax_twin(seed=seed)
     params = twin.init_params()
     jax_part = JaxSequential(list(twin.layers[:2]), loss=mlp.loss_fn, seed=seed)
-    return MixedSequential([jax_part, _torch_part(params, seed=seed), _keras_part(params, seed=seed)])
+    return MixedSequential([jax_part, _torch_part(params, seed=seed, split_backward=split_backward),
+                            _keras_part(params, seed=seed)])
 
 
 def example_input(**_):

@@ -81,7 +81,7 @@ class _Links:
 def test_the_input_gradient_leaves_before_the_weight_gradients_are_computed(monkeypatch):
     log: list = []
     layers = [lambda: nn.Linear(12, 16), nn.Tanh, lambda: nn.Linear(16, 4)]
-    model = TorchSequential(layers, loss=_loss, seed=0, device="cpu")
+    model = TorchSequential(layers, loss=_loss, seed=0, device="cpu", split_backward=True)
     part = partition(model, 2, method="explicit", boundaries=[2], example_input=SOURCE.inputs(0))
     stages = build_stages(part, Optimizer("sgd", lr=0.1))
     real = stages[1].backward_weights

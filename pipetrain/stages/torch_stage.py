@@ -75,16 +75,17 @@ class TorchSequential:
     partition of the model starts from the same weights; a module given
     already built keeps its weights (``seed`` does not touch it).
 
-    ``split_backward`` (default True): stages after the first compute their
-    input gradient before their weight gradients, so the runtime can send it
-    in between (``torch_segments``); False keeps one fused autograd call.
-    Both give the same bits.
+    ``split_backward``: stages after the first compute their input gradient
+    before their weight gradients, so the runtime sends it in between
+    (``torch_split_backward``). Same bits as one fused backward. Off by
+    default: on small CPU kernels its bookkeeping costs more than the earlier
+    send gains (``bench/vs_torch_pipelining.py`` measures both).
     """
 
     framework = "torch"
 
     def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
-                 seed: int = 0, device: str | None = None, split_backward: bool = True):
+                 seed: int = 0, device: str | None = None, split_backward: bool = False):
         self._layers: list[LayerLike] = list(modules.children()) if isinstance(modules, nn.Sequential) else list(modules)
         if not self._layers:
             raise ValueError("TorchSequential: no layers given")
@@ -199,7 +200,7 @@ class TorchStage(VersionedParams):
     framework = "torch"
 
     def __init__(self, spec: StageSpec, chain: nn.Module, *, loss: Callable, optimizer: Optimizer,
-                 device: torch.device, split_backward: bool = True):
+                 device: torch.device, split_backward: bool = False):
         self.spec = spec
         self.device = device
         self.loss = loss

@@ -34,8 +34,8 @@ _MIXED_NAMES = {
 }
 
 
-def _mixed_partition():
-    return partition(mixed.build(), 3, boundaries=[2, 4], example_input=SOURCE.inputs(0))
+def _mixed_partition(**kwargs):
+    return partition(mixed.build(**kwargs), 3, boundaries=[2, 4], example_input=SOURCE.inputs(0))
 
 
 # Run on the workers through the builtin eval: a function of this module
@@ -71,7 +71,7 @@ def test_mixed_gradient_equals_the_single_framework_model(schedule_name):
 
 
 def test_mixed_pipedream_on_dask_equals_reference_and_imports_only_its_framework():
-    part = _mixed_partition()
+    part = _mixed_partition(split_backward=True)
     kwargs = dict(schedule="pipedream", microbatches=4, steps=4, optimizer=Optimizer("adam", lr=1e-2), progress=False)
     cluster = start_local_cluster(3)
     try:
