@@ -70,7 +70,7 @@ class _Links:
     def recv(self, kind, k):
         return self.boxes[self.stage].pop((kind, k))
 
-    def send(self, kind, k, version, tree):
+    def send(self, kind, k, version, tree, *, wait_follows=False):
         if kind is Kind.SEND_ACT:
             self.boxes[self.stage + 1][(Kind.RECV_ACT, k)] = tree
         else:

@@ -30,7 +30,9 @@ class Links(Protocol):
 
     def recv(self, kind: Kind, k: int) -> Tree: ...
 
-    def send(self, kind: Kind, k: int, version: int, tree: Tree) -> None: ...
+    def send(self, kind: Kind, k: int, version: int, tree: Tree, *, wait_follows: bool = False) -> None:
+        """``wait_follows``: the stage's next action will wait for a message
+        (a hint: an executor may write inline then, and hand off otherwise)."""
 
 
 class Hooks:
@@ -116,7 +118,7 @@ class StageProgram:
             else:
                 self._outputs[a.k] = out
         elif a.kind is Kind.SEND_ACT:
-            self.links.send(a.kind, a.k, a.version, self._outputs.pop(a.k))
+            self.links.send(a.kind, a.k, a.version, self._outputs.pop(a.k), wait_follows=self._wait_follows())
         elif a.kind is Kind.BACKWARD:
             grad = None if spec.is_last else self._grads.pop(a.k)
             if self._sends_before_weights(a):
@@ -127,13 +129,21 @@ class StageProgram:
                 if not spec.is_first:
                     self._input_grads[a.k] = grad_in
         elif a.kind is Kind.SEND_GRAD:
-            self.links.send(a.kind, a.k, a.version, self._input_grads.pop(a.k))
+            # A split backward's weight gradients come next: work, not a wait.
+            wait_follows = self._weights_due != a.k and self._wait_follows()
+            self.links.send(a.kind, a.k, a.version, self._input_grads.pop(a.k), wait_follows=wait_follows)
         elif a.kind is Kind.UPDATE:
             self.stage.update(new_version=a.version)
         elif a.kind is Kind.CHECKPOINT:
             self.hooks.on_checkpoint(a.k, self.stage)
         else:  # pragma: no cover - Kind is closed
             raise ValueError(f"stage {self.index}: unknown action {a!r}")
+
+    def _wait_follows(self) -> bool:
+        """Whether the action after this one waits for a message not yet here."""
+        after = self.actions[self.position + 1] if self.position + 1 < len(self.actions) else None
+        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD)
+                and not self.links.ready(after.kind, after.k))
 
     def _sends_before_weights(self, a: Action) -> bool:
         """Whether this B runs split: the input gradient, the SEND_GRAD that follows

@@ -41,7 +41,7 @@ class _Links:
     def recv(self, kind: Kind, k: int) -> Tree:
         return self.mail.boxes[self.stage].pop((kind, k))
 
-    def send(self, kind: Kind, k: int, version: int | None, tree: Tree) -> None:
+    def send(self, kind: Kind, k: int, version: int | None, tree: Tree, *, wait_follows: bool = False) -> None:
         if kind is Kind.SEND_ACT:
             self.mail.boxes[self.stage + 1][(Kind.RECV_ACT, k)] = tree
         else:

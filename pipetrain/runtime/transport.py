@@ -343,6 +343,11 @@ class Endpoint:
             check_boundary(expect, message.tree, sender_stage=message.stage, receiver_stage=self.stage)
         return message
 
+    def has(self, kind: Kind, k: int) -> bool:
+        """Whether ``get(kind, k)`` would return at once (never blocks)."""
+        with self._cond:
+            return (Kind(kind), k) in self._inbox
+
     def _take(self, kind: Kind, k: int | None) -> tuple | None:
         if k is None:
             keys = [key for key in self._inbox if key[0] == kind]
