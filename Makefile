@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipetrain train models/configs/demo.toml
+	$(PY) -m pipetrain train models/configs/demo.toml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

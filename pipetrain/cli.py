@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = dict(kv.split("=", 1) for kv in args.set or [])
     train_from_config(args.config, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
                       executor=args.executor, overrides={k: _literal(v) for k, v in overrides.items()},
-                      progress=not args.quiet)
+                      progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -104,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                    help="'reference' runs every stage in this process (the numerics oracle)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set schedule.steps=20")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the run directory holds an earlier run: delete it (files, events, checkpoints) and start over")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("resume", help="continue a stopped job from its last committed checkpoint")

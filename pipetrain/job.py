@@ -14,11 +14,28 @@ from pipetrain import config as cfgmod
 from pipetrain.config import ConfigError, JobConfig, resolve
 
 
+RUN_FILES = ("job.json", "metrics.jsonl", "summary.json")
+RUN_DIRS = ("events",)
+
+
 def train_from_config(path: str, *, scheduler: str | None = None, scheduler_file: str | None = None,
-                      executor: str = "dask", overrides: dict | None = None, progress: bool = True) -> Any:
+                      executor: str = "dask", overrides: dict | None = None, progress: bool = True,
+                      overwrite: bool = False) -> Any:
+    """Start the job ``path`` describes. A run directory holding an earlier run's
+    checkpoints is refused unless ``overwrite`` (which deletes that run); an
+    earlier run that left none (it failed early) is replaced without asking."""
     raw = cfgmod.read_raw(path, overrides)
     cfg = cfgmod.from_dict(raw, origin=str(path))
     run_dir = Path(cfg.run_dir)
+    if (run_dir / "job.json").is_file() or _checkpoint_cuts(cfg):
+        if _checkpoint_cuts(cfg) and not overwrite:
+            job_file = run_dir / "job.json"
+            previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
+            raise ConfigError(f"{run_dir} holds the checkpoints of an earlier run (job {previous.get('job_id')}, "
+                              f"from {previous.get('source')}): `pipetrain resume {run_dir}` continues it; "
+                              f"`pipetrain train {path} --overwrite` deletes it and starts over; or set run_dir to "
+                              f"another directory")
+        _empty_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     job_id = _new_job_id()
     (run_dir / "job.json").write_text(json.dumps({"config": raw, "job_id": job_id, "source": str(path)}, indent=2))
@@ -40,6 +57,26 @@ def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: st
                           f"checkpoints to resume from")
     return _run(cfg, job_id=saved["job_id"], scheduler=scheduler, scheduler_file=scheduler_file, executor="dask",
                 progress=progress, resume=True)
+
+
+def _checkpoint_cuts(cfg: JobConfig) -> list[int]:
+    from pipetrain.checkpoint.store import CheckpointStore
+
+    return CheckpointStore(cfg.checkpoint_url()).cuts()
+
+
+def _empty_run_dir(cfg: JobConfig) -> None:
+    """Delete what a previous run left: its files, events and checkpoints (nothing else)."""
+    import shutil
+
+    from pipetrain.checkpoint.store import CheckpointStore
+
+    run_dir = Path(cfg.run_dir)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    CheckpointStore(cfg.checkpoint_url()).clear()
 
 
 def _with_run_dir(cfg: JobConfig, run_dir: str) -> JobConfig:

@@ -448,6 +448,21 @@ def test_discard_after_keeps_the_cut_and_older_ones(url):
     assert store.list() == [] and store.latest() is None
 
 
+def test_clear_leaves_an_empty_store_a_new_run_can_start_in(url):
+    store = CheckpointStore(url)
+    store.begin_generation(2)
+    save(store, 4, generation=2)
+    store.write_shard(8, 0, stage_state(0, 8), generation=2)  # torn
+    assert store.cuts() == [4, 8] and store.current_generation() == 2
+    store.clear()
+    assert store.cuts() == [] and store.current_generation() is None and store.latest() is None
+    store.begin_generation(0)  # generation 0 again: no record of 2 is left
+    save(store, 4, generation=0)
+    assert store.latest().cut == 4
+    store.clear()
+    store.clear()  # clearing an empty store is a no-op
+
+
 def test_discard_after_is_refused_from_a_stale_generation(url):
     store = CheckpointStore(url)
     store.begin_generation(1)

@@ -62,3 +62,30 @@ def test_import_pipetrain_imports_no_framework():
             "print(sorted(m for m in ('jax', 'torch', 'tensorflow', 'distributed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
     assert out.strip() == "[]"
+
+
+def test_train_into_a_run_directory_with_checkpoints_needs_overwrite(tmp_path, capsys):
+    from pipetrain.checkpoint.store import CheckpointStore
+
+    config = tmp_path / "job.toml"
+    run_dir = tmp_path / "run"
+    config.write_text(f'run_dir = "{run_dir}"\n[model]\nentry = "models.gpt:build"\n'
+                      'kwargs = { context = 8, d_model = 16, n_heads = 2, n_layers = 1 }\n'
+                      '[data]\ntrain = "models.text:CharWindows"\nkwargs = { context = 8, microbatch_size = 4 }\n'
+                      '[partition]\nstages = 2\n[schedule]\nmicrobatches = 2\nsteps = 2\n'
+                      '[checkpoint]\nevery = 2\n')
+    train = ["train", str(config), "--executor", "reference", "--quiet"]
+    assert main(train) == 0
+    assert main(train) == 0  # the earlier run left no checkpoints (reference executor): replaced
+    first_job = (run_dir / "job.json").read_text()
+    store = CheckpointStore(str(run_dir / "checkpoints"))  # as a Dask run of this job would have left it
+    store.begin_generation(0)
+    record = store.write_shard(2, 0, {"w": __import__("numpy").zeros(2)}, generation=0)
+    store.commit(2, records=[record], generation=0, num_stages=1)
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} holds the checkpoints of an earlier run" in err
+    assert f"pipetrain resume {run_dir}" in err and "--overwrite" in err
+    assert (run_dir / "job.json").read_text() == first_job and store.cuts() == [2]  # refused before touching anything
+    assert main([*train, "--overwrite"]) == 0
+    assert (run_dir / "job.json").read_text() != first_job and store.cuts() == []

@@ -357,6 +357,17 @@ class CheckpointStore:
     def _step_path(self, cut: int) -> str:
         return self._path(step_dir_name(cut))
 
+    def cuts(self) -> list[int]:
+        """The cuts that have a step directory, committed or not (nothing is read or verified)."""
+        return self._cuts()
+
+    def clear(self) -> None:
+        """Remove every checkpoint and the generation record: a new run starts over here."""
+        try:
+            self.fs.rm(self.root, recursive=True)
+        except FileNotFoundError:
+            pass
+
     def _cuts(self) -> list[int]:
         try:
             entries = self.fs.ls(self.root, detail=False)

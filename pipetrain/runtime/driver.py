@@ -69,6 +69,10 @@ class JobFailed(RuntimeError):
     pass
 
 
+class CheckpointDirInUse(JobFailed):
+    """A new run was pointed at checkpoints another run owns."""
+
+
 @dataclass
 class JobPlan:
     """A job as the driver sees it; built by ``pipetrain.fit``."""
@@ -203,6 +207,22 @@ class Driver:
     def _latest_checkpoint(self) -> Any:
         return self.store.latest() if self.store is not None else None
 
+    def _require_empty_store(self) -> None:
+        """A new run may not start in a checkpoint directory another run
+        owns: its first checkpoint would collide with that run's, after the
+        work up to it was done."""
+        if self.store is None:
+            return
+        cuts = self.store.cuts()
+        if not cuts:  # at most the generation record of a run that never checkpointed: nothing to lose
+            self.store.clear()
+            return
+        raise CheckpointDirInUse(
+            f"{self.store.root} already belongs to a run (generation {self.store.current_generation()}, "
+            f"checkpoints up to micro-batch {cuts[-1]}): continue it with resume=True (`pipetrain resume RUN_DIR`), "
+            f"or start this one in an empty directory (`pipetrain train CONFIG --overwrite` empties the run "
+            f"directory first)")
+
     def _rollback(self, generation: int, latest: Any) -> _Start:
         if latest is None:
             return _Start(generation=generation)
@@ -235,6 +255,7 @@ class Driver:
 
     def _starting_point(self, book: StepBook) -> _Start:
         if not self.plan.resume:
+            self._require_empty_store()
             return _Start(generation=0)
         if self.store is None:
             raise JobFailed("resume needs a checkpoint directory")

@@ -51,6 +51,22 @@ def test_sleep_pipeline_streams_and_matches_reference(client):
             assert sorted(events["k"][events["kind"] == kind].tolist()) == list(range(24))
 
 
+def test_a_new_run_refuses_a_checkpoint_directory_another_run_owns(client, tmp_path):
+    from pipetrain.runtime.driver import CheckpointDirInUse
+
+    source = mlp.source(256, microbatch_size=8)
+    part = partition(mlp.build(), 2, example_input=source.inputs(0))
+    kwargs = dict(schedule="1f1b", microbatches=2, steps=2, optimizer=Optimizer("sgd", lr=0.1), progress=False,
+                  checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    first = fit(part, source, client=client, **kwargs)
+    assert len(first.history) == 2
+    with pytest.raises(CheckpointDirInUse, match=r"ckpt already belongs to a run \(generation 0, checkpoints up to "
+                                                 r"micro-batch 4\): continue it with resume=True"):
+        fit(part, source, client=client, **kwargs)
+    resumed = fit(part, source, client=client, resume=True, **{**kwargs, "steps": 3})  # what the error proposes
+    assert [h["step"] for h in resumed.history] == [0, 1, 2]  # steps 0-1 restored from the checkpoint
+
+
 def test_bad_schedule_fails_before_any_worker_starts(client):
     source = mlp.source(256, microbatch_size=8)
     part = partition(mlp.build(), 2, example_input=source.inputs(0))
