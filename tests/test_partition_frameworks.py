@@ -44,14 +44,20 @@ def test_torch_model_partitions_with_every_method(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["uniform", "params", "profile"])
+@pytest.mark.parametrize("method", ["uniform", "params", "flops", "profile"])
 def test_keras_model_partitions(method):
     part = partition(_keras_mlp(), 2, method=method, example_input=X, repeats=2)
     assert [(s.start, s.end) for s in part.stages][0][0] == 0 and part.stages[-1].end == 4
     assert part.stages[-1].output_specs.shape == (16, 10)
 
 
-@pytest.mark.slow
-def test_keras_flops_says_what_to_use_instead():
-    with pytest.raises(NotImplementedError, match="profile"):
-        partition(_keras_mlp(), 2, method="flops", example_input=X)
+def test_keras_flops_count_each_layers_forward_and_backward():
+    # A Dense layer's forward is one matmul (2*b*i*o flops), its backward two
+    # more (input and weight gradients); bias and tanh add O(b*o) on top.
+    costs = _keras_mlp().layer_costs("flops", X)
+    b = X.shape[0]
+    for cost, (i, o) in zip(costs, [(32, 256), (256, 256), (256, 64), (64, 10)]):
+        matmuls = 3 * 2 * b * i * o
+        assert matmuls <= cost <= matmuls + 20 * b * o, (i, o, cost)
+    part = partition(_keras_mlp(), 2, method="flops", example_input=X)
+    assert part.bottleneck.start <= 1 < part.bottleneck.end  # the 256x256 layer dominates
