@@ -240,43 +240,6 @@ class KerasStage(VersionedParams):
         self._accumulated = 0
         self._pending: dict[int, tuple] = {}
 
-    def _flops(self, example_input: Tree) -> list[float]:
-        """Floating-point operations of each layer's forward and backward (its
-        weights' and inputs' gradients), counted by TensorFlow's graph profiler
-        on the traced function: nothing runs."""
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-        costs = []
-        quiet = tf.get_logger().level
-        tf.get_logger().setLevel("ERROR")  # the v1 profiler announces its own deprecation on every call
-        try:
-            with self._device():
-                for layer, x_spec, y_spec in self._traced(example_input, len(self)):
-                    # The output gradients are inputs, as in a pipeline (a constant
-                    # seed could be folded away).
-                    @tf.function
-                    def forward_backward(x, dy, layer=layer):
-                        with tf.GradientTape() as tape:
-                            leaves = [t for t in flatten(x)[0] if t.dtype.is_floating]
-                            tape.watch(leaves)
-                            out = layer(x)
-                        roots = [t for t in flatten(out)[0] if t.dtype.is_floating]
-                        # The outputs too: a linear layer's gradients do not read
-                        # them, and the graph would drop the forward.
-                        return out, tape.gradient(roots, [*layer.trainable_variables, *leaves], output_gradients=dy)
-
-                    x_sig = tree_map(lambda t: tf.TensorSpec(t.shape, t.dtype), x_spec)
-                    dy_sig = [tf.TensorSpec(t.shape, t.dtype) for t in flatten(y_spec)[0]
-                              if tf.as_dtype(t.dtype).is_floating]
-                    traced = forward_backward.get_concrete_function(x_sig, dy_sig)
-                    graph = convert_variables_to_constants_v2(traced).graph
-                    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-                    options["output"] = "none"
-                    costs.append(float(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops))
-        finally:
-            tf.get_logger().setLevel(quiet)
-        return costs
-
     def _device(self):
         return tf.device(self.device) if self.device else contextlib.nullcontext()
 
