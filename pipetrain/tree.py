@@ -71,6 +71,36 @@ def paths(tree: Tree, prefix: str = "") -> list[str]:
     return [prefix or "<value>"]
 
 
+def pair_with_gradients(out: Tree, grads: Tree, *, is_array: Callable[[Any], bool],
+                        stage: int) -> list[tuple[Any, Any]]:
+    """``(output leaf, its gradient)`` for every leaf of ``out`` that ``grads``
+    gives a gradient (None gives none: an int output), checking that the two
+    trees match and each pair has one shape; the errors name the stage and the
+    leaf. ``is_array`` says which objects are the framework's arrays."""
+    pairs: list[tuple[Any, Any]] = []
+
+    def walk(o: Tree, g: Tree, where: str) -> None:
+        if g is None or o is None:
+            return
+        if isinstance(o, (tuple, list)) and isinstance(g, (tuple, list)) and len(o) == len(g):
+            for i, (oi, gi) in enumerate(zip(o, g)):
+                walk(oi, gi, f"{where}[{i}]")
+        elif isinstance(o, dict) and isinstance(g, dict) and set(o) == set(g):
+            for key in sorted(o):
+                walk(o[key], g[key], f"{where}[{key!r}]")
+        elif is_array(o) and is_array(g):
+            if tuple(o.shape) != tuple(g.shape):
+                raise ValueError(f"stage {stage}: gradient of output {where or '<value>'} has shape "
+                                 f"{tuple(g.shape)}, the output {tuple(o.shape)}")
+            pairs.append((o, g))
+        else:
+            raise ValueError(f"stage {stage}: grad_outputs {paths(grads)} do not match the outputs {paths(out)}"
+                             f" at {where or '<value>'}")
+
+    walk(out, grads, "")
+    return pairs
+
+
 def itemsize(dtype: str) -> int:
     if dtype == "bfloat16":
         return 2

@@ -139,9 +139,13 @@ class StageProgram:
         else:  # pragma: no cover - Kind is closed
             raise ValueError(f"stage {self.index}: unknown action {a!r}")
 
+    def _after(self) -> Action | None:
+        """The action after the one running."""
+        return self.actions[self.position + 1] if self.position + 1 < len(self.actions) else None
+
     def _wait_follows(self) -> bool:
         """Whether the action after this one waits for a message not yet here."""
-        after = self.actions[self.position + 1] if self.position + 1 < len(self.actions) else None
+        after = self._after()
         return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD)
                 and not self.links.ready(after.kind, after.k))
 
@@ -149,10 +153,9 @@ class StageProgram:
         """Whether this B runs split: the input gradient, the SEND_GRAD that follows
         it, then the weight gradients. Only a stage that can split its backward
         (``splits_backward``) does; the numbers are the same either way."""
-        if not getattr(self.stage, "splits_backward", False) or self.position + 1 >= len(self.actions):
-            return False
-        after = self.actions[self.position + 1]
-        return after.kind is Kind.SEND_GRAD and after.k == a.k
+        after = self._after()
+        return (getattr(self.stage, "splits_backward", False) and after is not None
+                and after.kind is Kind.SEND_GRAD and after.k == a.k)
 
     def _release_unread_versions(self) -> None:
         # A version stays while a later action reads it; the latest one always

@@ -86,7 +86,10 @@ class Stage(Protocol):
     def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
         """Backward of micro-batch k (the last stage takes None: d loss = 1).
         Accumulates parameter gradients; returns the gradient of the inputs
-        (None on the first stage, whose inputs are data)."""
+        (None on the first stage, whose inputs are data). A stage whose
+        ``splits_backward`` is true also offers it in two halves,
+        ``backward_input(k, grad_outputs)`` then ``backward_weights(k)``, which
+        the interpreter runs around the SEND_GRAD (runtime/interpreter.py)."""
 
     def update(self, *, new_version: int) -> None: ...
 

@@ -46,7 +46,7 @@ from pipetrain.stages import flat_state
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_tf
-from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
+from pipetrain.tree import Tree, dtype_name, flatten, pair_with_gradients, tree_map, unflatten
 
 LayerLike = keras.layers.Layer | Callable[[], keras.layers.Layer]
 
@@ -382,29 +382,9 @@ def _variable_names(index: int, layer: keras.layers.Layer) -> list[str]:
 
 
 def _roots_and_seeds(out: Tree, grad_outputs: Tree, stage: int) -> tuple[list, list]:
-    """Pair each floating output leaf with its gradient; a None gradient seeds nothing."""
-    pairs: list[tuple[Any, Any]] = []
-
-    def walk(o: Tree, g: Tree, where: str) -> None:
-        if g is None or o is None:
-            return
-        if isinstance(o, (tuple, list)) and isinstance(g, (tuple, list)) and len(o) == len(g):
-            for i, (oi, gi) in enumerate(zip(o, g)):
-                walk(oi, gi, f"{where}[{i}]")
-        elif isinstance(o, dict) and isinstance(g, dict) and set(o) == set(g):
-            for key in sorted(o):
-                walk(o[key], g[key], f"{where}[{key!r}]")
-        elif tf.is_tensor(o) and tf.is_tensor(g):
-            if tuple(o.shape) != tuple(g.shape):
-                raise ValueError(f"stage {stage}: gradient of output {where or '<value>'} has shape "
-                                 f"{tuple(g.shape)}, the output {tuple(o.shape)}")
-            if o.dtype.is_floating:
-                pairs.append((o, tf.cast(g, o.dtype)))
-        else:
-            raise ValueError(f"stage {stage}: grad_outputs {paths(grad_outputs)} do not match the outputs {paths(out)}"
-                             f" at {where or '<value>'}")
-
-    walk(out, grad_outputs, "")
+    """Each floating output leaf and its gradient (cast to the output's dtype)."""
+    pairs = pair_with_gradients(out, grad_outputs, is_array=tf.is_tensor, stage=stage)
+    pairs = [(o, tf.cast(g, o.dtype)) for o, g in pairs if o.dtype.is_floating]
     return [o for o, _ in pairs], [g for _, g in pairs]
 
 

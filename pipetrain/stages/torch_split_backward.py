@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pipetrain.tree import paths
 
 try:  # private to torch, hence the signature check below
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
@@ -66,34 +65,3 @@ def weight_gradients(pending: PendingWeights) -> Iterator[tuple[str, torch.Tenso
     stage_backward_weight(iter(pending.leaves), pending.param_groups)
     for name, leaf in zip(pending.names, pending.leaves):
         yield name, leaf.grad
-
-
-def roots_and_seeds(out: Any, grad_outputs: Any, stage: int) -> tuple[list, list]:
-    """Pair each output leaf with its gradient; a None gradient (an int output) seeds nothing."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def walk(o: Any, g: Any, where: str) -> None:
-        if g is None or o is None:
-            return
-        if isinstance(o, (tuple, list)) and isinstance(g, (tuple, list)) and len(o) == len(g):
-            for i, (oi, gi) in enumerate(zip(o, g)):
-                walk(oi, gi, f"{where}[{i}]")
-        elif isinstance(o, dict) and isinstance(g, dict) and set(o) == set(g):
-            for key in sorted(o):
-                walk(o[key], g[key], f"{where}[{key!r}]")
-        elif isinstance(o, torch.Tensor) and isinstance(g, torch.Tensor):
-            if tuple(o.shape) != tuple(g.shape):
-                raise ValueError(f"stage {stage}: gradient of output {where or '<value>'} has shape "
-                                 f"{tuple(g.shape)}, the output {tuple(o.shape)}")
-            if o.requires_grad:
-                pairs.append((o, g.to(o.dtype)))
-        else:
-            raise ValueError(f"stage {stage}: grad_outputs {paths(grad_outputs)} do not match the outputs {paths(out)}"
-                             f" at {where or '<value>'}")
-
-    walk(out, grad_outputs, "")
-    return [o for o, _ in pairs], [g for _, g in pairs]
-
-
-def zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like).detach() if g is None else g.detach()

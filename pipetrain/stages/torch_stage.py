@@ -41,8 +41,7 @@ from pipetrain.stages import flat_state, torch_split_backward
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_torch
-from pipetrain.stages.torch_split_backward import roots_and_seeds, zero_if_none
-from pipetrain.tree import Tree, dtype_name, flatten, paths, tree_map, unflatten
+from pipetrain.tree import Tree, dtype_name, flatten, pair_with_gradients, tree_map, unflatten
 
 LayerLike = nn.Module | Callable[[], nn.Module]
 
@@ -256,8 +255,7 @@ class TorchStage(VersionedParams):
             return self._fused_backward(params, x, out, grad_outputs)
         roots, seeds = self._roots(out, grad_outputs, seed_loss=False)
         grads, self._weights_pending[k] = torch_split_backward.input_gradients(roots, seeds, wrt, params)
-        found = iter(grads)
-        return unflatten(x_structure, [zero_if_none(next(found), t) if t.requires_grad else None for t in x_leaves])
+        return _input_gradient_tree(x_leaves, x_structure, grads)
 
     def _take_pending(self, k: int) -> tuple:
         if k not in self._pending:
@@ -267,7 +265,10 @@ class TorchStage(VersionedParams):
     def _roots(self, out: Tree, grad_outputs: Tree | None, *, seed_loss: bool) -> tuple[list, list | None]:
         if self.spec.is_last:  # the loss, seeded with 1 (None lets the split seed it itself)
             return [out], [torch.ones_like(out)] if seed_loss else None
-        return roots_and_seeds(out, to_torch(grad_outputs, device=self.device), self.spec.index)
+        pairs = pair_with_gradients(out, to_torch(grad_outputs, device=self.device),
+                                    is_array=lambda t: isinstance(t, torch.Tensor), stage=self.spec.index)
+        pairs = [(o, g.to(o.dtype)) for o, g in pairs if o.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]
 
     def _fused_backward(self, params: dict, x: Tree, out: Tree, grad_outputs: Tree | None) -> Tree | None:
         roots, seeds = self._roots(out, grad_outputs, seed_loss=True)
@@ -276,11 +277,7 @@ class TorchStage(VersionedParams):
         wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
         grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
         self._accumulate(zip(trainable, grads))
-        if self.spec.is_first:
-            return None
-        input_grads = iter(grads[len(trainable):])
-        return unflatten(x_structure, [zero_if_none(next(input_grads), t) if t.requires_grad else None
-                                       for t in x_leaves])
+        return None if self.spec.is_first else _input_gradient_tree(x_leaves, x_structure, grads[len(trainable):])
 
     def backward_weights(self, k: int) -> None:
         """The second half of a split backward: accumulate micro-batch k's weight gradients."""
@@ -441,6 +438,17 @@ def _backward_ones(out: Tree, wrt: list[torch.Tensor]) -> None:
     if roots and wrt:
         # autograd.backward, not autograd.grad: FlopCounterMode's module hooks reject the latter.
         torch.autograd.backward(roots, grad_tensors=[torch.ones_like(t) for t in roots], inputs=wrt)
+
+
+def _input_gradient_tree(x_leaves: list, x_structure: Any, grads: Sequence) -> Tree:
+    """The inputs' tree with their gradients (in order, one per leaf that
+    requires grad): zeros where autograd found no path, None on int leaves."""
+    found = iter(grads)
+    return unflatten(x_structure, [_zero_if_none(next(found), t) if t.requires_grad else None for t in x_leaves])
+
+
+def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like).detach() if g is None else g.detach()
 
 
 def _numpy_copy(t: torch.Tensor) -> np.ndarray:
