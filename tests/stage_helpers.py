@@ -31,3 +31,21 @@ def pipeline_step(stages_, k, x, y, *, version=0):
         g = s.backward(k, g)
         g = None if g is None else to_numpy(g)
     return loss
+
+
+def assert_state_round_trip(a, b, saved):
+    """Load ``saved`` (``a``'s state dicts) into the fresh stages ``b``: their state
+    dicts come back byte for byte, and one more micro-batch and update on both
+    runs gives the same state."""
+    for s, state in zip(b, saved):
+        s.load_state_dict(state)
+    for s, state in zip(b, saved):
+        again = s.state_dict()
+        assert again.keys() == state.keys()
+        assert all(again[n].tobytes() == state[n].tobytes() and again[n].dtype == state[n].dtype for n in state)
+    for run in (a, b):
+        pipeline_step(run, 10, *batch(10), version=2)
+        for s in run:
+            s.update(new_version=5)
+    for sa, sb in zip(a, b):
+        assert all(np.array_equal(v, sb.state_dict()[n]) for n, v in sa.state_dict().items())

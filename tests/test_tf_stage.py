@@ -23,7 +23,7 @@ from pipetrain.stages.tensors import to_jax, to_numpy, to_tf, to_torch
 from pipetrain.stages.tf_stage import KerasSequential, _TensorOptimizer
 from pipetrain.stages.torch_stage import TorchSequential
 from tests.test_tensors import aligned_numpy
-from stage_helpers import batch, pipeline_step, stages
+from stage_helpers import assert_state_round_trip, batch, pipeline_step, stages
 
 RTOL = 1e-5
 X_SPEC = TensorSpec((8, 16), "float32")
@@ -198,18 +198,7 @@ def test_state_dict_round_trip_is_bit_exact():
     saved = [s.state_dict() for s in a]
     assert {"meta/versions", "opt/mu/0.kernel", "v2/0.kernel", "acc/0.kernel"} <= set(saved[0])
     b = stages(mlp(seed=7), [2], opt)  # other weights, all overwritten by the load
-    for s, state in zip(b, saved):
-        s.load_state_dict(state)
-    for s, state in zip(b, saved):
-        again = s.state_dict()
-        assert again.keys() == state.keys()
-        assert all(again[n].tobytes() == state[n].tobytes() and again[n].dtype == state[n].dtype for n in state)
-    for run in (a, b):
-        pipeline_step(run, 10, *batch(10), version=2)
-        for s in run:
-            s.update(new_version=5)
-    for sa, sb in zip(a, b):
-        assert all(np.array_equal(v, sb.state_dict()[n]) for n, v in sa.state_dict().items())
+    assert_state_round_trip(a, b, saved)
 
 
 class Split(keras.layers.Layer):

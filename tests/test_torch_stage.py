@@ -17,7 +17,7 @@ from pipetrain.stages.base import (
 )
 from pipetrain.stages.tensors import to_jax, to_numpy
 from pipetrain.stages.torch_stage import TorchSequential, _TensorOptimizer
-from stage_helpers import batch, pipeline_step, stages
+from stage_helpers import assert_state_round_trip, batch, pipeline_step, stages
 
 SIZES = [(16, 32), (32, 32), (32, 4)]
 RTOL = 1e-5
@@ -131,18 +131,7 @@ def test_state_dict_round_trip_is_bit_exact():
     saved = [s.state_dict() for s in a]
     assert "meta/versions" in saved[0] and "opt/mu/0.weight" in saved[0] and "v2/0.weight" in saved[0]
     b = stages(model, [2], opt)
-    for s, state in zip(b, saved):
-        s.load_state_dict(state)
-    for s, state in zip(b, saved):
-        again = s.state_dict()
-        assert again.keys() == state.keys()
-        assert all(again[n].tobytes() == state[n].tobytes() and again[n].dtype == state[n].dtype for n in state)
-    for run in (a, b):
-        pipeline_step(run, 10, *batch(10), version=2)
-        for s in run:
-            s.update(new_version=5)
-    for sa, sb in zip(a, b):
-        assert all(np.array_equal(v, sb.state_dict()[n]) for n, v in sa.state_dict().items())
+    assert_state_round_trip(a, b, saved)
     with pytest.raises(KeyError, match="unexpected state keys"):
         b[0].load_state_dict({**saved[0], "v7/0.weight": saved[0]["v0/0.weight"]})
 
