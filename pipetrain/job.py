@@ -27,18 +27,19 @@ def train_from_config(path: str, *, scheduler: str | None = None, scheduler_file
     raw = cfgmod.read_raw(path, overrides)
     cfg = cfgmod.from_dict(raw, origin=str(path))
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "job.json").is_file() or _checkpoint_cuts(cfg):
-        if _checkpoint_cuts(cfg) and not overwrite:
-            job_file = run_dir / "job.json"
-            previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
-            raise ConfigError(f"{run_dir} holds the checkpoints of an earlier run (job {previous.get('job_id')}, "
-                              f"from {previous.get('source')}): `pipetrain resume {run_dir}` continues it; "
-                              f"`pipetrain train {path} --overwrite` deletes it and starts over; or set run_dir to "
-                              f"another directory")
+    job_file = run_dir / "job.json"
+    cuts = _checkpoint_cuts(cfg)
+    if cuts and not overwrite:
+        previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
+        raise ConfigError(f"{run_dir} holds the checkpoints of an earlier run (job {previous.get('job_id')}, "
+                          f"from {previous.get('source')}): `pipetrain resume {run_dir}` continues it; "
+                          f"`pipetrain train {path} --overwrite` deletes it and starts over; or set run_dir to "
+                          f"another directory")
+    if cuts or job_file.is_file():
         _empty_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     job_id = _new_job_id()
-    (run_dir / "job.json").write_text(json.dumps({"config": raw, "job_id": job_id, "source": str(path)}, indent=2))
+    job_file.write_text(json.dumps({"config": raw, "job_id": job_id, "source": str(path)}, indent=2))
     return _run(cfg, job_id=job_id, scheduler=scheduler, scheduler_file=scheduler_file, executor=executor,
                 progress=progress, resume=False)
 
