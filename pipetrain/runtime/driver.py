@@ -154,8 +154,7 @@ class Driver:
         placement: dict[int, str] = {}
         lost: StageLost | None = None
         while True:
-            if self.store is not None:
-                self.store.begin_generation(start.generation)
+            self._begin_generation(start)
             futures: list[Any] = []
             try:
                 placed_at = time.time()
@@ -181,7 +180,6 @@ class Driver:
                 if restarts > self.plan.max_restarts:
                     self._fail(lost, latest, f"gave up after {self.plan.max_restarts} restart(s)")
                 start = self._rollback(start.generation + 1, latest)
-                self._discard_after(start.cut, start.generation)
                 book.forget_from(start.cut)
                 self.history = [h for h in self.history if h["step"] < start.cut // self.plan.microbatches]
                 self._record_recovery(lost, start, latest, stop_seconds)
@@ -229,15 +227,15 @@ class Driver:
         ledgers = {s: latest.shard(s).get("meta", {}).get("ledger", {}) for s in range(latest.num_stages)}
         return _Start(generation=generation, cut=latest.cut, ledgers=ledgers)
 
-    def _discard_after(self, cut: int, generation: int) -> None:
-        """Remove the step directories newer than the rollback cut (torn or
-        corrupt: the newest that verified is ``cut``), so ``generation`` can
-        write and commit those cuts again. The new generation is recorded
-        first: a stage of the old one that wakes up now can no longer write
-        into a directory just discarded."""
+    def _begin_generation(self, start: _Start) -> None:
+        """Record the generation, then remove the step directories newer than
+        its starting cut (after a rollback or a resume: torn or corrupt ones,
+        the newest that verified being the cut), so it can write and commit
+        those cuts again. Recorded first: a stage of the old generation that
+        wakes up now can no longer write into a directory just discarded."""
         if self.store is not None:
-            self.store.begin_generation(generation)
-            self.store.discard_after(cut, generation=generation)
+            self.store.begin_generation(start.generation)
+            self.store.discard_after(start.cut, generation=start.generation)
 
     def _record_recovery(self, lost: StageLost, start: _Start, latest: Any, stop_seconds: float) -> None:
         skipped = [{"cut": cut, "why": why} for cut, why in (latest.skipped if latest else ())]
@@ -270,7 +268,6 @@ class Driver:
         generation = (previous or 0) + 1
         for cut, why in (latest.skipped if latest else ()):
             self.progress.note(f"resume: checkpoint at micro-batch {cut} not used: {why}")
-        self._discard_after(latest.cut if latest else -1, generation)
         if latest is None:
             self.progress.note("resume: no committed checkpoint found; starting from the beginning")
             return _Start(generation=generation)
