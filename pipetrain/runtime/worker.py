@@ -165,16 +165,17 @@ class _Reporter(Hooks):
         # Work, not an action of the schedule: an event and busy time, but no
         # move of the action cursor (checkpoint cuts are positions in the list).
         self.busy += end - start
+        self._record("W", k, version, start, end)
+
+    def _record(self, kind: str, k: int | None, version: int | None, start: float, end: float) -> None:
         if len(self.events) < self.job.max_events:
-            self.events.append(("W", k, version, start, end))
+            self.events.append((kind, -1 if k is None else k, -1 if version is None else version, start, end))
 
     def on_action(self, action: Action, start: float, end: float) -> None:
         kind = action.kind
         if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE):
             self.busy += end - start
-        if len(self.events) < self.job.max_events:
-            self.events.append((kind.value, -1 if action.k is None else action.k,
-                                -1 if action.version is None else action.version, start, end))
+        self._record(kind.value, action.k, action.version, start, end)
         if kind is Kind.FORWARD:
             self.staleness = max(0, self.latest_version - action.version)
         elif kind is Kind.BACKWARD:
