@@ -194,7 +194,8 @@ def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int,
     samples = steps * M * data.microbatch_size
     losses = [h["loss"] for h in sorted(result.history, key=lambda h: h["step"])]
     return {"samples_per_s": samples / (end - start), "losses": losses,
-            "breakdown": [_breakdown(ev, start, end) for ev in result.events]}
+            "breakdown": [_breakdown(ev, start, end) for ev in result.events],
+            "schedule": {"schedule": schedule, "accumulate": accumulate}}
 
 
 def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]:
@@ -211,13 +212,6 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
             out[f"{kind} ms"] = float(np.median((events["end"] - events["start"])[mine & inside])) * 1e3
     out["other"] = 1 - sum(v for k, v in out.items() if not k.endswith(" ms"))
     return out
-
-
-PIPETRAIN_RUNS = {"pipetrain_1f1b": {"schedule": "1f1b", "accumulate": 1},
-                  "pipetrain_pipedream": {"schedule": "pipedream", "accumulate": 1},
-                  "pipetrain_pipedream_acc8": {"schedule": "pipedream", "accumulate": M},
-                  "pipetrain_1f1b_split_backward": {"schedule": "1f1b", "accumulate": 1},
-                  "pipetrain_pipedream_split_backward": {"schedule": "pipedream", "accumulate": 1}}
 
 
 def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, batch: int) -> float:
@@ -355,7 +349,8 @@ def main() -> None:
             print(f"{name + f' stage {stage}':<42}" + "".join(f"{row.get(k, 0.0):>6.1f}" for k in ms_kinds)
                   + "".join(f"{row.get(k, 0.0):>7.1%}" for k in kinds))
 
-    ceilings = {name: ceiling(best[name]["breakdown"], batch=args.batch, **PIPETRAIN_RUNS[name]) for name in names if name in PIPETRAIN_RUNS}
+    ceilings = {name: ceiling(best[name]["breakdown"], batch=args.batch, **best[name]["schedule"])
+                for name in names if "breakdown" in best[name]}
     print("\nceiling: samples/s the schedule would reach on its own stages' measured F, B and U (medians above)\n"
           "with free, instant communication (pipetrain simulate); the ratio to torch.distributed.pipelining's measured rate")
     for name, limit in ceilings.items():
