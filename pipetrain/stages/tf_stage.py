@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipetrain.optim import Optimizer
+from pipetrain.optim import Optimizer, tensor_state, tensor_step
 from pipetrain.stages import flat_state
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
@@ -341,36 +341,11 @@ class _TensorOptimizer:
         self.opt = opt
 
     def init(self, params: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        state = {"count": tf.zeros((), tf.int64)}
-        if self.opt.name == "momentum":
-            state.update({f"trace/{n}": tf.zeros_like(p) for n, p in params.items()})
-        if self.opt.name in ("adam", "adamw"):
-            state.update({f"mu/{n}": tf.zeros_like(p) for n, p in params.items()})
-            state.update({f"nu/{n}": tf.zeros_like(p) for n, p in params.items()})
-        return state
+        return tensor_state(self.opt, params, zeros_like=tf.zeros_like, count=tf.zeros((), tf.int64))
 
     def step(self, params, grads, state):
-        o = self.opt
-        count = state["count"] + 1
-        new_state = {"count": count}
-        new_params = {}
-        for n, p in params.items():
-            g = grads[n]
-            if o.name == "sgd":
-                update = g
-            elif o.name == "momentum":  # optax.trace: t = g + momentum * t
-                update = new_state[f"trace/{n}"] = g + o.momentum * state[f"trace/{n}"]
-            else:  # optax.scale_by_adam: eps outside the square root, after bias correction
-                mu = new_state[f"mu/{n}"] = (1 - o.b1) * g + o.b1 * state[f"mu/{n}"]
-                nu = new_state[f"nu/{n}"] = (1 - o.b2) * tf.square(g) + o.b2 * state[f"nu/{n}"]
-                t = tf.cast(count, p.dtype)
-                mu_hat = mu / (1 - tf.pow(tf.constant(o.b1, p.dtype), t))
-                nu_hat = nu / (1 - tf.pow(tf.constant(o.b2, p.dtype), t))
-                update = mu_hat / (tf.sqrt(nu_hat) + o.eps)
-                if o.name == "adamw":  # optax.add_decayed_weights, before the learning rate
-                    update = update + o.weight_decay * p
-            new_params[n] = p + (-o.lr) * update
-        return new_params, new_state
+        return tensor_step(self.opt, params, grads, state, square=tf.square, sqrt=tf.sqrt,
+                           power=lambda b, count, like: tf.pow(tf.constant(b, like.dtype), tf.cast(count, like.dtype)))
 
 
 # ---------------------------------------------------------------- helpers

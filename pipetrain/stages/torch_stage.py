@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipetrain.optim import Optimizer
+from pipetrain.optim import Optimizer, tensor_state, tensor_step
 from pipetrain.stages import flat_state, torch_split_backward
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
@@ -370,20 +370,12 @@ class _TensorOptimizer:
         self.opt = opt
 
     def init(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        state = {"count": torch.zeros((), dtype=torch.int64)}
-        if self.opt.name == "momentum":
-            state.update({f"trace/{n}": torch.zeros_like(p) for n, p in params.items()})
-        if self.opt.name in ("adam", "adamw"):
-            state.update({f"mu/{n}": torch.zeros_like(p) for n, p in params.items()})
-            state.update({f"nu/{n}": torch.zeros_like(p) for n, p in params.items()})
-        return state
+        return tensor_state(self.opt, params, zeros_like=torch.zeros_like, count=torch.zeros((), dtype=torch.int64))
 
     def step(self, params, grads, state, *, summed: int = 1):
         """``grads`` is the sum of ``summed`` micro-batches' gradients: the step
         uses their mean. May overwrite ``grads`` (the caller's accumulator)."""
         o = self.opt
-        count = state["count"] + 1
-        new_state = {"count": count}
         names = list(params)
         if o.name == "sgd":
             # The common case: one multi-tensor pass, the mean folded into the
@@ -391,27 +383,11 @@ class _TensorOptimizer:
             # gradient, a third of an update's time on the benchmark MLP).
             updated = torch._foreach_add([params[n] for n in names], [grads[n] for n in names],
                                          alpha=-o.lr / summed)
-            return dict(zip(names, updated)), new_state
+            return dict(zip(names, updated)), {"count": state["count"] + 1}
         if summed != 1:
             torch._foreach_div_([grads[n] for n in names], float(summed))
-        new_params = {}
-        for n, p in params.items():
-            g = grads[n]
-            if o.name == "sgd":
-                update = g
-            elif o.name == "momentum":  # optax.trace: t = g + momentum * t
-                update = new_state[f"trace/{n}"] = g + o.momentum * state[f"trace/{n}"]
-            else:  # optax.scale_by_adam, eps outside the square root, eps_root = 0
-                mu = new_state[f"mu/{n}"] = (1 - o.b1) * g + o.b1 * state[f"mu/{n}"]
-                nu = new_state[f"nu/{n}"] = (1 - o.b2) * torch.square(g) + o.b2 * state[f"nu/{n}"]
-                t = count.to(p.dtype)
-                mu_hat = mu / (1 - torch.tensor(o.b1, dtype=p.dtype) ** t)
-                nu_hat = nu / (1 - torch.tensor(o.b2, dtype=p.dtype) ** t)
-                update = mu_hat / (torch.sqrt(nu_hat) + o.eps)
-                if o.name == "adamw":  # optax.add_decayed_weights, before the learning rate
-                    update = update + o.weight_decay * p
-            new_params[n] = p + (-o.lr) * update
-        return new_params, new_state
+        return tensor_step(o, params, grads, state, square=torch.square, sqrt=torch.sqrt,
+                           power=lambda b, count, like: torch.tensor(b, dtype=like.dtype) ** count.to(like.dtype))
 
 
 # ---------------------------------------------------------------- helpers
