@@ -47,6 +47,7 @@ from pipetrain.optim import Optimizer
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.jax_layers import Layer
 from pipetrain.stages.tensors import to_jax
+from pipetrain.stages.versions import VersionedParams
 from pipetrain.tree import Tree, dtype_name
 from pipetrain.tree import tree_map as boundary_map
 
@@ -354,7 +355,7 @@ def as_optax(optimizer: Optimizer | optax.GradientTransformation) -> optax.Gradi
 
 # ---------------------------------------------------------------- the stage
 
-class JaxStage:
+class JaxStage(VersionedParams):
     """One contiguous slice of a JaxSequential; see ``pipetrain.stages.base.Stage``.
 
     Parameters are a dict ``{layer name: layer params}``; each weight version
@@ -509,14 +510,6 @@ class JaxStage:
         self._latest = new_version  # (with nothing accumulated, the accumulator is still zeros)
         self._count = 0
 
-    def release(self, version: int) -> None:
-        if version == self._latest:
-            raise ValueError(f"{self._where()}: cannot release weight version {version}, the latest")
-        self._versions.pop(version, None)
-
-    def versions(self) -> tuple[int, ...]:
-        return tuple(sorted(self._versions))
-
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
         """Latest weights, nothing kept: the loss (float) on the last stage given targets,
         else the outputs (JAX arrays; the last stage's predictions without targets)."""
@@ -524,16 +517,6 @@ class JaxStage:
         targets = self._here(targets) if self.spec.is_last and targets is not None else None
         out = self._evaluate_jit(params, self._here(inputs), targets)
         return float(out) if targets is not None else out
-
-    def params(self, version: int) -> dict[str, Any]:
-        """One weight version: ``{layer name: params}`` (JAX arrays, immutable)."""
-        return self._params(version)
-
-    def _params(self, version: int, k: int | None = None) -> dict[str, Any]:
-        try:
-            return self._versions[version]
-        except KeyError:
-            raise KeyError(f"{self._where(k)}: no weight version {version}; held: {self.versions()}") from None
 
     # ------------------------------------------------------------ state
 

@@ -1,4 +1,4 @@
-"""Weight-version bookkeeping the torch and Keras stages share.
+"""Weight-version bookkeeping the JAX, torch and Keras stages share.
 
 A stage keeps ``self._versions`` ({version: {param name: tensor}}) and
 ``self._latest``; the schedule decides which versions live (see
@@ -28,8 +28,10 @@ class VersionedParams:
         """The tensors of one weight version, by name (read-only by convention)."""
         return dict(self._params(version))
 
-    def _params(self, version: int) -> dict[str, Any]:
+    def _params(self, version: int, k: int | None = None) -> dict[str, Any]:
+        """Version ``version``; the error names micro-batch ``k`` when one asked for it."""
         try:
             return self._versions[version]
         except KeyError:
-            raise KeyError(f"stage {self.spec.index}: no weight version {version}; held: {self.versions()}") from None
+            where = f"stage {self.spec.index}" + (f", micro-batch {k}" if k is not None else "")
+            raise KeyError(f"{where}: no weight version {version}; held: {self.versions()}") from None
