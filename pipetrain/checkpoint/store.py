@@ -138,10 +138,7 @@ class CheckpointStore:
     ) -> ShardRecord:
         """Write stage ``stage``'s state for cut ``cut``; durable when this returns."""
         doing = f"stage {stage} writing its shard for cut {cut}"
-        self._check_generation(generation, doing)
-        step = self._step_path(cut)
-        if self.fs.exists(posixpath.join(step, MARKER)):
-            raise CheckpointError(f"{doing} refused: {step} is already committed")
+        step = self._writable_step(cut, generation, doing)
         try:
             data = encode_state(state)
         except ShardFormatError as err:
@@ -160,16 +157,22 @@ class CheckpointStore:
         self._write_atomic(posixpath.join(step, record_file_name(stage)), record_bytes, before_publish=fence)
         return record
 
+    def _writable_step(self, cut: int, generation: int, doing: str) -> str:
+        """The step directory of ``cut``, if ``generation`` may write there: it is
+        not stale, and the cut is not committed yet (``discard_after`` first)."""
+        self._check_generation(generation, doing)
+        step = self._step_path(cut)
+        if self.fs.exists(posixpath.join(step, MARKER)):
+            raise CheckpointError(f"{doing} refused: {step} is already committed")
+        return step
+
     def commit(
         self, cut: int, *, records: list[ShardRecord], generation: int, num_stages: int,
         manifest: dict[str, Any] | None = None,
     ) -> CommittedCheckpoint:
         """Write the manifest, then the commit marker (last, atomically), then prune."""
         doing = f"commit of cut {cut}"
-        self._check_generation(generation, doing)
-        step = self._step_path(cut)
-        if self.fs.exists(posixpath.join(step, MARKER)):
-            raise CheckpointError(f"{doing} refused: {step} is already committed")
+        step = self._writable_step(cut, generation, doing)
         body = build_manifest(
             cut, records=list(records), generation=generation, num_stages=num_stages,
             extra=dict(manifest or {}), created_at=self._clock(),
