@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipetrain.observe.timeline import EVENT_DTYPE
 from pipetrain.runtime.control import ControlNames, StageControl
 from pipetrain.runtime.interpreter import Hooks, StageProgram
 from pipetrain.schedule.actions import Action, Kind
@@ -337,8 +338,5 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
         StageProgram(stage, schedule, source=job.source, links=links, hooks=reporter, clock=time.time).run_all()
         reporter.flush_losses()
     control.report({"type": "done", "stage": job.spec.index, "seconds": time.time() - started})
-    return {"state": stage.state_dict(), "events": np.array(reporter.events, dtype=_EVENT_DTYPE),
+    return {"state": stage.state_dict(), "events": np.array(reporter.events, dtype=EVENT_DTYPE),
             "ledger": reporter.ledger.to_dict()}
-
-
-_EVENT_DTYPE = np.dtype([("kind", "U6"), ("k", "i8"), ("version", "i8"), ("start", "f8"), ("end", "f8")])
