@@ -27,13 +27,12 @@ Each contestant takes its best of ``--repeats`` rounds (this is a shared
 second table splits each stage's steady-state wall time by action kind from
 ``result.events`` (RECV = waiting for input, SEND includes waiting for credit).
 
-``--worker-mallopt`` first tunes glibc malloc inside the Dask workers (see
-``tune_worker_malloc``): Dask's nanny starts workers with
-``MALLOC_TRIM_THRESHOLD_=65536``, which pins glibc's mmap threshold at 128 KiB,
-so every gradient and weight tensor is a fresh mmap + page faults + munmap.
-The flag shows what pipetrain gains once it does this itself.
+The stage workers undo what Dask's nanny does to glibc's allocator
+(``MALLOC_TRIM_THRESHOLD_``, see ``pipetrain.runtime.worker._keep_freed_memory``);
+torch.distributed.pipelining's processes start from the environment before
+the Dask cluster, so neither side runs with it.
 
-    .venv/bin/python bench/vs_torch_pipelining.py [--steps 10] [--warmup 2] [--repeats 3] [--worker-mallopt]
+    .venv/bin/python bench/vs_torch_pipelining.py [--steps 10] [--warmup 2] [--repeats 3]
 
 Prints tables, then one JSON line:
 {"samples_per_s": {"torch_single": ..., "torch_pipelining_1f1b": ..., "pipetrain_1f1b": ...,
@@ -234,18 +233,6 @@ def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int
     return batch / ms_per_step * 1e3
 
 
-def tune_worker_malloc() -> bool:
-    """The proposed fix, applied from outside: glibc keeps freed memory and serves
-    blocks up to 32 MiB from the heap, instead of the mmap/munmap round trip per
-    tensor that Dask's MALLOC_TRIM_THRESHOLD_ (which freezes the mmap threshold at
-    128 KiB) causes."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_trim_threshold, 256 << 20) and libc.mallopt(m_mmap_threshold, 32 << 20))
-
-
 def worker_threads(client) -> list[int]:
     def threads() -> int:
         import torch
@@ -262,8 +249,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="measured steps (mini-batches) per contestant")
     ap.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each contestant keeps its best")
-    ap.add_argument("--worker-mallopt", action="store_true",
-                    help="tune glibc malloc in the Dask workers first (the proposed fix, see tune_worker_malloc)")
     ap.add_argument("--width", type=int, default=WIDTH, help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, default=DEPTH, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
@@ -293,8 +278,6 @@ def main() -> None:
     cluster = start_local_cluster(STAGES)
     with Client(cluster) as client:
         threads = worker_threads(client)
-        if args.worker_mallopt:
-            assert all(client.run(tune_worker_malloc).values()), "mallopt failed on a worker"
         common = {"steps": args.steps, "warmup": args.warmup}
         contestants = {
             "torch_single": lambda: run_single(accumulate=True, **common, **sizes),
@@ -330,7 +313,7 @@ def main() -> None:
           f"batch {args.batch} = {M} x {args.batch // M}, {STAGES} stages cut after layer {args.depth - 1}, "
           f"SGD lr {LR}, 1 thread per process (Dask workers' torch threads: {threads}); {args.steps} steps after "
           f"{args.warmup} warm-up, best of {args.repeats} rounds"
-          f"{'; worker malloc tuned (--worker-mallopt)' if args.worker_mallopt else ''}; load average {load_before:.2f} before, "
+          f"; load average {load_before:.2f} before, "
           f"{load_after:.2f} after")
     print(f"{'contestant':<34} {'samples/s':>9} {'vs single':>9} {'vs torch pp':>11} {'median vs pp':>12} "
           f"{'each round':>26} {'loss first..last':>17}")
