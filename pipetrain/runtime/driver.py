@@ -153,8 +153,8 @@ class Driver:
         restarts = 0
         placement: dict[int, str] = {}
         lost: StageLost | None = None
+        self._begin_generation(start)
         while True:
-            self._begin_generation(start)
             futures: list[Any] = []
             try:
                 placed_at = time.time()
@@ -180,6 +180,10 @@ class Driver:
                 if restarts > self.plan.max_restarts:
                     self._fail(lost, latest, f"gave up after {self.plan.max_restarts} restart(s)")
                 start = self._rollback(start.generation + 1, latest)
+                # Fenced before anything (the metrics log, the progress line)
+                # says a recovery happened: from then on an old stage that
+                # wakes up must already find its writes refused.
+                self._begin_generation(start)
                 book.forget_from(start.cut)
                 self.history = [h for h in self.history if h["step"] < start.cut // self.plan.microbatches]
                 self._record_recovery(lost, start, latest, stop_seconds)
