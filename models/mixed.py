@@ -27,7 +27,7 @@ def jax_twin(*, seed: int = 0):
     return JaxSequential(mlp.layers(sizes=SIZES, kind="tanh"), loss=mlp.loss_fn, seed=seed, example_input=x)
 
 
-def _torch_part(params: dict, *, seed: int, split_backward: bool = False):
+def _torch_part(params: dict, *, seed: int, split_backward: bool | str = "auto"):
     import torch
     from torch import nn
 
@@ -63,7 +63,7 @@ def _keras_part(params: dict, *, seed: int):
     return KerasSequential(layers, loss=_keras_loss, seed=seed)
 
 
-def build(*, seed: int = 0, split_backward: bool = False):
+def build(*, seed: int = 0, split_backward: bool | str = "auto"):
     """JAX -> torch -> Keras, initialized from the all-JAX twin's weights
     (``split_backward``: the torch stage's, see TorchSequential)."""
     from pipetrain.stages.mixed import MixedSequential

@@ -23,7 +23,7 @@ def _loss(logits, labels):
     return nn.functional.cross_entropy(logits, labels)
 
 
-def _stages(split_backward: bool):
+def _stages(split_backward):
     layers = [lambda: nn.Linear(12, 16), nn.Tanh, lambda: nn.Linear(16, 16), nn.Tanh,
               lambda: nn.Linear(16, 16), nn.Tanh, lambda: nn.Linear(16, 4)]
     model = TorchSequential(layers, loss=_loss, seed=0, device="cpu", split_backward=split_backward)
@@ -31,12 +31,13 @@ def _stages(split_backward: bool):
     return build_stages(part, Optimizer("adam", lr=1e-2))
 
 
-@pytest.mark.parametrize("schedule_name", ["1f1b", "pipedream", "2bw"])
-def test_split_runs_give_the_fused_runs_bits(schedule_name):
+@pytest.mark.parametrize("policy", [True, "auto"])
+@pytest.mark.parametrize("schedule_name", ["gpipe", "1f1b", "pipedream", "2bw"])
+def test_split_runs_give_the_fused_runs_bits(schedule_name, policy):
     schedule = build_schedule(schedule_name, num_stages=3, microbatches=4, steps=3, checkpoint_every=4)
     fused = run_reference(schedule, stages=_stages(False), source=SOURCE, keep_checkpoints=True)
-    split_stages = _stages(True)
-    assert [s.splits_backward for s in split_stages] == [False, True, True]
+    split_stages = _stages(policy)
+    assert [s.split_backward for s in split_stages] == ["never"] + [{True: "always", "auto": "auto"}[policy]] * 2
     split = run_reference(schedule, stages=split_stages, source=SOURCE, keep_checkpoints=True)
     assert split.losses == fused.losses
     for cut in fused.checkpoints:  # checkpoints are taken after the weight gradients
@@ -98,3 +99,41 @@ def test_the_input_gradient_leaves_before_the_weight_gradients_are_computed(monk
         order = [log.index((what, k)) for what in ("gradient on the wire", "weights computed", "sent",
                                                     "weights reported")]
         assert order == sorted(order), log
+
+
+class _CountWeights(Hooks):
+    def __init__(self):
+        self.split: list[int] = []  # micro-batches whose weight gradients ran after the send
+        self.backwards = 0
+
+    def on_action(self, action, start, end):
+        if action.kind is Kind.BACKWARD:
+            self.backwards += 1
+
+    def on_weights(self, k, version, start, end):
+        self.split.append(k)
+
+
+@pytest.mark.parametrize("schedule_name, policy, split", [
+    ("1f1b", "auto", [3, 7, 11]),      # the step's last backward: the previous stage waits for it to end the step
+    ("gpipe", "auto", [3, 7, 11]),
+    ("pipedream", "auto", []),         # no flush: nothing to gain, only the split's bookkeeping
+    ("2bw", "auto", []),
+    ("1f1b", True, list(range(12))),   # every backward that sends a gradient
+    ("pipedream", True, list(range(12))),
+    ("1f1b", False, []),
+])
+def test_which_backwards_run_split(schedule_name, policy, split):
+    schedule = build_schedule(schedule_name, num_stages=3, microbatches=4, steps=3, checkpoint_every=4)
+    hooks = [_CountWeights() for _ in range(3)]
+    stages = _stages(policy)
+    boxes = [{}, {}, {}]
+    programs = [StageProgram(s, schedule, source=SOURCE, links=_Links(boxes, i, []), hooks=h)
+                for i, (s, h) in enumerate(zip(stages, hooks))]
+    while not all(p.done for p in programs):
+        for p in programs:
+            while p.can_run():
+                p.run_next()
+    assert hooks[0].split == []  # the first stage sends no gradient
+    for h in hooks[1:]:
+        assert sorted(h.split) == split and h.backwards == 12

@@ -207,15 +207,24 @@ def _three_stage_run(split_backward, *, split_calls=False):
 
 def test_split_backward_gives_the_same_bits_as_one_fused_backward():
     fused, fused_sent = _three_stage_run(False)
-    assert not any(s.splits_backward for s in fused)
+    assert [s.split_backward for s in fused] == ["never"] * 3
     for split_calls in (False, True):
         split, split_sent = _three_stage_run(True, split_calls=split_calls)
-        assert [s.splits_backward for s in split] == [False, True, True]  # the first stage has no input gradient
+        assert [s.split_backward for s in split] == ["never", "always", "always"]  # the first stage has no input gradient
         for a, b in zip(fused_sent, split_sent):
             np.testing.assert_array_equal(a, b)
         for sa, sb in zip(fused, split):
             for n, t in sa.params(1).items():
                 assert torch.equal(t, sb.params(1)[n]), n
+
+
+def test_split_backward_takes_a_policy_and_names_a_bad_one():
+    assert [TorchSequential([nn.Tanh], loss=loss_fn, split_backward=v).split_backward
+            for v in (False, True, "auto")] == ["never", "always", "auto"]
+    assert TorchSequential([nn.Tanh], loss=loss_fn).split_backward == "auto"
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="split_backward must be True, False or 'auto', got"):
+            TorchSequential([nn.Tanh], loss=loss_fn, split_backward=bad)
 
 
 def test_split_backward_is_guarded():

@@ -6,17 +6,21 @@ the Dask worker runs one program in its compute thread over the transport.
 Because each stage's numbers depend only on its own actions, in its order,
 both produce the same bits.
 
-A stage that can split its backward (``splits_backward``, torch stages after
-the first) runs a B followed by its SEND_GRAD as: input gradient, send, then
-weight gradients (reported with ``Hooks.on_weights``), so the previous stage
-gets its gradient before this one computes what only its next update reads.
+A stage that can split its backward (``split_backward`` "always" or "auto",
+torch stages after the first) runs a B followed by its SEND_GRAD as: input
+gradient, send, then weight gradients (reported with ``Hooks.on_weights``), so
+the previous stage gets its gradient before this one computes what only its
+next update reads. "auto" splits only a flush schedule's last backward of each
+step: the previous stage waits for that gradient to finish its step, while in
+the steady state it has work of its own and a split would only cost.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Protocol
 
-from pipetrain.schedule.actions import Action, Kind
+from pipetrain.schedule.actions import COMPUTE, Action, Kind
 from pipetrain.schedule.schedule import Schedule
 
 Tree = Any
@@ -65,6 +69,7 @@ class StageProgram:
         self._grads: dict[int, Tree] = {}
         self._input_grads: dict[int, Tree] = {}
         self._weights_due: int | None = None  # micro-batch whose weight gradients follow its SEND_GRAD
+        self._split_at = self._backwards_to_split(getattr(stage, "split_backward", "never"), schedule.is_flush)
 
     @property
     def done(self) -> bool:
@@ -151,11 +156,29 @@ class StageProgram:
 
     def _sends_before_weights(self, a: Action) -> bool:
         """Whether this B runs split: the input gradient, the SEND_GRAD that follows
-        it, then the weight gradients. Only a stage that can split its backward
-        (``splits_backward``) does; the numbers are the same either way."""
-        after = self._after()
-        return (getattr(self.stage, "splits_backward", False) and after is not None
-                and after.kind is Kind.SEND_GRAD and after.k == a.k)
+        it, then the weight gradients. The numbers are the same either way."""
+        return self.position in self._split_at
+
+    def _backwards_to_split(self, policy: str, flush: bool) -> frozenset[int]:
+        """Positions of the B actions to split under the stage's policy: with
+        "always" every B followed by its SEND_GRAD, with "auto" those of them
+        whose next computation is a flush schedule's UPDATE."""
+        if policy not in ("always", "auto") or (policy == "auto" and not flush):
+            return frozenset()
+        actions, split = self.actions, set()
+        for i, a in enumerate(actions[:-1]):
+            if a.kind is not Kind.BACKWARD or actions[i + 1].kind is not Kind.SEND_GRAD or actions[i + 1].k != a.k:
+                continue
+            if policy == "always" or self._next_computation(i + 2) is Kind.UPDATE:
+                split.add(i)
+        return frozenset(split)
+
+    def _next_computation(self, position: int) -> Kind | None:
+        """The kind of the first F, B or U at or after ``position``."""
+        for a in itertools.islice(self.actions, position, None):
+            if a.kind in COMPUTE or a.kind is Kind.UPDATE:
+                return a.kind
+        return None
 
     def _release_unread_versions(self) -> None:
         # A version stays while a later action reads it; the latest one always

@@ -87,7 +87,7 @@ class Stage(Protocol):
         """Backward of micro-batch k (the last stage takes None: d loss = 1).
         Accumulates parameter gradients; returns the gradient of the inputs
         (None on the first stage, whose inputs are data). A stage whose
-        ``splits_backward`` is true also offers it in two halves,
+        ``split_backward`` is "always" or "auto" also offers it in two halves,
         ``backward_input(k, grad_outputs)`` then ``backward_weights(k)``, which
         the interpreter runs around the SEND_GRAD (runtime/interpreter.py)."""
 

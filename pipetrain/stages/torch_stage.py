@@ -65,6 +65,14 @@ class _Chain(nn.ModuleDict):
         return x
 
 
+def split_policy(value: bool | str) -> str:
+    """``TorchSequential(split_backward=...)`` as the interpreter's policy: "never", "always" or "auto"."""
+    policies = {False: "never", True: "always", "never": "never", "always": "always", "auto": "auto"}
+    if not isinstance(value, (bool, str)) or value not in policies:
+        raise ValueError(f"TorchSequential: split_backward must be True, False or 'auto', got {value!r}")
+    return policies[value]
+
+
 class TorchSequential:
     """A SequentialModel of torch layers.
 
@@ -74,17 +82,25 @@ class TorchSequential:
     partition of the model starts from the same weights; a module given
     already built keeps its weights (``seed`` does not touch it).
 
-    ``split_backward``: stages after the first compute their input gradient
-    before their weight gradients, so the runtime sends it in between
-    (``torch_split_backward``). Same bits as one fused backward. Off by
-    default: on small CPU kernels its bookkeeping costs more than the earlier
-    send gains (``bench/vs_torch_pipelining.py`` measures both).
+    ``split_backward``: whether stages after the first compute a backward's
+    input gradient before its weight gradients, so the runtime sends it in
+    between (``torch_split_backward``); the same bits as one fused backward.
+
+    - ``"auto"`` (default): only the backward the previous stage waits for to
+      end its step, the last one before the update of a flush schedule (gpipe,
+      1f1b). There the earlier send comes off the bubble between two steps;
+      elsewhere the stages are busy anyway and a split only costs its
+      bookkeeping (about +10% of a backward on small CPU kernels).
+    - ``True``: every backward that sends a gradient.
+    - ``False``: none.
+
+    ``bench/vs_torch_pipelining.py`` measures all three.
     """
 
     framework = "torch"
 
     def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
-                 seed: int = 0, device: str | None = None, split_backward: bool = False):
+                 seed: int = 0, device: str | None = None, split_backward: bool | str = "auto"):
         self._layers: list[LayerLike] = list(modules.children()) if isinstance(modules, nn.Sequential) else list(modules)
         if not self._layers:
             raise ValueError("TorchSequential: no layers given")
@@ -94,7 +110,7 @@ class TorchSequential:
         self.loss = loss
         self.seed = seed
         self.device = device
-        self.split_backward = split_backward
+        self.split_backward = split_policy(split_backward)
         self._meta: dict[int, nn.Module] = {}
 
     def __len__(self) -> int:
@@ -199,7 +215,7 @@ class TorchStage(VersionedParams):
     framework = "torch"
 
     def __init__(self, spec: StageSpec, chain: nn.Module, *, loss: Callable, optimizer: Optimizer,
-                 device: torch.device, split_backward: bool = False):
+                 device: torch.device, split_backward: str = "auto"):
         self.spec = spec
         self.device = device
         self.loss = loss
@@ -214,9 +230,11 @@ class TorchStage(VersionedParams):
         self._accumulated = 0
         self._pending: dict[int, tuple] = {}
         # A stage with inputs to differentiate can let its input gradient leave
-        # before it computes its weight gradients (see torch_split_backward).
-        # The first stage has no input gradient to send.
-        self.splits_backward = split_backward and not spec.is_first and torch_split_backward.available()
+        # before it computes its weight gradients (see torch_split_backward);
+        # the interpreter picks which backwards by this policy. The first
+        # stage has no input gradient to send.
+        can_split = not spec.is_first and torch_split_backward.available()
+        self.split_backward = split_policy(split_backward) if can_split else "never"
         self._weights_pending: dict[int, torch_split_backward.PendingWeights | None] = {}
 
     # ------------------------------------------------------------ compute
@@ -238,7 +256,7 @@ class TorchStage(VersionedParams):
         return tree_map(torch.Tensor.detach, out)
 
     def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
-        if self.splits_backward:
+        if self.split_backward == "always":
             grad_inputs = self.backward_input(k, grad_outputs)
             self.backward_weights(k)
             return grad_inputs
