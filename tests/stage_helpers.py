@@ -49,3 +49,14 @@ def assert_state_round_trip(a, b, saved):
             s.update(new_version=5)
     for sa, sb in zip(a, b):
         assert all(np.array_equal(v, sb.state_dict()[n]) for n, v in sa.state_dict().items())
+
+
+def optimizer_and_optax_twin(name):
+    """A pipetrain Optimizer and the optax transformation it must match step for step."""
+    import optax
+
+    opt = Optimizer(name, lr=1e-2, weight_decay=0.05 if name == "adamw" else 0.0)
+    tx = {"sgd": optax.sgd(opt.lr), "momentum": optax.sgd(opt.lr, momentum=opt.momentum),
+          "adam": optax.adam(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps),
+          "adamw": optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)}[name]
+    return opt, tx

@@ -23,7 +23,7 @@ from pipetrain.stages.tensors import to_jax, to_numpy, to_tf, to_torch
 from pipetrain.stages.tf_stage import KerasSequential, _TensorOptimizer
 from pipetrain.stages.torch_stage import TorchSequential
 from tests.test_tensors import aligned_numpy
-from stage_helpers import assert_state_round_trip, batch, pipeline_step, stages
+from stage_helpers import assert_state_round_trip, batch, optimizer_and_optax_twin, pipeline_step, stages
 
 RTOL = 1e-5
 X_SPEC = TensorSpec((8, 16), "float32")
@@ -243,10 +243,7 @@ def test_tuple_boundary_gradients_equal_one_stage():
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
 def test_optimizer_matches_optax(name):
-    opt = Optimizer(name, lr=1e-2, weight_decay=0.05 if name == "adamw" else 0.0)
-    tx = {"sgd": optax.sgd(opt.lr), "momentum": optax.sgd(opt.lr, momentum=opt.momentum),
-          "adam": optax.adam(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps),
-          "adamw": optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)}[name]
+    opt, tx = optimizer_and_optax_twin(name)
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((5, 3)).astype(np.float32)
     ours, tp, jx = _TensorOptimizer(opt), {"w": tf.constant(w0)}, {"w": jnp.asarray(w0)}

@@ -17,7 +17,7 @@ from pipetrain.stages.base import (
 )
 from pipetrain.stages.tensors import to_jax, to_numpy
 from pipetrain.stages.torch_stage import TorchSequential, _TensorOptimizer
-from stage_helpers import assert_state_round_trip, batch, pipeline_step, stages
+from stage_helpers import assert_state_round_trip, batch, optimizer_and_optax_twin, pipeline_step, stages
 
 SIZES = [(16, 32), (32, 32), (32, 4)]
 RTOL = 1e-5
@@ -244,10 +244,7 @@ def test_split_backward_is_guarded():
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
 def test_optimizer_matches_optax(name):
-    opt = Optimizer(name, lr=1e-2, weight_decay=0.05 if name == "adamw" else 0.0)
-    tx = {"sgd": optax.sgd(opt.lr), "momentum": optax.sgd(opt.lr, momentum=opt.momentum),
-          "adam": optax.adam(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps),
-          "adamw": optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)}[name]
+    opt, tx = optimizer_and_optax_twin(name)
     rng = np.random.default_rng(0)
     p0 = {"w": rng.standard_normal((5, 3)).astype(np.float32)}
     ours, jx = _TensorOptimizer(opt), {"w": jnp.asarray(p0["w"])}
