@@ -73,7 +73,8 @@ def main() -> None:
     efficiency, overheads = {}, []
     print(f"{P} stages, F {F_MS:.0f} ms, B {B_MS:.0f} ms, 1 MiB boundaries, {M} micro-batches per mini-batch, "
           f"{args.steps} mini-batches, best of {args.repeats}")
-    print(f"{'schedule':<10} {'ideal mb/s':>10} {'measured':>9} {'efficiency':>10} {'events off':>10} {'events cost':>11}")
+    print(f"{'schedule':<10} {'ideal mb/s':>10} {'measured':>9} "
+          f"{'efficiency':>10} {'events off':>10} {'events cost':>11}")
     for schedule in SCHEDULES:
         on, off = max(rates[(schedule, True)]), max(rates[(schedule, False)])
         efficiency[schedule] = round(on / ideal_rate(schedule), 3)

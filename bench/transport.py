@@ -148,7 +148,8 @@ class PipetrainClient:
         """``count`` messages back to back under credit flow control (credits=4)."""
         for i in range(count):
             self.k += 1
-            self.channel.put(self.kind.ACTIVATION, self.k, payload, info="last" if i == count - 1 else "no-echo", timeout=60)
+            self.channel.put(self.kind.ACTIVATION, self.k, payload, info="last" if i == count - 1 else "no-echo",
+                             timeout=60)
         self.endpoint.get(self.kind.CONTROL, self.k, timeout=60)
 
     def close(self) -> None:
@@ -233,7 +234,8 @@ def main() -> None:
             for name, client in clients.items():
                 rtt = best_rtt(client, payload, args.seconds / 2)
                 best[name, label] = min(rtt, best.get((name, label), float("inf")))
-                rate[name, label] = max(best_stream_rate(client, payload, args.seconds / 2), rate.get((name, label), 0.0))
+                rate[name, label] = max(best_stream_rate(client, payload, args.seconds / 2),
+                                        rate.get((name, label), 0.0))
     for client in clients.values():
         client.close()
     for process in processes:
@@ -248,15 +250,18 @@ def main() -> None:
         for name in names:
             pingpong_ratio = best["tcp socket pair", label] / best[name, label]
             stream_ratio = rate[name, label] / rate["tcp socket pair", label]
-            cells.append(f"{best[name, label] * 1e3:>9.3f} {pingpong_ratio:>8.2f} {rate[name, label] / 1e9:>7.2f} {stream_ratio:>8.2f}")
+            cells.append(f"{best[name, label] * 1e3:>9.3f} {pingpong_ratio:>8.2f} "
+                         f"{rate[name, label] / 1e9:>7.2f} {stream_ratio:>8.2f}")
         print(f"{label:>8} | " + " | ".join(cells))
     print("pp x tcp: ping-pong throughput (2 x payload / RTT) relative to the socket pair; x tcp: streaming.")
 
     large = ("1MiB", "16MiB", "64MiB")
     ours = "pipetrain stream"
     print(json.dumps({
-        "throughput_ratio_vs_tcp": {label: round(rate[ours, label] / rate["tcp socket pair", label], 3) for label in large},
-        "pingpong_ratio_vs_tcp": {label: round(best["tcp socket pair", label] / best[ours, label], 3) for label in large},
+        "throughput_ratio_vs_tcp": {label: round(rate[ours, label] / rate["tcp socket pair", label], 3)
+                                    for label in large},
+        "pingpong_ratio_vs_tcp": {label: round(best["tcp socket pair", label] / best[ours, label], 3)
+                                  for label in large},
         "small_message_rtt_ms": round(best[ours, "4KiB"] * 1e3, 3),
     }))
 

@@ -333,7 +333,8 @@ def main() -> None:
         rounds = " ".join(f"{r['samples_per_s']:.0f}" for r in runs[name])
         losses = best[name]["losses"]
         print(f"{name:<40} {rate[name]:>9.1f} {rate[name] / base:>8.2f}x {rate[name] / peer:>10.2f}x "
-              f"{median[name] / median['torch_pipelining_1f1b']:>11.2f}x {rounds:>26} {losses[0]:>8.4f}..{losses[-1]:.4f}")
+              f"{median[name] / median['torch_pipelining_1f1b']:>11.2f}x {rounds:>26} "
+              f"{losses[0]:>8.4f}..{losses[-1]:.4f}")
 
     print("\npipetrain, each stage in its best round: median ms of F, B, W (weight gradients after a split "
           "backward's send), B+W (a backward's whole work), U; share of the steady-state wall time")
@@ -348,7 +349,8 @@ def main() -> None:
     ceilings = {name: ceiling(best[name]["breakdown"], batch=args.batch, **best[name]["schedule"])
                 for name in names if "breakdown" in best[name]}
     print("\nceiling: samples/s the schedule would reach on its own stages' measured F, B and U (medians above)\n"
-          "with free, instant communication (pipetrain simulate); the ratio to torch.distributed.pipelining's measured rate")
+          "with free, instant communication (pipetrain simulate); "
+          "the ratio to torch.distributed.pipelining's measured rate")
     for name, limit in ceilings.items():
         print(f"{name:<40} {limit:>9.1f} {limit / peer:>8.2f}x   (measured {rate[name] / limit:.0%} of it)")
 
@@ -362,7 +364,8 @@ def main() -> None:
         "last_loss": {name: round(best[name]["losses"][-1], 6) for name in names},
         "ceiling_samples_per_s": {name: round(limit, 1) for name, limit in ceilings.items()},
         "targets_met": {"pipetrain_1f1b >= torch_pipelining_1f1b": rate["pipetrain_1f1b"] >= peer,
-                        "pipetrain_pipedream >= 1.2 x torch_pipelining_1f1b": rate["pipetrain_pipedream"] >= 1.2 * peer},
+                        "pipetrain_pipedream >= 1.2 x torch_pipelining_1f1b":
+                            rate["pipetrain_pipedream"] >= 1.2 * peer},
     }))
 
 if __name__ == "__main__":

@@ -72,10 +72,10 @@ def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: in
 def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_method: str = "params",
         boundaries: list[int] | None = None, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10,
         accumulate: int = 1, optimizer: Any = None, client: Any = None, checkpoint_dir: str | None = None,
-        checkpoint_every: int | None = None, keep_checkpoints: int = 3, resume: bool = False, run_dir: str | None = None,
-        heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU", placement_timeout: float = 60.0,
-        max_restarts: int = 3, spare_workers: int = 0, credits: int = 0, executor: str = "dask",
-        progress: bool = True, job_id: str | None = None, record_events: bool = True,
+        checkpoint_every: int | None = None, keep_checkpoints: int = 3, resume: bool = False,
+        run_dir: str | None = None, heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU",
+        placement_timeout: float = 60.0, max_restarts: int = 3, spare_workers: int = 0, credits: int = 0,
+        executor: str = "dask", progress: bool = True, job_id: str | None = None, record_events: bool = True,
         stop_timeout: float = 10.0, checkpoint_seconds: float = 0.0) -> FitResult:
     """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
 

@@ -132,7 +132,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         message = str(e)
-        raise ConfigError(message if path and message.startswith(path + ".") else f"{path or 'config'}: {message}") from None
+        raise ConfigError(message if path and message.startswith(path + ".")
+                          else f"{path or 'config'}: {message}") from None
 
 
 def _field_type(cls: type, name: str) -> Any:

@@ -357,7 +357,8 @@ def test_stale_generation_is_refused(url):
     store.begin_generation(1)
     old_records = [store.write_shard(8, s, stage_state(s, 8), generation=1) for s in range(STAGES)]
     store.begin_generation(2)  # recovery: the driver starts generation 2
-    with pytest.raises(StaleGenerationError, match="stage 1 writing its shard for cut 12 refused.*generation 1.*generation 2"):
+    with pytest.raises(StaleGenerationError,
+                       match="stage 1 writing its shard for cut 12 refused.*generation 1.*generation 2"):
         store.write_shard(12, 1, stage_state(1, 12), generation=1)
     with pytest.raises(StaleGenerationError, match="commit of cut 8 refused"):
         store.commit(8, records=old_records, generation=1, num_stages=STAGES)
@@ -469,7 +470,8 @@ def test_discard_after_is_refused_from_a_stale_generation(url):
     save(store, 4)
     save(store, 8)
     store.begin_generation(3)
-    with pytest.raises(StaleGenerationError, match="discarding .*step-0000000008.* refused.*generation 2.*generation 3"):
+    with pytest.raises(StaleGenerationError,
+                       match="discarding .*step-0000000008.* refused.*generation 2.*generation 3"):
         store.discard_after(4, generation=2)
     assert [i.cut for i in store.list()] == [4, 8]
 

@@ -52,7 +52,8 @@ def test_bad_config_field_names_the_field_and_the_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_script_and_module_entry_points_work():
-    for cmd in ([str(Path(sys.executable).parent / "pipetrain"), "--help"], [sys.executable, "-m", "pipetrain", "--help"]):
+    for cmd in ([str(Path(sys.executable).parent / "pipetrain"), "--help"],
+                [sys.executable, "-m", "pipetrain", "--help"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert proc.returncode == 0 and "simulate" in proc.stdout
 

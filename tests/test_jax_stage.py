@@ -147,7 +147,8 @@ def test_adam_update_equals_optax_adam():
     g = jax.grad(lambda p: cross_entropy(st._apply(p, jnp.asarray(x)), y))(params0)
     tx = optax.adam(0.01)
     updates, _ = tx.update(g, tx.init(params0), params0)
-    for a, b in zip(jax.tree_util.tree_leaves(st.params(1)), jax.tree_util.tree_leaves(optax.apply_updates(params0, updates))):
+    for a, b in zip(jax.tree_util.tree_leaves(st.params(1)),
+                    jax.tree_util.tree_leaves(optax.apply_updates(params0, updates))):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     tx_given = optax.sgd(0.5)
     assert as_optax(tx_given) is tx_given
@@ -362,7 +363,8 @@ def test_load_state_dict_errors_name_the_key():
 def test_protocol_misuse_names_stage_and_microbatch():
     first, last = stages(model(), [2])
     x, _y = batch(1)
-    with pytest.raises(RuntimeError, match="stage 1, micro-batch 4: backward of a micro-batch that was never forwarded"):
+    with pytest.raises(RuntimeError,
+                       match="stage 1, micro-batch 4: backward of a micro-batch that was never forwarded"):
         last.backward(4)
     with pytest.raises(KeyError, match="stage 0, micro-batch 2: no weight version 5; held: \\(0,\\)"):
         first.forward(2, x, version=5)

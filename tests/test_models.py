@@ -80,7 +80,8 @@ def test_char_windows_cover_an_epoch_without_repeats_then_reshuffle():
 
 
 def test_heldout_batches_are_fixed():
-    a, b = text.heldout_batches(3, context=16, microbatch_size=4), text.heldout_batches(3, context=16, microbatch_size=4)
+    a = text.heldout_batches(3, context=16, microbatch_size=4)
+    b = text.heldout_batches(3, context=16, microbatch_size=4)
     assert len(a) == 3
     for (xa, ya), (xb, yb) in zip(a, b):
         assert xa.shape == ya.shape == (4, 16)
@@ -99,7 +100,7 @@ def test_unigram_loss_is_plausible():
 
 def test_gpt_layers_and_shapes():
     layers, params = _gpt(**SMALL)
-    assert [l.name for l in layers] == ["embed", "block0", "block1", "head"]
+    assert [layer.name for layer in layers] == ["embed", "block0", "block1", "head"]
     x = _tokens((2, 16))
     h = x
     for layer, p in zip(layers, params):
@@ -167,7 +168,10 @@ def test_gpt_training_beats_the_unigram_baseline():
     """Default-size GPT, micro-batch 16, adam 1e-3: ~100 steps (~1,600 windows,
     ~10 s on 2 cores) already take the held-out loss well under unigram."""
     layers, params = _gpt(batch=16)
-    loss = lambda p, x, y: gpt.loss_fn(apply_sequence(layers, p, x), y)
+
+    def loss(p, x, y):
+        return gpt.loss_fn(apply_sequence(layers, p, x), y)
+
     opt = optax.adam(1e-3)
 
     @jax.jit
@@ -178,7 +182,10 @@ def test_gpt_training_beats_the_unigram_baseline():
 
     evaluate = jax.jit(loss)
     heldout = text.heldout_batches(8)
-    heldout_loss = lambda p: float(np.mean([evaluate(p, x, y) for x, y in heldout]))
+
+    def heldout_loss(p):
+        return float(np.mean([evaluate(p, x, y) for x, y in heldout]))
+
     src = text.CharWindows(split="train", microbatch_size=16)
     state, start = opt.init(params), time.perf_counter()
     for k in range(120):
@@ -202,12 +209,15 @@ def test_mlp_dataset_is_deterministic_and_balanced_enough():
 
 def test_mlp_layers_and_a_quick_fit():
     layers = mlp.layers(sizes=(32, 32), num_classes=4)
-    assert [l.name for l in layers] == ["dense0", "act0", "dense1", "act1", "dense2"]
+    assert [layer.name for layer in layers] == ["dense0", "act0", "dense1", "act1", "dense2"]
     x, y = mlp.dataset(4096, seed=0)
     spec = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     params = init_sequence(layers, spec, keys=jax.random.split(jax.random.key(0), len(layers)))
     assert apply_sequence(layers, params, x).shape == (4096, 4)
-    loss = lambda p: mlp.loss_fn(apply_sequence(layers, p, x), y)
+
+    def loss(p):
+        return mlp.loss_fn(apply_sequence(layers, p, x), y)
+
     opt = optax.adam(1e-2)
 
     @jax.jit

@@ -24,7 +24,8 @@ T0 = 1_750_000_000.0  # wall-clock origin of the synthetic run
 
 def write_synthetic_run(run_dir: Path, *, name: str = "1f1b", stages: int = 4, microbatches: int = 8,
                         steps: int = 2, forward=0.010, backward=0.020, send=0.001, accumulate: int = 1,
-                        recoveries: tuple[tuple[int, int], ...] = (), job_json: bool = True, samples_per_microbatch: int = 16):
+                        recoveries: tuple[tuple[int, int], ...] = (), job_json: bool = True,
+                        samples_per_microbatch: int = 16):
     """Simulate ``name`` and write RUN_DIR/events, metrics.jsonl (and job.json); returns the simulation.
 
     ``recoveries``: (after step, rolled back to step) pairs.

@@ -33,7 +33,8 @@ def _keras_mlp():
 def test_torch_model_partitions_with_every_method(method):
     part = partition(_torch_mlp(), 3, method=method, example_input=X, repeats=2)
     assert len(part.stages) == 3 and part.stages[-1].end == 9
-    assert sum(s.params for s in part.stages) == 32 * 256 + 256 + 256 * 256 + 256 + 256 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert sum(s.params for s in part.stages) == (32 * 256 + 256 + 256 * 256 + 256 + 256 * 64 + 64
+                                                  + 64 * 64 + 64 + 64 * 10 + 10)
     if method in ("params", "flops"):
         # The 256x256 layer (index 2) outweighs all the others together: the
         # optimal split's bottleneck is the stage that holds it.

@@ -39,7 +39,8 @@ def _stages(boundaries, optimizer):
 
 
 def _named(layer_params: dict) -> dict:
-    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(layer_params)[0]}
+    return {jax.tree_util.keystr(path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(layer_params)[0]}
 
 
 def _without_updates(schedule):

@@ -24,8 +24,8 @@ def _requests():
         for a in accumulates:
             unit = a if name == "pipedream" else m
             for every, first in ((None, 0), (unit, 0), (2 * unit, unit), (unit, steps * m - unit)):
-                yield name, {"num_stages": p, "microbatches": m, "steps": steps, "accumulate": a, "checkpoint_every": every,
-                                 "first_microbatch": first}
+                yield name, {"num_stages": p, "microbatches": m, "steps": steps, "accumulate": a,
+                             "checkpoint_every": every, "first_microbatch": first}
 
 
 def test_every_built_schedule_simulates():

@@ -94,7 +94,8 @@ def test_tf_copies_misaligned_buffers_instead_of_aborting(dtype):
     """TF kernels assume 64-byte alignment; a shared misaligned buffer aborts the process."""
     big = aligned_numpy((8 * 16 + 32,), dtype)
     n = big[8:8 + 128].reshape(8, 16)  # 16 or 32 bytes past a 64-byte boundary
-    t = torch.from_numpy(np.ascontiguousarray(big.astype(np.float32)[8:8 + 128]).reshape(8, 16)).to(getattr(torch, dtype))
+    t = torch.from_numpy(
+        np.ascontiguousarray(big.astype(np.float32)[8:8 + 128]).reshape(8, 16)).to(getattr(torch, dtype))
     t = torch.cat([torch.zeros(4, dtype=t.dtype), t.flatten()])[4:].reshape(8, 16)  # storage offset 8 or 16 bytes
     for src, ptr in ((n, np_ptr(n)), (t, t.data_ptr())):
         assert ptr % 64

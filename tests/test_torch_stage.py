@@ -210,7 +210,8 @@ def test_split_backward_gives_the_same_bits_as_one_fused_backward():
     assert [s.split_backward for s in fused] == ["never"] * 3
     for split_calls in (False, True):
         split, split_sent = _three_stage_run(True, split_calls=split_calls)
-        assert [s.split_backward for s in split] == ["never", "always", "always"]  # the first stage has no input gradient
+        # the first stage has no input gradient
+        assert [s.split_backward for s in split] == ["never", "always", "always"]
         for a, b in zip(fused_sent, split_sent):
             np.testing.assert_array_equal(a, b)
         for sa, sb in zip(fused, split):

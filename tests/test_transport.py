@@ -161,7 +161,8 @@ def test_check_boundary_names_both_stages_and_the_tensor():
     good = {"h": np.zeros((7, 3), np.float32), "mask": np.zeros(4, ml_dtypes.bfloat16)}
     check_boundary(specs, good, sender_stage=1, receiver_stage=2)  # None: any length
     bad_dtype = {**good, "mask": np.zeros(4, np.float32)}
-    with pytest.raises(BoundaryMismatch, match=r"stage 1 -> stage 2: tensor \['mask'\] is float32\[4\] but stage 2 expects bfloat16\[4\]"):
+    with pytest.raises(BoundaryMismatch, match=r"stage 1 -> stage 2: tensor \['mask'\] is float32\[4\] "
+                                               r"but stage 2 expects bfloat16\[4\]"):
         check_boundary(specs, bad_dtype, sender_stage=1, receiver_stage=2)
     with pytest.raises(BoundaryMismatch, match=r"tensor \['h'\] is float32\[7,4\]"):
         check_boundary(specs, {**good, "h": np.zeros((7, 4), np.float32)}, sender_stage=1, receiver_stage=2)
@@ -252,7 +253,8 @@ def test_tls_round_trip(security, backend):
         channel = sender.connect(receiver.address)
         big = np.random.default_rng(0).random(300_000).astype(np.float32)  # spans many TLS records
         channel.put(Kind.ACTIVATION, 0, {"x": big, "b": np.ones(3, ml_dtypes.bfloat16)})
-        assert_trees_equal(receiver.get(Kind.ACTIVATION, 0, timeout=10).tree, {"x": big, "b": np.ones(3, ml_dtypes.bfloat16)})
+        assert_trees_equal(receiver.get(Kind.ACTIVATION, 0, timeout=10).tree,
+                           {"x": big, "b": np.ones(3, ml_dtypes.bfloat16)})
         with pytest.raises(TransportError, match="requires encryption"):
             sender.connect("tcp://" + receiver.address.split("://")[1])
         with Endpoint.start(stage=2) as plain:  # no certificate: the TLS server refuses it
@@ -285,7 +287,8 @@ def test_two_processes_exchange_activations_and_gradients():
             from_parent.put(endpoint.address)
             rng = np.random.default_rng(1)
             for k, rows in enumerate([3, 64, 1, 2048]):
-                tree = {"x": rng.random((rows, 256), dtype=np.float32), "b": rng.random(rows).astype(ml_dtypes.bfloat16)}
+                tree = {"x": rng.random((rows, 256), dtype=np.float32),
+                        "b": rng.random(rows).astype(ml_dtypes.bfloat16)}
                 channel.put(Kind.ACTIVATION, k, tree, version=k)
                 message = endpoint.get(Kind.GRADIENT, k, timeout=30)
                 assert message.stage == 1 and message.version == k

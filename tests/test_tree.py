@@ -17,7 +17,8 @@ def test_pairs_follow_the_tree_and_skip_leaves_without_a_gradient():
 
 
 def test_mismatches_name_the_stage_and_the_leaf():
-    with pytest.raises(ValueError, match=r"stage 2: gradient of output \['h'\] has shape \(2, 4\), the output \(2, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"stage 2: gradient of output \['h'\] has shape \(2, 4\), the output \(2, 3\)"):
         pair_with_gradients({"h": np.ones((2, 3))}, {"h": np.ones((2, 4))}, is_array=_is_array, stage=2)
     with pytest.raises(ValueError, match=r"stage 3: grad_outputs \['\[0\]', '\[1\]'\] do not match the outputs "
                                          r"\['<value>'\] at <value>"):

@@ -152,7 +152,9 @@ class CheckpointStore:
         self._makedirs(step)
         # Checked again just before the rename: a writer paused across a recovery
         # is refused at the last moment it can be, not only when it started.
-        fence = lambda: self._check_generation(generation, doing)
+        def fence() -> None:
+            self._check_generation(generation, doing)
+
         self._write_atomic(posixpath.join(step, record.file), data, before_publish=fence)
         self._write_atomic(posixpath.join(step, record_file_name(stage)), record_bytes, before_publish=fence)
         return record
@@ -298,7 +300,8 @@ class CheckpointStore:
         out = []
         for cut in self._cuts():
             checkpoint, problem = self._verify(cut)
-            status = "committed" if checkpoint else ("uncommitted" if problem.startswith("not committed") else "corrupt")
+            status = "committed" if checkpoint else (
+                "uncommitted" if problem.startswith("not committed") else "corrupt")
             out.append(CheckpointInfo(cut=cut, path=self._step_path(cut), status=status, reason=problem))
         return out
 

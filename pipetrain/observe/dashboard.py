@@ -58,7 +58,8 @@ class StageGauges:
 
     # -- the stage's side -------------------------------------------------
     def install(self, worker: Any = None) -> StageGauges:
-        """Add the figures to ``worker`` (default: ``distributed.get_worker()``) and its process's Prometheus registry."""
+        """Add the figures to ``worker`` (default: ``distributed.get_worker()``) and its
+        process's Prometheus registry."""
         if self._worker is not None:
             raise RuntimeError(f"stage {self.stage}: gauges already installed on {self._worker.address}")
         if worker is None:

@@ -125,7 +125,8 @@ def plot_throughput(run_dir: str | Path, path: str | Path) -> Path:
                 marker="o" if len(steps) <= 40 else None, markersize=3, label="per step")
     end = next(iter(records(metrics, "end")), {})
     if isinstance(end.get("samples_per_s"), (int, float)):
-        ax.axhline(end["samples_per_s"], color="#55A868", linestyle=":", label=f"whole run: {end['samples_per_s']:,.0f}")
+        ax.axhline(end["samples_per_s"], color="#55A868", linestyle=":",
+                   label=f"whole run: {end['samples_per_s']:,.0f}")
     for i, r in enumerate(records(metrics, "recovery")):
         _mark_recovery(ax, r["time"] - origin, r, f"stopped {r.get('stop_seconds', 0):.2g} s", index=i)
     ax.set_xlabel("time since the run started (s)")
@@ -145,7 +146,8 @@ def plot_throughput(run_dir: str | Path, path: str | Path) -> Path:
 def _mark_recovery(ax, x: float, r: dict, detail: str, *, index: int) -> None:
     ax.axvline(x, color=RECOVERY_COLOUR, linestyle="--", linewidth=1.3)
     # successive recoveries step down so their labels never overprint each other
-    ax.text(x, 0.98 - 0.13 * (index % 5), f" recovery g{r.get('generation')}:\n stage {r.get('stage')} lost,\n {detail}",
+    ax.text(x, 0.98 - 0.13 * (index % 5),
+            f" recovery g{r.get('generation')}:\n stage {r.get('stage')} lost,\n {detail}",
             transform=ax.get_xaxis_transform(), color=RECOVERY_COLOUR, fontsize=8, va="top")
 
 

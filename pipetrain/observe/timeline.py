@@ -105,7 +105,8 @@ def run_info(run_dir: str | Path, events: list[np.ndarray], metrics: list[dict])
         # not recorded by the Python API: one U per `accumulate` backwards
         updates = int(np.sum(stage0["kind"] == "U"))
         accumulate = max(1, round(int(np.sum(stage0["kind"] == "B")) / updates)) if updates else 1
-    return RunInfo(schedule=name, num_stages=len(events), microbatches=sched.get("microbatches") or start.get("microbatches"),
+    return RunInfo(schedule=name, num_stages=len(events),
+                   microbatches=sched.get("microbatches") or start.get("microbatches"),
                    steps=sched.get("steps") or start.get("steps"), accumulate=accumulate or 1,
                    checkpoint_every=every, first_microbatch=int(forwards.min()) if forwards.size else 0)
 

@@ -139,7 +139,8 @@ class Channel:
         (its ``get`` returned); the channel keeps ``tree`` alive until then.
         """
         ep = self._endpoint
-        message = Message(kind=Kind(kind), k=k, tree=tree, version=version, stage=ep.stage, generation=ep.generation, info=info)
+        message = Message(kind=Kind(kind), k=k, tree=tree, version=version, stage=ep.stage, generation=ep.generation,
+                          info=info)
         with self._cond:
             ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
             if self._error:
@@ -162,7 +163,8 @@ class Channel:
         """Block until every message sent on this channel has been taken by the receiver."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._error or not self._unacked, timeout):
-                raise TransportTimeout(f"stage {self._endpoint.stage}: {len(self._unacked)} messages to {self.peer} unacknowledged after {timeout}s")
+                raise TransportTimeout(f"stage {self._endpoint.stage}: {len(self._unacked)} messages to {self.peer} "
+                                       f"unacknowledged after {timeout}s")
             if self._error and self._unacked:
                 raise self._error
 
@@ -334,7 +336,8 @@ class Endpoint:
                 if remaining is not None and remaining <= 0:
                     buffered = sorted(f"{key[0].name} k={key[1]}" for key in self._inbox)
                     raise TransportTimeout(
-                        f"stage {self.stage}: no {kind.name} k={k} within {timeout}s (buffered: {buffered or 'nothing'})"
+                        f"stage {self.stage}: no {kind.name} k={k} within {timeout}s "
+                        f"(buffered: {buffered or 'nothing'})"
                     )
                 self._cond.wait(remaining)
         _, message, link, seq = item
@@ -373,7 +376,8 @@ class Endpoint:
     def _ssl_context(self, purpose: str) -> Any:
         if self.security is None:
             return None
-        args = self.security.get_listen_args("worker") if purpose == "listen" else self.security.get_connection_args("worker")
+        args = (self.security.get_listen_args("worker") if purpose == "listen"
+                else self.security.get_connection_args("worker"))
         return args.get("ssl_context")
 
     async def _listen(self, host: str, port: int) -> None:
@@ -430,7 +434,8 @@ class Endpoint:
             raise TransportError(f"stage {self.stage}: address {address!r} is not tcp://host:port or tls://host:port")
         context = self._ssl_context("connect")
         if scheme == "tls" and context is None:
-            raise TransportError(f"stage {self.stage}: {address} needs TLS but this endpoint has no Security with TLS settings")
+            raise TransportError(f"stage {self.stage}: {address} needs TLS "
+                                 "but this endpoint has no Security with TLS settings")
         if scheme == "tcp" and self.security is not None and self.security.require_encryption:
             raise TransportError(f"stage {self.stage}: security requires encryption but {address} is plain tcp://")
 

@@ -266,7 +266,8 @@ class SocketLink:
 class TlsLink(asyncio.BufferedProtocol):
     """tls:// over asyncio's SSL transport; writes go through the loop thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: wire.BufferPool, on_message: Callable, on_closed: Callable):
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: wire.BufferPool, on_message: Callable,
+                 on_closed: Callable):
         self.peer = "?"
         self.bye_seen = False
         self._loop = loop

@@ -76,7 +76,8 @@ def host_array(leaf: Any, where: str) -> np.ndarray:
     array = np.asarray(leaf)
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
         array = array.copy(order="C")
-    numeric = array.dtype.kind in "biufc" or (array.dtype.kind == "V" and array.dtype.names is None and array.dtype.name != f"void{array.dtype.itemsize * 8}")
+    numeric = array.dtype.kind in "biufc" or (array.dtype.kind == "V" and array.dtype.names is None
+                                              and array.dtype.name != f"void{array.dtype.itemsize * 8}")
     if not numeric:  # strings, objects, records: their name does not describe their bytes
         raise TypeError(f"tensor {where} has dtype {array.dtype}; only numeric arrays cross stage boundaries")
     if not array.dtype.isnative:

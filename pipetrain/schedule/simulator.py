@@ -348,7 +348,8 @@ def _grid(timeline: Sequence[Sequence[TimedAction]], unit: float, end: float, wi
             if e.action.kind not in COMPUTE:
                 continue
             # a slot shows the action running at its midpoint
-            for j in range(max(0, math.ceil(e.start / unit - 0.5 - 1e-9)), min(shown, math.ceil(e.end / unit - 0.5 - 1e-9))):
+            for j in range(max(0, math.ceil(e.start / unit - 0.5 - 1e-9)),
+                           min(shown, math.ceil(e.end / unit - 0.5 - 1e-9))):
                 row[j] = f"{e.action.kind.value}{e.action.k}"
         rows.append(row)
     cell = max([len(c) for r in rows for c in r] + [2]) + 1

@@ -210,7 +210,8 @@ class KerasSequential:
 
     def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> KerasStage:
         if not 0 <= spec.start < spec.end <= len(self):
-            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's {len(self)} layers")
+            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) "
+                                 f"outside the model's {len(self)} layers")
         with self._device():
             traced = self._traced(None, spec.end)[spec.start:]
         layers = {spec.start + i: layer for i, (layer, _, _) in enumerate(traced)}

@@ -101,7 +101,8 @@ class TorchSequential:
 
     def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
                  seed: int = 0, device: str | None = None, split_backward: bool | str = "auto"):
-        self._layers: list[LayerLike] = list(modules.children()) if isinstance(modules, nn.Sequential) else list(modules)
+        self._layers: list[LayerLike] = (list(modules.children()) if isinstance(modules, nn.Sequential)
+                                         else list(modules))
         if not self._layers:
             raise ValueError("TorchSequential: no layers given")
         for i, layer in enumerate(self._layers):
@@ -126,7 +127,8 @@ class TorchSequential:
             with torch.device(device):
                 built = layer()
         if not isinstance(built, nn.Module):
-            raise TypeError(f"TorchSequential: factory of layer {index} returned {type(built).__name__}, not an nn.Module")
+            raise TypeError(f"TorchSequential: factory of layer {index} returned {type(built).__name__}, "
+                            "not an nn.Module")
         return built.to(device)
 
     def _meta_layer(self, index: int) -> nn.Module:
@@ -202,7 +204,8 @@ class TorchSequential:
 
     def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> TorchStage:
         if not 0 <= spec.start < spec.end <= len(self):
-            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) outside the model's {len(self)} layers")
+            raise PartitionError(f"stage {spec.index}: layers [{spec.start}, {spec.end}) "
+                                 f"outside the model's {len(self)} layers")
         device = torch.device(self.device or default_device())
         chain = _Chain({str(i): self.make_layer(i, device=device) for i in range(spec.start, spec.end)})
         return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device,
@@ -342,7 +345,8 @@ class TorchStage(VersionedParams):
 
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
         with torch.no_grad():
-            out = torch.func.functional_call(self._chain, self._params(self._latest), (to_torch(inputs, device=self.device),))
+            out = torch.func.functional_call(self._chain, self._params(self._latest),
+                                             (to_torch(inputs, device=self.device),))
             if self.spec.is_last:
                 return float(self.loss(out, to_torch(targets, device=self.device)))
         return out

@@ -45,7 +45,8 @@ def test_train_submits_to_a_running_scheduler(tmp_path):
                                            "--nthreads", "1", "--no-dashboard", "--resources", "GPU=1"],
                                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         proc = _train("models/configs/mixed.toml", tmp_path / "run", "--scheduler-file", str(scheduler_file),
-                      "--set", "schedule.steps=3", "--set", "partition.stages=3", "--set", "cluster.placement_timeout=5")
+                      "--set", "schedule.steps=3", "--set", "partition.stages=3",
+                      "--set", "cluster.placement_timeout=5")
         # Two GPU workers for three stages: the placement says what it found and what it needed.
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "pipetrain train: error:" in proc.stderr and "Traceback" not in proc.stderr
