@@ -353,6 +353,12 @@ def main() -> None:
           "the ratio to torch.distributed.pipelining's measured rate")
     for name, limit in ceilings.items():
         print(f"{name:<40} {limit:>9.1f} {limit / peer:>8.2f}x   (measured {rate[name] / limit:.0%} of it)")
+    # What removing the flush can buy at all: a perfect 1F1B idles (p-1)
+    # slots of m+p-1 per step on its bottleneck stage, a schedule without
+    # flush none, before any extra updates it runs.
+    flush_bound = (M + STAGES - 1) / M
+    print(f"\nno flush (pipedream) against a perfect 1F1B: at most (m+p-1)/m = {flush_bound:.3f}x at p={STAGES}, "
+          f"m={M}, before pipedream's extra updates")
 
     print(json.dumps({
         "samples_per_s": {name: rate[name] for name in CONTESTANTS},
@@ -363,6 +369,7 @@ def main() -> None:
         # Same initial weights, data and math: the sync runs agree; pipedream differs by design.
         "last_loss": {name: round(best[name]["losses"][-1], 6) for name in names},
         "ceiling_samples_per_s": {name: round(limit, 1) for name, limit in ceilings.items()},
+        "no_flush_bound_vs_perfect_1f1b": round(flush_bound, 4),
         "targets_met": {"pipetrain_1f1b >= torch_pipelining_1f1b": rate["pipetrain_1f1b"] >= peer,
                         "pipetrain_pipedream >= 1.2 x torch_pipelining_1f1b":
                             rate["pipetrain_pipedream"] >= 1.2 * peer},

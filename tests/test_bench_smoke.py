@@ -28,6 +28,7 @@ def test_vs_torch_pipelining_smoke():
     assert set(ceilings) >= {"pipetrain_1f1b", "pipetrain_pipedream"}
     assert all(rates[name] <= 1.5 * ceilings[name] for name in ("pipetrain_1f1b", "pipetrain_pipedream"))
     assert result["ratio_to_single"]["torch_single"] == 1.0
+    assert result["no_flush_bound_vs_perfect_1f1b"] == pytest.approx((8 + 2 - 1) / 8)  # m=8, p=2
     # The sync contestants train the same model on the same data with the same math.
     loss = result["last_loss"]
     assert loss["pipetrain_1f1b"] == pytest.approx(loss["torch_single"], rel=1e-5)
