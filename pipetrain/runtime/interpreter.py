@@ -126,7 +126,7 @@ class StageProgram:
             self.links.send(a.kind, a.k, a.version, self._outputs.pop(a.k), wait_follows=self._wait_follows())
         elif a.kind is Kind.BACKWARD:
             grad = None if spec.is_last else self._grads.pop(a.k)
-            if self._sends_before_weights(a):
+            if self.position in self._split_at:
                 self._input_grads[a.k] = self.stage.backward_input(a.k, grad)
                 self._weights_due = a.k
             else:
@@ -154,15 +154,12 @@ class StageProgram:
         return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD)
                 and not self.links.ready(after.kind, after.k))
 
-    def _sends_before_weights(self, a: Action) -> bool:
-        """Whether this B runs split: the input gradient, the SEND_GRAD that follows
-        it, then the weight gradients. The numbers are the same either way."""
-        return self.position in self._split_at
-
     def _backwards_to_split(self, policy: str, flush: bool) -> frozenset[int]:
-        """Positions of the B actions to split under the stage's policy: with
-        "always" every B followed by its SEND_GRAD, with "auto" those of them
-        whose next computation is a flush schedule's UPDATE."""
+        """Positions of the B actions to run split (the input gradient, the
+        SEND_GRAD that follows it, then the weight gradients; the same numbers
+        either way) under the stage's policy: with "always" every B followed by
+        its SEND_GRAD, with "auto" those of them whose next computation is a
+        flush schedule's UPDATE."""
         if policy not in ("always", "auto") or (policy == "auto" and not flush):
             return frozenset()
         actions, split = self.actions, set()
