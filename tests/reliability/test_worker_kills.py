@@ -27,10 +27,14 @@ def compute_failures(client, job_id: str) -> list[str]:
 
 
 @pytest.mark.parametrize("schedule,fault,cut", KILLS, ids=[f"{s}-{f.name}" for s, f, _ in KILLS])
-def test_killed_worker_recovers_bit_identical(client, tmp_path, schedule, fault, cut):
+def test_killed_worker_recovers_bit_identical(client, tmp_path, schedule, fault, cut, monkeypatch):
     pids = client.run(lambda: __import__("os").getpid())
     job_id = f"kill-{fault.name}"
+    fenced_when_told = _generation_on_record_at_each_recovery(monkeypatch, tmp_path / "checkpoints")
     result, checkpoints = run(client, tmp_path, schedule, [fault], job_id=job_id)
+    # The new generation owned the checkpoint directory before the recovery
+    # was recorded: nothing of the old one can land there after the news.
+    assert fenced_when_told == [1]
 
     killed = fired(tmp_path / "markers", fault)
     assert killed in pids.values(), "the fault did not fire in a worker process"
@@ -48,3 +52,21 @@ def test_killed_worker_recovers_bit_identical(client, tmp_path, schedule, fault,
     # The neighbours that lost their peer, or were stopped for the recovery,
     # ended quietly: no error in the logs of the workers that survived.
     assert compute_failures(client, job_id) == []
+
+
+def _generation_on_record_at_each_recovery(monkeypatch, checkpoints):
+    """The generation the checkpoint directory records each time the driver writes a recovery record."""
+    import json
+
+    from pipetrain.checkpoint.manifest import GENERATION
+    from pipetrain.observe.progress import MetricsLog
+
+    seen, write = [], MetricsLog.write
+
+    def spying_write(self, record):
+        if record.get("type") == "recovery":
+            seen.append(json.loads((checkpoints / GENERATION).read_text())["generation"])
+        write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", spying_write)
+    return seen
