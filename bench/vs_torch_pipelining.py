@@ -181,7 +181,9 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------- (b, c) pipetrain
 
-def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int, accumulate: int = 1) -> dict:
+def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int, accumulate: int = 1,
+                  split_backward: str = "auto") -> dict:
+    """``split_backward``: the policy ``part``'s model was built with (for the ceiling)."""
     from pipetrain.api import fit
     from pipetrain.optim import Optimizer
 
@@ -194,7 +196,7 @@ def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int,
     losses = [h["loss"] for h in sorted(result.history, key=lambda h: h["step"])]
     return {"samples_per_s": samples / (end - start), "losses": losses,
             "breakdown": [_breakdown(ev, start, end) for ev in result.events],
-            "schedule": {"schedule": schedule, "accumulate": accumulate}}
+            "schedule": {"schedule": schedule, "accumulate": accumulate, "split_backward": split_backward}}
 
 
 def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]:
@@ -215,23 +217,30 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
         work[int(event["k"])] = work.get(int(event["k"]), 0.0) + float(event["end"] - event["start"])
     if work:
         out["B+W ms"] = float(np.median(list(work.values()))) * 1e3
+    split = np.isin(events["k"], events["k"][inside & (events["kind"] == "W")])
+    if (split & inside & (events["kind"] == "B")).any():  # the input-gradient half of a split backward
+        out["B in ms"] = float(np.median((events["end"] - events["start"])[split & inside
+                                                                          & (events["kind"] == "B")])) * 1e3
     out["other"] = 1 - sum(v for k, v in out.items() if not k.endswith(" ms"))
     return out
 
 
-def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, batch: int) -> float:
+def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, split_backward: str,
+            batch: int) -> float:
     """Samples/s of ``schedule`` in steady state if every stage took exactly its
     measured median F, B and U and messages were free and instant: the most
     any runtime could get from these kernels on this machine."""
     from pipetrain.schedule.builders import build_schedule
     from pipetrain.schedule.simulator import simulate
 
-    # A split backward (B, then W after the send) counts whole: the simulator
-    # has no W, so the earlier send is not modelled and a run that splits
-    # some backwards can beat its ceiling by what that send saves.
+    # A backward costs its whole median work (B, plus W where split); a split
+    # one sends after its input-gradient share, W / (B in + W) as measured.
+    weights = [row["B+W ms"] * row["W ms"] / (row["B in ms"] + row["W ms"]) if "W ms" in row else 0.0
+               for row in breakdown]
     costs = {"forward_cost": [row["F ms"] for row in breakdown],
              "backward_cost": [row["B+W ms"] for row in breakdown],
-             "update_cost": [row["U ms"] for row in breakdown]}
+             "update_cost": [row["U ms"] for row in breakdown],
+             "weight_cost": weights, "split_backward": split_backward}
 
     def makespan(steps: int) -> float:
         built = build_schedule(schedule, num_stages=STAGES, microbatches=M, steps=steps, accumulate=accumulate)
@@ -299,11 +308,13 @@ def main() -> None:
             # The default splits only the step's last backward in 1f1b (and
             # none in pipedream, which has no flush): what never splitting,
             # and splitting every backward, are worth against it.
-            "pipetrain_1f1b_never_split": lambda: run_pipetrain(part_fused, data, client, schedule="1f1b", **common),
+            "pipetrain_1f1b_never_split": lambda: run_pipetrain(part_fused, data, client, schedule="1f1b",
+                                                                split_backward="never", **common),
             "pipetrain_1f1b_split_every_backward": lambda: run_pipetrain(part_split, data, client, schedule="1f1b",
-                                                                         **common),
+                                                                         split_backward="always", **common),
             "pipetrain_pipedream_split_every_backward": lambda: run_pipetrain(part_split, data, client,
-                                                                              schedule="pipedream", **common),
+                                                                              schedule="pipedream",
+                                                                              split_backward="always", **common),
         }
         runs: dict[str, list[dict]] = {name: [] for name in contestants}
         names = list(contestants)
@@ -348,7 +359,7 @@ def main() -> None:
 
     ceilings = {name: ceiling(best[name]["breakdown"], batch=args.batch, **best[name]["schedule"])
                 for name in names if "breakdown" in best[name]}
-    print("\nceiling: samples/s the schedule would reach on its own stages' measured F, B and U (medians above)\n"
+    print("\nceiling: samples/s the schedule would reach on its own stages' measured F, B, W and U (medians above)\n"
           "with free, instant communication (pipetrain simulate); "
           "the ratio to torch.distributed.pipelining's measured rate")
     for name, limit in ceilings.items():

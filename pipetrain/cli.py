@@ -21,7 +21,8 @@ def _simulate(args: argparse.Namespace) -> int:
     schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches,
                               steps=args.steps, accumulate=args.accumulate)
     report = simulate(schedule, forward_cost=args.forward_cost, backward_cost=args.backward_cost,
-                      update_cost=args.update_cost, send_cost=args.send_cost)
+                      update_cost=args.update_cost, send_cost=args.send_cost, weight_cost=args.weight_cost,
+                      split_backward=args.split_backward)
     print(report.render())
     return 0
 
@@ -123,6 +124,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backward-cost", type=float, default=2.0)
     p.add_argument("--update-cost", type=float, default=0.0, help="time of one optimizer update (default 0)")
     p.add_argument("--send-cost", type=float, default=0.0, help="latency of one message between stages (default 0)")
+    p.add_argument("--split-backward", default="never", choices=("never", "always", "auto"),
+                   help="which backwards send their input gradient before computing the weight gradients "
+                        "(as TorchSequential's split_backward; default never)")
+    p.add_argument("--weight-cost", type=float, default=0.0,
+                   help="the weight-gradient part of --backward-cost, run after the send when split (default 0)")
     p.set_defaults(run=_simulate)
 
     p = sub.add_parser("partition", help="show how a model is cut into stages")

@@ -17,6 +17,14 @@ def test_simulate_prints_the_grid_and_the_formula_bubble(capsys):
     assert "27.3% simulated, 27.3% by formula (p-1)/(m+p-1) = 3/11" in out
 
 
+def test_simulate_shows_a_split_backward(capsys):
+    assert main(["simulate", "--stages", "2", "--microbatches", "4", "--steps", "2", "--backward-cost", "2",
+                 "--split-backward", "auto", "--weight-cost", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "split backward auto (weight part 1)" in out and "W3" in out and "W7" in out
+    assert "14.3% simulated" in out  # 20.0% without the split (the formula's)
+
+
 def test_simulate_async_schedule_reports_weight_versions(capsys):
     assert main(["simulate", "--stages", "3", "--microbatches", "6", "--schedule", "2bw", "--steps", "3"]) == 0
     out = capsys.readouterr().out

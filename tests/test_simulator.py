@@ -125,6 +125,40 @@ def test_credits_slow_the_sender_down():
         assert sends[j] >= recvs[j - 1]  # at most one unacknowledged activation on the edge
 
 
+def test_split_positions_follow_the_policy():
+    s = build_schedule("1f1b", num_stages=3, microbatches=4, steps=2)
+    last_of_step = {i for i, a in enumerate(s.actions[1])
+                    if a.kind is Kind.BACKWARD and a.k % 4 == 3}
+    every = {i for i, a in enumerate(s.actions[1]) if a.kind is Kind.BACKWARD}
+    assert s.split_positions(1, "auto") == last_of_step and len(last_of_step) == 2
+    assert s.split_positions(1, "always") == every and s.split_positions(1, "never") == frozenset()
+    assert s.split_positions(0, "always") == frozenset()  # the first stage sends no gradient
+    pipedream = build_schedule("pipedream", num_stages=3, microbatches=4, steps=2)
+    assert pipedream.split_positions(2, "auto") == frozenset()  # no flush: nothing to gain
+    with pytest.raises(ValueError, match="split_backward policy must be one of"):
+        s.split_positions(1, "sometimes")
+
+
+def test_a_split_backward_sends_before_its_weight_gradients():
+    s = build_schedule("1f1b", num_stages=2, microbatches=4, steps=2)
+    fused = simulate(s, forward_cost=1, backward_cost=2)
+    auto = simulate(s, forward_cost=1, backward_cost=2, weight_cost=1, split_backward="auto")
+    # The same work, less waiting: stage 0 gets the step's last gradient a W earlier.
+    assert auto.busy == pytest.approx(fused.busy)
+    assert auto.makespan == pytest.approx(28.0) and fused.makespan == pytest.approx(30.0)
+    assert [(e.action.k, e.end - e.start) for e in auto.weights[1]] == [(3, 1.0), (7, 1.0)]
+    assert auto.weights[0] == () and fused.weights == ((), ())
+    for w in auto.weights[1]:  # right after its SEND_B, before the stage's next action
+        send = next(e for e in auto.timeline[1] if e.action.kind is Kind.SEND_GRAD and e.action.k == w.action.k)
+        after = auto.timeline[1][auto.timeline[1].index(send) + 1]
+        assert send.end == w.start and after.start >= w.end
+        backward = next(e for e in auto.timeline[1] if e.action == w.action)
+        assert backward.end - backward.start == pytest.approx(1.0)  # the input-gradient half
+    assert "W3" in render_grid(s, auto) and "W" not in render_grid(s, fused)
+    every = simulate(s, forward_cost=1, backward_cost=2, weight_cost=1, split_backward="always")
+    assert len(every.weights[1]) == 8
+
+
 # --- broken schedules --------------------------------------------------------------------------
 
 def _with_stage(schedule, stage, actions, **changes):
@@ -235,6 +269,10 @@ def test_bad_simulation_arguments():
         simulate(s, send_cost=-1)
     with pytest.raises(ScheduleError, match=r"credits: must be None"):
         simulate(s, credits=0)
+    with pytest.raises(ScheduleError, match=r"weight_cost: stage 1's 2 is not below its backward_cost 2"):
+        simulate(s, backward_cost=2, weight_cost=[0, 2])
+    with pytest.raises(ScheduleError, match=r"split_backward: split_backward policy must be one of"):
+        simulate(s, split_backward="yes")
 
 
 # --- rendering --------------------------------------------------------------------------------

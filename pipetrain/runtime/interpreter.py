@@ -16,11 +16,10 @@ the steady state it has work of its own and a split would only cost.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any, Callable, Protocol
 
-from pipetrain.schedule.actions import COMPUTE, Action, Kind
+from pipetrain.schedule.actions import Action, Kind
 from pipetrain.schedule.schedule import Schedule
 
 Tree = Any
@@ -69,7 +68,7 @@ class StageProgram:
         self._grads: dict[int, Tree] = {}
         self._input_grads: dict[int, Tree] = {}
         self._weights_due: int | None = None  # micro-batch whose weight gradients follow its SEND_GRAD
-        self._split_at = self._backwards_to_split(getattr(stage, "split_backward", "never"), schedule.is_flush)
+        self._split_at = schedule.split_positions(self.index, getattr(stage, "split_backward", "never"))
 
     @property
     def done(self) -> bool:
@@ -153,29 +152,6 @@ class StageProgram:
         after = self._after()
         return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD)
                 and not self.links.ready(after.kind, after.k))
-
-    def _backwards_to_split(self, policy: str, flush: bool) -> frozenset[int]:
-        """Positions of the B actions to run split (the input gradient, the
-        SEND_GRAD that follows it, then the weight gradients; the same numbers
-        either way) under the stage's policy: with "always" every B followed by
-        its SEND_GRAD, with "auto" those of them whose next computation is a
-        flush schedule's UPDATE."""
-        if policy not in ("always", "auto") or (policy == "auto" and not flush):
-            return frozenset()
-        actions, split = self.actions, set()
-        for i, a in enumerate(actions[:-1]):
-            if a.kind is not Kind.BACKWARD or actions[i + 1].kind is not Kind.SEND_GRAD or actions[i + 1].k != a.k:
-                continue
-            if policy == "always" or self._next_computation(i + 2) is Kind.UPDATE:
-                split.add(i)
-        return frozenset(split)
-
-    def _next_computation(self, position: int) -> Kind | None:
-        """The kind of the first F, B or U at or after ``position``."""
-        for a in itertools.islice(self.actions, position, None):
-            if a.kind in COMPUTE or a.kind is Kind.UPDATE:
-                return a.kind
-        return None
 
     def _release_unread_versions(self) -> None:
         # A version stays while a later action reads it; the latest one always

@@ -32,15 +32,21 @@ in flight at the cut; every F/B/U carries the same version as in the full run.
 Communication actions are lowered in by the builders: ``RECV_F k`` just before
 ``F k`` (s > 0), ``SEND_F k`` just after it (s < p - 1), ``RECV_B k`` just
 before ``B k`` (s < p - 1), ``SEND_B k`` just after it (s > 0).
+
+A split backward (``split_positions``) does not change the schedule: a B that
+runs split computes the input gradient, its SEND_B goes out, and the weight
+gradients follow before the stage's next action.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from pipetrain.schedule.actions import Action, Kind
+from pipetrain.schedule.actions import COMPUTE, Action, Kind
 
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")
 FLUSH_SCHEDULES = ("gpipe", "1f1b")
+SPLIT_POLICIES = ("never", "always", "auto")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,25 @@ class Schedule:
                 last[a.version] = i
         return last
 
+    def split_positions(self, stage: int, policy: str) -> frozenset[int]:
+        """Positions of ``stage``'s B actions that run split under ``policy``:
+        "always", every B followed by its SEND_B; "auto", those of them whose
+        next computation is a flush schedule's UPDATE (the previous stage waits
+        for that gradient to end its step; elsewhere both stages have work and
+        a split only adds its cost); "never", none."""
+        if policy not in SPLIT_POLICIES:
+            raise ValueError(f"split_backward policy must be one of {SPLIT_POLICIES}, got {policy!r}")
+        if policy == "never" or (policy == "auto" and not self.is_flush):
+            return frozenset()
+        actions, split = self.actions[stage], set()
+        for i, a in enumerate(actions[:-1]):
+            after = actions[i + 1]
+            if a.kind is not Kind.BACKWARD or after.kind is not Kind.SEND_GRAD or after.k != a.k:
+                continue
+            if policy == "always" or _next_computation(actions, i + 2) is Kind.UPDATE:
+                split.add(i)
+        return frozenset(split)
+
     def checkpoint_cuts(self) -> tuple[int, ...]:
         return tuple(a.k for a in self.actions[0] if a.kind is Kind.CHECKPOINT)
 
@@ -85,3 +110,11 @@ class Schedule:
         from pipetrain.schedule.simulator import render_grid
 
         return render_grid(self)
+
+
+def _next_computation(actions: tuple[Action, ...], position: int) -> Kind | None:
+    """The kind of the first F, B or U at or after ``position``."""
+    for a in itertools.islice(actions, position, None):
+        if a.kind in COMPUTE or a.kind is Kind.UPDATE:
+            return a.kind
+    return None

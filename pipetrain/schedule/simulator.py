@@ -51,6 +51,8 @@ class SimulationReport:
     update_cost: tuple[float, ...]
     send_cost: float
     credits: int | None
+    weight_cost: tuple[float, ...]
+    split_backward: str
     makespan: float
     busy: tuple[float, ...]  # F, B and U time per stage
     peak_live_activations: tuple[int, ...]
@@ -58,6 +60,8 @@ class SimulationReport:
     peak_stashed_versions: tuple[int, ...]
     versions_at_checkpoints: tuple[dict[int, tuple[int, ...]], ...]
     timeline: tuple[tuple[TimedAction, ...], ...]  # per stage: (action, start, end), in order
+    # per stage: the weight-gradient halves of split backwards, as (their B, start, end)
+    weights: tuple[tuple[TimedAction, ...], ...] = ()
 
     @property
     def bubble_fraction(self) -> float:
@@ -72,8 +76,10 @@ class SimulationReport:
 
     @property
     def slot(self) -> float:
-        """The grid's time unit: the smallest positive cost."""
-        return _slot(self.forward_cost, self.backward_cost, self.send_cost)
+        """The grid's time unit: the smallest positive cost (a split B's two halves included)."""
+        halves = () if self.split_backward == "never" else (
+            *self.weight_cost, *(b - w for b, w in zip(self.backward_cost, self.weight_cost)))
+        return _slot(self.forward_cost, (*self.backward_cost, *halves), self.send_cost)
 
     def render(self, *, width: int = 120) -> str:
         return "\n".join([_title(self), "", render_grid(self.schedule, self, width=width), "", _figures(self)])
@@ -83,29 +89,45 @@ class SimulationReport:
 
 def simulate(schedule: Schedule, *, forward_cost: float | Sequence[float] = 1.0,
              backward_cost: float | Sequence[float] = 2.0, update_cost: float | Sequence[float] = 0.0,
-             send_cost: float = 0.0, credits: int | None = None) -> SimulationReport:
-    """Check ``schedule``'s invariants and time it; raise ``ScheduleError`` naming the fault."""
+             send_cost: float = 0.0, credits: int | None = None, weight_cost: float | Sequence[float] = 0.0,
+             split_backward: str = "never") -> SimulationReport:
+    """Check ``schedule``'s invariants and time it; raise ``ScheduleError`` naming the fault.
+
+    ``weight_cost``: the part of each stage's ``backward_cost`` that computes
+    weight gradients; a B that runs split under ``split_backward`` ("never",
+    "always", "auto": ``Schedule.split_positions``) takes the rest, its SEND_B
+    goes out, then the stage spends ``weight_cost`` before its next action."""
     p = schedule.num_stages
     fwd = _per_stage(forward_cost, p, "forward_cost")
     bwd = _per_stage(backward_cost, p, "backward_cost")
     upd = _per_stage(update_cost, p, "update_cost", zero_ok=True)
+    wgt = _per_stage(weight_cost, p, "weight_cost", zero_ok=True)
+    for s_, (w, b) in enumerate(zip(wgt, bwd)):
+        if w >= b:
+            raise ScheduleError(f"weight_cost: stage {s_}'s {_fmt(w)} is not below its backward_cost {_fmt(b)} "
+                                f"(the weight gradients are part of the backward)")
+    try:
+        split = tuple(schedule.split_positions(s_, split_backward) for s_ in range(p))
+    except ValueError as error:
+        raise ScheduleError(f"split_backward: {error}") from None
     if not isinstance(send_cost, (int, float)) or send_cost < 0:
         raise ScheduleError(f"send_cost: must be a number >= 0, got {send_cost!r}")
     if credits is not None and (not isinstance(credits, int) or credits < 1):
         raise ScheduleError(f"credits: must be None (unbounded) or an integer >= 1, got {credits!r}")
     memory = check_schedule(schedule)
-    timeline = _run(schedule, fwd, bwd, upd, float(send_cost), credits)
-    makespan = max((t[-1].end for t in timeline if t), default=0.0)
-    busy = tuple(sum(e.end - e.start for e in t if e.action.kind in (*COMPUTE, Kind.UPDATE)) for t in timeline)
+    timeline, weights = _run(schedule, fwd, bwd, upd, float(send_cost), credits, wgt, split)
+    makespan = max((e.end for t in (*timeline, *weights) for e in t), default=0.0)
+    busy = tuple(sum(e.end - e.start for e in t if e.action.kind in (*COMPUTE, Kind.UPDATE))
+                 + sum(e.end - e.start for e in w) for t, w in zip(timeline, weights))
     return SimulationReport(
         schedule=schedule, forward_cost=fwd, backward_cost=bwd, update_cost=upd, send_cost=float(send_cost),
-        credits=credits,
+        credits=credits, weight_cost=wgt, split_backward=split_backward,
         makespan=makespan, busy=busy,
         peak_live_activations=tuple(m.peak_live_activations for m in memory),
         activation_bounds=tuple(activation_bound(schedule, s) for s in range(p)),
         peak_stashed_versions=tuple(m.peak_stashed_versions for m in memory),
         versions_at_checkpoints=tuple(m.versions_at_checkpoints for m in memory),
-        timeline=timeline,
+        timeline=timeline, weights=weights,
     )
 
 
@@ -262,9 +284,14 @@ def _message(a: Action) -> tuple[str, int, int]:
 
 
 def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd: tuple[float, ...],
-         send_cost: float, credits: int | None) -> tuple[tuple[TimedAction, ...], ...]:
+         send_cost: float, credits: int | None, wgt: tuple[float, ...] = (),
+         split: tuple[frozenset[int], ...] = ()) -> tuple[tuple[tuple[TimedAction, ...], ...], ...]:
+    """Per stage, the timeline of its actions and that of its split backwards' weight halves."""
     p, actions = schedule.num_stages, schedule.actions
+    wgt, split = wgt or (0.0,) * p, split or (frozenset(),) * p
     position, clock = [0] * p, [0.0] * p
+    owed: list[Action | None] = [None] * p  # a split B whose weight gradients follow its SEND_B
+    weights: list[list[TimedAction]] = [[] for _ in range(p)]
     timeline: list[list[TimedAction]] = [[] for _ in range(p)]
     arrival: dict[tuple[str, int, int], float] = {}
     sent: dict[tuple[str, int], int] = defaultdict(int)           # per edge (direction, sender)
@@ -293,6 +320,9 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
                 if start is None:
                     break
                 cost = {Kind.FORWARD: fwd, Kind.BACKWARD: bwd, Kind.UPDATE: upd}.get(a.kind, _FREE)[s]
+                if a.kind is Kind.BACKWARD and position[s] in split[s]:
+                    cost -= wgt[s]  # the input gradient only; the rest after the send
+                    owed[s] = a
                 if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
                     arrival[_message(a)] = start + send_cost
                     sent[_message(a)[:2]] += 1
@@ -300,12 +330,16 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
                     received[_message(a)[:2]].append(start)
                 timeline[s].append(TimedAction(a, start, start + cost))
                 clock[s] = start + cost
+                if a.kind is Kind.SEND_GRAD and owed[s] is not None:
+                    weights[s].append(TimedAction(owed[s], clock[s], clock[s] + wgt[s]))
+                    clock[s] += wgt[s]
+                    owed[s] = None
                 position[s] += 1
                 progressed = True
         if not progressed:
             unit = _slot(fwd, bwd, send_cost)
             raise ScheduleError(_deadlock(schedule, timeline, position, credits, unit))
-    return tuple(tuple(t) for t in timeline)
+    return tuple(tuple(t) for t in timeline), tuple(tuple(w) for w in weights)
 
 
 def _deadlock(schedule: Schedule, timeline: list[list[TimedAction]], position: list[int],
@@ -335,22 +369,24 @@ def render_grid(schedule: Schedule, report: SimulationReport | None = None, *, w
                 max_slots: int = MAX_GRID_SLOTS) -> str:
     """Stage x time grid: one column per time slot (the smallest cost), ``F3``/``B0`` cells, blank = idle."""
     report = report or simulate(schedule)
-    return _grid(report.timeline, report.slot, report.makespan, width, max_slots)
+    return _grid(report.timeline, report.slot, report.makespan, width, max_slots, weights=report.weights)
 
 
-def _grid(timeline: Sequence[Sequence[TimedAction]], unit: float, end: float, width: int, max_slots: int) -> str:
+def _grid(timeline: Sequence[Sequence[TimedAction]], unit: float, end: float, width: int, max_slots: int,
+          *, weights: Sequence[Sequence[TimedAction]] = ()) -> str:
+    """``weights``: per stage, split backwards' weight halves, shown as ``W3``."""
     slots = math.ceil(end / unit - 1e-9) if end > 0 else 0
     shown = min(slots, max_slots)
     rows = []
-    for events in timeline:
+    for s, events in enumerate(timeline):
         row = [""] * shown
-        for e in events:
-            if e.action.kind not in COMPUTE:
-                continue
+        cells = [(e, e.action.kind.value) for e in events if e.action.kind in COMPUTE]
+        cells += [(e, "W") for e in (weights[s] if weights else ())]
+        for e, letter in cells:
             # a slot shows the action running at its midpoint
             for j in range(max(0, math.ceil(e.start / unit - 0.5 - 1e-9)),
                            min(shown, math.ceil(e.end / unit - 0.5 - 1e-9))):
-                row[j] = f"{e.action.kind.value}{e.action.k}"
+                row[j] = f"{letter}{e.action.k}"
         rows.append(row)
     cell = max([len(c) for r in rows for c in r] + [2]) + 1
     label = max(len(f"stage {len(timeline) - 1}"), len("time")) + 1
@@ -388,6 +424,8 @@ def _title(r: SimulationReport) -> str:
             f"{s.steps} step{'s' if s.steps != 1 else ''} ({run}){extra}\n"
             f"costs: forward {_costs(r.forward_cost)}, backward {_costs(r.backward_cost)}, "
             f"update {_costs(r.update_cost)}, send {_fmt(r.send_cost)}; "
+            + (f"split backward {r.split_backward} (weight part {_costs(r.weight_cost)}); "
+               if r.split_backward != "never" else "") +
             f"credits {'unbounded' if r.credits is None else r.credits}; one grid column = {_fmt(r.slot)}")
 
 
