@@ -60,6 +60,21 @@ def check_torch_stage(rows: list, out: dict) -> None:
     out["torch_cuda"] = torch.cuda.is_available()
     rows.append(("torch stage forward/backward", f"on {y.device}, loss {float(loss):.4f}"))
 
+    # The split backward (input gradient, then weight gradients) on the device:
+    # the same bits as one fused backward, as on the CPU.
+    spec = part.specs()[1]
+    fused, split = (part.model.build_stage(spec, optimizer=Optimizer("sgd", lr=0.1)) for _ in range(2))
+    h = stages[0].forward(1, x, version=0)
+    fused.forward(1, h, version=0, targets=t)
+    split.forward(1, h, version=0, targets=t)
+    same_input_grad = torch.equal(fused.backward(1), split.backward_input(1))
+    split.backward_weights(1)
+    for stage in (fused, split):
+        stage.update(new_version=1)
+    same_weights = all(np.array_equal(a, b) for a, b in zip(fused.state_dict().values(), split.state_dict().values()))
+    out["torch_split_backward_same_bits"] = bool(same_input_grad and same_weights)
+    rows.append(("torch split backward on device", f"same bits as fused: {out['torch_split_backward_same_bits']}"))
+
 
 def check_dlpack_on_device(rows: list, out: dict) -> None:
     import jax.numpy as jnp
@@ -87,8 +102,10 @@ def check_demo(rows: list, out: dict, steps: int) -> None:
     from pipetrain.job import train_from_config
 
     started = time.time()
+    # overwrite: a rerun on the same machine replaces the earlier check's run
     result = train_from_config("models/configs/demo.toml", overrides={"schedule.steps": steps,
-                                                                      "run_dir": "runs/gpu-demo"}, progress=True)
+                                                                      "run_dir": "runs/gpu-demo"}, progress=True,
+                               overwrite=True)
     rates = [h["samples_per_s"] for h in result.history[len(result.history) // 3:] if h["samples_per_s"]]
     out["demo"] = {"steps": steps, "wall_s": round(time.time() - started, 1),
                    "steady_samples_per_s": round(float(np.median(rates)), 1) if rates else None,
