@@ -42,7 +42,7 @@ import numpy as np
 from pipetrain.observe.progress import MetricsLog, Progress
 from pipetrain.runtime.bookkeeping import StepBook, TimedCheckpoints
 from pipetrain.runtime.control import ControlNames, DriverControl
-from pipetrain.runtime.worker import StageJob, run_stage
+from pipetrain.runtime.worker import StageJob, run_stage, short_error
 
 
 class StageLost(RuntimeError):
@@ -377,7 +377,7 @@ class Driver:
             raise StageLost([s], [placement[s]], self._peer_lost[s]["reason"], worker_died=False)
         f = futures[s]
         error = f.exception() if f.status == "error" else None
-        reason = _short(error) if error is not None else f"task {f.status}"
+        reason = short_error(error) if error is not None else f"task {f.status}"
         died = "KilledWorker" in reason
         lost = StageLost([s], [placement[s]], reason, worker_died=died)
         lost.deterministic = error is not None and _is_computation_error(error)
@@ -395,7 +395,7 @@ class Driver:
 
     def _handle(self, message: dict, book: StepBook, shards: dict, generation: int) -> None:
         kind = message.get("type")
-        if kind in ("step", "missed", "shard") and hasattr(self, "_timed"):
+        if kind in ("step", "missed", "shard"):
             self._timed.heard(message)
         if kind == "step":
             for record in book.add(message):
@@ -509,8 +509,3 @@ def _boundary_specs(partition: Any, stage: int) -> Any:
         return TensorSpec(shape, spec.dtype)
 
     return tree_map(relaxed, partition.stages[stage - 1].output_specs)
-
-
-def _short(error: BaseException | None) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) < 400 else text[:400] + "..."

@@ -84,6 +84,12 @@ class StopRequested(RuntimeError):
     """The driver stopped this generation; raised between actions."""
 
 
+def short_error(error: BaseException) -> str:
+    """``Type: message``, cut at 400 characters: for reports and recovery records."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) < 400 else text[:400] + "..."
+
+
 def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseException) -> dict | None:
     """The small result a stage returns when a recovery, not its own work, ended
     it; None when ``error`` must fail the task (and be logged by Dask) as usual.
@@ -106,8 +112,7 @@ def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseExceptio
     from pipetrain.runtime.transport import PeerLost, TransportError
 
     stage = job.spec.index
-    text = f"{type(error).__name__}: {error}"
-    text = text if len(text) < 400 else text[:400] + "..."
+    text = short_error(error)
     if isinstance(error, (Stopped, StopRequested)):
         pass
     elif isinstance(error, PeerLost) and not control.stopped():
