@@ -29,19 +29,19 @@ class Stopped(RuntimeError):
 class _Sender:
     """Sends on one channel in order, never making the compute thread wait.
 
-    With credit in hand and nothing queued, the compute thread writes the
-    message itself: no thread hand-off, the lowest latency (the neighbour is
-    often waiting for exactly this message). Out of credit, it hands a host
-    copy to this channel's thread, which waits for credit and writes, and
-    goes on computing. The hand-over queue holds at most ``credits``
+    Asked to write inline (the stage would wait next anyway), with credit in
+    hand and nothing queued, the compute thread writes the message itself: no
+    thread hand-off, the lowest latency. Otherwise it hands the host copy to
+    this channel's thread, which waits for credit and writes, and goes on
+    computing. The hand-over queue holds at most the channel's ``credits``
     messages, so the stage still cannot run ahead of the schedule's memory
     bound. One thread per channel: a send blocked on the previous stage's
     credit never holds back one to the next stage.
     """
 
-    def __init__(self, links: "TransportLinks", channel: Any, credits: int):
+    def __init__(self, links: "TransportLinks", channel: Any):
         self.links, self.channel = links, channel
-        self.pending: queue.Queue = queue.Queue(maxsize=max(1, credits))
+        self.pending: queue.Queue = queue.Queue(maxsize=max(1, channel.credits))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"pipetrain-send-{channel.peer}", daemon=True)
         self.thread.start()
@@ -106,7 +106,7 @@ class TransportLinks:
         self.endpoint, self.control = endpoint, control
         self.wait_slice, self.timeout = wait_slice, timeout
         self.expect_input = expect_input
-        self.senders = {kind: _Sender(self, channel, channel.credits)
+        self.senders = {kind: _Sender(self, channel)
                         for kind, channel in ((Kind.SEND_ACT, to_next), (Kind.SEND_GRAD, to_prev))
                         if channel is not None}
 
