@@ -57,6 +57,11 @@ class CheckpointConfig:
     keep: int = 3
     dir: str = ""  # default: RUN_DIR/checkpoints (any fsspec URL)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the job writes checkpoints at all (every N micro-batches and/or every N seconds)."""
+        return bool(self.every or self.seconds)
+
 
 @dataclass(frozen=True)
 class ClusterConfig:

@@ -53,7 +53,7 @@ def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: st
     cfg = cfgmod.from_dict(saved["config"], origin=str(job_file))
     if Path(cfg.run_dir).resolve() != Path(run_dir).resolve():
         cfg = _with_run_dir(cfg, run_dir)
-    if not (cfg.checkpoint.every or cfg.checkpoint.seconds):
+    if not cfg.checkpoint.enabled:
         raise ConfigError(f"{job_file}: checkpoint.every and checkpoint.seconds are 0, so this job wrote no "
                           f"checkpoints to resume from")
     return _run(cfg, job_id=saved["job_id"], scheduler=scheduler, scheduler_file=scheduler_file, executor="dask",
@@ -114,7 +114,7 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     result = fit(part, train, schedule=cfg.schedule.name, microbatches=cfg.schedule.microbatches,
                  steps=cfg.schedule.steps, accumulate=cfg.schedule.accumulate, optimizer=cfg.optimizer,
                  client=client,
-                 checkpoint_dir=cfg.checkpoint_url() if cfg.checkpoint.every or cfg.checkpoint.seconds else None,
+                 checkpoint_dir=cfg.checkpoint_url() if cfg.checkpoint.enabled else None,
                  checkpoint_every=cfg.checkpoint.every, checkpoint_seconds=cfg.checkpoint.seconds,
                  keep_checkpoints=cfg.checkpoint.keep, resume=resume,
                  run_dir=cfg.run_dir, heldout=heldout, eval_microbatches=cfg.data.eval_microbatches,
@@ -149,7 +149,7 @@ def summarize(result: Any, cfg: JobConfig) -> dict:
 
 
 def _latest_checkpoint(cfg: JobConfig) -> dict | None:
-    if not (cfg.checkpoint.every or cfg.checkpoint.seconds):
+    if not cfg.checkpoint.enabled:
         return None
     from pipetrain.checkpoint.store import CheckpointStore
 
