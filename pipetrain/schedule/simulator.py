@@ -5,8 +5,10 @@ one F and one B, F before B, the weight version each reads is held, live
 activations stay within the schedule's bound, sends and receives pair up),
 then runs all stages together: each stage runs its actions in order (F, B
 and U take their stage's cost; an update costs nothing unless
-``update_cost`` says so), a RECV waits for the matching SEND plus ``send_cost``, and a SEND waits for a credit
-when ``credits`` bounds the unacknowledged micro-batches of its edge. The run
+``update_cost`` says so; a split B sends after its input-gradient half and
+does its ``weight_cost`` after the send), a RECV waits for the matching SEND
+plus ``send_cost``, and a SEND waits for a credit when ``credits`` bounds the
+unacknowledged micro-batches of its edge. The run
 either finishes (deadlock-free, with a timeline) or stops with a
 ``ScheduleError`` that prints the stage x time grid so far and what each stage
 is blocked on.
@@ -54,7 +56,7 @@ class SimulationReport:
     weight_cost: tuple[float, ...]
     split_backward: str
     makespan: float
-    busy: tuple[float, ...]  # F, B and U time per stage
+    busy: tuple[float, ...]  # F, B (with a split one's W) and U time per stage
     peak_live_activations: tuple[int, ...]
     activation_bounds: tuple[int, ...]
     peak_stashed_versions: tuple[int, ...]
@@ -102,12 +104,12 @@ def simulate(schedule: Schedule, *, forward_cost: float | Sequence[float] = 1.0,
     bwd = _per_stage(backward_cost, p, "backward_cost")
     upd = _per_stage(update_cost, p, "update_cost", zero_ok=True)
     wgt = _per_stage(weight_cost, p, "weight_cost", zero_ok=True)
-    for s_, (w, b) in enumerate(zip(wgt, bwd)):
+    for stage, (w, b) in enumerate(zip(wgt, bwd)):
         if w >= b:
-            raise ScheduleError(f"weight_cost: stage {s_}'s {_fmt(w)} is not below its backward_cost {_fmt(b)} "
+            raise ScheduleError(f"weight_cost: stage {stage}'s {_fmt(w)} is not below its backward_cost {_fmt(b)} "
                                 f"(the weight gradients are part of the backward)")
     try:
-        split = tuple(schedule.split_positions(s_, split_backward) for s_ in range(p))
+        split = tuple(schedule.split_positions(stage, split_backward) for stage in range(p))
     except ValueError as error:
         raise ScheduleError(f"split_backward: {error}") from None
     if not isinstance(send_cost, (int, float)) or send_cost < 0:
@@ -284,11 +286,10 @@ def _message(a: Action) -> tuple[str, int, int]:
 
 
 def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd: tuple[float, ...],
-         send_cost: float, credits: int | None, wgt: tuple[float, ...] = (),
-         split: tuple[frozenset[int], ...] = ()) -> tuple[tuple[tuple[TimedAction, ...], ...], ...]:
+         send_cost: float, credits: int | None, wgt: tuple[float, ...],
+         split: tuple[frozenset[int], ...]) -> tuple[tuple[tuple[TimedAction, ...], ...], ...]:
     """Per stage, the timeline of its actions and that of its split backwards' weight halves."""
     p, actions = schedule.num_stages, schedule.actions
-    wgt, split = wgt or (0.0,) * p, split or (frozenset(),) * p
     position, clock = [0] * p, [0.0] * p
     owed: list[Action | None] = [None] * p  # a split B whose weight gradients follow its SEND_B
     weights: list[list[TimedAction]] = [[] for _ in range(p)]
