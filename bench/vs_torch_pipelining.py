@@ -181,9 +181,7 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------- (b, c) pipetrain
 
-def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int, accumulate: int = 1,
-                  split_backward: str = "auto") -> dict:
-    """``split_backward``: the policy ``part``'s model was built with (for the ceiling)."""
+def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int, accumulate: int = 1) -> dict:
     from pipetrain.api import fit
     from pipetrain.optim import Optimizer
 
@@ -196,12 +194,14 @@ def run_pipetrain(part, data, client, *, schedule: str, steps: int, warmup: int,
     losses = [h["loss"] for h in sorted(result.history, key=lambda h: h["step"])]
     return {"samples_per_s": samples / (end - start), "losses": losses,
             "breakdown": [_breakdown(ev, start, end) for ev in result.events],
-            "schedule": {"schedule": schedule, "accumulate": accumulate, "split_backward": split_backward}}
+            "schedule": {"schedule": schedule, "accumulate": accumulate,
+                         "split_backward": part.model.split_backward}}
 
 
 def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]:
     """Share of [start, end] per action kind (clipped), the rest as "other", and the
-    median milliseconds of F, B and U inside it."""
+    median milliseconds of F, B, W, U, a backward's whole work (B+W) and a split
+    backward's input-gradient half (B in) inside it."""
     s = np.clip(events["start"], start, end)
     e = np.clip(events["end"], start, end)
     inside = (events["start"] >= start) & (events["end"] <= end)
@@ -217,10 +217,10 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
         work[int(event["k"])] = work.get(int(event["k"]), 0.0) + float(event["end"] - event["start"])
     if work:
         out["B+W ms"] = float(np.median(list(work.values()))) * 1e3
-    split = np.isin(events["k"], events["k"][inside & (events["kind"] == "W")])
-    if (split & inside & (events["kind"] == "B")).any():  # the input-gradient half of a split backward
-        out["B in ms"] = float(np.median((events["end"] - events["start"])[split & inside
-                                                                          & (events["kind"] == "B")])) * 1e3
+    # The input-gradient half of a split backward: the B of a micro-batch that has a W.
+    split_b = inside & (events["kind"] == "B") & np.isin(events["k"], events["k"][inside & (events["kind"] == "W")])
+    if split_b.any():
+        out["B in ms"] = float(np.median((events["end"] - events["start"])[split_b])) * 1e3
     out["other"] = 1 - sum(v for k, v in out.items() if not k.endswith(" ms"))
     return out
 
@@ -228,7 +228,7 @@ def _breakdown(events: np.ndarray, start: float, end: float) -> dict[str, float]
 def ceiling(breakdown: list[dict[str, float]], *, schedule: str, accumulate: int, split_backward: str,
             batch: int) -> float:
     """Samples/s of ``schedule`` in steady state if every stage took exactly its
-    measured median F, B and U and messages were free and instant: the most
+    measured median F, B (W included) and U and messages were free and instant: the most
     any runtime could get from these kernels on this machine."""
     from pipetrain.schedule.builders import build_schedule
     from pipetrain.schedule.simulator import simulate
@@ -308,13 +308,11 @@ def main() -> None:
             # The default splits only the step's last backward in 1f1b (and
             # none in pipedream, which has no flush): what never splitting,
             # and splitting every backward, are worth against it.
-            "pipetrain_1f1b_never_split": lambda: run_pipetrain(part_fused, data, client, schedule="1f1b",
-                                                                split_backward="never", **common),
+            "pipetrain_1f1b_never_split": lambda: run_pipetrain(part_fused, data, client, schedule="1f1b", **common),
             "pipetrain_1f1b_split_every_backward": lambda: run_pipetrain(part_split, data, client, schedule="1f1b",
-                                                                         split_backward="always", **common),
+                                                                         **common),
             "pipetrain_pipedream_split_every_backward": lambda: run_pipetrain(part_split, data, client,
-                                                                              schedule="pipedream",
-                                                                              split_backward="always", **common),
+                                                                              schedule="pipedream", **common),
         }
         runs: dict[str, list[dict]] = {name: [] for name in contestants}
         names = list(contestants)
