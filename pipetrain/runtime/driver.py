@@ -32,6 +32,7 @@ has come back through stage 0.
 """
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class JobPlan:
     record_events: bool = True
     stop_timeout: float = 10.0
     poll: float = 0.2
+    # Per-job key the stages prove themselves to each other with (transport
+    # handshake): handed to them through Dask, never sent on a stage port.
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     @property
     def num_stages(self) -> int:
@@ -316,7 +320,7 @@ class Driver:
                            source=plan.source, checkpoint_url=plan.checkpoint_url,
                            resume_cut=start.cut or None, credits=plan.credits, security=plan.security,
                            max_events=StageJob.max_events if plan.record_events else 0,
-                           resume_ledger=start.ledgers.get(spec.index),
+                           resume_ledger=start.ledgers.get(spec.index), secret=plan.secret,
                            input_specs=_boundary_specs(plan.partition, spec.index))
             futures.append(self.client.submit(run_stage, job, workers=[placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,9 @@ class StageJob:
     # How long a stage whose neighbour vanished waits for the driver's stop
     # before it fails loudly after all (see ``_ended_by_recovery``).
     peer_lost_wait: float = 10.0
+    # The job's transport key (JobPlan.secret): a stage port accepts only
+    # connections that prove they hold it, for this job, edge and generation.
+    secret: bytes = field(default=b"", repr=False)
 
 
 class Ledger:
