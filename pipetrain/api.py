@@ -131,7 +131,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
                        checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
                        placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
                        resume=resume, record_events=record_events, stop_timeout=stop_timeout,
-                       checkpoint_seconds=checkpoint_seconds,
+                       checkpoint_seconds=checkpoint_seconds, run_dir=run_dir,
                        **({"job_id": job_id} if job_id else {}))
         with _client(client, len(part.stages) + spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()

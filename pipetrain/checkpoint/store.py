@@ -310,7 +310,7 @@ class CheckpointStore:
         step = self._step_path(cut)
         try:
             marker_bytes = self.fs.cat_file(posixpath.join(step, MARKER))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # (a file where the step directory should be)
             return None, "not committed: no COMMITTED marker (the save was interrupted or is in progress)"
         try:
             marker = loads(marker_bytes, what=MARKER)

@@ -49,12 +49,11 @@ class StageControl:
     """A stage's side: publish its address, find its neighbours, report."""
 
     def __init__(self, names: ControlNames, *, client: Any = None):
-        from distributed import Event, Queue
+        from distributed import Queue
 
         self.names = names
         self._client = client
         self._reports = Queue(names.reports, client=client)
-        self._stop = Event(names.stop, client=client)
         self._outbox: queue.Queue = queue.Queue()
         # Reports go out from a thread of their own so the compute thread never
         # waits on a scheduler round trip.
@@ -102,18 +101,37 @@ class StageControl:
         """Whether the driver's stop arrives within ``timeout`` seconds."""
         return self._stop_seen.wait(timeout)
 
+    # A stage cut off from the scheduler this long stops: its driver can no
+    # longer hear it, commit its checkpoints or stop it, so training on would
+    # only leave uncommitted checkpoints behind (and a Dask scheduler that comes
+    # back has forgotten every task anyway).
+    CONTROL_LOST_AFTER = 3.0
+
     def _watch_stop(self) -> None:
         # Polled with is_set rather than a blocking Event.wait: a wait still
         # pending on the scheduler when the task ends or the cluster closes is
         # cancelled there and logged as an error.
+        unreachable_since: float | None = None
         while not self._closed.wait(0.25):
             try:
-                if self._stop.is_set():
+                client = self._metadata_client()
+                if str(getattr(client, "status", "running")) != "running":
+                    raise ConnectionError(f"client status {client.status!r}")
+                if client.sync(client.scheduler.event_is_set, name=self.names.stop, callback_timeout=2.0):
                     self._stop_seen.set()
                     return
-                self.requested_cut = self._metadata_client().get_metadata(self.names.checkpoint_request, default=None)
-            except Exception:  # scheduler unreachable for a moment: try again
-                continue
+                self.requested_cut = client.sync(client.scheduler.get_metadata, keys=self.names.checkpoint_request,
+                                                 default=None, callback_timeout=2.0)
+                unreachable_since = None
+            except Exception as error:  # noqa: BLE001 - unreachable for a moment, or for good
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.CONTROL_LOST_AFTER:
+                    self.lost_reason = f"the control plane (Dask scheduler) is unreachable: {error!r}"
+                    self._stop_seen.set()
+                    return
+
+    lost_reason: str | None = None  # set when the stop came from losing the scheduler, not from the driver
 
     def report(self, message: dict) -> None:
         self._outbox.put(message)
@@ -162,12 +180,14 @@ class DriverControl:
         self._reports = Queue(names.reports, client=client)
         self._stop = Event(names.stop, client=client)
 
-    def drain(self, timeout: float) -> list[dict]:
+    def drain(self, timeout: float, *, callback_timeout: float | None = None) -> list[dict]:
         """Every report waiting now; if none, wait ``timeout`` and return none.
-        (A blocking ``Queue.get`` that times out logs an error on the scheduler.)"""
+        (A blocking ``Queue.get`` that times out logs an error on the scheduler.)
+        ``callback_timeout`` bounds the call itself: a scheduler that went away
+        raises TimeoutError then, not after the client's 30 s reconnect."""
         import time
 
-        reports = self._reports.get(batch=True)
+        reports = self._reports.get(batch=True, callback_timeout=callback_timeout)
         if not reports:
             time.sleep(timeout)
         return reports

@@ -43,7 +43,7 @@ import numpy as np
 from pipetrain.observe.progress import MetricsLog, Progress
 from pipetrain.runtime.bookkeeping import StepBook, TimedCheckpoints
 from pipetrain.runtime.control import ControlNames, DriverControl
-from pipetrain.runtime.worker import StageJob, run_stage, short_error
+from pipetrain.runtime.worker import CheckpointUnwritable, StageJob, run_stage, short_error
 
 
 class StageLost(RuntimeError):
@@ -55,6 +55,7 @@ class StageLost(RuntimeError):
         self.stages, self.workers, self.reason = stages, workers, reason
         self.worker_died = worker_died
         self.deterministic = False  # set when the stage's own computation raised
+        self.unwritable = False  # set when its worker cannot write the checkpoint location
         self.detected_at = time.time()
 
     @property
@@ -72,6 +73,14 @@ class JobFailed(RuntimeError):
 
 class CheckpointDirInUse(JobFailed):
     """A new run was pointed at checkpoints another run owns."""
+
+
+class JobInterrupted(JobFailed):
+    """The user interrupted the driver (Ctrl-C); the stages were stopped."""
+
+
+class SchedulerLost(RuntimeError):
+    """The driver can no longer reach the Dask scheduler."""
 
 
 @dataclass
@@ -95,6 +104,11 @@ class JobPlan:
     record_events: bool = True
     stop_timeout: float = 10.0
     poll: float = 0.2
+    # How long the scheduler may stay unreachable before the job stops: a Dask
+    # scheduler that comes back has lost every task, so there is no point in
+    # waiting for it as long as the client's own 30 s reconnect.
+    scheduler_timeout: float = 5.0
+    run_dir: str | None = None  # for the `pipetrain resume RUN_DIR` hints
     # Per-job key the stages prove themselves to each other with (transport
     # handshake): handed to them through Dask, never sent on a stage port.
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
@@ -167,6 +181,7 @@ class Driver:
                     self.recoveries[-1]["place_seconds"] = time.time() - placed_at
                     self.recoveries[-1]["placed_at"] = time.time()
                     self.recoveries[-1]["workers_after"] = dict(placement)
+                self._record_placement(start.generation, placement)
                 futures = self._submit(start, placement)
                 results = self._watch(start.generation, futures, placement, book)
                 return RunOutcome(losses=dict(sorted(book.losses.items())),
@@ -179,8 +194,8 @@ class Driver:
                 restarts += 1
                 latest = self._latest_checkpoint()
                 if lost.deterministic:
-                    self._fail(lost, latest, "the stage's own computation failed, so a restart would fail "
-                                             "the same way")
+                    self._fail(lost, latest, "a restart would fail the same way" if lost.unwritable else
+                               "the stage's own computation failed, so a restart would fail the same way")
                 if restarts > self.plan.max_restarts:
                     self._fail(lost, latest, f"gave up after {self.plan.max_restarts} restart(s)")
                 start = self._rollback(start.generation + 1, latest)
@@ -191,6 +206,14 @@ class Driver:
                 book.forget_from(start.cut)
                 self.history = [h for h in self.history if h["step"] < start.cut // self.plan.microbatches]
                 self._record_recovery(lost, start, latest, stop_seconds)
+            except SchedulerLost as error:
+                self._scheduler_lost(start, error)
+            except KeyboardInterrupt:
+                self._interrupted(start, futures, placement)
+            except _CheckpointFailed as error:
+                self._stop(start.generation, futures, placement, None)
+                self._fail(error.lost, self._latest_checkpoint(), "a checkpoint could not be written, and a "
+                           "restart would write to the same place")
             except Exception as error:
                 from pipetrain.runtime.placement import PlacementError
 
@@ -201,9 +224,42 @@ class Driver:
                 cause = lost or StageLost([], [], "no stage lost yet", worker_died=False)
                 self._fail(cause, latest, f"no workers to place the stages on:\n{error}")
 
+    def _resume_hint(self, latest: Any) -> str:
+        command = f"`pipetrain resume {self.plan.run_dir}`" if self.plan.run_dir else "resume=True"
+        if latest is None:
+            return "no checkpoint was committed, so a new run starts from the beginning"
+        return f"the last committed checkpoint is {latest.path} (micro-batch {latest.cut}); {command} continues from it"
+
+    def _scheduler_lost(self, start: _Start, error: SchedulerLost) -> None:
+        """The scheduler is gone, and with it every task and the control plane.
+        The stages notice on their own and stop (StageControl); until they do,
+        a new generation recorded in the store refuses their checkpoint writes,
+        and the uncommitted step directories they left are removed, so the
+        directory holds exactly the committed checkpoints a resume will use."""
+        latest = self._latest_checkpoint()
+        if self.store is not None:
+            fenced = start.generation + 1
+            self.store.begin_generation(fenced)
+            self.store.discard_after(latest.cut if latest else -1, generation=fenced)
+        why = f"lost the Dask scheduler ({error}); its tasks are gone and the stages stop on their own"
+        self.metrics.write({"type": "failed", "stages": [], "workers": [], "reason": str(error), "why": why,
+                            "checkpoint": latest.path if latest else None})
+        self.progress.note(f"job failed: {why}; {self._resume_hint(latest)}")
+        raise JobFailed(f"{why}; {self._resume_hint(latest)} once a scheduler is back") from error
+
+    def _interrupted(self, start: _Start, futures: list[Any], placement: dict[int, str]) -> None:
+        """Ctrl-C: stop the stages (they would train on unobserved), then say where to resume."""
+        try:
+            self._stop(start.generation, futures, placement, None)
+        except Exception:  # noqa: BLE001 - the scheduler may be what the user gave up on
+            pass
+        latest = self._latest_checkpoint()
+        self.metrics.write({"type": "interrupted", "generation": start.generation,
+                            "checkpoint": latest.path if latest else None})
+        raise JobInterrupted(f"interrupted; the stages were stopped; {self._resume_hint(latest)}") from None
+
     def _fail(self, lost: StageLost, latest: Any, why: str) -> None:
-        where = (f"the last committed checkpoint is {latest.path} (micro-batch {latest.cut}); "
-                 f"`pipetrain resume` continues from it" if latest else "no checkpoint was committed")
+        where = self._resume_hint(latest)
         record = {"type": "failed", "stages": lost.stages, "workers": lost.workers, "reason": lost.reason,
                   "why": why, "checkpoint": latest.path if latest else None}
         self.metrics.write(record)
@@ -245,6 +301,19 @@ class Driver:
             self.store.begin_generation(start.generation)
             self.store.discard_after(start.cut, generation=start.generation)
 
+    def _refuse_unusable_checkpoints(self) -> None:
+        """A resume that finds committed checkpoints but none that verifies stops
+        here, keeping them: starting over from micro-batch 0 would silently
+        throw away the work they hold, and the discard would delete the
+        evidence. Starting over is the user's call (`train --overwrite`)."""
+        committed = [c for c in self.store.list() if c.status != "uncommitted"]
+        if not committed:
+            return
+        found = "; ".join(f"{c.path}: {c.reason}" for c in committed)
+        raise JobFailed(f"resume: no checkpoint in {self.store.root} can be used, so the job stops here and keeps "
+                        f"them all ({found}); `pipetrain train CONFIG --overwrite` starts the job over from the "
+                        f"beginning")
+
     def _record_recovery(self, lost: StageLost, start: _Start, latest: Any, stop_seconds: float) -> None:
         skipped = [{"cut": cut, "why": why} for cut, why in (latest.skipped if latest else ())]
         event = {"type": "recovery", "generation": start.generation, "stage": lost.stage, "worker": lost.worker,
@@ -277,6 +346,7 @@ class Driver:
         for cut, why in (latest.skipped if latest else ()):
             self.progress.note(f"resume: checkpoint at micro-batch {cut} not used: {why}")
         if latest is None:
+            self._refuse_unusable_checkpoints()
             self.progress.note("resume: no committed checkpoint found; starting from the beginning")
             return _Start(generation=generation)
         self.progress.note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})")
@@ -332,8 +402,43 @@ class Driver:
         # Asked of the scheduler directly: ``Client.scheduler_info`` returns a
         # cache that the client's periodic refresh may just have replaced with
         # one holding no workers, which would read as "every worker left".
-        identity = self.client.sync(self.client.scheduler.identity, n_workers=-1)
+        self._check_scheduler()
+        try:
+            identity = self.client.sync(self.client.scheduler.identity, n_workers=-1,
+                                        callback_timeout=self.plan.scheduler_timeout)
+        except (OSError, TimeoutError) as error:  # CommClosedError is an OSError
+            raise SchedulerLost(f"{self._scheduler_address()} did not answer: {short_error(error)}") from error
         return set(identity["workers"])
+
+    def _scheduler_address(self) -> str:
+        try:
+            return str(self.client.scheduler.address)
+        except Exception:  # noqa: BLE001 - only for the message
+            return "the scheduler"
+
+    def _check_scheduler(self) -> None:
+        """Raise SchedulerLost once the client has been cut off from the scheduler
+        for ``scheduler_timeout`` seconds (or has given up on it)."""
+        status = str(getattr(self.client, "status", "running"))
+        if status == "running":
+            self._unreachable_since = None
+            return
+        now = time.time()
+        since = self._unreachable_since = self._unreachable_since or now
+        if status in ("closed", "failed") or now - since > self.plan.scheduler_timeout:
+            raise SchedulerLost(f"{self._scheduler_address()} unreachable for {now - since:.0f} s "
+                                f"(client status {status!r})")
+
+    _unreachable_since: float | None = None
+
+    def _record_placement(self, generation: int, placement: dict[int, str]) -> None:
+        """Say which worker runs which stage: on the progress line and in the metrics log."""
+        hosts = {s: _host(w) for s, w in placement.items()}
+        self.metrics.write({"type": "placement", "generation": generation,
+                            "workers": {str(s): w for s, w in sorted(placement.items())},
+                            "hosts": {str(s): h for s, h in sorted(hosts.items())}})
+        where = ", ".join(f"stage {s} on {w}" for s, w in sorted(placement.items()))
+        self.progress.note(f"placement (generation {generation}): {where}")
 
     def _watch(self, generation: int, futures: list[Any], placement: dict[int, str], book: StepBook) -> list[dict]:
         control = DriverControl(ControlNames(self.plan.job_id, generation), client=self.client)
@@ -343,7 +448,15 @@ class Driver:
         self._timed = TimedCheckpoints(self.plan, self.client, control, self.metrics)
         last_membership_check = 0.0
         while True:
-            for message in control.drain(timeout=self.plan.poll):
+            self._check_scheduler()
+            if self._unreachable_since is not None:  # reconnecting: a call now would block for its timeout
+                time.sleep(self.plan.poll)
+                continue
+            try:
+                messages = control.drain(timeout=self.plan.poll, callback_timeout=self.plan.scheduler_timeout)
+            except (OSError, TimeoutError) as error:
+                raise SchedulerLost(f"{self._scheduler_address()}: {short_error(error)}") from error
+            for message in messages:
                 self._handle(message, book, shards, generation)
             self._timed.maybe_request()
             failed = [s for s, f in enumerate(futures) if f.status in ("error", "cancelled", "lost")]
@@ -385,6 +498,7 @@ class Driver:
         died = "KilledWorker" in reason
         lost = StageLost([s], [placement[s]], reason, worker_died=died)
         lost.deterministic = error is not None and _is_computation_error(error)
+        lost.unwritable = isinstance(error, CheckpointUnwritable)
         raise lost
 
     def _check_ended(self, results: list[dict], placement: dict[int, str]) -> None:
@@ -419,15 +533,26 @@ class Driver:
         elif kind == "first" and message["stage"] == 0:
             self._recovered(message["time"])
         elif kind == "error":
+            # A stage's courier failed: its shard write (or a report). Its
+            # checkpoints cannot be trusted to land, and a restart writes to
+            # the same place: stop and say so.
             self.metrics.write(message)
+            stage = message.get("stage")
+            raise _CheckpointFailed(StageLost([stage] if stage is not None else [],
+                                              [message.get("worker", "?")] if stage is not None else [],
+                                              str(message.get("error")), worker_died=False))
 
     def _commit(self, cut: int, records: dict[int, dict], book: StepBook, generation: int) -> None:
         from pipetrain.checkpoint.store import ShardRecord
 
         started = time.perf_counter()
-        self.store.commit(cut, records=[ShardRecord.from_dict(records[s]) for s in range(self.plan.num_stages)],
-                          generation=generation, num_stages=self.plan.num_stages,
-                          manifest=self._manifest(cut, book))
+        try:
+            self.store.commit(cut, records=[ShardRecord.from_dict(records[s]) for s in range(self.plan.num_stages)],
+                              generation=generation, num_stages=self.plan.num_stages,
+                              manifest=self._manifest(cut, book))
+        except OSError as error:
+            raise _CheckpointFailed(StageLost([], [], f"the driver could not commit checkpoint {cut} in "
+                                              f"{self.store.root}: {short_error(error)}", worker_died=False)) from error
         self.metrics.write({"type": "checkpoint", "cut": cut, "generation": generation,
                             "commit_seconds": time.perf_counter() - started})
 
@@ -484,6 +609,23 @@ class Driver:
             self.progress.note(f"recovery: stage {s} on {placement[s]} did not stop within "
                                f"{self.plan.stop_timeout:g} s; cancelled, and that worker is avoided")
         return time.time() - started
+
+
+class _CheckpointFailed(Exception):
+    """A checkpoint could not be written or committed (not retried)."""
+
+    def __init__(self, lost: StageLost):
+        super().__init__(str(lost))
+        self.lost = lost
+
+
+def _host(address: str) -> str:
+    from distributed.comm.addressing import get_address_host
+
+    try:
+        return get_address_host(address)
+    except ValueError:
+        return address
 
 
 # Errors of the machinery around a stage (a vanished peer, a stop, a timeout,

@@ -258,10 +258,48 @@ class _Reporter(Hooks):
 
     def _write(self, cut: int, snapshot: dict, ledger: dict) -> dict:
         started = time.perf_counter()
-        record = self.store.write_shard(cut, self.stage, snapshot, generation=self.job.generation,
-                                        meta={"stage": self.stage, "ledger": ledger})
+        try:
+            record = self.store.write_shard(cut, self.stage, snapshot, generation=self.job.generation,
+                                            meta={"stage": self.stage, "ledger": ledger})
+        except OSError as error:
+            # The driver stops the job on this report: a restart would write here again.
+            return {"type": "error", "stage": self.stage, "worker": _worker_address(), "cut": cut,
+                    "error": f"stage {self.stage} could not write its checkpoint shard for cut {cut} under "
+                             f"{self.store.url}: {short_error(error)}"}
         return {"type": "shard", "stage": self.stage, "cut": cut, "record": record.to_dict(),
                 "seconds": time.perf_counter() - started}
+
+
+class CheckpointUnwritable(RuntimeError):
+    """A stage's worker cannot write the checkpoint location (not retried:
+    a restart on the same worker, or one set up the same way, fails alike)."""
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "this process"
+
+
+def _check_writable(job: StageJob, store: Any) -> None:
+    """Write and remove a probe file where the shards will go, before any work:
+    a worker that cannot (a container without the shared directory mounted, a
+    read-only path) fails the job at once, naming itself and the path."""
+    import uuid
+
+    probe = f"{store.root.rstrip('/')}/.pipetrain-probe-stage{job.spec.index}-{uuid.uuid4().hex[:8]}"
+    try:
+        store.fs.makedirs(store.root, exist_ok=True)
+        store.fs.pipe_file(probe, b"")
+        store.fs.rm_file(probe)
+    except OSError as error:
+        raise CheckpointUnwritable(
+            f"stage {job.spec.index} on worker {_worker_address()} cannot write the checkpoint location "
+            f"{job.checkpoint_url}: {short_error(error)} (every worker needs that path: mount the shared "
+            f"directory on the workers too, or use a URL they all reach)") from error
 
 
 def _install_gauges(job: StageJob) -> Any:
@@ -313,6 +351,8 @@ def run_stage(job: StageJob) -> dict:
 
         store = CheckpointStore(job.checkpoint_url)
     try:
+        if store is not None:
+            _check_writable(job, store)
         return _run(job, control, store, gauges, started)
     except Exception as error:
         ended = _ended_by_recovery(job, control, error)
