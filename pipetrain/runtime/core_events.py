@@ -1,0 +1,379 @@
+"""What goes into the job core and what comes out: typed events and instructions.
+
+The driver's shell turns what it sees (Dask future statuses, the scheduler's
+worker list, the control plane's reports, the checkpoint store's answers, a
+Ctrl-C) into ``Event``s, hands them to ``JobCore.handle``, and carries out
+the ``Instruction``s it gets back, in order. Every event carries ``now``, the
+shell's wall clock (``time.time()``: stage reports carry their workers'
+``time.time()``, and the core compares the two), so the core never reads a
+clock and a test can play any timeline in microseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipetrain.errors import JobFailed
+
+# -- settings ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    num_stages: int
+    microbatches: int
+    steps: int
+    microbatch_size: int
+    job_id: str
+    store: str | None = None  # the checkpoint store's root, for messages; None: no checkpoints
+    max_restarts: int = 3
+    stop_timeout: float = 10.0
+    checkpoint_seconds: float = 0.0
+    manifest: dict = field(default_factory=dict)  # the manifest's fixed fields (schedule, partition)
+
+    @classmethod
+    def from_plan(cls, plan: Any, store_root: str | None) -> JobSettings:
+        """From a ``JobPlan``; ``store_root``: ``CheckpointStore.root``, None without checkpoints."""
+        return cls(num_stages=plan.num_stages, microbatches=plan.microbatches, steps=plan.steps,
+                   microbatch_size=plan.source.microbatch_size, job_id=plan.job_id, store=store_root,
+                   max_restarts=plan.max_restarts, stop_timeout=plan.stop_timeout,
+                   checkpoint_seconds=plan.checkpoint_seconds,
+                   manifest={"schedule": dict(plan.schedule_args),
+                             "partition": {"boundaries": list(plan.partition.boundaries),
+                                           "method": plan.partition.method}})
+
+
+# -- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    now: float
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """What the core needs of a committed checkpoint (``CheckpointStore.latest()``)."""
+
+    cut: int
+    path: str
+    ledgers: dict[int, dict] = field(default_factory=dict)  # stage -> its ledger at the cut
+    losses: dict[int, float] = field(default_factory=dict)  # micro-batch -> loss, before the cut
+    job_id: str | None = None
+    skipped: tuple[tuple[int, str], ...] = ()  # newer step directories passed over: (cut, why)
+
+    @classmethod
+    def from_committed(cls, checkpoint: Any) -> CheckpointView | None:
+        """From a ``CommittedCheckpoint`` (or None); reads only what it already holds."""
+        if checkpoint is None:
+            return None
+        manifest = checkpoint.manifest
+        return cls(cut=checkpoint.cut, path=checkpoint.path,
+                   ledgers={s: checkpoint.shard(s).get("meta", {}).get("ledger", {})
+                            for s in range(checkpoint.num_stages)},
+                   losses={int(k): float(v) for k, v in manifest.get("losses", {}).items()},
+                   job_id=manifest.get("job_id"), skipped=tuple(checkpoint.skipped))
+
+
+@dataclass(frozen=True)
+class Started(Event):
+    """The job begins, with what the checkpoint store says (nothing when there is no store)."""
+
+    resume: bool = False
+    existing_cuts: tuple[int, ...] = ()  # store.cuts(): a new run may not start over another's
+    previous_generation: int | None = None  # store.current_generation()
+    latest: CheckpointView | None = None  # store.latest(), asked on resume
+
+
+@dataclass(frozen=True)
+class Report(Event):
+    """A stage's report on the control plane of ``generation`` (worker.py's ``control.report``)."""
+
+    generation: int
+    stage: int | None  # None only for the courier's "error", which does not say
+
+
+@dataclass(frozen=True)
+class StepReport(Report):
+    step: int  # -1: only carries losses (the last stage's flush)
+    busy: float
+    wall: float
+    time: float
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardWritten(Report):
+    cut: int
+    record: dict  # ShardRecord.to_dict()
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageReady(Report):
+    time: float
+    seconds: float = 0.0  # task start to ready
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PeerLostReport(Report):
+    """The stage's neighbour vanished; it waits for the stop (counts as failing with PeerLost)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class FirstBackward(Report):
+    k: int
+    time: float
+
+
+@dataclass(frozen=True)
+class CutMissed(Report):
+    """The stage heard of a requested cut after passing it."""
+
+    cut: int
+
+
+@dataclass(frozen=True)
+class CourierError(Report):
+    error: str  # repr of what the stage's courier thread raised
+
+
+@dataclass(frozen=True)
+class StageDone(Report):
+    """Sent before the task returns: every earlier report of the stage has arrived."""
+
+    seconds: float = 0.0
+
+
+def report_from_message(message: dict, generation: int, now: float) -> Report | None:
+    """The typed report of a control-plane message drained from ``generation``'s queue; None if unknown."""
+    kind, stage = message.get("type"), message.get("stage")
+    common = {"generation": generation, "stage": stage, "now": now}
+    if kind == "step":
+        losses = {int(k): float(v) for k, v in message.get("losses", {}).items()}
+        return StepReport(step=message["step"], busy=message["busy"], wall=message["wall"], time=message["time"],
+                          losses=losses, **common)
+    if kind == "shard":
+        return ShardWritten(cut=message["cut"], record=message["record"], seconds=message.get("seconds", 0.0),
+                            **common)
+    if kind == "ready":
+        return StageReady(time=message["time"], seconds=message.get("seconds", 0.0),
+                          load_seconds=message.get("load_seconds", 0.0), **common)
+    if kind == "peer-lost":
+        return PeerLostReport(reason=message["reason"], **common)
+    if kind == "first":
+        return FirstBackward(k=message["k"], time=message["time"], **common)
+    if kind == "missed":
+        return CutMissed(cut=message["cut"], **common)
+    if kind == "error":
+        return CourierError(error=message["error"], **common)
+    if kind == "done":
+        return StageDone(seconds=message.get("seconds", 0.0), **common)
+    return None
+
+
+@dataclass(frozen=True)
+class TaskEnded(Event):
+    """A stage task left Dask's "pending": its future's status, exception and result."""
+
+    stage: int
+    generation: int
+    status: Literal["finished", "error", "cancelled", "lost"]
+    error: BaseException | None = None
+    result: dict | None = None  # a finished task's: {"state", "events", "ledger"} or {"ended": ...}
+
+
+@dataclass(frozen=True)
+class WorkersChanged(Event):
+    alive: frozenset[str]  # every worker address the scheduler knows now
+
+
+@dataclass(frozen=True)
+class Tick(Event):
+    """Periodic (every poll): deadlines and time-based checkpoints are checked here."""
+
+
+@dataclass(frozen=True)
+class Placed(Event):
+    placement: dict[int, str]  # Placement.stage_workers: a fresh placement; the core merges
+    spares: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlacementFailed(Event):
+    reason: str  # the PlacementError's message
+
+
+@dataclass(frozen=True)
+class StopFinished(Event):
+    generation: int
+    lingering: tuple[int, ...] = ()  # stages still running (on live workers) at the timeout
+    alive: frozenset[str] | None = None  # the worker list at the end of the stop
+
+
+@dataclass(frozen=True)
+class LatestCheckpoint(Event):
+    """The answer to ``ReadLatestCheckpoint``."""
+
+    checkpoint: CheckpointView | None
+
+
+@dataclass(frozen=True)
+class CommitDone(Event):
+    cut: int
+    generation: int
+    path: str
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class CommitFailed(Event):
+    cut: int
+    generation: int
+    error: BaseException
+    path: str  # the step directory the commit was writing
+
+
+@dataclass(frozen=True)
+class SchedulerLost(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
+class Interrupted(Event):
+    """Ctrl-C. A second one while the stop is under way fails at once."""
+
+
+# -- instructions -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    pass
+
+
+@dataclass(frozen=True)
+class ClearStore(Instruction):
+    """Empty the checkpoint directory (a new run; it holds at most a generation record)."""
+
+
+@dataclass(frozen=True)
+class BeginGeneration(Instruction):
+    """Fence: ``store.begin_generation(generation)``, then ``store.discard_after(cut, generation=...)``."""
+
+    generation: int
+    cut: int
+
+
+@dataclass(frozen=True)
+class StopOldRun(Instruction):
+    """Raise the stop flag of a run this driver does not watch (resume); nothing comes back."""
+
+    job_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Place(Instruction):
+    """Find a fresh placement avoiding ``exclude``; answer ``Placed`` or ``PlacementFailed``.
+
+    ``previous`` is for the shell's logs only: the core merges it with the answer.
+    """
+
+    exclude: frozenset[str]
+    previous: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Submit(Instruction):
+    """Submit every stage of ``generation`` from micro-batch ``cut``, each pinned to its worker."""
+
+    generation: int
+    cut: int
+    ledgers: dict[int, dict]  # stage -> resume ledger (empty: from the beginning)
+    placement: dict[int, str]
+
+
+@dataclass(frozen=True)
+class StopGeneration(Instruction):
+    """Raise ``generation``'s stop flag, wait up to ``timeout`` for its tasks on live workers,
+    cancel them all; answer ``StopFinished`` with those still running at the timeout."""
+
+    generation: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ReadLatestCheckpoint(Instruction):
+    """Answer ``LatestCheckpoint(CheckpointView.from_committed(store.latest()))``."""
+
+
+@dataclass(frozen=True)
+class Commit(Instruction):
+    """``store.commit``; answer ``CommitDone`` (with its seconds) or ``CommitFailed``."""
+
+    cut: int
+    records: tuple[dict, ...]  # ShardRecord dicts, in stage order
+    generation: int
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class RequestCut(Instruction):
+    """Ask ``generation``'s stages for a checkpoint at ``cut`` (a time-based checkpoint)."""
+
+    cut: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class WriteRecord(Instruction):
+    """A metrics-log line (``MetricsLog.write``, which adds "time")."""
+
+    record: dict
+
+
+@dataclass(frozen=True)
+class ShowStep(Instruction):
+    """``Progress.step``."""
+
+    step: int
+    loss: float | None
+    samples_per_s: float | None
+    busy: list[float]
+
+
+@dataclass(frozen=True)
+class Note(Instruction):
+    """``Progress.note``."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish(Instruction):
+    """The job is done: the fields of a ``RunOutcome`` but the per-stage ones, which ``results`` hold."""
+
+    losses: dict[int, float]
+    history: list[dict]
+    recoveries: list[dict]
+    generation: int
+    wall_seconds: float
+    results: tuple[dict, ...]  # each stage's task result, in stage order
+
+
+@dataclass(frozen=True)
+class Fail(Instruction):
+    """The job is over: ``raise fail.exception() from fail.cause``. Nothing of it runs any more,
+    except after ``SchedulerLost`` (its stages were fenced off instead)."""
+
+    reason: str
+    retryable: bool = False
+    kind: type[JobFailed] = JobFailed
+    cause: BaseException | None = None
+
+    def exception(self) -> JobFailed:
+        return self.kind(self.reason, retryable=self.retryable)

@@ -1,0 +1,404 @@
+"""The job core, played event by event: no cluster, no clock, no threads.
+
+Each test drives ``JobCore`` the way the driver's shell would (placement
+answers, stage reports, task ends, worker lists, ticks, store answers) and
+checks the instructions that come back, in order.
+"""
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death
+from pipetrain.runtime.core import PEER_LOST_GRACE, JobCore, merge_placement
+from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
+                                           CommitFailed, CutMissed, Fail, Finish, FirstBackward, Interrupted,
+                                           JobSettings, LatestCheckpoint, PeerLostReport, Place, Placed,
+                                           PlacementFailed, ReadLatestCheckpoint, RequestCut, SchedulerLost,
+                                           ShardWritten, ShowStep, StageDone, StageReady, Started, StepReport,
+                                           StopFinished, StopGeneration, StopOldRun, Submit, TaskEnded, Tick,
+                                           WorkersChanged, WriteRecord, report_from_message)
+
+W = {0: "tcp://w0:1", 1: "tcp://w1:1", 2: "tcp://w2:1"}
+SPARE = "tcp://w3:1"
+M = 4  # micro-batches per step
+
+
+class Job:
+    """A core and a clock: ``job(Event, ..., after=seconds)`` hands it one event at a later ``now``."""
+
+    def __init__(self, *, store: str | None = "/ckpt", **settings):
+        self.core = JobCore(JobSettings(num_stages=3, microbatches=M, steps=10, microbatch_size=2, job_id="job",
+                                        store=store, **settings))
+        self.now = 1000.0
+
+    def __call__(self, event, *args, after: float = 0.0, **fields):
+        self.now += after
+        return self.core.handle(event(*args, now=self.now, **fields))
+
+    @property
+    def generation(self) -> int:
+        return self.core.generation
+
+    def start(self, placement=W, spares=(SPARE,)) -> list:
+        assert kinds(self(Started)) == ["ClearStore", "BeginGeneration", "Place"]
+        return self(Placed, dict(placement), tuple(spares))
+
+    def step(self, step: int, *, after: float = 0.5) -> list:
+        self.now += after
+        out = []
+        for s in (2, 1, 0):
+            out += self(StepReport, generation=self.generation, stage=s, step=step, busy=0.4, wall=0.5,
+                        time=self.now, losses={step * M + k: 1.0 for k in range(M)} if s == 2 else {})
+        return out
+
+    def shards(self, cut: int) -> list:
+        out = []
+        for s in (2, 1, 0):
+            ledger = {"applied": [[0, cut]]}
+            record = {"cut": cut, "stage": s, "generation": self.generation, "meta": {"ledger": ledger}}
+            out += self(ShardWritten, generation=self.generation, stage=s, cut=cut, record=record)
+        return out
+
+    def checkpoint(self, cut: int) -> list:
+        (commit,) = self.shards(cut)
+        assert isinstance(commit, Commit) and commit.cut == cut
+        return self(CommitDone, cut, self.generation, f"/ckpt/step-{cut:010d}")
+
+    def recover(self, latest, **stop) -> list:
+        """The shell's side of a stop and a checkpoint look-up; returns what follows them."""
+        assert self(StopFinished, self.generation, **stop) == [ReadLatestCheckpoint()]
+        return self(LatestCheckpoint, latest)
+
+
+def killed_worker(address: str):
+    from distributed.scheduler import KilledWorker
+
+    return KilledWorker("pipetrain-job-g0-stage1", SimpleNamespace(address=address), 0)
+
+
+def kinds(instructions) -> list[str]:
+    return [type(i).__name__ for i in instructions]
+
+
+def only(instructions, kind):
+    (found,) = [i for i in instructions if isinstance(i, kind)]
+    return found
+
+
+def records(instructions, kind: str) -> list[dict]:
+    return [i.record for i in instructions if isinstance(i, WriteRecord) and i.record["type"] == kind]
+
+
+def view(cut: int) -> CheckpointView:
+    return CheckpointView(cut=cut, path=f"/ckpt/step-{cut:010d}", ledgers={s: {"applied": [[0, cut]]} for s in W},
+                          losses={k: 1.0 for k in range(cut)}, job_id="job")
+
+
+def test_a_clean_run_commits_every_cut_and_ends_with_finish():
+    job = Job()
+    assert job.start() == [Submit(0, 0, {}, W)]
+    out = job.step(0)
+    assert kinds(out) == ["WriteRecord", "ShowStep"] and records(out, "step")[0]["loss"] == 1.0
+    assert only(out, ShowStep).step == 0
+    commit = job.shards(4)[0]
+    assert commit.records == tuple({**commit.records[s], "stage": s} for s in range(3))
+    assert commit.manifest["losses"] == {str(k): 1.0 for k in range(4)} and commit.manifest["job_id"] == "job"
+    assert records(job(CommitDone, 4, 0, "/ckpt/step-0000000004", seconds=0.1), "checkpoint") == [
+        {"type": "checkpoint", "cut": 4, "generation": 0, "commit_seconds": 0.1}]
+    for s in range(3):
+        assert job(TaskEnded, s, 0, "finished", result={"state": s, "ledger": {}}) == []  # "done" not yet heard
+    assert job(StageDone, generation=0, stage=0) == [] and job(StageDone, generation=0, stage=1) == []
+    (finish,) = job(StageDone, generation=0, stage=2)
+    assert isinstance(finish, Finish) and [r["state"] for r in finish.results] == [0, 1, 2]
+    assert finish.generation == 0 and finish.recoveries == [] and list(finish.losses) == [0, 1, 2, 3]
+    assert job(Tick) == []  # over: nothing more comes out
+
+
+def test_a_finished_generation_does_not_wait_forever_for_done_reports():
+    job = Job(store=None)
+    assert kinds(job(Started)) == ["Place"]
+    job(Placed, dict(W))
+    for s in range(3):
+        job(TaskEnded, s, 0, "finished", result={"state": s})
+    assert job(Tick, after=0.5) == []
+    assert kinds(job(Tick, after=0.6)) == ["Finish"]
+
+
+def test_a_worker_lost_mid_step_rolls_back_to_the_last_committed_cut():
+    job = Job()
+    job.start()
+    job.step(0)
+    job.checkpoint(4)
+    job.step(1)
+    assert job(WorkersChanged, frozenset({W[0], W[2], SPARE}), after=0.3) == [StopGeneration(0, 10.0)]
+    out = job.recover(view(4), alive=frozenset({W[0], W[2], SPARE}), after=0.2)
+    assert kinds(out) == ["BeginGeneration", "WriteRecord", "Note", "Place"]
+    assert out[0] == BeginGeneration(1, 4)  # fenced before anything records the recovery
+    (recovery,) = records(out, "recovery")
+    assert recovery["stages"] == [1] and recovery["workers"] == [W[1]] and recovery["worker_died"]
+    assert recovery["rollback_to"] == 4 and recovery["checkpoint"] == "/ckpt/step-0000000004"
+    assert recovery["stop_seconds"] == pytest.approx(0.2)
+    assert "rolling back to the checkpoint at micro-batch 4 as generation 1" in out[2].text
+    assert out[3] == Place(exclude=frozenset({W[1]}), previous=W)
+    (submit,) = job(Placed, {0: W[0], 1: W[2], 2: SPARE}, after=1.0)
+    assert submit == Submit(1, 4, view(4).ledgers, {0: W[0], 1: SPARE, 2: W[2]})
+    job(StageReady, generation=1, stage=0, time=job.now + 0.5, load_seconds=0.3)
+    out = job(FirstBackward, generation=1, stage=0, k=4, time=job.now + 1.5)
+    (recovered,) = records(out, "recovered")
+    assert recovered["warmup_seconds"] == pytest.approx(1.0) and recovered["load_seconds"] == 0.3
+    assert recovered["total_seconds"] == pytest.approx(0.2 + 1.0 + 1.5) and recovered["place_seconds"] == 1.0
+    # The step history after the cut is gone; step 1 is recorded again, once.
+    assert [r["step"] for r in records(job.step(1), "step")] == [1]
+    assert [h["step"] for h in job.core.history] == [0, 1]
+
+
+def test_a_loss_during_recovery_recovers_again():
+    job = Job()
+    job.start()
+    job.checkpoint(4)
+    job(WorkersChanged, frozenset({W[0], W[2], SPARE}))
+    job.recover(view(4))
+    job(Placed, {0: W[0], 1: SPARE, 2: W[2]})
+    # Generation 1 loses stage 0 before its first micro-batch is back.
+    assert job(WorkersChanged, frozenset({W[2], SPARE})) == [StopGeneration(1, 10.0)]
+    out = job.recover(view(4))
+    assert out[0] == BeginGeneration(2, 4) and out[-1].exclude == {W[0], W[1]}
+    assert records(out, "recovery")[0]["stages"] == [0]
+    assert "total_seconds" not in job.core.recoveries[0]  # the first recovery never completed
+
+
+def test_two_workers_lost_at_once_make_one_recovery_blaming_both():
+    job = Job()
+    job.start(spares=(SPARE, "tcp://w4:1"))
+    out = job(WorkersChanged, frozenset({W[1], SPARE, "tcp://w4:1"}))
+    assert out == [StopGeneration(0, 10.0)]
+    out = job.recover(None)
+    (recovery,) = records(out, "recovery")
+    assert recovery["stages"] == [0, 2] and recovery["workers"] == [W[0], W[2]] and recovery["rollback_to"] == 0
+    assert out[-1].exclude == {W[0], W[2]}
+    assert job(PeerLostReport, generation=0, stage=1, reason="PeerLost: stage 0") == []  # an effect, and stale
+
+
+def test_a_lost_peer_waits_for_the_scheduler_to_drop_the_dead_worker():
+    job = Job()
+    job.start()
+    assert job(PeerLostReport, generation=0, stage=2, reason="PeerLost: stage 1 went away") == []
+    assert job(Tick, after=PEER_LOST_GRACE / 2) == []
+    out = job(WorkersChanged, frozenset({W[0], W[2]}), after=0.1)  # the killed worker's neighbour is not blamed
+    assert out == [StopGeneration(0, 10.0)] and job.core.loss.stages == [1] and job.core.loss.worker_died
+
+
+def test_a_lost_peer_is_blamed_when_no_worker_left_within_the_grace():
+    job = Job()
+    job.start()
+    job(PeerLostReport, generation=0, stage=2, reason="PeerLost: stage 1 went away")
+    assert job(Tick, after=PEER_LOST_GRACE) == [StopGeneration(0, 10.0)]
+    loss = job.core.loss
+    assert (loss.stages, loss.reason, loss.worker_died, loss.deterministic) == (
+        [2], "PeerLost: stage 1 went away", False, False)
+
+
+def test_killed_worker_counts_as_a_worker_death():
+    job = Job()
+    job.start()
+    job(TaskEnded, 1, 0, "error", error=killed_worker(W[1]))
+    assert job(Tick, after=PEER_LOST_GRACE) == [StopGeneration(0, 10.0)]
+    assert job.core.loss.worker_died and not job.core.loss.deterministic
+    out = job.recover(None)
+    assert out[-1].exclude == {W[1]} and records(out, "recovery")[0]["reason"].startswith("KilledWorker")
+
+
+def test_timed_checkpoints_pick_a_cut_ahead_of_the_furthest_stage_and_ask_again_after_a_miss():
+    job = Job(checkpoint_seconds=5.0)
+    job.start()
+    job.step(0, after=0.0)
+    job.step(1, after=0.5)  # 0.5 s a step: the lead is 2 + 1 s / 0.5 s = 4 steps
+    assert job(Tick, after=1.0) == []  # not yet 5 s since the generation started
+    out = job(Tick, after=4.0)
+    assert out == [RequestCut((1 + 1 + 4) * M, 0),
+                   WriteRecord({"type": "checkpoint-request", "cut": 24, "furthest_step": 1})]
+    assert job(Tick, after=1.0) == []  # one request at a time
+    assert records(job(CutMissed, generation=0, stage=2, cut=24), "checkpoint-missed") == [
+        {"type": "checkpoint-missed", "cut": 24, "stage": 2}]
+    job.step(2, after=0.5)  # 5.5 s after step 1: the lead falls to 2 steps
+    assert only(job(Tick), RequestCut) == RequestCut((2 + 1 + 2) * M, 0)
+    job.checkpoint(20)  # stage 0's shard marks the cut done and restarts the clock
+    assert job(Tick, after=4.0) == [] and kinds(job(Tick, after=1.0)) == ["RequestCut", "WriteRecord"]
+
+
+def test_no_timed_cut_past_the_last_step():
+    job = Job(checkpoint_seconds=1.0)
+    job.start()
+    job.step(7)
+    assert job(Tick, after=2.0) == []  # 7 + 1 + 2 steps would be past 10 steps
+
+
+def test_spares_are_preferred_when_re_placing():
+    previous = {0: "a", 1: "b", 2: "c"}
+    assert merge_placement(previous, {0: "a", 1: "c", 2: "d"}, ("e",)) == {0: "a", 1: "e", 2: "c"}
+    assert merge_placement(previous, {0: "a", 1: "c", 2: "d"}, ()) == {0: "a", 1: "d", 2: "c"}
+    assert merge_placement({}, {0: "x", 1: "y"}, ("z",)) == {0: "x", 1: "y"}
+
+
+def test_max_restarts_exhausted_fails_with_the_reason_and_the_checkpoint():
+    job = Job(max_restarts=1)
+    job.start()
+    job.checkpoint(4)
+    job(WorkersChanged, frozenset({W[0], W[2], SPARE}))
+    job.recover(view(4))
+    job(Placed, {0: W[0], 1: SPARE, 2: W[2]})
+    job(WorkersChanged, frozenset({W[0], W[2]}))
+    out = job.recover(view(4))
+    assert kinds(out) == ["WriteRecord", "Note", "Fail"]
+    fail = out[-1]
+    assert "stage 1 on worker tcp://w3:1: worker left the cluster" in fail.reason
+    assert "gave up after 1 restart(s)" in fail.reason and "/ckpt/step-0000000004 (micro-batch 4)" in fail.reason
+    assert records(out, "failed")[0]["checkpoint"] == "/ckpt/step-0000000004" and not fail.retryable
+    assert isinstance(fail.cause, StageLost) and isinstance(fail.exception(), JobFailed)
+
+
+def test_reports_from_a_stale_generation_are_ignored():
+    job = Job()
+    job.start()
+    job.step(0)
+    job(WorkersChanged, frozenset({W[0], W[2], SPARE}))
+    job.recover(None)
+    job(Placed, {0: W[0], 1: SPARE, 2: W[2]})
+    assert job.generation == 1
+    stale = [StepReport(generation=0, stage=s, step=1, busy=0.1, wall=0.1, time=job.now, now=job.now)
+             for s in range(3)]
+    stale += [ShardWritten(generation=0, stage=s, cut=8, record={}, now=job.now) for s in range(3)]
+    stale += [PeerLostReport(generation=0, stage=2, reason="PeerLost", now=job.now),
+              TaskEnded(1, 0, "error", error=RuntimeError("old"), now=job.now),
+              CommitFailed(8, 0, RuntimeError("refused"), "/ckpt/step-0000000008", now=job.now),
+              StopFinished(0, now=job.now), Tick(now=job.now + 5)]
+    assert job.core.handle(*stale) == []
+
+
+def test_a_stage_that_does_not_stop_has_its_worker_avoided():
+    job = Job()
+    job.start()
+    job(TaskEnded, 0, 0, "error", error=TimeoutError("stage 1 did not publish its address"))
+    job(Tick, after=PEER_LOST_GRACE)
+    out = job(StopFinished, 0, lingering=(2,), alive=frozenset(W.values()), after=10.0)
+    assert kinds(out) == ["Note", "ReadLatestCheckpoint"]
+    assert "stage 2 on tcp://w2:1 did not stop within 10 s" in out[0].text
+    assert job(LatestCheckpoint, None)[-1] == Place(exclude=frozenset({W[2]}), previous=W)
+
+
+def test_a_deterministic_error_fails_at_once():
+    job = Job()
+    job.start()
+    job.checkpoint(4)
+    job(TaskEnded, 1, 0, "error", error=ValueError("stage 1: bad shapes"))
+    job(PeerLostReport, generation=0, stage=2, reason="PeerLost")  # the effect, also not blamed
+    assert job(Tick, after=PEER_LOST_GRACE) == [StopGeneration(0, 10.0)]
+    out = job.recover(view(4))
+    assert kinds(out) == ["WriteRecord", "Note", "Fail"]
+    assert "ValueError: stage 1: bad shapes" in out[-1].reason
+    assert "own computation failed" in out[-1].reason and records(out, "failed")[0]["stages"] == [1]
+
+
+def test_a_failed_checkpoint_commit_fails_the_job_naming_the_path():
+    job = Job()
+    job.start()
+    job.shards(4)
+    error = OSError("[Errno 28] No space left on device")
+    assert job(CommitFailed, 4, 0, error, "/ckpt/step-0000000004") == [StopGeneration(0, 10.0)]
+    out = job(StopFinished, 0)
+    assert kinds(out) == ["WriteRecord", "Note", "Fail"]  # no checkpoint look-up, no restart
+    assert "commit of micro-batch 4 at /ckpt/step-0000000004 failed: OSError" in out[-1].reason
+    assert "no checkpoint was committed" in out[-1].reason and not out[-1].retryable
+
+
+def test_a_lost_scheduler_fences_the_store_and_fails_with_a_resume_hint():
+    job = Job()
+    job.start()
+    job.checkpoint(4)
+    job.shards(8)[0]  # a commit the shell never got to make
+    out = job(SchedulerLost, "CommClosedError: in <TCP ...>: Stream is closed")
+    assert kinds(out) == ["BeginGeneration", "WriteRecord", "Note", "Fail"]
+    assert out[0] == BeginGeneration(1, 4)  # discards step 8, fences generation 0 off
+    fail = out[-1]
+    assert "lost the scheduler" in fail.reason and "`pipetrain resume` continues from it" in fail.reason
+    assert "/ckpt/step-0000000004 (micro-batch 4)" in fail.reason and fail.retryable
+
+
+def test_an_interrupt_stops_the_generation_then_fails_with_a_resume_hint():
+    job = Job()
+    job.start()
+    job.checkpoint(4)
+    assert job(Interrupted) == [StopGeneration(0, 10.0)]
+    out = job(StopFinished, 0)
+    assert kinds(out) == ["WriteRecord", "Note", "Fail"]
+    assert out[-1].kind is JobInterrupted and out[-1].reason.startswith("interrupted; ")
+    assert "`pipetrain resume` continues from it" in out[-1].reason
+    # A second Ctrl-C does not wait for the stop.
+    job = Job()
+    job.start()
+    job(Interrupted)
+    assert kinds(job(Interrupted)) == ["WriteRecord", "Note", "Fail"]
+
+
+def test_resume_starts_after_the_checkpoint_and_stops_the_old_run():
+    job = Job()
+    latest = CheckpointView(cut=8, path="/ckpt/step-0000000008", ledgers={0: {"applied": [[0, 8]]}},
+                            losses={k: 2.0 for k in range(8)}, job_id="old", skipped=((12, "not committed"),))
+    out = job(Started, resume=True, previous_generation=2, latest=latest)
+    assert out[:2] == [StopOldRun("job", 2), StopOldRun("old", 2)]
+    assert kinds(out[2:]) == ["Note", "Note", "WriteRecord", "BeginGeneration", "Place"]
+    assert "micro-batch 12 not used: not committed" in out[2].text
+    assert out[4].record == {"type": "resume", "generation": 3, "rollback_to": 8, "checkpoint": latest.path}
+    assert out[5] == BeginGeneration(3, 8)
+    assert job(Placed, dict(W)) == [Submit(3, 8, latest.ledgers, W)]
+    assert [h["step"] for h in job.core.history] == [0, 1]
+
+
+def test_a_new_run_refuses_a_checkpoint_directory_in_use_and_resume_needs_one():
+    out = Job()(Started, existing_cuts=(4, 8), previous_generation=0)
+    assert kinds(out) == ["Fail"] and out[0].kind is CheckpointDirInUse
+    assert "/ckpt already belongs to a run (generation 0, checkpoints up to micro-batch 8)" in out[0].reason
+    assert Job()(Started, existing_cuts=()) [:1] == [ClearStore()]
+    assert Job(store=None)(Started, resume=True) == [Fail("resume needs a checkpoint directory")]
+
+
+def test_no_workers_to_place_on_fails_with_the_placement_error():
+    job = Job()
+    job(Started)
+    out = job(PlacementFailed, "cannot place stage 2")
+    assert "no workers to place the stages on:\ncannot place stage 2" in out[-1].reason
+
+
+def test_a_stage_stopped_by_someone_else_is_lost():
+    job = Job()
+    job.start()
+    job(TaskEnded, 1, 0, "finished", result={"ended": "stopped", "reason": "Stopped: by the driver"})
+    assert job(Tick, after=PEER_LOST_GRACE) == [StopGeneration(0, 10.0)]
+    assert job.core.loss.reason == "Stopped: by the driver" and not job.core.loss.deterministic
+
+
+def test_control_plane_messages_become_typed_reports():
+    step = report_from_message({"type": "step", "stage": 1, "step": 2, "busy": 0.1, "wall": 0.2, "time": 5.0,
+                                "losses": {"8": 1.5}}, generation=3, now=6.0)
+    assert step == StepReport(generation=3, stage=1, step=2, busy=0.1, wall=0.2, time=5.0, losses={8: 1.5}, now=6.0)
+    assert report_from_message({"type": "error", "error": "OSError()"}, 0, 0.0).stage is None
+    assert report_from_message({"type": "mystery"}, 0, 0.0) is None
+
+
+def test_errors_say_whether_a_restart_may_cure_them():
+    from distributed.comm.core import CommClosedError
+
+    from pipetrain.checkpoint.manifest import CheckpointError, StaleGenerationError
+    from pipetrain.runtime.links import Stopped
+    from pipetrain.runtime.transport import PeerLost, TransportTimeout
+
+    machinery = [PeerLost("x"), TransportTimeout("x"), Stopped("x"), TimeoutError(), killed_worker("w"),
+                 CommClosedError(), asyncio.CancelledError(), ConnectionResetError(), StaleGenerationError("x"),
+                 StageLost([1], ["w"], "gone", worker_died=True)]
+    computation = [ValueError("nan"), ZeroDivisionError(), CheckpointError("x"), JobFailed("x"),
+                   StageLost([1], ["w"], "bad", worker_died=False, deterministic=True)]
+    assert [is_retryable(e) for e in machinery] == [True] * len(machinery)
+    assert [is_retryable(e) for e in computation] == [False] * len(computation)
+    assert is_worker_death(killed_worker("w")) and not is_worker_death(RuntimeError("KilledWorker"))
+    assert JobFailed("x", retryable=True).retryable and not JobFailed("x").retryable
