@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import gpt, text  # noqa: E402
 from pipetrain.optim import Optimizer  # noqa: E402
-from pipetrain.partition import partition  # noqa: E402
+from pipetrain.partitioning import partition  # noqa: E402
 from pipetrain.runtime.reference import build_stages, evaluate, run_reference  # noqa: E402
 from pipetrain.schedule.builders import build_schedule  # noqa: E402
 

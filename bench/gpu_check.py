@@ -24,7 +24,7 @@ def check_jax_stage(rows: list, out: dict) -> None:
 
     from models import mlp
     from pipetrain.optim import Optimizer
-    from pipetrain.partition import partition
+    from pipetrain.partitioning import partition
 
     source = mlp.source(512, microbatch_size=32)
     part = partition(mlp.build(sizes=(256, 256)), 2, example_input=source.inputs(0))
@@ -44,7 +44,7 @@ def check_torch_stage(rows: list, out: dict) -> None:
     from torch import nn
 
     from pipetrain.optim import Optimizer
-    from pipetrain.partition import partition
+    from pipetrain.partitioning import partition
     from pipetrain.stages.torch_stage import TorchSequential
 
     x = np.random.default_rng(0).standard_normal((32, 64), dtype=np.float32)

@@ -31,7 +31,7 @@ from distributed import Client  # noqa: E402
 from models.synthetic import SleepData, SleepSequential  # noqa: E402
 from pipetrain.api import fit  # noqa: E402
 from pipetrain.optim import Optimizer  # noqa: E402
-from pipetrain.partition import partition  # noqa: E402
+from pipetrain.partitioning import partition  # noqa: E402
 from pipetrain.runtime.local import start_local_cluster  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")

@@ -38,7 +38,7 @@ from distributed import Client  # noqa: E402
 from pipetrain import config as cfgmod  # noqa: E402
 from pipetrain.api import fit  # noqa: E402
 from pipetrain.config import resolve  # noqa: E402
-from pipetrain.partition import partition  # noqa: E402
+from pipetrain.partitioning import partition  # noqa: E402
 from pipetrain.runtime.local import start_local_cluster  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "configs" / "demo.toml"

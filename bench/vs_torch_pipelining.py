@@ -282,7 +282,7 @@ def main() -> None:
     from distributed import Client
 
     from pipetrain.data import ArraySource
-    from pipetrain.partition import partition
+    from pipetrain.partitioning import partition
     from pipetrain.runtime.local import start_local_cluster
 
     x, y = fixed_data(width=args.width, batch=args.batch)

@@ -14,11 +14,15 @@ from pipetrain.optim import Optimizer
 
 __version__ = "0.1.0"
 
+# Public name -> the module that defines it, imported on first use. No public
+# name may also be a submodule's name (``pipetrain/partition.py`` once was):
+# importing a submodule binds it as a package attribute, which then shadows
+# ``__getattr__`` for good (tests/test_public_api.py checks this).
 _LAZY = {
     "fit": "pipetrain.api",
     "FitResult": "pipetrain.api",
-    "partition": "pipetrain.partition",
-    "Partition": "pipetrain.partition",
+    "partition": "pipetrain.partitioning",
+    "Partition": "pipetrain.partitioning",
     "build_schedule": "pipetrain.schedule.builders",
     "simulate": "pipetrain.schedule.simulator",
     "run_reference": "pipetrain.runtime.reference",

@@ -6,7 +6,7 @@ import pytest
 
 from models import mlp
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.interpreter import StageProgram
 from pipetrain.runtime.reference import build_stages
 from pipetrain.schedule.actions import Kind

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models.layers import activation, cross_entropy, dense
-from pipetrain.partition import Partition, StagePlan, balanced_boundaries, partition
+from pipetrain.partitioning import Partition, StagePlan, balanced_boundaries, partition
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec, stage_ranges
 from pipetrain.stages.jax_layers import Layer
 
@@ -117,7 +117,7 @@ def test_table_lists_stages_layers_params_cost_share_and_outputs():
 
 
 def test_partition_needs_only_the_protocol_and_imports_no_framework():
-    code = ("import sys, pipetrain.partition\n"
+    code = ("import sys, pipetrain.partitioning\n"
             "bad = [m for m in ('jax', 'torch', 'tensorflow', 'flax', 'optax') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)

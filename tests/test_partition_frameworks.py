@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 
 X = np.random.default_rng(0).standard_normal((16, 32), dtype=np.float32)
 

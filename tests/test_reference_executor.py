@@ -17,7 +17,7 @@ import pytest
 from models import mlp
 from oracles import async_rule_weights, full_gradient, initial_params
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.reference import build_stages, run_reference
 from pipetrain.schedule.actions import Kind
 from pipetrain.schedule.builders import build_schedule

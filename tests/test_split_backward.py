@@ -7,7 +7,7 @@ from torch import nn
 
 from pipetrain.data import ArraySource
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.interpreter import Hooks, StageProgram
 from pipetrain.runtime.reference import build_stages, run_reference
 from pipetrain.schedule.actions import Kind

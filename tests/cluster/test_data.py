@@ -8,7 +8,7 @@ from models.varlen import AlternatingLength
 from pipetrain.api import fit
 from pipetrain.data import ArraySource
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.reference import build_stages, run_reference
 from pipetrain.schedule.builders import build_schedule
 

@@ -16,7 +16,7 @@ from models import mixed, mlp
 from oracles import full_gradient, initial_params
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.local import start_local_cluster
 from pipetrain.runtime.reference import build_stages, run_reference
 from pipetrain.schedule.actions import Kind

@@ -11,7 +11,7 @@ from models import mlp
 from models.synthetic import SleepData, SleepSequential
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 
 pytestmark = [pytest.mark.cluster]
 

@@ -16,7 +16,7 @@ import numpy as np
 from models.synthetic import SleepData, SleepSequential
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from reliability.chaos import ChaosModel, Fault
 
 STAGES, M, STEPS, EVERY = 3, 4, 8, 8

@@ -12,7 +12,7 @@ import pytest
 from distributed import Client
 
 from pipetrain.api import fit
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.driver import JobFailed
 from reliability import jobs
 from reliability.jobs import run

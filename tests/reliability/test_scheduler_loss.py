@@ -13,7 +13,7 @@ from distributed import Client
 
 from pipetrain.api import fit
 from pipetrain.checkpoint.store import CheckpointStore
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.driver import JobFailed
 from reliability import jobs
 from reliability.processes import process_cluster, wait_until

@@ -10,7 +10,7 @@ from models.synthetic import SleepData, SleepSequential
 from pipetrain.api import fit
 from pipetrain.checkpoint.store import CheckpointStore
 from pipetrain.optim import Optimizer
-from pipetrain.partition import partition
+from pipetrain.partitioning import partition
 from pipetrain.runtime.reference import build_stages, run_reference
 from pipetrain.schedule.builders import build_schedule
 

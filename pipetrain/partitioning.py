@@ -1,8 +1,9 @@
 """Cut a model into contiguous stages: cost model, balanced split, report.
 
 ``partition(model, num_stages, *, method, example_input)`` talks only to the
-``SequentialModel`` protocol, so JAX, torch and Keras models share it. The
-per-layer cost comes from ``method``:
+``SequentialModel`` protocol, so JAX, torch and Keras models share it; a
+plain list of JAX layers is wrapped in ``JaxSequential`` first (JAX is
+imported only then). The per-layer cost comes from ``method``:
 
 - ``"uniform"``: 1 per layer (balances the layer count);
 - ``"params"``: the layer's parameter count;
@@ -90,13 +91,18 @@ class Partition:
 
 def partition(model: Any, num_stages: int, *, method: str = "uniform", example_input: Tree,
               boundaries: Sequence[int] | None = None, count_transfer: bool = False,
-              bandwidth: float = DEFAULT_BANDWIDTH, repeats: int = 5) -> Partition:
-    """Cut ``model`` (a SequentialModel) into ``num_stages`` contiguous stages.
+              bandwidth: float = DEFAULT_BANDWIDTH, repeats: int = 5, loss: Any = None) -> Partition:
+    """Cut ``model`` into ``num_stages`` contiguous stages.
 
+    ``model``: a SequentialModel (``JaxSequential``, ``TorchSequential``,
+    ``KerasSequential``, ``MixedSequential``), or a list of JAX layers
+    (``pipetrain.Layer``, Flax NNX modules), taken as
+    ``JaxSequential(layers, loss=loss)`` (see ``as_model``).
     ``boundaries``: interior cut points (``num_stages - 1`` increasing layer
     indices); given, they fix the split and ``method`` only fills the cost
     column (``"explicit"`` then means one unit per layer).
     """
+    model = as_model(model, loss=loss)
     if not isinstance(num_stages, int) or num_stages < 1:
         raise PartitionError(f"partition: num_stages must be an int >= 1, got {num_stages!r}")
     if method not in METHODS:
@@ -134,6 +140,82 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     return Partition(model=model, method="explicit" if boundaries is not None else method,
                      cost_method=cost_method, stages=tuple(plans), count_transfer=count_transfer,
                      bandwidth=bandwidth)
+
+
+# ---------------------------------------------------------------- what counts as a model
+
+_MODELS = "a JaxSequential, TorchSequential, KerasSequential or MixedSequential"
+_PROTOCOL = ("layer_names", "layer_param_counts", "trace_specs")  # what partition calls
+
+
+def as_model(model: Any, *, loss: Any = None) -> Any:
+    """``model`` itself if it is a SequentialModel; a list (or tuple) of JAX
+    layers as ``JaxSequential(layers, loss=loss)``. Without ``loss`` such a
+    model partitions (shapes and costs need none) but cannot train: its loss
+    raises, saying to give one. Anything else is a ``TypeError`` that says
+    what to pass."""
+    if isinstance(model, (list, tuple)):
+        return _jax_model(list(model), loss)
+    if loss is not None:
+        raise TypeError(f"partition: loss= is only for a list of layers; {_what(model)} carries its own loss")
+    if all(callable(getattr(model, name, None)) for name in _PROTOCOL):
+        return model
+    if isinstance(model, Partition):
+        raise TypeError("partition: model is already a Partition; pass it to pipetrain.fit as it is, or "
+                        "partition its .model again")
+    hint = _foreign_hint(model)
+    raise TypeError(f"partition: model is {_what(model)}, not a model{'; ' + hint if hint else ''}. Pass "
+                    f"{_MODELS}, or a list of JAX layers (pipetrain.Layer or Flax NNX modules)")
+
+
+def _jax_model(layers: list, loss: Any) -> Any:
+    if not layers:
+        raise ValueError("partition: the list of layers is empty")
+    for i, item in enumerate(layers):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            item = item[1]
+        if all(callable(getattr(item, name, None)) for name in _PROTOCOL):
+            raise TypeError(f"partition: item {i} of the list is a model ({_what(item)}), not a layer; chain "
+                            "models, of one framework or several, with "
+                            "pipetrain.stages.mixed.MixedSequential([model, model, ...])")
+        hint = _foreign_hint(item)
+        if hint:
+            raise TypeError(f"partition: a list is taken as JAX layers, but item {i} is {_what(item)}; {hint}")
+    from pipetrain.stages.jax_stage import JaxSequential
+
+    return JaxSequential(layers, loss=_NoLoss() if loss is None else loss)
+
+
+class _NoLoss:
+    """The loss of a list of layers partitioned without ``loss=``: training it says what to do."""
+
+    def __call__(self, outputs: Any, targets: Any) -> Any:
+        raise TypeError("this model was given as a plain list of layers without a loss, so it cannot compute "
+                        "one: build it as pipetrain.JaxSequential(layers, loss=...) or call "
+                        "pipetrain.partition(layers, ..., loss=...)")
+
+    def __repr__(self) -> str:
+        return "<no loss: a list of layers partitioned without loss=>"
+
+
+def _frameworks(obj: Any) -> set[str]:
+    return {getattr(c, "__module__", "").partition(".")[0] for c in type(obj).__mro__}
+
+
+def _foreign_hint(obj: Any) -> str:
+    """What to wrap a torch or Keras object in, found without importing either."""
+    roots = _frameworks(obj)
+    if "torch" in roots:
+        return "wrap torch modules as pipetrain.TorchSequential([module, ...], loss=...)"
+    if roots & {"keras", "tensorflow", "tf_keras"}:
+        return "wrap Keras layers as pipetrain.KerasSequential([layer, ...], loss=...)"
+    return ""
+
+
+def _what(obj: Any) -> str:
+    kind = type(obj)
+    root = kind.__module__.partition(".")[0]
+    return f"a {kind.__name__}" if root in ("builtins", "pipetrain") else f"a {root} {kind.__name__}"
 
 
 # ---------------------------------------------------------------- checks and costs
