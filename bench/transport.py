@@ -6,7 +6,9 @@ messages back to back (pipetrain under its credit flow control, credits=4)
 and the echo process answers the last one; GB/s = bytes / time.
 Every transport runs against its own echo process (multiprocessing spawn) in
 the same run, interleaved, best of ``--repeats`` rounds, so background load
-hits them alike.
+hits them alike. The pipetrain endpoints share a secret made here, as a job's
+stages do, and run the stage-port handshake once per connection, never per
+message; the echo endpoint's default payload bound (1 GiB) covers 64 MiB.
 
     .venv/bin/python bench/transport.py [--repeats 3] [--seconds 0.25] [--tls]
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import secrets
 import socket
 import struct
 import time
@@ -108,12 +111,14 @@ def _security(tls_dir: str | None):
     )
 
 
-def pipetrain_echo(to_client: mp.Queue, from_client: mp.Queue, backend: str, tls_dir: str | None) -> None:
+def pipetrain_echo(to_client: mp.Queue, from_client: mp.Queue, backend: str, tls_dir: str | None,
+                   secret: bytes) -> None:
     from pipetrain.runtime.transport import Endpoint, Kind
 
-    with Endpoint.start(stage=1, backend=backend, security=_security(tls_dir), credits=CREDITS) as endpoint:
+    with Endpoint.start(stage=1, secret=secret, backend=backend, security=_security(tls_dir),
+                        credits=CREDITS) as endpoint:
         to_client.put(endpoint.address)
-        back = endpoint.connect(queue_get(from_client))
+        back = endpoint.connect(queue_get(from_client), peer_stage=0)
         while True:
             message = endpoint.get(Kind.ACTIVATION, None, timeout=120)
             if message.tree is None:
@@ -130,12 +135,13 @@ def queue_get(queue: mp.Queue) -> str:
 
 
 class PipetrainClient:
-    def __init__(self, address: str, to_echo: mp.Queue, backend: str, tls_dir: str | None):
+    def __init__(self, address: str, to_echo: mp.Queue, backend: str, tls_dir: str | None, secret: bytes):
         from pipetrain.runtime.transport import Endpoint, Kind
 
         self.kind = Kind
-        self.endpoint = Endpoint.start(stage=0, backend=backend, security=_security(tls_dir), credits=CREDITS)
-        self.channel = self.endpoint.connect(address)
+        self.endpoint = Endpoint.start(stage=0, secret=secret, backend=backend, security=_security(tls_dir),
+                                       credits=CREDITS)
+        self.channel = self.endpoint.connect(address, peer_stage=1)  # the handshake, once per connection
         to_echo.put(self.endpoint.address)
         self.k = 0
 
@@ -207,6 +213,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")
+    secret = secrets.token_bytes(32)  # what a job's stages share (StageJob.secret)
     variants = [("tcp socket pair", "tcp", None), ("pipetrain stream", "stream", None)]
     if not args.no_dask:
         variants.append(("pipetrain dask-comm", "dask", None))
@@ -221,9 +228,10 @@ def main() -> None:
             process.start()
             clients[name] = TcpClient(queue_get(to_client))
         else:
-            process = ctx.Process(target=pipetrain_echo, args=(to_client, to_echo, backend, tls_dir), daemon=True)
+            process = ctx.Process(target=pipetrain_echo, args=(to_client, to_echo, backend, tls_dir, secret),
+                                  daemon=True)
             process.start()
-            clients[name] = PipetrainClient(queue_get(to_client), to_echo, backend, tls_dir)
+            clients[name] = PipetrainClient(queue_get(to_client), to_echo, backend, tls_dir, secret)
         processes.append(process)
 
     payloads = {label: np.random.default_rng(0).random(size // 4, dtype=np.float32) for label, size in SIZES.items()}

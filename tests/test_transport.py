@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import secrets
 import subprocess
 import threading
 import time
@@ -24,15 +25,20 @@ from pipetrain.runtime.transport import (
 from pipetrain.stages.base import TensorSpec
 
 BACKENDS = ["stream", "dask"]
+SECRET = secrets.token_bytes(32)  # a job's StageJob.secret
+
+
+def start(stage: int, **kwargs) -> Endpoint:
+    return Endpoint.start(stage=stage, secret=kwargs.pop("secret", SECRET), **kwargs)
 
 
 @pytest.fixture
 def pair(request):
     backend = getattr(request, "param", "stream")
     credits = 2
-    sender = Endpoint.start(stage=0, backend=backend, credits=credits)
-    receiver = Endpoint.start(stage=1, backend=backend, credits=credits)
-    channel = sender.connect(receiver.address)
+    sender = start(0, backend=backend, credits=credits)
+    receiver = start(1, backend=backend, credits=credits)
+    channel = sender.connect(receiver.address, peer_stage=1)
     yield sender, receiver, channel
     sender.close()
     receiver.close()
@@ -108,12 +114,14 @@ def test_out_of_order_get_buffers_other_arrivals(pair):
     _, receiver, channel = pair
     channel.credits = 3
     for k in range(3):
-        channel.put(Kind.GRADIENT, k, np.full(4, k, np.float32))
-    assert receiver.get(Kind.GRADIENT, 2, timeout=10).tree[0] == 2
-    assert receiver.get(Kind.GRADIENT, 0, timeout=10).tree[0] == 0
-    assert receiver.get(Kind.GRADIENT, None, timeout=10).k == 1
-    with pytest.raises(TransportTimeout, match="no ACTIVATION k=0"):
-        receiver.get(Kind.ACTIVATION, 0, timeout=0.2)  # another kind with the same k is not it
+        channel.put(Kind.ACTIVATION, k, np.full(4, k, np.float32))
+    assert receiver.get(Kind.ACTIVATION, 2, timeout=10).tree[0] == 2
+    assert receiver.get(Kind.ACTIVATION, 0, timeout=10).tree[0] == 0
+    assert receiver.get(Kind.ACTIVATION, None, timeout=10).k == 1
+    channel.put(Kind.CONTROL, 3, None)
+    with pytest.raises(TransportTimeout, match="no GRADIENT k=3"):
+        receiver.get(Kind.GRADIENT, 3, timeout=0.2)  # another kind with the same k is not it
+    assert receiver.get(Kind.CONTROL, 3, timeout=10).k == 3
 
 
 @pytest.mark.parametrize("pair", BACKENDS, indirect=True)
@@ -148,8 +156,11 @@ def test_old_generation_is_dropped_and_its_credit_returned(pair):
     stale = channel.put(Kind.ACTIVATION, 1, np.zeros(3))  # a stage still at generation 0
     stale.result(10)  # acknowledged although dropped: no credit leaks
     assert receiver.stats["dropped_stale"] == 2
+    with pytest.raises(TransportError, match="refused the handshake"):
+        sender.connect(receiver.address, peer_stage=1)  # no new connection for generation 0
     sender.set_generation(1)
-    channel.put(Kind.ACTIVATION, 1, np.ones(3))
+    fresh = sender.connect(receiver.address, peer_stage=1)  # a connection belongs to its generation
+    fresh.put(Kind.ACTIVATION, 1, np.ones(3))
     message = receiver.get(Kind.ACTIVATION, 1, timeout=10)
     assert message.generation == 1 and message.tree[0] == 1
     with pytest.raises(TransportTimeout):
@@ -194,11 +205,11 @@ def test_a_closed_peer_is_a_clear_error_not_a_hang(pair):
             time.sleep(0.1)
 
 
-def _sender_then_die(address: str) -> None:
+def _sender_then_die(address: str, secret: bytes) -> None:
     from pipetrain.runtime.transport import Endpoint, Kind
 
-    endpoint = Endpoint.start(stage=0)
-    endpoint.connect(address).put(Kind.ACTIVATION, 0, np.zeros(3))
+    endpoint = Endpoint.start(stage=0, secret=secret)
+    endpoint.connect(address, peer_stage=1).put(Kind.ACTIVATION, 0, np.zeros(3))
     time.sleep(0.5)
     import os
 
@@ -206,8 +217,8 @@ def _sender_then_die(address: str) -> None:
 
 
 def test_a_crashed_sender_makes_get_raise():
-    with Endpoint.start(stage=1) as receiver:
-        process = mp.get_context("spawn").Process(target=_sender_then_die, args=(receiver.address,))
+    with start(1) as receiver:
+        process = mp.get_context("spawn").Process(target=_sender_then_die, args=(receiver.address, SECRET))
         process.start()
         assert receiver.get(Kind.ACTIVATION, 0, timeout=60).k == 0
         process.join(60)
@@ -221,13 +232,13 @@ def test_a_crashed_sender_makes_get_raise():
 
 
 def test_connect_errors_are_clear():
-    with Endpoint.start(stage=3) as endpoint:
+    with start(3) as endpoint:
         with pytest.raises(TransportError, match="stage 3: address 'ucx://x:1'"):
-            endpoint.connect("ucx://x:1")
+            endpoint.connect("ucx://x:1", peer_stage=4)
         with pytest.raises(TransportError, match="needs TLS"):
-            endpoint.connect("tls://127.0.0.1:1")
+            endpoint.connect("tls://127.0.0.1:1", peer_stage=4)
         with pytest.raises(TransportError, match="cannot connect to tcp://127.0.0.1:1"):
-            endpoint.connect("tcp://127.0.0.1:1", timeout=5)
+            endpoint.connect("tcp://127.0.0.1:1", peer_stage=4, timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -247,27 +258,31 @@ def security(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tls_round_trip(security, backend):
-    with Endpoint.start(stage=0, security=security, backend=backend) as sender, \
-            Endpoint.start(stage=1, security=security, backend=backend) as receiver:
+    with start(0, security=security, backend=backend) as sender, \
+            start(1, security=security, backend=backend) as receiver:
         assert receiver.address.startswith("tls://")
-        channel = sender.connect(receiver.address)
+        channel = sender.connect(receiver.address, peer_stage=1)
         big = np.random.default_rng(0).random(300_000).astype(np.float32)  # spans many TLS records
         channel.put(Kind.ACTIVATION, 0, {"x": big, "b": np.ones(3, ml_dtypes.bfloat16)})
         assert_trees_equal(receiver.get(Kind.ACTIVATION, 0, timeout=10).tree,
                            {"x": big, "b": np.ones(3, ml_dtypes.bfloat16)})
         with pytest.raises(TransportError, match="requires encryption"):
-            sender.connect("tcp://" + receiver.address.split("://")[1])
-        with Endpoint.start(stage=2) as plain:  # no certificate: the TLS server refuses it
+            sender.connect("tcp://" + receiver.address.split("://")[1], peer_stage=1)
+        with start(2) as plain:  # no certificate: the TLS server refuses it
             with pytest.raises(TransportError):
-                plain.connect(receiver.address)
+                plain.connect(receiver.address, peer_stage=1)
+        with start(2, security=security, backend=backend, secret=secrets.token_bytes(32)) as stranger:
+            with pytest.raises(TransportError, match="refused the handshake"):  # TLS, but not this job
+                stranger.connect(receiver.address, peer_stage=1)
+        wait_until(lambda: receiver.stats["rejected_connections"] == 1)
 
 
-def _echo(to_parent: mp.Queue, from_parent: mp.Queue) -> None:
+def _echo(to_parent: mp.Queue, from_parent: mp.Queue, secret: bytes) -> None:
     from pipetrain.runtime.transport import Endpoint, Kind
 
-    with Endpoint.start(stage=1) as endpoint:
+    with Endpoint.start(stage=1, secret=secret) as endpoint:
         to_parent.put(endpoint.address)
-        back = endpoint.connect(from_parent.get(timeout=60))
+        back = endpoint.connect(from_parent.get(timeout=60), peer_stage=0)
         while True:
             message = endpoint.get(Kind.ACTIVATION, None, timeout=60)
             if message.tree is None:
@@ -279,11 +294,11 @@ def _echo(to_parent: mp.Queue, from_parent: mp.Queue) -> None:
 def test_two_processes_exchange_activations_and_gradients():
     ctx = mp.get_context("spawn")
     to_parent, from_parent = ctx.Queue(), ctx.Queue()
-    process = ctx.Process(target=_echo, args=(to_parent, from_parent))
+    process = ctx.Process(target=_echo, args=(to_parent, from_parent, SECRET))
     process.start()
     try:
-        with Endpoint.start(stage=0) as endpoint:
-            channel = endpoint.connect(to_parent.get(timeout=60))
+        with start(0) as endpoint:
+            channel = endpoint.connect(to_parent.get(timeout=60), peer_stage=1)
             from_parent.put(endpoint.address)
             rng = np.random.default_rng(1)
             for k, rows in enumerate([3, 64, 1, 2048]):
@@ -298,3 +313,227 @@ def test_two_processes_exchange_activations_and_gradients():
     finally:
         process.join(30)
     assert process.exitcode == 0
+
+
+# ---------------------------------------------------------------- a stage port under attack
+#
+# Each attack must leave the endpoint healthy (the real sender's next message
+# gets through, no PeerLost) and allocate nothing near what it declared.
+
+ATTACK_TIMEOUT = 0.5  # the endpoint's handshake timeout in these tests
+
+
+@pytest.fixture
+def guarded():
+    sender, receiver = start(0), start(1, handshake_timeout=ATTACK_TIMEOUT)
+    channel = sender.connect(receiver.address, peer_stage=1)
+    yield sender, receiver, channel
+    sender.close()
+    receiver.close()
+
+
+@pytest.fixture
+def bounded_memory():
+    """Fails the test if Python and numpy together allocated more than 4 MiB at any time."""
+    import tracemalloc
+
+    tracemalloc.start()
+    yield
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes allocated at the peak of the attack"
+
+
+def assert_healthy(receiver, channel, k: int = 100) -> None:
+    channel.put(Kind.ACTIVATION, k, np.full(3, k, np.float32))
+    assert receiver.get(Kind.ACTIVATION, k, timeout=10).tree[0] == k  # would raise PeerLost
+    assert receiver._lost == []
+
+
+def raw(address: str):
+    import socket
+
+    host, port = address.split("://")[1].rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+class BlockingIO:  # handshake.offer over a plain blocking socket, as an attacker's script would run it
+    def __init__(self, sock, sent: list | None = None):
+        self.sock, self.sent = sock, sent if sent is not None else []
+
+    async def recv(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append(data)
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def authenticated(address: str, *, stage: int = 0, peer_stage: int = 1, sent: list | None = None):
+    """A raw socket past the handshake, as stage ``stage`` of this job (it holds the secret)."""
+    import asyncio
+
+    from pipetrain.runtime.handshake import Credentials, offer
+
+    sock = raw(address)
+    asyncio.run(offer(BlockingIO(sock, sent), Credentials(SECRET), stage=stage, peer_stage=peer_stage, generation=0))
+    return sock
+
+
+def forged_gradient_frame() -> bytes:
+    message = wire.Message(kind=Kind.GRADIENT, k=7, tree=np.ones(4, np.float32), stage=2, generation=0)
+    return b"".join(bytes(frame) for frame in wire.frames(*wire.encode(message, 0)))
+
+
+def _replayed_offer(address: str) -> bytes:
+    recorded: list = []
+    with authenticated(address, sent=recorded) as sock:  # a real stage's handshake, overheard
+        sock.sendall(b"".join(bytes(f) for f in wire.frames(wire.control_meta(Kind.BYE, -1, 0, 0), [])))
+    return recorded[0]
+
+
+PRE_AUTH = {  # what an attacker without the secret throws at the port
+    "bare connect/close": lambda address: b"",
+    "bad magic": lambda address: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(100),
+    "random bytes": lambda address: np.random.default_rng(0).bytes(4096),
+    "huge declared payload": lambda address: wire.PREFIX.pack(wire.MAGIC, 2, 1 << 40) + b"{}",
+    "huge declared header": lambda address: wire.PREFIX.pack(wire.MAGIC, 1 << 31, 0) + bytes(1000),
+    "forged frame": lambda address: forged_gradient_frame(),
+    "replayed handshake": _replayed_offer,
+}
+
+
+@pytest.mark.parametrize("attack", list(PRE_AUTH))
+def test_unauthenticated_connections_are_refused_never_lost(guarded, bounded_memory, caplog, attack):
+    _, receiver, channel = guarded
+    before = receiver.stats["rejected_connections"]
+    payload = PRE_AUTH[attack](receiver.address)
+    for _ in range(5):  # more than the 3 restarts a job allows
+        with raw(receiver.address) as sock:
+            sock.sendall(payload)
+    wait_until(lambda: receiver.stats["rejected_connections"] == before + 5)
+    assert_healthy(receiver, channel)
+    assert receiver.stats["received"] == 1 and not receiver.has(Kind.GRADIENT, 7)
+    assert "refused a connection from 127.0.0.1:" in caplog.text
+
+
+POST_AUTH = {  # what a peer holding the secret could still get wrong: the stream breaks, the link ends
+    "huge declared payload": (wire.PREFIX.pack(wire.MAGIC, 2, 1 << 40) + b"{}", "over this edge's bound"),
+    "huge declared header": (wire.PREFIX.pack(wire.MAGIC, 1 << 31, 0), "over the 65536-byte limit"),
+    "bad magic": (b"XXXX" + bytes(12), "bad magic"),
+    "leaves disagree with the payload": (
+        b"".join(wire.frames({**wire.control_meta(Kind.ACTIVATION, 0), "leaves": [["float32", [4], 8]]},
+                             [np.zeros(8, np.uint8)])), "declares 8 bytes, but float32[4] takes 16"),
+}
+
+
+@pytest.mark.parametrize("attack", list(POST_AUTH))
+def test_a_broken_frame_ends_its_connection_without_allocating(guarded, bounded_memory, caplog, attack):
+    _, receiver, channel = guarded
+    data, reason = POST_AUTH[attack]
+    allocated = receiver._pool.allocated
+    with authenticated(receiver.address) as sock:
+        sock.sendall(data)
+        assert sock.recv(1) == b""  # the endpoint closed it
+    wait_until(lambda: receiver.stats["rejected_frames"] == 1)
+    assert reason in caplog.text
+    assert_healthy(receiver, channel)
+    assert receiver._pool.allocated <= allocated + 1  # the healthy message's buffer, nothing declared
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("who,overrides", [
+    ("wrong secret", dict(stage=0, secret=secrets.token_bytes(32))),
+    ("wrong job", dict(stage=0, job_id="another-job")),
+    ("wrong generation", dict(stage=0, generation=1)),
+    ("wrong edge", dict(stage=3)),
+])
+def test_real_endpoints_that_do_not_belong_are_refused(who, overrides, backend, caplog):
+    with start(0, backend=backend) as sender, start(1, backend=backend) as receiver:
+        channel = sender.connect(receiver.address, peer_stage=1)
+        with start(backend=backend, **overrides) as intruder:
+            with pytest.raises(TransportError, match="refused the handshake"):
+                intruder.connect(receiver.address, peer_stage=1)
+        wait_until(lambda: receiver.stats["rejected_connections"] == 1)
+        assert who.split()[1] in caplog.text or "MAC" in caplog.text
+        assert_healthy(receiver, channel)
+
+
+def test_a_connector_must_name_the_stage_it_reaches(guarded):
+    sender, receiver, channel = guarded
+    with pytest.raises(TransportError, match="refused the handshake"):
+        sender.connect(receiver.address, peer_stage=2)
+    assert_healthy(receiver, channel)
+
+
+def test_frames_outside_the_edge_or_repeated_are_dropped_and_acknowledged(guarded, caplog):
+    sender, receiver, channel = guarded
+    channel.put(Kind.GRADIENT, 1, np.zeros(3)).result(10)  # stage 1 hears gradients only from stage 2
+    assert not receiver.has(Kind.GRADIENT, 1)
+    channel.put(Kind.ACTIVATION, 2, np.ones(3))
+    channel.put(Kind.ACTIVATION, 2, np.zeros(3)).result(10)  # a second one while the first waits
+    assert receiver.get(Kind.ACTIVATION, 2, timeout=10).tree[0] == 1  # the first one, not displaced
+    channel.put(Kind.ACTIVATION, 2, np.zeros(3)).result(10)  # and once taken, never again
+    with pytest.raises(TransportTimeout):
+        receiver.get(Kind.ACTIVATION, 2, timeout=0.2)
+    assert receiver.stats["rejected_frames"] == 3
+    for text in ("which carries ACTIVATION", "while the first is buffered", "already taken"):
+        assert text in caplog.text
+    channel.wait_acked(timeout=10)  # every dropped frame gave its credit back
+    assert_healthy(receiver, channel)
+
+
+def test_a_stalled_client_is_dropped_without_blocking_anyone(caplog):
+    stall = 2.0
+    with start(1, handshake_timeout=stall) as receiver, start(0) as sender:
+        with raw(receiver.address) as silent, raw(receiver.address) as slow:
+            slow.sendall(b"PT")  # half a magic, then nothing
+            started = time.monotonic()
+            channel = sender.connect(receiver.address, peer_stage=1)  # while both stall
+            channel.put(Kind.ACTIVATION, 5, np.ones(2))
+            assert receiver.get(Kind.ACTIVATION, 5, timeout=10).k == 5
+            assert receiver.stats["rejected_connections"] == 0, "the real peer waited for the stalled ones"
+            wait_until(lambda: receiver.stats["rejected_connections"] == 2)
+            assert time.monotonic() - started >= stall * 0.9
+            assert silent.recv(64)[:4] == b"PTH1" and silent.recv(1) == b""  # greeted, then dropped
+        assert f"no handshake within {stall:g} s" in caplog.text
+        assert_healthy(receiver, channel)
+
+
+def test_the_oldest_pending_handshake_makes_room(guarded, monkeypatch):
+    from pipetrain.runtime.handshake import Gate
+
+    sender, receiver, channel = guarded
+    monkeypatch.setattr(Gate, "MAX_PENDING", 3)
+    sockets = [raw(receiver.address) for _ in range(5)]
+    wait_until(lambda: receiver.stats["rejected_connections"] >= 2)
+    assert_healthy(receiver, channel)
+    for sock in sockets:
+        sock.close()
+
+
+def test_a_secret_is_required_and_the_dask_backend_stays_on_loopback():
+    with pytest.raises(TypeError):
+        Endpoint.start(stage=0)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        Endpoint.start(stage=0, secret=b"short")
+    with pytest.raises(TransportError, match="loopback only"):
+        start(0, backend="dask", host="0.0.0.0")
+
+
+def test_a_sender_is_told_when_its_meta_is_too_large(pair):
+    _, receiver, channel = pair
+    with pytest.raises(ValueError, match="over the wire's 65536-byte limit"):
+        channel.put(Kind.ACTIVATION, 0, [np.zeros(1, np.float32)] * 3000)
+    assert channel.in_flight == 0
+    channel.put(Kind.ACTIVATION, 0, np.ones(1))
+    assert receiver.get(Kind.ACTIVATION, 0, timeout=10).k == 0

@@ -391,7 +391,8 @@ class Driver:
                            resume_cut=start.cut or None, credits=plan.credits, security=plan.security,
                            max_events=StageJob.max_events if plan.record_events else 0,
                            resume_ledger=start.ledgers.get(spec.index), secret=plan.secret,
-                           input_specs=_boundary_specs(plan.partition, spec.index))
+                           input_specs=_boundary_specs(plan.partition, spec.index),
+                           output_specs=_boundary_specs(plan.partition, spec.index + 1))
             futures.append(self.client.submit(run_stage, job, workers=[placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
                                               key=f"pipetrain-{plan.job_id}-g{start.generation}-stage{spec.index}"))

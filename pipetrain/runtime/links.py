@@ -3,20 +3,27 @@
 Opening them is the rendezvous: the stage listens on its worker's host,
 publishes its address on the control plane, then connects to the stage it
 sends activations to (s + 1) and the one it sends gradients to (s - 1).
-A RECV waits in short slices so a stop from the driver (recovery) or a
-vanished peer ends the wait promptly instead of hanging the task.
+Every connection proves it holds the job's secret for this job, edge and
+generation (the transport's handshake), and each inbound edge is bounded by
+what it carries (``payload_bound``). A RECV waits in short slices so a stop
+from the driver (recovery) or a vanished peer ends the wait promptly instead
+of hanging the task.
 """
 from __future__ import annotations
 
+import math
+import os
 import queue
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from pipetrain.runtime.transport import Endpoint, Kind as Wire, TransportTimeout
+from pipetrain.runtime import wire
+from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD, Endpoint, Kind as Wire, TransportTimeout
 from pipetrain.schedule.actions import Kind
 from pipetrain.stages.tensors import to_numpy
+from pipetrain.tree import flatten
 
 _WIRE_KIND = {Kind.RECV_ACT: Wire.ACTIVATION, Kind.SEND_ACT: Wire.ACTIVATION,
               Kind.RECV_GRAD: Wire.GRADIENT, Kind.SEND_GRAD: Wire.GRADIENT}
@@ -172,6 +179,39 @@ def _security(job: Any) -> Any:
         return None
 
 
+# How large one message on an edge may be (the transport refuses a frame
+# declaring more before allocating it). The boundary specs fix every
+# dimension but the free ones (None: batch, sequence length), so a tensor's
+# bound is its fixed part times FREE_POSITIONS: 4M rows, or 16 sequences of
+# 256k tokens, per micro-batch, generous for any model we run while still
+# turning a corrupt 2^40-byte length into a refusal. Never below MIN_BOUND;
+# PIPETRAIN_MAX_MESSAGE_BYTES (on the workers) replaces the whole rule.
+FREE_POSITIONS = 1 << 22
+MIN_BOUND = 64 << 20
+BOUND_ENV = "PIPETRAIN_MAX_MESSAGE_BYTES"
+
+
+def payload_bound(specs: Any) -> int:
+    """The most payload bytes a message matching ``specs`` (a pytree of TensorSpec) may take."""
+    if os.environ.get(BOUND_ENV):
+        return int(os.environ[BOUND_ENV])
+    if specs is None:
+        return DEFAULT_MAX_PAYLOAD
+    total = 0
+    for spec in flatten(specs)[0]:
+        fixed = math.prod(d for d in spec.shape if d is not None and d != -1)
+        free = any(d is None or d == -1 for d in spec.shape)
+        total += fixed * wire.np_dtype(spec.dtype).itemsize * (FREE_POSITIONS if free else 1) + wire.ALIGN
+    return max(MIN_BOUND, total)
+
+
+def edge_bounds(job: Any) -> dict[int, int]:
+    """Per sending stage: activations from s - 1 have the shapes of this stage's
+    inputs, gradients from s + 1 those of its outputs."""
+    s = job.spec.index
+    return {s - 1: payload_bound(job.input_specs), s + 1: payload_bound(job.output_specs)}
+
+
 def _credits(job: Any) -> int:
     # Enough for the schedule's in-flight bound, so credit never stalls a
     # stage that the schedule lets run ahead; the user may ask for fewer.
@@ -181,15 +221,18 @@ def _credits(job: Any) -> int:
 @contextmanager
 def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
     spec = job.spec
-    endpoint = Endpoint.start(stage=spec.index, host=_listen_host(), security=_security(job),
-                              credits=_credits(job), generation=job.generation)
+    endpoint = Endpoint.start(stage=spec.index, secret=job.secret, job_id=job.job_id, host=_listen_host(),
+                              security=_security(job), credits=_credits(job), generation=job.generation,
+                              max_payload=edge_bounds(job))
     to_next = to_prev = links = None
     try:
         control.publish_address(spec.index, endpoint.address)
         if not spec.is_last:
-            to_next = endpoint.connect(control.peer_address(spec.index + 1, timeout=job.connect_timeout))
+            to_next = endpoint.connect(control.peer_address(spec.index + 1, timeout=job.connect_timeout),
+                                       peer_stage=spec.index + 1)
         if not spec.is_first:
-            to_prev = endpoint.connect(control.peer_address(spec.index - 1, timeout=job.connect_timeout))
+            to_prev = endpoint.connect(control.peer_address(spec.index - 1, timeout=job.connect_timeout),
+                                       peer_stage=spec.index - 1)
         links = TransportLinks(endpoint, to_next=to_next, to_prev=to_prev, control=control,
                                expect_input=job.input_specs)
         yield links

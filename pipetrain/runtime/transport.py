@@ -1,4 +1,4 @@
-"""Stage-to-stage transport: credit flow control over tcp:// or tls://.
+"""Stage-to-stage transport: authenticated, bounded stage ports with credit flow control, over tcp:// or tls://.
 
 One ``Endpoint`` per stage process listens on an address and opens one
 outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
@@ -6,21 +6,39 @@ outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
 The API faces the stage's compute thread and blocks there; an asyncio event
 loop in a background thread of the endpoint only moves bytes::
 
-    ep = Endpoint.start(stage=1, security=security)      # ep.address -> peers
-    to_next = ep.connect(address_of_stage_2)             # once per peer
+    ep = Endpoint.start(stage=1, secret=job.secret, job_id=job.job_id)  # ep.address -> peers
+    to_next = ep.connect(address_of_stage_2, peer_stage=2)   # once per peer: the handshake
     x = ep.get(Kind.ACTIVATION, k, timeout=60).tree      # blocks, any arrival order
     to_next.put(Kind.ACTIVATION, k, y, version=v)        # blocks while out of credit
+
+Who may talk to a stage port: a connection is admitted only after the
+handshake (``handshake.py``) proved, with an HMAC on the job's secret, that
+it comes from this job, this generation and a neighbouring stage; nothing
+else is read from it before. Then it may carry only what its edge carries:
+stage s takes ACTIVATION only from stage s - 1's connection and GRADIENT only
+from s + 1's (CONTROL from either); every frame's declared sizes are checked
+before anything is allocated (``wire.MAX_META`` for the meta,
+``max_payload`` for the payload, per sending stage; the runtime derives it
+from the partition's boundary specs, see ``links.py``). A second message for
+a (kind, k) that is buffered, or for one already taken in this generation,
+is a protocol violation. Whatever fails a check is dropped, logged (a
+warning naming the peer and why, rate-limited) and counted
+(``stats["rejected_connections"]``, ``stats["rejected_frames"]``); it never
+becomes a peer loss and never displaces a real message. Only an admitted
+peer whose connection drops without a goodbye is lost.
 
 Flow control: a channel has ``credits`` messages in flight at most; ``put``
 blocks in the compute thread until the receiver's ``get`` of an earlier one
 returns a credit (an ACK frame). The channel keeps every sent tree until its
 ACK, so no send buffer is reused early; ``put`` returns a future that
-resolves on that ACK for callers that recycle buffers.
+resolves on that ACK for callers that recycle buffers. A dropped frame is
+acknowledged too, so a sender's credit never leaks.
 
 Fencing: the owner sets the generation (``set_generation``, bumped by the
-runtime on recovery). Messages older than it are dropped, counted in
+runtime on recovery). A connection belongs to the generation it shook hands
+for; messages older than the endpoint's are dropped, counted in
 ``stats["dropped_stale"]``, and acknowledged at once so the old sender's
-credit still comes back.
+credit still comes back. New connections for another generation are refused.
 
 Failures never hang: a peer whose connection drops without a goodbye makes
 ``get`` (when its message is not already there) and ``put`` raise
@@ -35,9 +53,15 @@ Backends (same interface, ``backend=``):
   thread sends any remainder and reads straight into pooled buffers; leaves
   are numpy views on them. tls:// runs on asyncio's SSL transport with the
   cluster's ``Security`` contexts (``get_listen_args("worker")`` /
-  ``get_connection_args("worker")``), same framing and receive path.
+  ``get_connection_args("worker")``), mutual TLS first, then the handshake
+  inside it; same framing and receive path.
 - ``"dask"``: ``distributed.comm`` connect/listen (its tcp/tls framing and
-  serialization); the baseline, and a way to distributed's other comms.
+  serialization); the baseline, and a way to distributed's other comms. It
+  runs the same handshake, but distributed.comm reads a whole message (and
+  allocates what its prefix declares, and unpickles what it says is pickled)
+  before any code of ours can refuse it, so no check on top can protect it.
+  It therefore listens on loopback only, for benchmarks; the runtime always
+  uses "stream".
 
 Why "stream" is the default: ``bench/transport.py``, two processes on
 loopback, 2-core VM under other load, two runs (ratio = GB/s over a plain
@@ -56,7 +80,8 @@ way a pipeline uses an edge; distributed.comm does not at 1 MiB. A lone
 than a bare socket, the wake-up of the thread that waits in ``get``, which
 credits overlap in a pipeline. (Ratios above 1: the blocking socket pair
 wakes per arriving segment; it is a reference, not a ceiling.) tls:// moves
-0.5-0.7 GB/s at 16-64 MiB, bound by encryption in asyncio's SSL layer.
+0.5-0.7 GB/s at 16-64 MiB, bound by encryption in asyncio's SSL layer. The
+handshake costs one round trip per connection, never per message.
 
 Why a loop thread of our own rather than the Dask worker's loop: the worker's
 loop carries heartbeats and the scheduler stream; reading a 64 MiB activation
@@ -64,141 +89,81 @@ or encrypting it on that loop would stall both, and a private loop lets the
 same code run in tests, benchmarks and the reference executor with no worker.
 The cost is the thread wake-up above.
 
-Layout: this module holds ``Channel`` and ``Endpoint`` (credits, fencing,
-the inbox) and is the one to import; the loop thread and the links that
-move bytes are in ``transport_links.py``, the errors in
-``transport_errors.py`` (re-exported here).
+Layout: this module holds ``Endpoint`` (fencing, the rules a frame must
+pass, losses) and is the one to import; ``Channel`` (credits) is in
+``transport_channel.py``, the inbox in ``transport_inbox.py``, opening
+connections (listen, connect, per backend) in ``transport_open.py``, the
+handshake in ``handshake.py``, the loop thread and the links that move bytes
+in ``transport_links.py``, the errors in ``transport_errors.py`` (re-exported
+here).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
-import socket
+import logging
 import threading
 import time
-from collections import deque
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from pipetrain.runtime import wire
+from pipetrain.runtime.handshake import TIMEOUT as HANDSHAKE_TIMEOUT, Admitted, Credentials
 from pipetrain.runtime.transport_errors import (
     PeerLost,
+    Rejected,
     TransportError,
     TransportTimeout,
 )
-from pipetrain.runtime.transport_links import DaskLink, LoopThread, SocketLink, TlsLink
+from pipetrain.runtime.transport_channel import Channel
+from pipetrain.runtime.transport_inbox import Inbox
+from pipetrain.runtime.transport_links import LoopThread
+from pipetrain.runtime.transport_open import Listener, connect as open_link
 from pipetrain.runtime.wire import BoundaryMismatch, Kind, Message, check_boundary
 
 __all__ = [
+    "DEFAULT_MAX_PAYLOAD",
     "BoundaryMismatch",
     "Channel",
     "Endpoint",
     "Kind",
     "Message",
     "PeerLost",
+    "Rejected",
     "TransportError",
     "TransportTimeout",
     "check_boundary",
 ]
 
+log = logging.getLogger("pipetrain.transport")
 
-# ---------------------------------------------------------------- channel
+# The payload bound of an edge nobody described (tests, benchmarks, a stage
+# without boundary specs): large enough for any one micro-batch's tensors we
+# have met, small enough that a corrupt length is refused, not allocated.
+DEFAULT_MAX_PAYLOAD = 1 << 30
 
 
-class Channel:
-    """The sending side of one edge, to one peer endpoint. Use from the compute thread."""
+class _WarningBudget:
+    """At most ``burst`` warnings at once, then one per ``every`` seconds: a flood of
+    junk connections must not flood the worker's log too (the counters see all)."""
 
-    def __init__(self, endpoint: Endpoint, peer: str, credits: int):
-        self.peer = peer
-        self.credits = credits
-        self._endpoint = endpoint
-        self._link: Any = None
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._unacked: dict[int, tuple[concurrent.futures.Future, Any]] = {}
-        self._error: TransportError | None = None
-        self._closing = False
+    def __init__(self, burst: int = 20, every: float = 1.0):
+        self.burst, self.every = burst, every
+        self.tokens, self.last, self.suppressed = float(burst), time.monotonic(), 0
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._unacked)
-
-    def put(
-        self,
-        kind: Kind,
-        k: int,
-        tree: Any = None,
-        *,
-        version: int = 0,
-        info: Any = None,
-        timeout: float | None = None,
-    ) -> concurrent.futures.Future:
-        """Send one message; block while ``credits`` messages are unacknowledged.
-
-        Returns a future resolved when the receiver has taken the message
-        (its ``get`` returned); the channel keeps ``tree`` alive until then.
-        """
-        ep = self._endpoint
-        message = Message(kind=Kind(kind), k=k, tree=tree, version=version, stage=ep.stage, generation=ep.generation,
-                          info=info)
-        with self._cond:
-            ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
-            if self._error:
-                raise self._error
-            if not ok:
-                raise TransportTimeout(
-                    f"stage {ep.stage}: no credit back from {self.peer} within {timeout}s to send {kind.name} k={k}: "
-                    f"{len(self._unacked)} messages unacknowledged (the receiver has not taken them)"
-                )
-            seq = next(self._seq)
-            done: concurrent.futures.Future = concurrent.futures.Future()
-            self._unacked[seq] = (done, tree)
-        meta, buffers = wire.encode(message, seq)  # in this thread: the loop only moves bytes
-        ep._count("sent", 1)
-        ep._count("bytes_sent", sum(b.nbytes for b in buffers))
-        self._link.write(meta, buffers)  # thread-safe; plain tcp sends from this thread
-        return done
-
-    def wait_acked(self, *, timeout: float | None = None) -> None:
-        """Block until every message sent on this channel has been taken by the receiver."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._error or not self._unacked, timeout):
-                raise TransportTimeout(f"stage {self._endpoint.stage}: {len(self._unacked)} messages to {self.peer} "
-                                       f"unacknowledged after {timeout}s")
-            if self._error and self._unacked:
-                raise self._error
-
-    def close(self) -> None:
-        """Say goodbye and close (after what is queued has been written)."""
-        if self._link is not None:
-            self._endpoint._io.call(self._goodbye)
-
-    # -- loop thread
-    def _goodbye(self) -> None:
-        if self._closing:
+    def warn(self, text: str, *args: Any) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) / self.every)
+        self.last = now
+        if self.tokens < 1:
+            self.suppressed += 1
             return
-        self._closing = True
-        self._link.write(wire.control_meta(Kind.BYE, -1, stage=self._endpoint.stage), [])
-        self._link.close()
-
-    def _acked(self, seq: int) -> None:
-        with self._cond:
-            done, _ = self._unacked.pop(seq, (None, None))
-            self._cond.notify_all()
-        if done is not None:
-            done.set_result(None)
-
-    def _lost(self, reason: str) -> None:
-        with self._cond:
-            self._error = PeerLost(
-                f"stage {self._endpoint.stage}: connection to {self.peer} lost ({reason}); "
-                f"{len(self._unacked)} messages unacknowledged"
-            )
-            pending = [done for done, _ in self._unacked.values()]
-            self._cond.notify_all()
-        for done in pending:
-            if not done.done():
-                done.set_exception(self._error)
+        self.tokens -= 1
+        if self.suppressed:
+            text += f" ({self.suppressed} more rejections since the last warning, counted in stats only)"
+            self.suppressed = 0
+        log.warning(text, *args)
 
 
 # ---------------------------------------------------------------- endpoint
@@ -207,26 +172,33 @@ class Channel:
 class Endpoint:
     """A stage process's transport: listens at ``address``, receives into an inbox."""
 
-    def __init__(self, *, stage: int, security: Any, backend: str, credits: int, generation: int):
+    _live: weakref.WeakSet = weakref.WeakSet()
+
+    def __init__(self, *, stage: int, secret: bytes, job_id: str, security: Any, backend: str, credits: int,
+                 generation: int, max_payload: int | Mapping[int, int], handshake_timeout: float):
         if backend not in ("stream", "dask"):
             raise ValueError(f"transport backend must be 'stream' or 'dask', got {backend!r}")
         self.stage = stage
         self.backend = backend
         self.credits = credits
         self.security = security
+        self.credentials = Credentials(secret, job_id)
+        self.handshake_timeout = handshake_timeout
+        self.max_payload = max_payload
         self.address = ""
         self._generation = generation
         self._io = LoopThread(f"pipetrain-transport-stage{stage}")
         self._pool = wire.BufferPool()
         self._cond = threading.Condition()
-        self._inbox: dict[tuple[Kind, int], deque] = {}
-        self._arrivals = itertools.count()
+        self._inbox = Inbox()
         self._lost: list[str] = []
         self._closed = False
-        self._server: Any = None
-        self._links: set = set()  # inbound connections
+        self._listener: Listener | None = None
+        self._links: set = set()  # admitted inbound connections
         self._channels: list[Channel] = []
-        self.stats = {"sent": 0, "bytes_sent": 0, "received": 0, "bytes_received": 0, "dropped_stale": 0}
+        self._warnings = _WarningBudget()
+        self.stats = {"sent": 0, "bytes_sent": 0, "received": 0, "bytes_received": 0, "dropped_stale": 0,
+                      "rejected_connections": 0, "rejected_frames": 0}
 
     # -- lifecycle
 
@@ -235,6 +207,8 @@ class Endpoint:
         cls,
         *,
         stage: int,
+        secret: bytes,
+        job_id: str = "",
         host: str = "127.0.0.1",
         port: int = 0,
         security: Any = None,
@@ -242,16 +216,29 @@ class Endpoint:
         credits: int = 2,
         generation: int = 0,
         timeout: float = 30,
+        max_payload: int | Mapping[int, int] = DEFAULT_MAX_PAYLOAD,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> Endpoint:
-        """Start the loop thread and listen; ``security`` is a ``distributed.security.Security``
-        (tls:// when it has TLS settings, else tcp://)."""
-        endpoint = cls(stage=stage, security=security, backend=backend, credits=credits, generation=generation)
+        """Start the loop thread and listen. ``secret``: the job's key (at least 16 bytes),
+        which every peer must prove it holds; ``security`` is a
+        ``distributed.security.Security`` (tls:// when it has TLS settings, else tcp://);
+        ``max_payload``: the most bytes one message's arrays may take, for every
+        sender or per sending stage (a mapping; stages it omits get DEFAULT_MAX_PAYLOAD)."""
+        endpoint = cls(stage=stage, secret=secret, job_id=job_id, security=security, backend=backend,
+                       credits=credits, generation=generation, max_payload=max_payload,
+                       handshake_timeout=handshake_timeout)
         try:
             endpoint._io.run(endpoint._listen(host, port), timeout)
         except BaseException:
             endpoint._io.stop()
             raise
+        cls._live.add(endpoint)
         return endpoint
+
+    @classmethod
+    def live(cls) -> list[Endpoint]:
+        """The endpoints of this process that are open (for diagnostics: their stats)."""
+        return [endpoint for endpoint in list(cls._live) if not endpoint._closed]
 
     def close(self, *, timeout: float = 5) -> None:
         """Say goodbye on every channel, stop listening, stop the loop thread."""
@@ -272,6 +259,12 @@ class Endpoint:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def payload_bound(self, sender: int) -> int:
+        """The most payload bytes a message from stage ``sender`` may declare."""
+        if isinstance(self.max_payload, Mapping):
+            return self.max_payload.get(sender, DEFAULT_MAX_PAYLOAD)
+        return self.max_payload
+
     # -- generation fencing
 
     @property
@@ -280,18 +273,11 @@ class Endpoint:
 
     def set_generation(self, generation: int) -> int:
         """Fence older generations: drop (and acknowledge) buffered messages older than
-        ``generation``, forget lost peers. Returns how many messages were dropped."""
+        ``generation``, forget lost peers and the ids taken. Returns how many messages were dropped."""
         with self._cond:
             self._generation = generation
             self._lost.clear()
-            stale = []
-            for key, queue in list(self._inbox.items()):
-                keep = deque(item for item in queue if item[1].generation >= generation)
-                stale += [item for item in queue if item[1].generation < generation]
-                if keep:
-                    self._inbox[key] = keep
-                else:
-                    del self._inbox[key]
+            stale = self._inbox.fence(generation)
             self.stats["dropped_stale"] += len(stale)
         for _, _, link, seq in stale:
             self._send_ack(link, seq)
@@ -299,13 +285,18 @@ class Endpoint:
 
     # -- sending and receiving (compute thread)
 
-    def connect(self, address: str, *, credits: int | None = None, timeout: float = 30) -> Channel:
-        """Open a channel to the endpoint listening at ``address``."""
-        channel = Channel(self, address, credits or self.credits)
+    def connect(self, address: str, *, peer_stage: int, credits: int | None = None, timeout: float = 30) -> Channel:
+        """Open a channel to stage ``peer_stage``'s endpoint listening at ``address``
+        (the handshake proves both sides hold the job's secret)."""
+        channel = Channel(self, address, credits or self.credits, self._generation)
         try:
-            channel._link = self._io.run(self._connect(address, channel, timeout), timeout + 1)
-        except (TimeoutError, OSError, concurrent.futures.TimeoutError) as error:
+            channel._link = self._io.run(
+                open_link(self, address, peer_stage=peer_stage, generation=channel.generation, timeout=timeout,
+                          on_message=channel._on_message, on_closed=channel._on_closed),
+                timeout + 1)
+        except (TimeoutError, OSError, concurrent.futures.TimeoutError, Rejected) as error:
             raise TransportError(f"stage {self.stage}: cannot connect to {address}: {error!r}") from error
+        self._channels.append(channel)
         return channel
 
     def get(
@@ -323,7 +314,7 @@ class Endpoint:
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                item = self._take(kind, k)
+                item = self._inbox.take(kind, k)
                 if item is not None:
                     break
                 if self._closed:
@@ -334,7 +325,7 @@ class Endpoint:
                     )
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    buffered = sorted(f"{key[0].name} k={key[1]}" for key in self._inbox)
+                    buffered = sorted(f"{key[0].name} k={key[1]}" for key in self._inbox.keys())
                     raise TransportTimeout(
                         f"stage {self.stage}: no {kind.name} k={k} within {timeout}s "
                         f"(buffered: {buffered or 'nothing'})"
@@ -351,134 +342,36 @@ class Endpoint:
         with self._cond:
             return (Kind(kind), k) in self._inbox
 
-    def _take(self, kind: Kind, k: int | None) -> tuple | None:
-        if k is None:
-            keys = [key for key in self._inbox if key[0] == kind]
-            if not keys:
-                return None
-            key = min(keys, key=lambda key: self._inbox[key][0][0])
-        else:
-            key = (kind, k)
-            if key not in self._inbox:
-                return None
-        queue = self._inbox[key]
-        item = queue.popleft()
-        if not queue:
-            del self._inbox[key]
-        return item
-
     def _count(self, name: str, amount: int) -> None:
         with self._cond:
             self.stats[name] += amount
 
     # -- loop thread
 
-    def _ssl_context(self, purpose: str) -> Any:
-        if self.security is None:
-            return None
-        args = (self.security.get_listen_args("worker") if purpose == "listen"
-                else self.security.get_connection_args("worker"))
-        return args.get("ssl_context")
-
     async def _listen(self, host: str, port: int) -> None:
-        context = self._ssl_context("listen")
-        scheme = "tls" if context is not None else "tcp"
-        if self.security is not None and self.security.require_encryption and context is None:
-            raise TransportError("security requires encryption but has no TLS certificate for the 'worker' role")
-        if self.backend == "dask":
-            from distributed.comm import listen
+        self._listener = Listener(self)
+        self.address = await self._listener.start(host, port)
 
-            async def handle(comm: Any) -> None:
-                link = DaskLink(comm, self._on_message, self._on_closed)
-                self._links.add(link)
-                await asyncio.gather(*link._tasks, return_exceptions=True)
+    def _adopt(self, link: Any, admitted: Admitted) -> None:
+        link.admitted = admitted
+        self._links.add(link)
 
-            listen_args = self.security.get_listen_args("worker") if self.security else {}
-            self._server = listen(f"{scheme}://{host}:{port}", handle, **listen_args)
-            await self._server.start()
-            self.address = self._server.contact_address
-            return
-        loop = asyncio.get_running_loop()
-        if context is not None:
+    def _reject_connection(self, peer: str, reason: str) -> None:
+        self._count("rejected_connections", 1)
+        self._warnings.warn("stage %d: refused a connection from %s: %s", self.stage, peer, reason)
 
-            def factory() -> TlsLink:
-                link = TlsLink(loop, self._pool, self._on_message, self._on_closed)
-                self._links.add(link)
-                return link
-
-            self._server = await loop.create_server(factory, host, port, ssl=context)
-            listening = self._server.sockets[0]
-        else:
-            listening = socket.create_server((host, port), backlog=64)
-            listening.setblocking(False)
-            self._server = listening
-
-            def accept() -> None:
-                try:
-                    sock, _ = listening.accept()
-                except (BlockingIOError, InterruptedError):
-                    return
-                self._links.add(SocketLink(sock, loop, self._pool, self._on_message, self._on_closed))
-
-            loop.add_reader(listening.fileno(), accept)
-        bound_host, bound_port = listening.getsockname()[:2]
-        if host in ("", "0.0.0.0", "::"):
-            from distributed.utils import get_ip
-
-            bound_host = get_ip()
-        self.address = f"{scheme}://{bound_host}:{bound_port}"
-
-    async def _connect(self, address: str, channel: Channel, timeout: float) -> Any:
-        scheme, _, location = address.partition("://")
-        if scheme not in ("tcp", "tls") or not location:
-            raise TransportError(f"stage {self.stage}: address {address!r} is not tcp://host:port or tls://host:port")
-        context = self._ssl_context("connect")
-        if scheme == "tls" and context is None:
-            raise TransportError(f"stage {self.stage}: {address} needs TLS "
-                                 "but this endpoint has no Security with TLS settings")
-        if scheme == "tcp" and self.security is not None and self.security.require_encryption:
-            raise TransportError(f"stage {self.stage}: security requires encryption but {address} is plain tcp://")
-
-        def on_closed(link: Any, error: Exception | None) -> None:
-            if channel._closing:
-                channel._lost("this channel was closed")
-            elif not self._closed:
-                channel._lost(repr(error) if error else "closed by peer")
-
-        def on_message(link: Any, meta: dict, payload: Any) -> None:
-            if meta["kind"] == Kind.ACK:
-                channel._acked(meta["seq"])
-
-        if self.backend == "dask":
-            from distributed.comm import connect
-
-            args = self.security.get_connection_args("worker") if self.security else {}
-            comm = await connect(address, timeout=timeout, **args)
-            link = DaskLink(comm, on_message, on_closed)
-        else:
-            host, port = location.rsplit(":", 1)
-            host = host.strip("[]")
-            loop = asyncio.get_running_loop()
-            if context is not None:
-                _, link = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: TlsLink(loop, self._pool, on_message, on_closed),
-                        host, int(port), ssl=context, server_hostname=host,
-                    ),
-                    timeout,
-                )
-            else:
-                family, kind, proto, _, where = (await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM))[0]
-                sock = socket.socket(family, kind, proto)
-                sock.setblocking(False)
-                try:
-                    await asyncio.wait_for(loop.sock_connect(sock, where), timeout)
-                except BaseException:
-                    sock.close()
-                    raise
-                link = SocketLink(sock, loop, self._pool, on_message, on_closed)
-        self._channels.append(channel)
-        return link
+    def _edge_problem(self, admitted: Admitted, meta: dict) -> str | None:
+        """Why a frame may not come on this connection, or None."""
+        kind, sender = meta["kind"], admitted.sender
+        carries = Kind.ACTIVATION if sender == self.stage - 1 else Kind.GRADIENT
+        if kind not in (carries, Kind.CONTROL):
+            return (f"{Kind(kind).name} on the connection from stage {sender}, which carries {carries.name} "
+                    "(and CONTROL) only")
+        if meta["s"] != sender:
+            return f"it claims to come from stage {meta['s']}"
+        if meta["g"] != admitted.generation:
+            return f"it is of generation {meta['g']} on a connection of generation {admitted.generation}"
+        return None
 
     def _on_message(self, link: Any, meta: dict, payload: Any) -> None:
         kind = meta["kind"]
@@ -487,22 +380,39 @@ class Endpoint:
             return
         if kind == Kind.ACK:
             return  # acks only travel on outbound channels
-        message = wire.decode(meta, payload)
+        problem = self._edge_problem(link.admitted, meta)
+        message = stale = None
+        if problem is None:
+            try:
+                message = wire.decode(meta, payload)
+            except Exception as error:  # noqa: BLE001 - a malformed tree: drop it, keep the loop
+                problem = f"its tree does not decode ({error!r})"
         with self._cond:
-            self.stats["received"] += 1
-            self.stats["bytes_received"] += message.nbytes
-            stale = message.generation < self._generation
-            if stale:
-                self.stats["dropped_stale"] += 1
+            if problem is None:
+                stale = message.generation < self._generation
+                problem = None if stale else self._inbox.refusal(message)
+            if problem is not None:
+                self.stats["rejected_frames"] += 1
             else:
-                key = (message.kind, message.k)
-                self._inbox.setdefault(key, deque()).append((next(self._arrivals), message, link, meta["seq"]))
-                self._cond.notify_all()
-        if stale:
-            self._send_ack(link, meta["seq"])
+                self.stats["received"] += 1
+                self.stats["bytes_received"] += message.nbytes
+                if stale:
+                    self.stats["dropped_stale"] += 1
+                else:
+                    self._inbox.put(message, link, meta["seq"])
+                    self._cond.notify_all()
+        if problem is not None:
+            self._warnings.warn("stage %d: dropped a frame (%s k=%s) from %s: %s", self.stage,
+                                Kind(kind).name, meta["k"], link.peer, problem)
+        if problem is not None or stale:
+            self._send_ack(link, meta["seq"])  # the sender's credit comes back all the same
 
     def _on_closed(self, link: Any, error: Exception | None) -> None:
         self._links.discard(link)
+        if isinstance(error, Rejected):  # we ended it for a broken frame: dropped, not lost
+            self._count("rejected_frames", 1)
+            self._warnings.warn("stage %d: closed the connection from %s: %s", self.stage, link.peer, error)
+            return
         if link.bye_seen or self._closed:
             return
         with self._cond:
@@ -518,14 +428,8 @@ class Endpoint:
             channel._goodbye()
         for link in list(self._links):  # inbound
             link.close()
-        if self._server is not None:
-            if self.backend == "dask":
-                self._server.stop()
-            elif isinstance(self._server, socket.socket):
-                asyncio.get_running_loop().remove_reader(self._server.fileno())
-                self._server.close()
-            else:
-                self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         deadline = time.monotonic() + 2
         while not all(link.finished for link in links) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # goodbyes and queued frames flush

@@ -1,13 +1,14 @@
 """The transport's errors, in a module of their own.
 
-The links that move bytes (``transport_links``) and the channel and endpoint
-built on them (``transport``) both raise these; keeping them apart lets both
-import them without importing each other. Users import them from
+The links that move bytes (``transport_links``), the handshake
+(``handshake``), the framing (``wire``) and the channel and endpoint built on
+them (``transport``) all raise these; keeping them apart lets each import
+them without importing the others. Users import them from
 ``pipetrain.runtime.transport``.
 """
 from __future__ import annotations
 
-__all__ = ["PeerLost", "TransportError", "TransportTimeout"]
+__all__ = ["PeerLost", "Rejected", "TransportError", "TransportTimeout"]
 
 
 class TransportError(RuntimeError):
@@ -20,3 +21,10 @@ class PeerLost(TransportError):
 
 class TransportTimeout(TransportError, TimeoutError):
     """A get or put waited longer than its timeout."""
+
+
+class Rejected(TransportError):
+    """A connection or a frame failed a check (handshake, size bound, protocol rule).
+
+    The endpoint drops it, logs why and counts it; it is never a peer loss.
+    """

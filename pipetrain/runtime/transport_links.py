@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipetrain.runtime import wire
-from pipetrain.runtime.transport_errors import TransportError
+from pipetrain.runtime.transport_errors import Rejected, TransportError
 
 __all__ = ["DaskLink", "FrameReader", "LoopThread", "SocketLink", "TlsLink"]
 
@@ -77,12 +77,18 @@ class FrameReader:
     The owner asks ``buffer()`` where the next bytes go, reads into it, and
     reports ``consumed(n)``: headers land in a small staging area, a payload's
     bytes beyond what staging already holds are read directly into its buffer.
+    Every declared size is checked before anything is allocated for it
+    (``Rejected``, which ends the link): the meta against ``wire.MAX_META``
+    (so it always fits in staging), the payload against ``max_payload``, the
+    leaves against both (``wire.check_meta``).
     """
 
     STAGING = 256 * 1024
+    assert STAGING >= wire.PREFIX.size + wire.MAX_META
 
-    def __init__(self, pool: wire.BufferPool, deliver: Callable[[dict, np.ndarray], None]):
+    def __init__(self, pool: wire.BufferPool, deliver: Callable[[dict, np.ndarray], None], *, max_payload: int):
         self._pool, self._deliver = pool, deliver
+        self.max_payload = max_payload
         self._staging = memoryview(bytearray(self.STAGING))
         self._filled = 0
         self._payload: np.ndarray | None = None  # message being read into its pooled buffer
@@ -106,21 +112,30 @@ class FrameReader:
         self._filled += nbytes
         self._parse_staging()
 
+    def _check_prefix(self, magic: bytes, meta_len: int, payload_len: int) -> None:
+        if magic != wire.MAGIC:
+            raise Rejected(f"bad magic {bytes(magic)!r}: not a pipetrain frame")
+        if meta_len > wire.MAX_META:
+            raise Rejected(f"a frame declares a {meta_len}-byte meta, over the {wire.MAX_META}-byte limit")
+        if payload_len > self.max_payload:
+            raise Rejected(f"a frame declares a {payload_len}-byte payload, over this edge's bound of "
+                           f"{self.max_payload} bytes")
+
     def _parse_staging(self) -> None:
         view, position = self._staging, 0
         while self._filled - position >= wire.PREFIX.size:
             magic, meta_len, payload_len = wire.PREFIX.unpack_from(view, position)
-            if magic != wire.MAGIC:
-                raise TransportError(f"bad magic {bytes(magic)!r}: not a pipetrain peer")
+            self._check_prefix(magic, meta_len, payload_len)
             head_end = position + wire.PREFIX.size + meta_len
             if head_end > self._filled:
-                if wire.PREFIX.size + meta_len > len(view):  # a huge tree: grow staging
-                    bigger = memoryview(bytearray(2 * (wire.PREFIX.size + meta_len)))
-                    bigger[: self._filled - position] = view[position : self._filled]
-                    self._staging, self._filled = bigger, self._filled - position
-                    return
-                break
-            meta = json.loads(bytes(view[position + wire.PREFIX.size : head_end]))
+                break  # the rest of the meta is still on its way (it fits: STAGING > MAX_META)
+            try:
+                meta = json.loads(bytes(view[position + wire.PREFIX.size : head_end]))
+            except (ValueError, RecursionError):
+                raise Rejected("a frame's meta is not valid JSON") from None
+            needed = wire.check_meta(meta)
+            if needed != payload_len:
+                raise Rejected(f"a frame's leaves take {needed} bytes but its prefix declares {payload_len}")
             payload = self._pool.take(payload_len) if payload_len else _EMPTY
             have = min(payload_len, self._filled - head_end)
             if have:
@@ -151,15 +166,16 @@ class SocketLink:
     FRAMES_PER_SEND = 512  # below IOV_MAX (1024 on Linux)
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, pool: wire.BufferPool,
-                 on_message: Callable, on_closed: Callable):
+                 on_message: Callable, on_closed: Callable, *, max_payload: int, peer: str = ""):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        host, port = sock.getpeername()[:2]
-        self.peer = f"{host}:{port}"
+        self.peer = peer or "{}:{}".format(*sock.getpeername()[:2])
         self.bye_seen = False
+        self.admitted: Any = None  # inbound: the handshake's Admitted (sender stage, generation)
         self._sock, self._loop = sock, loop
         self._on_closed = on_closed
-        self._reader = FrameReader(pool, lambda meta, payload: on_message(self, meta, payload))
+        self._reader = FrameReader(pool, lambda meta, payload: on_message(self, meta, payload),
+                                   max_payload=max_payload)
         self._lock = threading.Lock()
         self._out: deque[memoryview] = deque()
         self._writer_armed = False
@@ -267,12 +283,14 @@ class TlsLink(asyncio.BufferedProtocol):
     """tls:// over asyncio's SSL transport; writes go through the loop thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: wire.BufferPool, on_message: Callable,
-                 on_closed: Callable):
+                 on_closed: Callable, *, max_payload: int):
         self.peer = "?"
         self.bye_seen = False
+        self.admitted: Any = None
         self._loop = loop
         self._on_closed = on_closed
-        self._reader = FrameReader(pool, lambda meta, payload: on_message(self, meta, payload))
+        self._reader = FrameReader(pool, lambda meta, payload: on_message(self, meta, payload),
+                                   max_payload=max_payload)
         self._transport: asyncio.Transport | None = None
 
     # -- writing (any thread: hops to the loop). Encryption copies the bytes
@@ -322,7 +340,9 @@ class TlsLink(asyncio.BufferedProtocol):
         try:
             self._reader.consumed(nbytes)
         except Exception as error:  # noqa: BLE001 - a corrupt stream ends the link, loudly
-            self._on_closed(self, TransportError(f"protocol error from {self.peer}: {error}"))
+            if not isinstance(error, Rejected):
+                error = TransportError(f"protocol error from {self.peer}: {error}")
+            self._on_closed(self, error)
             self._on_closed = lambda link, exc: None
             self.abort()
 
@@ -330,10 +350,12 @@ class TlsLink(asyncio.BufferedProtocol):
 class DaskLink:
     """The same link over a ``distributed.comm`` Comm (its framing and serialization)."""
 
-    def __init__(self, comm: Any, on_message: Callable, on_closed: Callable):
+    def __init__(self, comm: Any, on_message: Callable, on_closed: Callable, *, max_payload: int):
         self.comm = comm
         self.peer = comm.peer_address
         self.bye_seen = False
+        self.admitted: Any = None
+        self.max_payload = max_payload
         self._on_message, self._on_closed = on_message, on_closed
         self._writes: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -362,11 +384,23 @@ class DaskLink:
         error: Exception | None = None
         try:
             while True:
-                message = await self.comm.read()
-                self._on_message(self, message["meta"], list(message["bufs"]))
+                meta, bufs = self._checked(await self.comm.read())
+                self._on_message(self, meta, bufs)
         except Exception as caught:  # noqa: BLE001 - CommClosedError or a protocol error
             error = caught
         self._on_closed(self, error)
+
+    def _checked(self, message: Any) -> tuple[dict, list]:
+        # distributed.comm has already read (and allocated) the message: these
+        # checks keep a malformed one out of the inbox, nothing more (see transport.py)
+        meta = message.get("meta") if isinstance(message, dict) else None
+        needed = wire.check_meta(meta)
+        bufs = list(message.get("bufs") or [])
+        sizes = [np.asarray(b).nbytes for b in bufs]
+        if needed > self.max_payload or sizes != [nbytes for _, _, nbytes in meta["leaves"]]:
+            raise Rejected(f"a message's leaves ({sum(sizes)} bytes) do not match its meta or exceed this "
+                           f"edge's bound of {self.max_payload} bytes")
+        return meta, bufs
 
     def close(self) -> None:
         self.write(None, None)

@@ -5,8 +5,16 @@ pytree of host arrays. On a byte stream one message is::
 
     prefix   16 bytes: magic "PTW1", meta length (u32), payload length (u64)
     meta     JSON: header, per-channel sequence number, tree structure,
-             and per leaf [dtype, shape, nbytes]
-    payload  the leaves' raw bytes, each starting on a 64-byte boundary
+             and per leaf [dtype, shape, nbytes]; at most MAX_META bytes
+    payload  the leaves' raw bytes, each starting on a 64-byte boundary;
+             at most the receiving edge's bound (``max_payload``)
+
+Frames flow only after the connection's handshake (``handshake.py``): a
+stream that does not begin with a valid, MAC-checked OFFER never reaches
+the frame parser. Even then every declared size is checked before anything
+is allocated for it: the meta against MAX_META, the payload against the
+edge's bound, and (``check_meta``) every leaf's nbytes against its dtype and
+shape, their aligned sum against the declared payload length.
 
 Arrays are never pickled: the sender hands the arrays' own memory to the
 socket (``memoryview``), the receiver reads the payload straight into one
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 import weakref
 from collections import deque
@@ -28,12 +37,19 @@ from typing import Any
 
 import numpy as np
 
+from pipetrain.runtime.transport_errors import Rejected
 from pipetrain.tree import Tree, dtype_name, flatten, paths, unflatten
 
 MAGIC = b"PTW1"
 PREFIX = struct.Struct("<4sIQ")
 ALIGN = 64  # every leaf starts 64-byte aligned in the receive buffer (SIMD, DLPack)
 _PADDING = bytes(ALIGN)
+# The meta is the header, the tree's structure and ~40 bytes per leaf: a
+# boundary of a few tensors takes a few hundred bytes, and 64 KiB still
+# holds ~1,500 leaves. It is read into the reader's fixed staging area, so a
+# declared meta length never makes the receiver allocate (before this bound
+# a prefix declaring 2 GiB grew the worker by that much).
+MAX_META = 64 << 10
 
 
 class Kind(enum.IntEnum):
@@ -62,7 +78,7 @@ class BoundaryMismatch(ValueError):
     """A tree crossing a stage boundary does not match the receiver's spec."""
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
     try:
         return np.dtype(name)
     except TypeError:
@@ -71,14 +87,66 @@ def _np_dtype(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
 
 
+def _is_numeric(dtype: np.dtype) -> bool:
+    # ml_dtypes' types (bfloat16, float8_*) are kind "V" without fields
+    return dtype.kind in "biufc" or (dtype.kind == "V" and dtype.names is None and dtype.subdtype is None
+                                     and dtype.name != f"void{dtype.itemsize * 8}")
+
+
+_ITEMSIZE: dict[str, int] = {}  # dtype names seen in metas, checked once each
+
+
+def _itemsize(name: Any) -> int:
+    size = _ITEMSIZE.get(name) if isinstance(name, str) else None
+    if size is None:
+        try:
+            dtype = np_dtype(name)
+        except Exception:  # noqa: BLE001 - any name numpy and ml_dtypes do not know
+            raise Rejected(f"unknown dtype {str(name)[:40]!r}") from None
+        if not _is_numeric(dtype) or dtype.itemsize == 0:
+            raise Rejected(f"dtype {name!r} is not a numeric array type")
+        size = _ITEMSIZE[name] = dtype.itemsize
+    return size
+
+
+_INT_FIELDS = ("g", "s", "kind", "k", "v", "seq")
+_KINDS = frozenset(int(kind) for kind in Kind)
+_SEQUENCES = (list, tuple)  # JSON gives lists; the "dask" backend's msgpack gives tuples
+
+
+def check_meta(meta: Any) -> int:
+    """The payload length ``meta``'s leaves take (aligned); ``Rejected`` unless it is a
+    well-formed header whose every leaf's nbytes is its shape's size times its dtype's."""
+    if not isinstance(meta, dict):
+        raise Rejected("the frame's meta is not a JSON object")
+    for name in _INT_FIELDS:
+        if type(meta.get(name)) is not int:
+            raise Rejected(f"the frame's meta field {name!r} is not an integer")
+    if meta["kind"] not in _KINDS:
+        raise Rejected(f"unknown message kind {meta['kind']}")
+    leaves = meta.get("leaves")
+    if type(leaves) not in _SEQUENCES:
+        raise Rejected("the frame's meta has no list of leaves")
+    end = 0
+    for i, leaf in enumerate(leaves):
+        if type(leaf) not in _SEQUENCES or len(leaf) != 3 or type(leaf[1]) not in _SEQUENCES:
+            raise Rejected(f"leaf {i} is not [dtype, shape, nbytes]")
+        dtype, shape, nbytes = leaf
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise Rejected(f"leaf {i} has shape {str(shape)[:60]}, not a list of sizes")
+        expected = math.prod(shape) * _itemsize(dtype)
+        if nbytes != expected:
+            raise Rejected(f"leaf {i} declares {nbytes} bytes, but {dtype}{shape} takes {expected}")
+        end += -end % ALIGN + nbytes
+    return end
+
+
 def host_array(leaf: Any, where: str) -> np.ndarray:
     """A C-contiguous, native-endian numpy array of the leaf (no copy when it is one)."""
     array = np.asarray(leaf)
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
         array = array.copy(order="C")
-    numeric = array.dtype.kind in "biufc" or (array.dtype.kind == "V" and array.dtype.names is None
-                                              and array.dtype.name != f"void{array.dtype.itemsize * 8}")
-    if not numeric:  # strings, objects, records: their name does not describe their bytes
+    if not _is_numeric(array.dtype):  # strings, objects, records: their name does not describe their bytes
         raise TypeError(f"tensor {where} has dtype {array.dtype}; only numeric arrays cross stage boundaries")
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
@@ -123,6 +191,9 @@ def leaf_offsets(meta: dict) -> tuple[list[int], int]:
 def frames(meta: dict, buffers: list[np.ndarray]) -> list[Any]:
     """The bytes of one message as a list to hand to a socket in order."""
     head = json.dumps(meta, separators=(",", ":")).encode()
+    if len(head) > MAX_META:  # the receiver would drop it: say so here, where the tree is
+        raise ValueError(f"{len(meta['leaves'])} leaves need a {len(head)}-byte meta, over the wire's "
+                         f"{MAX_META}-byte limit: send fewer, larger tensors across a stage boundary")
     offsets, total = leaf_offsets(meta)
     out: list[Any] = [PREFIX.pack(MAGIC, len(head), total) + head]
     position = 0
@@ -143,7 +214,7 @@ def decode(meta: dict, payload: np.ndarray | list[np.ndarray]) -> Message:
     else:
         offsets, _ = leaf_offsets(meta)
         pieces = [payload[o : o + nbytes] for o, (_, _, nbytes) in zip(offsets, specs)]
-    leaves = [piece.view(_np_dtype(dtype)).reshape(tuple(shape)) for piece, (dtype, shape, _) in zip(pieces, specs)]
+    leaves = [piece.view(np_dtype(dtype)).reshape(tuple(shape)) for piece, (dtype, shape, _) in zip(pieces, specs)]
     return Message(
         kind=Kind(meta["kind"]),
         k=meta["k"],

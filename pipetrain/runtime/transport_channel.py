@@ -1,0 +1,131 @@
+"""The sending side of one edge: ``Channel``, with its credits and unacknowledged trees.
+
+``transport.Endpoint.connect`` makes one per peer (after the handshake) and
+is where users get it; see ``transport.py`` for flow control and fencing.
+A channel belongs to the generation it shook hands for and stamps it on
+every message, whatever its endpoint's generation later becomes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+from typing import Any
+
+from pipetrain.runtime import wire
+from pipetrain.runtime.transport_errors import PeerLost, TransportError, TransportTimeout
+from pipetrain.runtime.wire import Kind, Message
+
+__all__ = ["Channel"]
+
+
+class Channel:
+    """The sending side of one edge, to one peer endpoint. Use from the compute thread."""
+
+    def __init__(self, endpoint: Any, peer: str, credits: int, generation: int):
+        self.peer = peer
+        self.credits = credits
+        self.generation = generation  # the one it shook hands for: every message carries it
+        self._endpoint = endpoint
+        self._link: Any = None
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._unacked: dict[int, tuple[concurrent.futures.Future, Any]] = {}
+        self._error: TransportError | None = None
+        self._closing = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._unacked)
+
+    def put(
+        self,
+        kind: Kind,
+        k: int,
+        tree: Any = None,
+        *,
+        version: int = 0,
+        info: Any = None,
+        timeout: float | None = None,
+    ) -> concurrent.futures.Future:
+        """Send one message; block while ``credits`` messages are unacknowledged.
+
+        Returns a future resolved when the receiver has taken the message
+        (its ``get`` returned); the channel keeps ``tree`` alive until then.
+        """
+        ep = self._endpoint
+        message = Message(kind=Kind(kind), k=k, tree=tree, version=version, stage=ep.stage,
+                          generation=self.generation, info=info)
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
+            if self._error:
+                raise self._error
+            if not ok:
+                raise TransportTimeout(
+                    f"stage {ep.stage}: no credit back from {self.peer} within {timeout}s to send {kind.name} k={k}: "
+                    f"{len(self._unacked)} messages unacknowledged (the receiver has not taken them)"
+                )
+            seq = next(self._seq)
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            self._unacked[seq] = (done, tree)
+        try:
+            meta, buffers = wire.encode(message, seq)  # in this thread: the loop only moves bytes
+            self._link.write(meta, buffers)  # thread-safe; plain tcp sends from this thread
+        except (TypeError, ValueError):  # not sendable (dtype, too many leaves): nothing went out
+            with self._cond:
+                self._unacked.pop(seq, None)
+            raise
+        ep._count("sent", 1)
+        ep._count("bytes_sent", sum(b.nbytes for b in buffers))
+        return done
+
+    def wait_acked(self, *, timeout: float | None = None) -> None:
+        """Block until every message sent on this channel has been taken by the receiver."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._error or not self._unacked, timeout):
+                raise TransportTimeout(f"stage {self._endpoint.stage}: {len(self._unacked)} messages to {self.peer} "
+                                       f"unacknowledged after {timeout}s")
+            if self._error and self._unacked:
+                raise self._error
+
+    def close(self) -> None:
+        """Say goodbye and close (after what is queued has been written)."""
+        if self._link is not None:
+            self._endpoint._io.call(self._goodbye)
+
+    # -- loop thread
+    def _goodbye(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._link.write(wire.control_meta(Kind.BYE, -1, self.generation, self._endpoint.stage), [])
+        self._link.close()
+
+    def _on_message(self, link: Any, meta: dict, payload: Any) -> None:
+        if meta["kind"] == Kind.ACK:
+            self._acked(meta["seq"])
+
+    def _on_closed(self, link: Any, error: Exception | None) -> None:
+        if self._closing:
+            self._lost("this channel was closed")
+        elif not self._endpoint._closed:
+            self._lost(repr(error) if error else "closed by peer")
+
+    def _acked(self, seq: int) -> None:
+        with self._cond:
+            done, _ = self._unacked.pop(seq, (None, None))
+            self._cond.notify_all()
+        if done is not None:
+            done.set_result(None)
+
+    def _lost(self, reason: str) -> None:
+        with self._cond:
+            self._error = PeerLost(
+                f"stage {self._endpoint.stage}: connection to {self.peer} lost ({reason}); "
+                f"{len(self._unacked)} messages unacknowledged"
+            )
+            pending = [done for done, _ in self._unacked.values()]
+            self._cond.notify_all()
+        for done in pending:
+            if not done.done():
+                done.set_exception(self._error)
