@@ -24,6 +24,7 @@ __all__ = [
     "PipetrainError",
     "RetryableError",
     "StageLost",
+    "cannot_write_checkpoints",
     "is_retryable",
     "is_worker_death",
     "short_error",
@@ -72,12 +73,13 @@ class StageLost(RetryableError, RuntimeError):
     """
 
     def __init__(self, stages: Sequence[int], workers: Sequence[str], reason: str, *, worker_died: bool,
-                 deterministic: bool = False, detected_at: float = 0.0):
+                 deterministic: bool = False, unwritable: bool = False, detected_at: float = 0.0):
         where = ", ".join(f"stage {s} on worker {w}" for s, w in zip(stages, workers))
-        super().__init__(f"{where}: {reason}")
+        super().__init__(f"{where}: {reason}" if where else reason)
         self.stages, self.workers, self.reason = list(stages), list(workers), reason
         self.worker_died = worker_died
         self.deterministic = deterministic
+        self.unwritable = unwritable  # its worker cannot write the checkpoint location
         self.detected_at = detected_at
         self.retryable = not deterministic
 
@@ -103,6 +105,12 @@ def is_retryable(error: BaseException) -> bool:
     return isinstance(error, _machinery_types())
 
 
+def cannot_write_checkpoints(error: BaseException | None) -> bool:
+    """Whether a stage failed its probe of the checkpoint location (``worker.CheckpointUnwritable``)."""
+    unwritable = _optional_type("pipetrain.runtime.worker", "CheckpointUnwritable")
+    return error is not None and unwritable is not None and isinstance(error, unwritable)
+
+
 def is_worker_death(error: BaseException | None) -> bool:
     """Whether Dask gave up on the task because its worker died (``KilledWorker``)."""
     killed = _optional_type("distributed", "KilledWorker")
@@ -118,7 +126,8 @@ def _machinery_types() -> tuple[type[BaseException], ...]:
     Should later derive from ``RetryableError``: ``transport_errors.TransportError``
     (and so ``PeerLost``, ``TransportTimeout``), ``links.Stopped``,
     ``worker.StopRequested``, ``manifest.StaleGenerationError`` (whose base
-    ``CheckpointError`` should derive from ``PipetrainError``, not retryable).
+    ``CheckpointError`` should derive from ``PipetrainError``, not retryable,
+    as should ``worker.CheckpointUnwritable``).
     """
     found: list[type[BaseException]] = [
         asyncio.CancelledError,  # a BaseException: a cancelled task or wait, not the stage's maths

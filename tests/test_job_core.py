@@ -12,9 +12,9 @@ import pytest
 from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death
 from pipetrain.runtime.core import PEER_LOST_GRACE, JobCore, merge_placement
 from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
-                                           CommitFailed, CutMissed, Fail, Finish, FirstBackward, Interrupted,
-                                           JobSettings, LatestCheckpoint, PeerLostReport, Place, Placed,
-                                           PlacementFailed, ReadLatestCheckpoint, RequestCut, SchedulerLost,
+                                           CommitFailed, CourierError, CutMissed, Fail, Finish, FirstBackward,
+                                           Interrupted, JobSettings, LatestCheckpoint, PeerLostReport, Placed,
+                                           Place, PlacementFailed, ReadLatestCheckpoint, RequestCut, SchedulerLost,
                                            ShardWritten, ShowStep, StageDone, StageReady, Started, StepReport,
                                            StopFinished, StopGeneration, StopOldRun, Submit, TaskEnded, Tick,
                                            WorkersChanged, WriteRecord, report_from_message)
@@ -42,7 +42,12 @@ class Job:
 
     def start(self, placement=W, spares=(SPARE,)) -> list:
         assert kinds(self(Started)) == ["ClearStore", "BeginGeneration", "Place"]
-        return self(Placed, dict(placement), tuple(spares))
+        return self.place(placement, spares)
+
+    def place(self, placement, spares=()) -> Submit:
+        out = self(Placed, dict(placement), tuple(spares))
+        assert kinds(out) == ["WriteRecord", "Note", "Submit"]
+        return out[-1]
 
     def step(self, step: int, *, after: float = 0.5) -> list:
         self.now += after
@@ -69,6 +74,13 @@ class Job:
         """The shell's side of a stop and a checkpoint look-up; returns what follows them."""
         assert self(StopFinished, self.generation, **stop) == [ReadLatestCheckpoint()]
         return self(LatestCheckpoint, latest)
+
+    def fails(self, latest, *, after_stop=True) -> Fail:
+        """The end of a job that cannot go on: [stop,] look-up, then Fail (returned)."""
+        out = self.recover(latest) if after_stop else self(LatestCheckpoint, latest)
+        assert isinstance(out[-1], Fail) and self(Tick) == []  # nothing comes out after the end
+        self.out = out
+        return out[-1]
 
 
 def killed_worker(address: str):
@@ -97,12 +109,16 @@ def view(cut: int) -> CheckpointView:
 
 def test_a_clean_run_commits_every_cut_and_ends_with_finish():
     job = Job()
-    assert job.start() == [Submit(0, 0, {}, W)]
+    job(Started)
+    placed = job(Placed, dict(W), (SPARE,))
+    assert placed[0].record == {"type": "placement", "generation": 0, "workers": {"0": W[0], "1": W[1], "2": W[2]},
+                                "hosts": {"0": "w0", "1": "w1", "2": "w2"}}
+    assert "stage 1 on tcp://w1:1" in placed[1].text and placed[2] == Submit(0, 0, {}, W)
     out = job.step(0)
     assert kinds(out) == ["WriteRecord", "ShowStep"] and records(out, "step")[0]["loss"] == 1.0
     assert only(out, ShowStep).step == 0
     commit = job.shards(4)[0]
-    assert commit.records == tuple({**commit.records[s], "stage": s} for s in range(3))
+    assert [r["stage"] for r in commit.records] == [0, 1, 2]  # in stage order, whatever the arrival order
     assert commit.manifest["losses"] == {str(k): 1.0 for k in range(4)} and commit.manifest["job_id"] == "job"
     assert records(job(CommitDone, 4, 0, "/ckpt/step-0000000004", seconds=0.1), "checkpoint") == [
         {"type": "checkpoint", "cut": 4, "generation": 0, "commit_seconds": 0.1}]
@@ -118,7 +134,7 @@ def test_a_clean_run_commits_every_cut_and_ends_with_finish():
 def test_a_finished_generation_does_not_wait_forever_for_done_reports():
     job = Job(store=None)
     assert kinds(job(Started)) == ["Place"]
-    job(Placed, dict(W))
+    job.place(W)
     for s in range(3):
         job(TaskEnded, s, 0, "finished", result={"state": s})
     assert job(Tick, after=0.5) == []
@@ -141,7 +157,8 @@ def test_a_worker_lost_mid_step_rolls_back_to_the_last_committed_cut():
     assert recovery["stop_seconds"] == pytest.approx(0.2)
     assert "rolling back to the checkpoint at micro-batch 4 as generation 1" in out[2].text
     assert out[3] == Place(exclude=frozenset({W[1]}), previous=W)
-    (submit,) = job(Placed, {0: W[0], 1: W[2], 2: SPARE}, after=1.0)
+    job.now += 1.0
+    submit = job.place({0: W[0], 1: W[2], 2: SPARE}, (SPARE,))
     assert submit == Submit(1, 4, view(4).ledgers, {0: W[0], 1: SPARE, 2: W[2]})
     job(StageReady, generation=1, stage=0, time=job.now + 0.5, load_seconds=0.3)
     out = job(FirstBackward, generation=1, stage=0, k=4, time=job.now + 1.5)
@@ -159,7 +176,7 @@ def test_a_loss_during_recovery_recovers_again():
     job.checkpoint(4)
     job(WorkersChanged, frozenset({W[0], W[2], SPARE}))
     job.recover(view(4))
-    job(Placed, {0: W[0], 1: SPARE, 2: W[2]})
+    job.place({0: W[0], 1: SPARE, 2: W[2]})
     # Generation 1 loses stage 0 before its first micro-batch is back.
     assert job(WorkersChanged, frozenset({W[2], SPARE})) == [StopGeneration(1, 10.0)]
     out = job.recover(view(4))
@@ -247,7 +264,7 @@ def test_max_restarts_exhausted_fails_with_the_reason_and_the_checkpoint():
     job.checkpoint(4)
     job(WorkersChanged, frozenset({W[0], W[2], SPARE}))
     job.recover(view(4))
-    job(Placed, {0: W[0], 1: SPARE, 2: W[2]})
+    job.place({0: W[0], 1: SPARE, 2: W[2]})
     job(WorkersChanged, frozenset({W[0], W[2]}))
     out = job.recover(view(4))
     assert kinds(out) == ["WriteRecord", "Note", "Fail"]
@@ -264,7 +281,7 @@ def test_reports_from_a_stale_generation_are_ignored():
     job.step(0)
     job(WorkersChanged, frozenset({W[0], W[2], SPARE}))
     job.recover(None)
-    job(Placed, {0: W[0], 1: SPARE, 2: W[2]})
+    job.place({0: W[0], 1: SPARE, 2: W[2]})
     assert job.generation == 1
     stale = [StepReport(generation=0, stage=s, step=1, busy=0.1, wall=0.1, time=job.now, now=job.now)
              for s in range(3)]
@@ -300,29 +317,58 @@ def test_a_deterministic_error_fails_at_once():
     assert "own computation failed" in out[-1].reason and records(out, "failed")[0]["stages"] == [1]
 
 
-def test_a_failed_checkpoint_commit_fails_the_job_naming_the_path():
+def test_a_checkpoint_that_cannot_be_committed_or_written_fails_the_job_naming_the_place():
+    job = Job(run_dir="/runs/a")
+    job.start()
+    job.checkpoint(4)
+    job.shards(8)
+    error = OSError("[Errno 28] No space left on device")
+    assert job(CommitFailed, 8, 0, error, "/ckpt/step-0000000008") == [StopGeneration(0, 10.0)]
+    fail = job.fails(view(4))
+    assert kinds(job.out) == ["WriteRecord", "Note", "Fail"] and not fail.retryable  # no restart
+    assert fail.reason.startswith("the driver could not commit checkpoint 8 in /ckpt/step-0000000008: OSError")
+    assert "a checkpoint could not be written" in fail.reason
+    assert "/ckpt/step-0000000004 (micro-batch 4); `pipetrain resume /runs/a` continues from it" in fail.reason
+    # A stage's shard write: its courier's error report names the stage and its worker.
     job = Job()
     job.start()
-    job.shards(4)
-    error = OSError("[Errno 28] No space left on device")
-    assert job(CommitFailed, 4, 0, error, "/ckpt/step-0000000004") == [StopGeneration(0, 10.0)]
-    out = job(StopFinished, 0)
-    assert kinds(out) == ["WriteRecord", "Note", "Fail"]  # no checkpoint look-up, no restart
-    assert "commit of micro-batch 4 at /ckpt/step-0000000004 failed: OSError" in out[-1].reason
-    assert "no checkpoint was committed" in out[-1].reason and not out[-1].retryable
+    out = job(CourierError, generation=0, stage=1, worker=W[1], cut=8, error="stage 1 could not write its shard")
+    assert out == [WriteRecord({"type": "error", "stage": 1, "worker": W[1], "cut": 8,
+                                "error": "stage 1 could not write its shard"}), StopGeneration(0, 10.0)]
+    assert job.fails(None).reason.startswith("stage 1 on worker tcp://w1:1: stage 1 could not write its shard; "
+                                             "a checkpoint could not be written")
+
+
+def test_a_worker_that_cannot_write_the_checkpoint_location_is_not_retried():
+    from pipetrain.runtime.worker import CheckpointUnwritable
+
+    job = Job()
+    job.start()
+    job(TaskEnded, 0, 0, "error", error=CheckpointUnwritable("stage 0 cannot write the checkpoint location /ckpt"))
+    job(Tick, after=PEER_LOST_GRACE)
+    fail = job.fails(None)
+    assert "cannot write the checkpoint location /ckpt; a restart would fail the same way" in fail.reason
+    assert not records(job.out, "recovery")
 
 
 def test_a_lost_scheduler_fences_the_store_and_fails_with_a_resume_hint():
     job = Job()
     job.start()
     job.checkpoint(4)
-    job.shards(8)[0]  # a commit the shell never got to make
-    out = job(SchedulerLost, "CommClosedError: in <TCP ...>: Stream is closed")
-    assert kinds(out) == ["BeginGeneration", "WriteRecord", "Note", "Fail"]
-    assert out[0] == BeginGeneration(1, 4)  # discards step 8, fences generation 0 off
-    fail = out[-1]
-    assert "lost the scheduler" in fail.reason and "`pipetrain resume` continues from it" in fail.reason
-    assert "/ckpt/step-0000000004 (micro-batch 4)" in fail.reason and fail.retryable
+    job.shards(8)  # a commit the shell never got to make
+    assert job(SchedulerLost, "tcp://s:8786 did not answer: TimeoutError") == [ReadLatestCheckpoint()]  # no stop
+    fail = job.fails(view(4), after_stop=False)
+    assert kinds(job.out) == ["BeginGeneration", "WriteRecord", "Note", "Fail"]
+    assert job.out[0] == BeginGeneration(1, 4)  # discards step 8, fences generation 0 off
+    assert fail.reason.startswith("lost the Dask scheduler (tcp://s:8786 did not answer: TimeoutError)")
+    assert fail.reason.endswith("(micro-batch 4); resume=True continues from it once a scheduler is back")
+    assert fail.retryable
+    job = Job()
+    job.start()
+    job(WorkersChanged, frozenset({W[0], W[2]}))  # a recovery's stop, cut short by the scheduler's loss
+    job(SchedulerLost, "gone")
+    job.fails(None, after_stop=False)
+    assert job.out[0] == BeginGeneration(1, -1)  # nothing committed: every step directory goes
 
 
 def test_an_interrupt_stops_the_generation_then_fails_with_a_resume_hint():
@@ -330,15 +376,18 @@ def test_an_interrupt_stops_the_generation_then_fails_with_a_resume_hint():
     job.start()
     job.checkpoint(4)
     assert job(Interrupted) == [StopGeneration(0, 10.0)]
-    out = job(StopFinished, 0)
-    assert kinds(out) == ["WriteRecord", "Note", "Fail"]
-    assert out[-1].kind is JobInterrupted and out[-1].reason.startswith("interrupted; ")
-    assert "`pipetrain resume` continues from it" in out[-1].reason
-    # A second Ctrl-C does not wait for the stop.
+    fail = job.fails(view(4))
+    assert job.out[0] == WriteRecord({"type": "interrupted", "generation": 0, "checkpoint": view(4).path})
+    assert fail.kind is JobInterrupted and fail.reason.startswith("interrupted; the stages were stopped; ")
+    assert "(micro-batch 4); resume=True continues from it" in fail.reason
+    # A second Ctrl-C does not wait for the stop, nor for the checkpoint look-up.
     job = Job()
     job.start()
+    job.checkpoint(4)
     job(Interrupted)
-    assert kinds(job(Interrupted)) == ["WriteRecord", "Note", "Fail"]
+    out = job(Interrupted)
+    assert kinds(out) == ["WriteRecord", "Fail"] and "interrupted again" in out[-1].reason
+    assert "/ckpt/step-0000000004" in out[-1].reason
 
 
 def test_resume_starts_after_the_checkpoint_and_stops_the_old_run():
@@ -351,23 +400,27 @@ def test_resume_starts_after_the_checkpoint_and_stops_the_old_run():
     assert "micro-batch 12 not used: not committed" in out[2].text
     assert out[4].record == {"type": "resume", "generation": 3, "rollback_to": 8, "checkpoint": latest.path}
     assert out[5] == BeginGeneration(3, 8)
-    assert job(Placed, dict(W)) == [Submit(3, 8, latest.ledgers, W)]
+    assert job.place(W) == Submit(3, 8, latest.ledgers, W)
     assert [h["step"] for h in job.core.history] == [0, 1]
 
 
-def test_a_new_run_refuses_a_checkpoint_directory_in_use_and_resume_needs_one():
+def test_what_a_run_refuses_to_start_on():
     out = Job()(Started, existing_cuts=(4, 8), previous_generation=0)
     assert kinds(out) == ["Fail"] and out[0].kind is CheckpointDirInUse
     assert "/ckpt already belongs to a run (generation 0, checkpoints up to micro-batch 8)" in out[0].reason
-    assert Job()(Started, existing_cuts=()) [:1] == [ClearStore()]
+    assert Job()(Started, existing_cuts=())[:1] == [ClearStore()]
     assert Job(store=None)(Started, resume=True) == [Fail("resume needs a checkpoint directory")]
+    # A resume whose checkpoints all fail verification keeps them and stops.
+    out = Job()(Started, resume=True, previous_generation=0, unusable=(("/ckpt/step-0000000008", "sha256 ..."),))
+    assert kinds(out) == ["StopOldRun", "Fail"] and "no checkpoint in /ckpt can be used" in out[-1].reason
+    assert "/ckpt/step-0000000008: sha256 ..." in out[-1].reason and "--overwrite" in out[-1].reason
 
 
 def test_no_workers_to_place_on_fails_with_the_placement_error():
     job = Job()
     job(Started)
-    out = job(PlacementFailed, "cannot place stage 2")
-    assert "no workers to place the stages on:\ncannot place stage 2" in out[-1].reason
+    assert job(PlacementFailed, "cannot place stage 2") == [ReadLatestCheckpoint()]
+    assert "no workers to place the stages on:\ncannot place stage 2" in job.fails(None, after_stop=False).reason
 
 
 def test_a_stage_stopped_by_someone_else_is_lost():

@@ -9,7 +9,10 @@ A generation goes: ``Place`` -> ``Placed`` -> ``Submit`` -> running (reports,
 task ends, worker lists, ticks) -> either ``Finish``, or a loss: ``StopGeneration``
 -> ``StopFinished`` -> ``ReadLatestCheckpoint`` -> ``LatestCheckpoint`` ->
 ``BeginGeneration`` (g + 1, fenced before anything records the recovery) and
-the recovery record -> ``Place`` again.
+the recovery record -> ``Place`` again. A job that cannot go on (a computation
+error, an unwritable checkpoint, the restart bound, no workers, Ctrl-C, a lost
+scheduler) takes the same road up to ``LatestCheckpoint``, which names the
+place to resume from, and ends in ``Fail``.
 
 Blame: a worker that left is the cause; its neighbours' lost peers or
 failures are effects. A neighbour usually notices before the scheduler drops
@@ -19,10 +22,11 @@ the dead worker, so a failure or lost peer is blamed only once
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipetrain.errors import (CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death,
-                              short_error)
+from pipetrain.errors import (CheckpointDirInUse, JobInterrupted, StageLost, cannot_write_checkpoints,
+                              is_retryable, is_worker_death, short_error)
 from pipetrain.runtime.bookkeeping import StepBook
 from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
                                            CommitFailed, CourierError, CutMissed, Event, Fail, Finish,
@@ -38,6 +42,7 @@ PEER_LOST_GRACE = 1.0
 # How long a finished generation waits for the stages' "done" reports, after
 # which every earlier report of theirs has arrived (they are sent before the task returns).
 DONE_GRACE = 1.0
+CHECKPOINT_FAILED = "a checkpoint could not be written, and a restart would write to the same place"
 
 
 def merge_placement(previous: dict[int, str], fresh: dict[int, str], spares: tuple[str, ...]) -> dict[int, str]:
@@ -118,15 +123,8 @@ class _Generation:
     ready: dict[int, StageReady] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Failure:
-    """How the job fails: what happened, why that ends it, as which error."""
-
-    what: str
-    why: str | None = None
-    kind: type[JobFailed] = JobFailed
-    retryable: bool = False
-    loss: StageLost | None = None
+# How a job that cannot go on ends, given the checkpoint to resume from.
+Ending = Callable[[CheckpointView | None], list[Instruction]]
 
 
 class JobCore:
@@ -135,16 +133,17 @@ class JobCore:
         self.phase = "new"  # new | placing | running | stopping | finding | over
         self.generation, self.cut, self.ledgers = 0, 0, {}
         self.placement: dict[int, str] = {}
-        self.alive: set[str] | None = None
+        self.alive: set[str] = set()
         self.dead: set[str] = set()
         self.avoid: set[str] = set()
         self.restarts = 0
         self.book = StepBook(settings.num_stages, settings.microbatches, settings.microbatch_size)
         self.history: list[dict] = []
         self.recoveries: list[dict] = []
-        self.committed: tuple[int, str] | None = None  # (cut, path) of the newest commit known to be good
+        self.committed: CheckpointView | None = None  # the newest checkpoint known good, for a hurried end
         self.loss: StageLost | None = None
-        self.ending: _Failure | None = None  # fail, not recover, once stopped
+        self.ending: Ending | None = None  # set when the job ends instead of recovering
+        self.interrupted = False
         self.run: _Generation | None = None
         self.started_at = self.stop_started = self.place_started = self.stop_seconds = 0.0
 
@@ -165,20 +164,23 @@ class JobCore:
         if self.phase != "new":
             return []
         s, self.started_at = self.settings, ev.now
-        if not ev.resume:
-            if s.store is None:
-                return self._place(ev.now)
-            if ev.existing_cuts:
-                return self._end(Fail(
-                    f"{s.store} already belongs to a run (generation {ev.previous_generation}, checkpoints up to "
-                    f"micro-batch {ev.existing_cuts[-1]}): continue it with resume=True (`pipetrain resume RUN_DIR`), "
-                    f"or start this one in an empty directory (`pipetrain train CONFIG --overwrite` empties the run "
-                    f"directory first)", kind=CheckpointDirInUse))
-            return [ClearStore(), BeginGeneration(0, 0)] + self._place(ev.now)
+        if ev.resume:
+            return self._resume(ev)
+        if s.store is None:
+            return self._place(ev.now)
+        if ev.existing_cuts:
+            return self._end(Fail(
+                f"{s.store} already belongs to a run (generation {ev.previous_generation}, checkpoints up to "
+                f"micro-batch {ev.existing_cuts[-1]}): continue it with resume=True (`pipetrain resume RUN_DIR`), "
+                f"or start this one in an empty directory (`pipetrain train CONFIG --overwrite` empties the run "
+                f"directory first)", kind=CheckpointDirInUse))
+        # At most the generation record of a run that never checkpointed: nothing to lose.
+        return [ClearStore(), BeginGeneration(0, 0)] + self._place(ev.now)
+
+    def _resume(self, ev: Started) -> list[Instruction]:
+        s, latest, out = self.settings, ev.latest, []
         if s.store is None:
             return self._end(Fail("resume needs a checkpoint directory"))
-        out: list[Instruction] = []
-        latest = ev.latest
         if ev.previous_generation is not None:
             # Stages of the run that stopped (its driver died) may still be going on their
             # workers: tell them to stop, so they free their workers' threads.
@@ -187,6 +189,13 @@ class JobCore:
         self.generation = (ev.previous_generation or 0) + 1
         out += [Note(f"resume: checkpoint at micro-batch {cut} not used: {why}")
                 for cut, why in (latest.skipped if latest else ())]
+        if latest is None and ev.unusable:
+            # Starting over would throw away the work they hold, and the discard would
+            # delete the evidence: that is the user's call (`train --overwrite`).
+            found = "; ".join(f"{path}: {reason}" for path, reason in ev.unusable)
+            return out + self._end(Fail(
+                f"resume: no checkpoint in {s.store} can be used, so the job stops here and keeps them all "
+                f"({found}); `pipetrain train CONFIG --overwrite` starts the job over from the beginning"))
         if latest is None:
             out.append(Note("resume: no committed checkpoint found; starting from the beginning"))
         else:
@@ -200,7 +209,7 @@ class JobCore:
     def _start_from(self, latest: CheckpointView | None) -> None:
         self.cut = latest.cut if latest else 0
         self.ledgers = dict(latest.ledgers) if latest else {}
-        self.committed = (latest.cut, latest.path) if latest else None
+        self.committed = latest
 
     def _place(self, now: float) -> list[Instruction]:
         self.phase, self.place_started = "placing", now
@@ -210,24 +219,28 @@ class JobCore:
     def _placed(self, ev: Placed) -> list[Instruction]:
         if self.phase != "placing":
             return []
-        self.placement = merge_placement(self.placement, dict(ev.placement), tuple(ev.spares))
+        self.placement = placement = merge_placement(self.placement, dict(ev.placement), tuple(ev.spares))
         if self.restarts:
             self.recoveries[-1].update(place_seconds=ev.now - self.place_started, placed_at=ev.now,
-                                       workers_after=dict(self.placement))
-        # The placement was read from the scheduler after any worker list we hold.
-        self.alive = (self.alive or set()) | set(self.placement.values())
+                                       workers_after=dict(placement))
+        self.alive |= set(placement.values())  # read from the scheduler after any worker list we hold
         s = self.settings
-        every = s.checkpoint_seconds if s.store is not None else 0.0
-        self.run = _Generation(timer=CutTimer(every, s.microbatches, s.steps, ev.now))
+        self.run = _Generation(CutTimer(s.checkpoint_seconds if s.store else 0.0, s.microbatches, s.steps, ev.now))
         self.phase = "running"
-        return [Submit(self.generation, self.cut, dict(self.ledgers), dict(self.placement))]
+        where = ", ".join(f"stage {stage} on {w}" for stage, w in placement.items())
+        return [WriteRecord({"type": "placement", "generation": self.generation,
+                             "workers": {str(stage): w for stage, w in placement.items()},
+                             "hosts": {str(stage): _host(w) for stage, w in placement.items()}}),
+                Note(f"placement (generation {self.generation}): {where}"),
+                Submit(self.generation, self.cut, dict(self.ledgers), dict(placement))]
 
     @_handle.register
     def _placement_failed(self, ev: PlacementFailed) -> list[Instruction]:
         if self.phase != "placing":
             return []
         cause = self.loss or StageLost([], [], "no stage lost yet", worker_died=False, detected_at=ev.now)
-        return self._fail(_Failure(str(cause), f"no workers to place the stages on:\n{ev.reason}", loss=cause))
+        return self._end_with(functools.partial(self._failed, cause, f"no workers to place the stages on:\n"
+                                                                     f"{ev.reason}"), ev.now)
 
     # -- running --------------------------------------------------------------
     @_handle.register
@@ -299,7 +312,15 @@ class JobCore:
 
     @_on_report.register
     def _courier_error(self, ev: CourierError) -> list[Instruction]:
-        return [WriteRecord({"type": "error", "error": ev.error})]
+        # A stage's courier failed: its shard write (or a report). Its checkpoints cannot
+        # be trusted to land, and a restart writes to the same place: stop and say so.
+        fields = {"stage": ev.stage, "worker": ev.worker, "cut": ev.cut}
+        record = {"type": "error", **{k: v for k, v in fields.items() if v is not None}, "error": ev.error}
+        known = ev.stage is not None
+        loss = StageLost([ev.stage] if known else [], [ev.worker or "?"] if known else [], ev.error,
+                         worker_died=False, detected_at=ev.now)
+        return [WriteRecord(record)] + self._end_with(functools.partial(self._failed, loss, CHECKPOINT_FAILED),
+                                                      ev.now)
 
     @_on_report.register
     def _done(self, ev: StageDone) -> list[Instruction]:
@@ -338,8 +359,7 @@ class JobCore:
         if self.phase != "running":
             return []
         run, placement = self.run, self.placement
-        running = [s for s in sorted(placement) if s not in run.results]
-        gone = [s for s in running if placement[s] not in self.alive]  # alive is set once placed
+        gone = [s for s in sorted(placement) if s not in run.results and placement[s] not in self.alive]
         if gone:
             return self._lost(StageLost(gone, [placement[s] for s in gone], "worker left the cluster",
                                         worker_died=True, detected_at=now))
@@ -355,7 +375,8 @@ class JobCore:
             return self._lost(StageLost([s], [placement[s]], run.peer_lost[s], worker_died=False, detected_at=now))
         reason, error = run.failed[s]
         return self._lost(StageLost([s], [placement[s]], reason, worker_died=is_worker_death(error),
-                                    deterministic=error is not None and not is_retryable(error), detected_at=now))
+                                    deterministic=error is not None and not is_retryable(error),
+                                    unwritable=cannot_write_checkpoints(error), detected_at=now))
 
     def _maybe_finish(self, now: float) -> list[Instruction]:
         run = self.run
@@ -376,8 +397,8 @@ class JobCore:
         if self.run is None or ev.generation != self.generation:
             return []
         self.run.committing.discard(ev.cut)
-        if self.committed is None or ev.cut > self.committed[0]:
-            self.committed = (ev.cut, ev.path)
+        if self.committed is None or ev.cut > self.committed.cut:
+            self.committed = CheckpointView(ev.cut, ev.path)
         return [WriteRecord({"type": "checkpoint", "cut": ev.cut, "generation": ev.generation,
                              "commit_seconds": ev.seconds})] + self._maybe_finish(ev.now)
 
@@ -385,13 +406,13 @@ class JobCore:
     def _commit_failed(self, ev: CommitFailed) -> list[Instruction]:
         if ev.generation != self.generation:
             return []  # an old generation's commit, refused by the fence as it should be
-        return self._fail_after_stop(ev.now, _Failure(
-            f"the checkpoint commit of micro-batch {ev.cut} at {ev.path} failed: {short_error(ev.error)}",
-            "a restart cannot help: it would write the same checkpoint to the same place"))
+        loss = StageLost([], [], f"the driver could not commit checkpoint {ev.cut} in {ev.path}: "
+                                 f"{short_error(ev.error)}", worker_died=False, detected_at=ev.now)
+        return self._end_with(functools.partial(self._failed, loss, CHECKPOINT_FAILED), ev.now)
 
-    # -- losses and recovery --------------------------------------------------
+    # -- stopping and recovering ----------------------------------------------
     def _lost(self, loss: StageLost) -> list[Instruction]:
-        self.loss = loss
+        self.loss = loss  # recovered from, unless an ending comes first
         return self._stop(loss.detected_at)
 
     def _stop(self, now: float) -> list[Instruction]:
@@ -414,30 +435,28 @@ class JobCore:
             self.avoid.add(self.placement[s])
             out.append(Note(f"recovery: stage {s} on {self.placement[s]} did not stop within "
                             f"{self.settings.stop_timeout:g} s; cancelled, and that worker is avoided"))
-        if self.ending is not None:
-            return out + self._fail(self.ending)
+        return out + self._read_latest(ev.now)
+
+    def _read_latest(self, now: float) -> list[Instruction]:
         if self.settings.store is None:
-            return out + self._recover(None, ev.now)
+            return self._conclude(None, now)
         self.phase = "finding"
-        return out + [ReadLatestCheckpoint()]
+        return [ReadLatestCheckpoint()]
 
     @_handle.register
     def _latest(self, ev: LatestCheckpoint) -> list[Instruction]:
-        if self.phase != "finding":
-            return []
-        if self.ending is not None:
-            return self._fail(self.ending)
-        return self._recover(ev.checkpoint, ev.now)
+        return self._conclude(ev.checkpoint, ev.now) if self.phase == "finding" else []
 
-    def _recover(self, latest: CheckpointView | None, now: float) -> list[Instruction]:
+    def _conclude(self, latest: CheckpointView | None, now: float) -> list[Instruction]:
+        if self.ending is not None:
+            return self.ending(latest)
         loss = self.loss
         self.restarts += 1
-        self.committed = (latest.cut, latest.path) if latest else None
         if loss.deterministic:
-            why = "the stage's own computation failed, so a restart would fail the same way"
-            return self._fail(_Failure(str(loss), why, loss=loss))
+            return self._failed(loss, "a restart would fail the same way" if loss.unwritable else
+                                "the stage's own computation failed, so a restart would fail the same way", latest)
         if self.restarts > self.settings.max_restarts:
-            return self._fail(_Failure(str(loss), f"gave up after {self.settings.max_restarts} restart(s)", loss=loss))
+            return self._failed(loss, f"gave up after {self.settings.max_restarts} restart(s)", latest)
         self.generation += 1
         self._start_from(latest)
         # Fenced before anything (the metrics log, the progress line) says a recovery
@@ -461,44 +480,64 @@ class JobCore:
     # -- the end --------------------------------------------------------------
     @_handle.register
     def _interrupted(self, ev: Interrupted) -> list[Instruction]:
-        interrupted = _Failure("interrupted", kind=JobInterrupted)
-        if self.phase == "stopping" and self.ending == interrupted:
-            return self._fail(interrupted)  # a second Ctrl-C: do not wait for the stop
-        return self._fail_after_stop(ev.now, interrupted)
+        if self.interrupted and self.phase in ("stopping", "finding"):
+            return self._on_interrupt(self.committed, hurried=True)  # again: do not wait for the stop
+        self.interrupted = True
+        return self._end_with(self._on_interrupt, ev.now)
+
+    def _on_interrupt(self, latest: CheckpointView | None, hurried: bool = False) -> list[Instruction]:
+        stopped = "interrupted again before the stages stopped" if hurried else "the stages were stopped"
+        return [WriteRecord({"type": "interrupted", "generation": self.generation,
+                             "checkpoint": latest.path if latest else None})] + self._end(
+            Fail(f"interrupted; {stopped}; {self._hint(latest)}", kind=JobInterrupted))
 
     @_handle.register
     def _scheduler_lost(self, ev: SchedulerLost) -> list[Instruction]:
-        # Nothing can be stopped through a scheduler that is gone: fence the stages
-        # still running off the store instead, and drop what they left uncommitted.
-        out: list[Instruction] = []
-        fence = ""
-        if self.settings.store is not None:
-            out.append(BeginGeneration(self.generation + 1, self.committed[0] if self.committed else 0))
-            fence = (f"generation {self.generation + 1} is recorded in {self.settings.store}, so the stages "
-                     f"still running cannot write there")
-        return out + self._fail(_Failure(f"lost the scheduler ({ev.reason})", fence or None, retryable=True))
+        # Nothing can be stopped through a scheduler that is gone (the stages stop on their
+        # own once they lose it): fence them off the store instead, and drop what they left
+        # uncommitted, so the directory holds exactly what a resume will use.
+        def ending(latest: CheckpointView | None) -> list[Instruction]:
+            fence = BeginGeneration(self.generation + 1, latest.cut if latest else -1)
+            out: list[Instruction] = [fence] if self.settings.store else []
+            why = f"lost the Dask scheduler ({ev.reason}); its tasks are gone and the stages stop on their own"
+            out += [WriteRecord({"type": "failed", "stages": [], "workers": [], "reason": ev.reason, "why": why,
+                                 "checkpoint": latest.path if latest else None}),
+                    Note(f"job failed: {why}; {self._hint(latest)}")]
+            return out + self._end(Fail(f"{why}; {self._hint(latest)} once a scheduler is back", retryable=True))
 
-    def _fail_after_stop(self, now: float, ending: _Failure) -> list[Instruction]:
-        """Fail once nothing of this job runs: after a stop when a generation runs, else now."""
-        if self.phase == "running":
-            self.ending = ending
+        return self._end_with(ending, ev.now, stop=False)
+
+    def _end_with(self, ending: Ending, now: float, *, stop: bool = True) -> list[Instruction]:
+        """End the job once nothing of it runs (after a stop, if a generation runs) and the
+        checkpoint to resume from is known."""
+        self.ending = ending
+        if stop and self.phase == "running":
             return self._stop(now)
-        if self.phase in ("stopping", "finding"):
-            self.ending = ending  # instead of the recovery under way
-            return []
-        return self._fail(ending)
+        if (stop and self.phase == "stopping") or self.phase == "finding":
+            return []  # under way: StopFinished, then LatestCheckpoint, lead to the ending
+        return self._read_latest(now)
 
-    def _fail(self, failure: _Failure) -> list[Instruction]:
-        cut, path = self.committed if self.committed else (None, None)
-        where = (f"the last committed checkpoint is {path} (micro-batch {cut}); `pipetrain resume` continues "
-                 f"from it" if path else "no checkpoint was committed")
-        reason = "; ".join(part for part in (failure.what, failure.why, where) if part)
-        loss = failure.loss
-        record = {"type": "failed", "stages": loss.stages if loss else [], "workers": loss.workers if loss else [],
-                  "reason": loss.reason if loss else failure.what, "why": failure.why, "checkpoint": path}
-        fail = Fail(reason, retryable=failure.retryable, kind=failure.kind, cause=loss)
-        return [WriteRecord(record), Note(f"job failed: {reason}")] + self._end(fail)
+    def _failed(self, loss: StageLost, why: str, latest: CheckpointView | None) -> list[Instruction]:
+        reason = f"{loss}; {why}; {self._hint(latest)}"
+        return [WriteRecord({"type": "failed", "stages": loss.stages, "workers": loss.workers, "reason": loss.reason,
+                             "why": why, "checkpoint": latest.path if latest else None}),
+                Note(f"job failed: {reason}")] + self._end(Fail(reason, cause=loss))
+
+    def _hint(self, latest: CheckpointView | None) -> str:
+        if latest is None:
+            return "no checkpoint was committed, so a new run starts from the beginning"
+        command = f"`pipetrain resume {self.settings.run_dir}`" if self.settings.run_dir else "resume=True"
+        return f"the last committed checkpoint is {latest.path} (micro-batch {latest.cut}); {command} continues from it"
 
     def _end(self, last: Instruction) -> list[Instruction]:
         self.phase = "over"
         return [last]
+
+
+def _host(address: str) -> str:
+    try:
+        from distributed.comm.addressing import get_address_host  # parses only
+
+        return get_address_host(address)
+    except (ImportError, ValueError):
+        return address

@@ -26,6 +26,7 @@ class JobSettings:
     microbatch_size: int
     job_id: str
     store: str | None = None  # the checkpoint store's root, for messages; None: no checkpoints
+    run_dir: str | None = None  # for the `pipetrain resume RUN_DIR` hints
     max_restarts: int = 3
     stop_timeout: float = 10.0
     checkpoint_seconds: float = 0.0
@@ -36,6 +37,7 @@ class JobSettings:
         """From a ``JobPlan``; ``store_root``: ``CheckpointStore.root``, None without checkpoints."""
         return cls(num_stages=plan.num_stages, microbatches=plan.microbatches, steps=plan.steps,
                    microbatch_size=plan.source.microbatch_size, job_id=plan.job_id, store=store_root,
+                   run_dir=getattr(plan, "run_dir", None),
                    max_restarts=plan.max_restarts, stop_timeout=plan.stop_timeout,
                    checkpoint_seconds=plan.checkpoint_seconds,
                    manifest={"schedule": dict(plan.schedule_args),
@@ -83,6 +85,9 @@ class Started(Event):
     existing_cuts: tuple[int, ...] = ()  # store.cuts(): a new run may not start over another's
     previous_generation: int | None = None  # store.current_generation()
     latest: CheckpointView | None = None  # store.latest(), asked on resume
+    # On a resume that found no latest: (path, reason) of each step directory
+    # store.list() does not call "uncommitted" (committed once, failing verification now).
+    unusable: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,11 @@ class CutMissed(Report):
 
 @dataclass(frozen=True)
 class CourierError(Report):
-    error: str  # repr of what the stage's courier thread raised
+    """The stage's courier failed: a shard write (which names ``cut`` and ``worker``) or a report."""
+
+    error: str
+    worker: str | None = None
+    cut: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +178,8 @@ def report_from_message(message: dict, generation: int, now: float) -> Report | 
     if kind == "missed":
         return CutMissed(cut=message["cut"], **common)
     if kind == "error":
-        return CourierError(error=message["error"], **common)
+        return CourierError(error=str(message["error"]), worker=message.get("worker"), cut=message.get("cut"),
+                            **common)
     if kind == "done":
         return StageDone(seconds=message.get("seconds", 0.0), **common)
     return None
@@ -262,7 +272,8 @@ class ClearStore(Instruction):
 
 @dataclass(frozen=True)
 class BeginGeneration(Instruction):
-    """Fence: ``store.begin_generation(generation)``, then ``store.discard_after(cut, generation=...)``."""
+    """Fence: ``store.begin_generation(generation)``, then ``store.discard_after(cut, generation=...)``
+    (``cut`` -1: every step directory goes)."""
 
     generation: int
     cut: int
