@@ -30,9 +30,9 @@ from pipetrain.errors import (CheckpointDirInUse, JobInterrupted, StageLost, can
 from pipetrain.runtime.bookkeeping import StepBook
 from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
                                            CommitFailed, CourierError, CutMissed, Event, Fail, Finish,
-                                           FirstBackward, Instruction, Interrupted, LatestCheckpoint,
+                                           FirstBackward, Instruction, Interrupted, JobSettings, LatestCheckpoint,
                                            Note, PeerLostReport, Place, Placed, PlacementFailed,
-                                           JobSettings, ReadLatestCheckpoint, Report, RequestCut, SchedulerLost,
+                                           ReadLatestCheckpoint, Report, RequestCut, SchedulerLost,
                                            ShardWritten, ShowStep, StageDone, StageReady, Started, StepReport,
                                            StopFinished, StopGeneration, StopOldRun, Submit, TaskEnded, Tick,
                                            WorkersChanged, WriteRecord)

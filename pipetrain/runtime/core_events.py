@@ -1,4 +1,4 @@
-"""What goes into the job core and what comes out: typed events and instructions.
+"""What goes into the job core and what comes out: its settings, typed events and instructions.
 
 The driver's shell turns what it sees (Dask future statuses, the scheduler's
 worker list, the control plane's reports, the checkpoint store's answers, a
