@@ -30,6 +30,7 @@ from pipetrain.checkpoint import (
     CheckpointStore,
     StaleGenerationError,
 )
+from pipetrain.checkpoint.manifest import ForeignFilesError
 
 STAGES = 3
 LOGGER = "pipetrain.checkpoint"
@@ -462,6 +463,50 @@ def test_clear_leaves_an_empty_store_a_new_run_can_start_in(url):
     assert store.latest().cut == 4
     store.clear()
     store.clear()  # clearing an empty store is a no-op
+
+
+def test_clear_refuses_a_root_holding_anything_else_and_deletes_nothing(url):
+    # A user's directory given as checkpoint.dir: clear() used to rm -r the root.
+    store = CheckpointStore(url)
+    store.begin_generation(1)
+    save(store, 4)
+    fs = store.fs
+    extras = {"precious.txt": b"years of work", f"step-{4:010d}/notes.md": b"mine", "step-12/x": b"not a cut"}
+    for name, data in extras.items():
+        fs.makedirs(posixpath.dirname(posixpath.join(store.root, name)), exist_ok=True)
+        fs.pipe_file(posixpath.join(store.root, name), data)
+    with pytest.raises(ForeignFilesError) as refused:
+        store.clear()
+    message = str(refused.value)
+    assert store.root in message and "precious.txt" in message and "step-0000000004/notes.md" in message
+    assert "step-12/" in message and "deleted nothing" in message
+    for name, data in extras.items():
+        assert fs.cat_file(posixpath.join(store.root, name)) == data
+    assert store.latest().cut == 4 and store.current_generation() == 1
+    assert store.foreign_entries() == ["precious.txt", "step-0000000004/notes.md", "step-12/"]
+
+
+def test_clear_removes_what_the_store_wrote_including_temporaries(url):
+    store = CheckpointStore(url)
+    store.begin_generation(1)
+    save(store, 4)
+    store.write_shard(8, 0, stage_state(0, 8), generation=1)  # torn
+    # What a writer killed between its write and its rename leaves behind.
+    store.fs.pipe_file(step_file(store, 8, ".stage-1.safetensors.tmp-4242-0123abcd"), b"partial")
+    store.fs.pipe_file(posixpath.join(store.root, ".GENERATION.tmp-4242-89abcdef"), b"{")
+    assert store.foreign_entries() == []
+    store.clear()
+    assert store.fs.ls(store.root, detail=False) == [] and store.current_generation() is None
+
+
+def test_a_garbage_generation_record_names_the_file(url):
+    store = CheckpointStore(url)
+    store.begin_generation(1)
+    path = posixpath.join(store.root, "GENERATION")
+    for garbage in (b"\x00\xffgarbage", b'{"generation": true}', b"[1]"):
+        store.fs.pipe_file(path, garbage)
+        with pytest.raises(CheckpointCorruptError, match=f"{path} \\(the generation record\\)"):
+            store.current_generation()
 
 
 def test_discard_after_is_refused_from_a_stale_generation(url):

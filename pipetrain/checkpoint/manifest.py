@@ -7,20 +7,25 @@ A step directory ``step-{cut:010d}/`` holds, per stage s,
 ``stage-{s}.safetensors`` and its record ``stage-{s}.json``; then the
 driver's ``manifest.json``; then ``COMMITTED`` (written last). The marker
 carries the manifest's sha256, and the manifest carries every shard's sha256
-and size, so a checkpoint verifies from the marker down.
+and size, so a checkpoint verifies from the marker down. The store root holds
+those step directories and the ``GENERATION`` record; every file is written
+through a temporary ``.{name}.tmp-{pid}-{token}`` first. Those names are all
+the store ever writes, so they are all it may ever delete (``is_own_file``).
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 FORMAT = "pipetrain-checkpoint/1"
 MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
 GENERATION = "GENERATION"
 STEP_DIR = re.compile(r"^step-(\d{10})$")
+_STAGE_FILE = re.compile(r"^stage-\d+\.(safetensors|json)$")
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}$")
 # Keys the store writes into manifest.json; the driver's extra fields may not reuse them.
 RESERVED_KEYS = frozenset(
     ["format", "cut", "microbatch_cursor", "generation", "num_stages", "created_at", "shards"]
@@ -37,6 +42,46 @@ class StaleGenerationError(CheckpointError):
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file that does not match its manifest (or is unreadable)."""
+
+
+class ForeignFilesError(CheckpointError):
+    """The store root holds files the store did not write: it deletes nothing there."""
+
+
+def temp_file_name(name: str, pid: int, token: str) -> str:
+    """Where a file is written before its atomic rename to ``name`` (``token``: 8 hex digits)."""
+    return f".{name}.tmp-{pid}-{token}"
+
+
+def is_own_file(name: str, *, in_step_dir: bool) -> bool:
+    """Whether the store writes files of this name: in a step directory its shards,
+    records, manifest and marker; in the root its GENERATION record; either's temporaries."""
+    temp = _TEMP_FILE.match(name)
+    if temp:
+        name = temp.group("name")
+    if in_step_dir:
+        return name in (MANIFEST, MARKER) or bool(_STAGE_FILE.match(name))
+    return name == GENERATION
+
+
+def foreign_entries(root: list[tuple[str, bool]], step: Callable[[str], list[tuple[str, bool]]]) -> list[str]:
+    """Of a store root's entries ``root`` ((name, is a directory) pairs; ``step(name)``
+    lists a step directory's), the paths of those the store did not write, sorted
+    (directories with a trailing /): the store may delete only when this is empty."""
+    foreign = []
+    for name, is_dir in root:
+        if is_dir and STEP_DIR.match(name):
+            foreign += [f"{name}/{inner}" + "/" * inner_is_dir for inner, inner_is_dir in step(name)
+                        if inner_is_dir or not is_own_file(inner, in_step_dir=True)]
+        elif is_dir or not is_own_file(name, in_step_dir=False):
+            foreign.append(name + "/" * is_dir)
+    return sorted(foreign)
+
+
+def name_a_few(names: list[str], shown: int = 5) -> str:
+    """``a, b, c and 4 more``: enough of a list for a one-line error."""
+    rest = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + rest
 
 
 def step_dir_name(cut: int) -> str:
@@ -78,6 +123,16 @@ class ShardRecord:
             file=str(d["file"]), bytes=int(d["bytes"]), sha256=str(d["sha256"]),
             tensors=dict(d.get("tensors", {})), meta=dict(d.get("meta", {})),
         )
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One step directory as ``CheckpointStore.list()`` sees it (for the CLI)."""
+
+    cut: int
+    path: str
+    status: str  # "committed" | "uncommitted" | "corrupt"
+    reason: str | None = None  # why it is not usable
 
 
 @dataclass(frozen=True)
@@ -134,6 +189,21 @@ def build_manifest(
     }
     manifest.update(extra)
     return manifest
+
+
+def shard_problem(stage: int, entry: dict[str, Any], *, size: int | None, digest: Callable[[], str]) -> str | None:
+    """Why a shard of ``size`` bytes (None: missing) is not the one manifest ``entry``
+    describes (None: it is); ``digest()`` hashes it, asked only when the size matches."""
+    if size is None:
+        return f"shard {entry['file']} of stage {stage} is missing"
+    if size != entry["bytes"]:
+        return (f"shard {entry['file']} of stage {stage} has {size} bytes, the manifest says {entry['bytes']} "
+                f"(truncated or replaced)")
+    sha = digest()
+    if sha != entry["sha256"]:
+        return (f"shard {entry['file']} of stage {stage} has sha256 {sha[:12]}..., the manifest says "
+                f"{entry['sha256'][:12]}... (corrupted or replaced)")
+    return None
 
 
 def dumps(obj: dict[str, Any], *, what: str) -> bytes:

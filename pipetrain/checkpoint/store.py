@@ -11,7 +11,9 @@ Who calls what (DESIGN.md section 2, "Nothing torn"):
 - on (re)start: ``latest()`` is the newest committed checkpoint that verifies
   end to end; anything torn or corrupt is skipped with a warning saying why;
 - on a rollback to that cut: ``discard_after(cut, generation=g)`` removes the
-  newer, unusable step directories so their cuts can be written again.
+  newer, unusable step directories so their cuts can be written again;
+- for a new run in the same root: ``clear()``, which deletes only what the
+  store writes, and nothing in a root that holds anything else.
 
 Fencing: the driver records each new run's generation with
 ``begin_generation(g)``; a writer or committer of an older generation is
@@ -31,17 +33,13 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from contextlib import suppress
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from pipetrain.checkpoint.codec import (
-    ShardFormatError,
-    decode_state,
-    encode_state,
-    tensor_index,
-)
+from pipetrain.checkpoint.codec import ShardFormatError, decode_state, encode_state, tensor_index
 from pipetrain.checkpoint.manifest import (
     GENERATION,
     MANIFEST,
@@ -49,36 +47,30 @@ from pipetrain.checkpoint.manifest import (
     STEP_DIR,
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointInfo,
     CommittedCheckpoint,
+    ForeignFilesError,
     ShardRecord,
     StaleGenerationError,
     build_manifest,
     dumps,
+    foreign_entries,
     loads,
     manifest_problem,
+    name_a_few,
     record_file_name,
     shard_file_name,
+    shard_problem,
     step_dir_name,
+    temp_file_name,
 )
 
 log = logging.getLogger("pipetrain.checkpoint")
 _CHUNK = 8 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One step directory as ``list()`` sees it (for the CLI)."""
-
-    cut: int
-    path: str
-    status: str  # "committed" | "uncommitted" | "corrupt"
-    reason: str | None = None  # why it is not usable
-
-
 class CheckpointStore:
-    def __init__(
-        self, url: str, *, keep: int = 3, fs: Any = None, clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, url: str, *, keep: int = 3, fs: Any = None, clock: Callable[[], float] = time.time) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"checkpoint keep must be an int >= 1, got {keep!r}")
         if fs is None:
@@ -105,9 +97,9 @@ class CheckpointStore:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
-        g = loads(data, what=path).get("generation")
-        if not isinstance(g, int):
-            raise CheckpointCorruptError(f"{path} holds no integer generation")
+        g = loads(data, what=f"{path} (the generation record)").get("generation")
+        if not isinstance(g, int) or isinstance(g, bool):
+            raise CheckpointCorruptError(f"{path} (the generation record) holds no integer generation: {g!r}")
         return g
 
     def begin_generation(self, generation: int) -> None:
@@ -185,9 +177,7 @@ class CheckpointStore:
             size = self._size(path)
             if size != entry["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
-                raise CheckpointError(
-                    f"{doing}: {path} is {found}, stage {s} reported {entry['bytes']} bytes"
-                )
+                raise CheckpointError(f"{doing}: {path} is {found}, stage {s} reported {entry['bytes']} bytes")
         manifest_bytes = dumps(body, what=f"manifest of cut {cut}")
         self._write_atomic(posixpath.join(step, MANIFEST), manifest_bytes)
         marker = {
@@ -200,9 +190,7 @@ class CheckpointStore:
         )
         log.info("checkpoint committed: %s (generation %d)", step, generation)
         self.prune()
-        return CommittedCheckpoint(
-            cut=cut, generation=generation, num_stages=num_stages, path=step, manifest=body
-        )
+        return CommittedCheckpoint(cut=cut, generation=generation, num_stages=num_stages, path=step, manifest=body)
 
     def prune(self) -> None:
         """Keep the newest ``keep`` committed checkpoints; drop uncommitted leftovers
@@ -244,14 +232,10 @@ class CheckpointStore:
         step = self._step_path(cut)
         # Marker first: a crash mid-removal leaves an uncommitted leftover, never
         # a marker over a half-deleted directory.
-        try:
+        with suppress(FileNotFoundError):
             self.fs.rm_file(posixpath.join(step, MARKER))
-        except FileNotFoundError:
-            pass
-        try:
+        with suppress(FileNotFoundError):
             self.fs.rm(step, recursive=True)
-        except FileNotFoundError:
-            pass
         log.info("checkpoint removed: %s", step)
 
     # -- reading ------------------------------------------------------------
@@ -284,12 +268,9 @@ class CheckpointStore:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{path} is missing") from None
-        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CheckpointCorruptError(
-                f"{path} does not match its manifest ({len(data)} bytes, sha256 "
-                f"{hashlib.sha256(data).hexdigest()[:12]}...; expected {entry['bytes']} bytes, "
-                f"sha256 {entry['sha256'][:12]}...)"
-            )
+        problem = shard_problem(stage, entry, size=len(data), digest=lambda: hashlib.sha256(data).hexdigest())
+        if problem:
+            raise CheckpointCorruptError(f"{path} does not match its manifest: {problem}")
         try:
             return decode_state(data, source=path)
         except ShardFormatError as err:
@@ -336,20 +317,9 @@ class CheckpointStore:
         for s in range(manifest["num_stages"]):
             entry = manifest["shards"][str(s)]
             path = posixpath.join(step, entry["file"])
-            size = self._size(path)
-            if size is None:
-                return None, f"shard {entry['file']} of stage {s} is missing"
-            if size != entry["bytes"]:
-                return None, (
-                    f"shard {entry['file']} of stage {s} has {size} bytes, the manifest says "
-                    f"{entry['bytes']} (truncated or replaced)"
-                )
-            digest = self._sha256(path)
-            if digest != entry["sha256"]:
-                return None, (
-                    f"shard {entry['file']} of stage {s} has sha256 {digest[:12]}..., the manifest "
-                    f"says {entry['sha256'][:12]}... (corrupted or replaced)"
-                )
+            problem = shard_problem(s, entry, size=self._size(path), digest=lambda: self._sha256(path))
+            if problem:
+                return None, problem
         return CommittedCheckpoint(
             cut=cut, generation=int(manifest.get("generation", -1)),
             num_stages=manifest["num_stages"], path=step, manifest=manifest,
@@ -368,11 +338,35 @@ class CheckpointStore:
         return self._cuts()
 
     def clear(self) -> None:
-        """Remove every checkpoint and the generation record: a new run starts over here."""
+        """Remove every checkpoint and the generation record: a new run starts over here.
+
+        Only what the store writes is removed, and nothing at all when the root
+        holds anything else (``ForeignFilesError`` names it): the root may be a
+        directory a user pointed ``checkpoint.dir`` at. The root itself stays.
+        """
+        foreign = self.foreign_entries()
+        if foreign:
+            raise ForeignFilesError(f"{self.root} holds files pipetrain did not write ({name_a_few(foreign)}); "
+                                    f"it deletes only its own checkpoints, so it deleted nothing: move those "
+                                    f"files, or use another checkpoint directory")
+        for cut in self._cuts():
+            self._remove_step(cut)
+        for name, _ in self._entries(self.root):  # GENERATION and temporaries left by a crash
+            self.fs.rm_file(self._path(name))
+
+    def foreign_entries(self) -> list[str]:
+        """What the root holds that the store did not write, as paths relative to
+        the root (a directory with a trailing /); empty for an empty or missing root."""
+        return foreign_entries(self._entries(self.root), lambda step: self._entries(self._path(step)))
+
+    def _entries(self, path: str) -> list[tuple[str, bool]]:
+        """(name, is a directory) of each entry of ``path``; none if it does not exist."""
         try:
-            self.fs.rm(self.root, recursive=True)
-        except FileNotFoundError:
-            pass
+            listing = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory") for e in listing
+                if e["name"].rstrip("/") != path.rstrip("/")]
 
     def _cuts(self) -> list[int]:
         try:
@@ -413,9 +407,7 @@ class CheckpointStore:
         else:
             self.fs.makedirs(path, exist_ok=True)
 
-    def _write_atomic(
-        self, path: str, data: bytes, *, before_publish: Callable[[], None] | None = None,
-    ) -> None:
+    def _write_atomic(self, path: str, data: bytes, *, before_publish: Callable[[], None] | None = None) -> None:
         """Readers see the old file or the whole new one, never part of it."""
         if not self._is_local():
             # Object stores put a whole object atomically, and the memory file
@@ -425,7 +417,7 @@ class CheckpointStore:
             self.fs.pipe_file(path, data)
             return
         directory, name = os.path.split(path)
-        tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(directory, temp_file_name(name, os.getpid(), uuid.uuid4().hex[:8]))
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -435,10 +427,8 @@ class CheckpointStore:
                 before_publish()
             os.replace(tmp, path)
         except BaseException:
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise
         _fsync_dir(directory)
 
