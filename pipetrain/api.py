@@ -9,13 +9,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipetrain.optim import Optimizer
+from pipetrain.optim import Optimizer, with_correction
 from pipetrain.observe.progress import MetricsLog, Progress
+from pipetrain.rundir import CHECKPOINTS_DIR, EVENTS_DIR, METRICS_FILE, event_file_name
 
 
 @dataclass
 class FitResult:
-    """What a run produced. ``history`` has one record per step."""
+    """What a run produced. ``history`` has one record per step (those before a
+    resume's checkpoint restored from it, marked ``restored``); ``samples``,
+    ``wall_seconds`` and ``samples_per_s`` count what this call trained:
+    ``steps_run`` of the job's ``steps``, from micro-batch ``resumed_from`` on."""
 
     partition: Any
     schedule: str
@@ -30,6 +34,9 @@ class FitResult:
     heldout_before: float | None = None
     heldout_after: float | None = None
     executor: str = "dask"
+    steps: int = 0
+    resumed_from: int = 0  # the micro-batch this call started at: a resume's checkpoint cut, else 0
+    microbatches: int = 1  # per step
     # Per stage, the exactly-once ledger of the final generation: "applied", the
     # runs [first, last + 1] of micro-batch ids each update folded into the
     # weights, in order; "pending", ids accumulated but not yet applied.
@@ -49,6 +56,16 @@ class FitResult:
         for stage, state in zip(stages, self.states):
             stage.load_state_dict(state)
         return stages
+
+    @property
+    def resumed_from_step(self) -> int:
+        """Steps the checkpoint this call resumed from had completed."""
+        return self.resumed_from // self.microbatches
+
+    @property
+    def steps_run(self) -> int:
+        """Steps this call trained (a step the checkpoint cut in two counts as trained)."""
+        return self.steps - self.resumed_from_step
 
     @property
     def samples_per_s(self) -> float:
@@ -76,7 +93,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
         run_dir: str | None = None, heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU",
         placement_timeout: float = 60.0, max_restarts: int = 3, spare_workers: int = 0, credits: int = 0,
         executor: str = "dask", progress: bool = True, job_id: str | None = None, record_events: bool = True,
-        stop_timeout: float = 10.0, checkpoint_seconds: float = 0.0) -> FitResult:
+        stop_timeout: float = 10.0, checkpoint_seconds: float = 0.0, correction: str | None = None) -> FitResult:
     """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
@@ -94,11 +111,15 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     ``checkpoint_seconds``: also checkpoint once that long has passed since
     the last one (at a cut the driver picks ahead of every stage).
     ``resume=True`` continues a job stopped earlier from its checkpoints.
+    ``correction``: a delay compensation for pipedream and 2bw ("predict",
+    "dcasgd", "dcasgd-a"; ``pipetrain.stages.corrections``), carried to the
+    stages by the optimizer.
     """
-    from pipetrain.partition import Partition, partition as make_partition
+    from pipetrain.data import check_numeric
+    from pipetrain.partitioning import Partition, partition as make_partition
     from pipetrain.schedule.builders import build_schedule
 
-    optimizer = optimizer or Optimizer()
+    optimizer = with_correction(optimizer or Optimizer(), correction, schedule=schedule)
     if isinstance(model, Partition):
         part = model
     else:
@@ -109,13 +130,15 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     if checkpoint_every is None:
         checkpoint_every = (default_checkpoint_every(schedule=schedule, microbatches=microbatches,
                                                      accumulate=accumulate) if checkpoint_dir else 0)
-    checkpoint_url = checkpoint_dir or (str(Path(run_dir) / "checkpoints")
+    check_numeric(data.inputs(0), "data.inputs(0)")
+    check_numeric(data.targets(0), "data.targets(0)")
+    checkpoint_url = checkpoint_dir or (str(Path(run_dir) / CHECKPOINTS_DIR)
                                         if run_dir and (checkpoint_every or checkpoint_seconds) else None)
     schedule_args = dict(name=schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
                          accumulate=accumulate, checkpoint_every=checkpoint_every or None)
     build_schedule(**schedule_args)  # validates before any worker starts
     run_path = Path(run_dir) if run_dir else None
-    metrics = MetricsLog(run_path / "metrics.jsonl" if run_path else None)
+    metrics = _Metrics(run_path / METRICS_FILE if run_path else None)
     bar = Progress(steps, enabled=progress)
     eval_ids = list(range(eval_microbatches))
     heldout_before = _heldout_loss(part, optimizer, heldout, eval_ids, states=None)
@@ -141,15 +164,29 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     result = FitResult(partition=part, schedule=schedule, history=outcome.history, losses=outcome.losses,
                        states=outcome.states, recoveries=outcome.recoveries, events=outcome.events,
                        run_dir=run_path, wall_seconds=outcome.wall_seconds,
-                       samples=steps * microbatches * data.microbatch_size, executor=executor,
-                       ledgers=outcome.ledgers)
+                       samples=(steps * microbatches - metrics.resumed_from) * data.microbatch_size,
+                       executor=executor, steps=steps, resumed_from=metrics.resumed_from,
+                       microbatches=microbatches, ledgers=outcome.ledgers)
     result.heldout_before = heldout_before
     result.heldout_after = _heldout_loss(part, optimizer, heldout, eval_ids, states=outcome.states)
     metrics.write({"type": "end", "heldout_loss": result.heldout_after, "wall_seconds": result.wall_seconds,
-                   "samples_per_s": result.samples_per_s})
+                   "samples_per_s": result.samples_per_s, "samples": result.samples, "steps": steps,
+                   "steps_run": result.steps_run})
     if run_path and outcome.events:
         _save_events(run_path, outcome.events)
     return result
+
+
+class _Metrics(MetricsLog):
+    """The run's metrics log, which also notes the cut a resume started from: the
+    driver's "resume" record is the one place that says so."""
+
+    resumed_from = 0
+
+    def write(self, record: dict) -> None:
+        if record.get("type") == "resume":
+            self.resumed_from = int(record["rollback_to"])
+        super().write(record)
 
 
 def _heldout_loss(part: Any, optimizer: Any, heldout: Any, ids: list[int], *, states: Any) -> float | None:
@@ -215,7 +252,7 @@ def _client(client: Any, n_workers: int) -> Iterator[Any]:
 
 
 def _save_events(run_path: Path, events: list[np.ndarray]) -> None:
-    out = run_path / "events"
+    out = run_path / EVENTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     for s, ev in enumerate(events):
-        np.save(out / f"stage-{s}.npy", ev)
+        np.save(out / event_file_name(s), ev)

@@ -2,7 +2,8 @@
 
 Each subcommand parses its arguments and hands over to the module that does
 the work; errors the user can fix (a bad config field, an unknown schedule)
-print one clear line and exit 2 instead of a traceback.
+print one clear line and exit 2 instead of a traceback. Ctrl-C prints one line
+saying how to continue and exits 130 (the shell's code for SIGINT).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import json
 import os
 import sys
 
-from pipetrain.config import ConfigError
+from pipetrain.config import ConfigError, parse_overrides
+
+INTERRUPTED = 130  # 128 + SIGINT
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -29,7 +32,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _partition(args: argparse.Namespace) -> int:
     from pipetrain.config import resolve
-    from pipetrain.partition import partition
+    from pipetrain.partitioning import partition
 
     kwargs = json.loads(args.kwargs) if args.kwargs else {}
     model = resolve(args.model, "MODEL")(**kwargs)
@@ -43,9 +46,8 @@ def _partition(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pipetrain.job import train_from_config
 
-    overrides = dict(kv.split("=", 1) for kv in args.set or [])
     train_from_config(args.config, scheduler=args.scheduler, scheduler_file=args.scheduler_file,
-                      executor=args.executor, overrides={k: _literal(v) for k, v in overrides.items()},
+                      executor=args.executor, overrides=parse_overrides(args.set or []),
                       progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
@@ -53,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from pipetrain.job import resume_run
 
-    resume_run(args.run_dir, scheduler=args.scheduler, scheduler_file=args.scheduler_file, progress=not args.quiet)
+    resume_run(args.run_dir, scheduler=args.scheduler, scheduler_file=args.scheduler_file, progress=not args.quiet,
+               steps=args.steps)
     return 0
 
 
@@ -80,18 +83,11 @@ def _call_with_accepted(fn, kwargs: dict):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def _literal(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     g.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line (the summary is still printed)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,6 +108,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a stopped job from its last committed checkpoint")
     p.add_argument("run_dir")
     _cluster_args(p)
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="train the job to N steps in all (recorded in its job.json); also continues a finished run")
     p.set_defaults(run=_resume)
 
     p = sub.add_parser("simulate", help="print a schedule's stage x time grid, bubble and memory")
@@ -152,20 +150,65 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says all a user needs: no traceback for them."""
+    """Errors whose message says all a user needs: no traceback for them. The
+    OSErrors are those of the run directory (the path is in the message)."""
+    from pipetrain.checkpoint.manifest import CheckpointError
+    from pipetrain.errors import JobFailed
     from pipetrain.runtime.placement import PlacementError
 
-    errors: list[type[BaseException]] = [ConfigError, ValueError, FileNotFoundError, PlacementError]
-    if "pipetrain.runtime.driver" in sys.modules:
+    errors: list[type[BaseException]] = [ConfigError, ValueError, FileNotFoundError, NotADirectoryError,
+                                         IsADirectoryError, PermissionError, PlacementError, CheckpointError,
+                                         JobFailed]
+    if "pipetrain.runtime.driver" in sys.modules:  # its own JobFailed, until it raises pipetrain.errors'
         errors.append(sys.modules["pipetrain.runtime.driver"].JobFailed)
     return tuple(errors)
+
+
+def _interrupted(error: BaseException) -> bool:
+    """A Ctrl-C: KeyboardInterrupt itself, or JobInterrupted once the driver has stopped the stages."""
+    from pipetrain.errors import JobInterrupted
+
+    driver = sys.modules.get("pipetrain.runtime.driver")
+    kinds = (KeyboardInterrupt, JobInterrupted, getattr(driver, "JobInterrupted", JobInterrupted))
+    return isinstance(error, kinds)
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """What to run after an interrupted `train` or `resume`, from what its run directory holds."""
+    from pipetrain import rundir
+
+    if args.command not in ("train", "resume"):
+        return ""
+    try:
+        if args.command == "resume":
+            run_dir = args.run_dir
+        else:
+            from pipetrain.config import load
+
+            run_dir = load(args.config, parse_overrides(args.set or [])).run_dir
+    except Exception:  # the config was never valid, so no run started
+        return ""
+    job, _ = rundir.read_job(run_dir)
+    if job is None:
+        return f"; no run started in {run_dir}"
+    checkpoint = job["config"].get("checkpoint", {})
+    if not (checkpoint.get("every") or checkpoint.get("seconds")):
+        again = f"pipetrain train {job.get('source') or 'CONFIG'} --overwrite"
+        return f"; this job writes no checkpoints, so `{again}` starts it over"
+    return f"; `pipetrain resume {run_dir}` continues it from its last committed checkpoint"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except Exception as e:
+    except BaseException as e:
+        if _interrupted(e) and not os.environ.get("PIPETRAIN_DEBUG"):
+            # JobInterrupted's message already says where to resume; a bare Ctrl-C (while
+            # partitioning, say) is told from what the run directory holds.
+            said = f"interrupted{_how_to_continue(args)}" if isinstance(e, KeyboardInterrupt) else str(e)
+            print(f"pipetrain {args.command}: {said}", file=sys.stderr)
+            return INTERRUPTED
         if not isinstance(e, _user_errors()) or os.environ.get("PIPETRAIN_DEBUG"):
             raise
         print(f"pipetrain {args.command}: error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from pipetrain.optim import Optimizer
+from pipetrain.optim import ASYNC_SCHEDULES, CORRECTIONS, Optimizer
 from pipetrain.schedule.schedule import SCHEDULES
 
 
@@ -48,6 +48,7 @@ class ScheduleConfig:
     microbatches: int = 8  # per step
     steps: int = 10
     accumulate: int = 1
+    correction: str = "none"  # pipedream / 2bw delay compensation: none | predict | dcasgd | dcasgd-a
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class JobConfig:
         _check(self.schedule.microbatches >= 1, "schedule.microbatches", "must be >= 1")
         _check(self.schedule.steps >= 1, "schedule.steps", "must be >= 1")
         _check(self.schedule.accumulate >= 1, "schedule.accumulate", "must be >= 1")
+        _check(self.schedule.correction in CORRECTIONS, "schedule.correction",
+               f"{self.schedule.correction!r} is not one of {', '.join(CORRECTIONS)}")
+        _check(self.schedule.correction == "none" or self.schedule.name in ASYNC_SCHEDULES, "schedule.correction",
+               f"{self.schedule.name} has no delayed gradients to correct; only {', '.join(ASYNC_SCHEDULES)} do")
         _check(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 turns checkpoints off)")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         _check(self.checkpoint.seconds >= 0, "checkpoint.seconds", "must be >= 0 (0 turns time-based checkpoints off)")
@@ -104,7 +109,9 @@ class JobConfig:
         return self
 
     def checkpoint_url(self) -> str:
-        return self.checkpoint.dir or str(Path(self.run_dir) / "checkpoints")
+        from pipetrain.rundir import CHECKPOINTS_DIR  # rundir imports this module
+
+        return self.checkpoint.dir or str(Path(self.run_dir) / CHECKPOINTS_DIR)
 
 
 def _require(value: str, name: str, what: str) -> None:
@@ -168,10 +175,32 @@ def read_raw(path: str | Path, overrides: dict | None = None) -> dict:
     for dotted, value in (overrides or {}).items():
         table = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
+        if not all(parents) or not leaf:
+            raise ConfigError(f"--set {dotted}={value}: {dotted!r} is not a field name like schedule.steps")
+        for depth, p in enumerate(parents):
             table = table.setdefault(p, {})
+            if not isinstance(table, dict):
+                field = ".".join(parents[: depth + 1])
+                raise ConfigError(f"--set {dotted}: {path}: {field} is a value, not a table with fields")
         table[leaf] = value
     return raw
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` arguments as {field: value}; the value is JSON when it
+    parses as JSON (numbers, booleans, quoted strings, lists), else the text itself."""
+    import json
+
+    overrides = {}
+    for item in items:
+        dotted, sep, text = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(f"--set {item}: expected FIELD=VALUE, e.g. --set schedule.steps=20")
+        try:
+            overrides[dotted.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[dotted.strip()] = text
+    return overrides
 
 
 def from_dict(raw: dict, *, origin: str = "config") -> JobConfig:

@@ -35,6 +35,20 @@ def _leading(tree: Tree) -> int:
     return sizes.pop()
 
 
+def check_numeric(tree: Tree, what: str) -> None:
+    """Refuse string, bytes and object arrays (ValueError naming ``what``): stages
+    exchange numeric tensors only, so text must become numbers (token ids) first."""
+    leaves, _ = flatten(tree)
+    for i, leaf in enumerate(leaves):
+        kind = getattr(getattr(leaf, "dtype", None), "kind", None)  # numpy and dask; torch dtypes have none
+        if isinstance(leaf, (str, bytes)) or kind in ("U", "S", "O"):
+            name = f"leaf {i} of {what}" if len(leaves) > 1 else what
+            held = f"dtype {leaf.dtype}" if kind else type(leaf).__name__
+            raise ValueError(f"{name} holds {held} ({'objects' if kind == 'O' else 'text'}): a pipeline passes "
+                             f"only numeric arrays; encode text as numbers first (e.g. token ids, as "
+                             f"models.text.encode does)")
+
+
 class ArraySource:
     """Samples from indexable arrays (numpy, dask, memory-mapped, ...).
 
@@ -46,6 +60,8 @@ class ArraySource:
     """
 
     def __init__(self, inputs: Tree, targets: Tree, *, microbatch_size: int, shuffle: bool = True, seed: int = 0):
+        check_numeric(inputs, "ArraySource inputs")
+        check_numeric(targets, "ArraySource targets")
         n = _leading(inputs)
         if _leading(targets) != n:
             raise ValueError(f"data: inputs have {n} samples but targets have {_leading(targets)}")

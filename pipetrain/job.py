@@ -1,21 +1,18 @@
 """A training job from a TOML config: what `pipetrain train` and `resume` run.
 
-The run directory keeps everything needed to continue: ``job.json`` (the
+The run directory (``pipetrain.rundir``: its layout, and what may be
+deleted there) keeps everything needed to continue: ``job.json`` (the
 resolved config and job id), ``metrics.jsonl``, ``checkpoints/`` and, at the
 end, ``events/`` and ``summary.json``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pipetrain import config as cfgmod
+from pipetrain import rundir
 from pipetrain.config import ConfigError, JobConfig, resolve
-
-
-RUN_FILES = ("job.json", "metrics.jsonl", "summary.json")
-RUN_DIRS = ("events",)
 
 
 def train_from_config(path: str, *, scheduler: str | None = None, scheduler_file: str | None = None,
@@ -23,61 +20,61 @@ def train_from_config(path: str, *, scheduler: str | None = None, scheduler_file
                       overwrite: bool = False) -> Any:
     """Start the job ``path`` describes. A run directory holding an earlier run's
     checkpoints is refused unless ``overwrite`` (which deletes that run); an
-    earlier run that left none (it failed early) is replaced without asking."""
+    earlier run that left none (it failed early) is replaced without asking; one
+    holding anything pipetrain did not write is always refused (``rundir``)."""
     raw = cfgmod.read_raw(path, overrides)
     cfg = cfgmod.from_dict(raw, origin=str(path))
-    run_dir = Path(cfg.run_dir)
-    job_file = run_dir / "job.json"
-    cuts = _checkpoint_cuts(cfg)
-    if cuts and not overwrite:
-        previous = json.loads(job_file.read_text()) if job_file.is_file() else {}
-        raise ConfigError(f"{run_dir} holds the checkpoints of an earlier run (job {previous.get('job_id')}, "
-                          f"from {previous.get('source')}): `pipetrain resume {run_dir}` continues it; "
-                          f"`pipetrain train {path} --overwrite` deletes it and starts over; or set run_dir to "
-                          f"another directory")
-    if cuts or job_file.is_file():
-        _empty_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.check_locations(cfg)
+    rundir.prepare_new_run(cfg, config_path=str(path), overwrite=overwrite)
     job_id = _new_job_id()
-    job_file.write_text(json.dumps({"config": raw, "job_id": job_id, "source": str(path)}, indent=2))
+    rundir.write_job(cfg.run_dir, {"config": raw, "job_id": job_id, "source": str(path)})
     return _run(cfg, job_id=job_id, scheduler=scheduler, scheduler_file=scheduler_file, executor=executor,
                 progress=progress, resume=False)
 
 
 def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: str | None = None,
-               progress: bool = True) -> Any:
-    job_file = Path(run_dir) / "job.json"
-    if not job_file.is_file():
-        raise ConfigError(f"{job_file}: not found; is {run_dir} the run directory of a pipetrain job?")
-    saved = json.loads(job_file.read_text())
-    cfg = cfgmod.from_dict(saved["config"], origin=str(job_file))
+               progress: bool = True, steps: int | None = None) -> Any:
+    """Continue the job of ``run_dir`` from its last committed checkpoint. A run that
+    already trained all its steps is left alone (returns None) unless ``steps``
+    asks for more, which is recorded in its job.json first."""
+    saved = rundir.load_job(run_dir)
+    job_file = Path(run_dir) / rundir.JOB_FILE
+    raw = saved["config"]
+    if steps is not None:
+        raw = {**raw, "schedule": {**raw.get("schedule", {}), "steps": steps}}
+    cfg = cfgmod.from_dict(raw, origin=f"{job_file}{' with --steps' if steps is not None else ''}")
     if Path(cfg.run_dir).resolve() != Path(run_dir).resolve():
         cfg = _with_run_dir(cfg, run_dir)
+    done = rundir.completed_steps(run_dir)
+    if done is not None and done >= cfg.schedule.steps:
+        print(f"pipetrain resume: {run_dir} is complete: it trained all {done} steps; nothing to do "
+              f"(`pipetrain resume {run_dir} --steps N` trains it on to step N)")
+        return None
     if not cfg.checkpoint.enabled:
         raise ConfigError(f"{job_file}: checkpoint.every and checkpoint.seconds are 0, so this job wrote no "
                           f"checkpoints to resume from")
+    rundir.check_locations(cfg)
+    _check_resumable(cfg, steps)
+    if steps is not None:
+        rundir.write_job(run_dir, {**saved, "config": raw})
+    rundir.forget_summary(run_dir)
     return _run(cfg, job_id=saved["job_id"], scheduler=scheduler, scheduler_file=scheduler_file, executor="dask",
                 progress=progress, resume=True)
 
 
-def _checkpoint_cuts(cfg: JobConfig) -> list[int]:
+def _check_resumable(cfg: JobConfig, steps: int | None) -> None:
+    """Read what the resume will read before any work: a damaged generation record
+    fails here (CheckpointCorruptError naming it), not once a cluster is up."""
     from pipetrain.checkpoint.store import CheckpointStore
 
-    return CheckpointStore(cfg.checkpoint_url()).cuts()
-
-
-def _empty_run_dir(cfg: JobConfig) -> None:
-    """Delete what a previous run left: its files, events and checkpoints (nothing else)."""
-    import shutil
-
-    from pipetrain.checkpoint.store import CheckpointStore
-
-    run_dir = Path(cfg.run_dir)
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for name in RUN_DIRS:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    CheckpointStore(cfg.checkpoint_url()).clear()
+    store = CheckpointStore(cfg.checkpoint_url())
+    store.current_generation()
+    if steps is None:
+        return
+    latest = store.latest()
+    if latest is not None and latest.cut > steps * cfg.schedule.microbatches:
+        raise ConfigError(f"--steps {steps}: the run's last checkpoint ({latest.path}) is already at micro-batch "
+                          f"{latest.cut}, past step {steps}")
 
 
 def _with_run_dir(cfg: JobConfig, run_dir: str) -> JobConfig:
@@ -95,16 +92,16 @@ def _new_job_id() -> str:
 def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: str | None, executor: str,
          progress: bool, resume: bool) -> Any:
     from pipetrain.api import fit
-    from pipetrain.partition import partition
+    from pipetrain.partitioning import partition
 
     model = resolve(cfg.model.entry, "model.entry")(**cfg.model.kwargs)
-    train = resolve(cfg.data.train, "data.train")(**cfg.data.kwargs)
+    train = _source(cfg.data.train, "data.train", cfg.data.kwargs)
     heldout = None
     if cfg.data.heldout:
-        heldout = resolve(cfg.data.heldout, "data.heldout")(**{**cfg.data.kwargs, **cfg.data.heldout_kwargs})
+        heldout = _source(cfg.data.heldout, "data.heldout", {**cfg.data.kwargs, **cfg.data.heldout_kwargs})
     part = partition(model, cfg.partition.stages, method=cfg.partition.method, example_input=train.inputs(0),
                      boundaries=list(cfg.partition.boundaries) or None)
-    say = print if progress else (lambda *a, **k: None)
+    say = print  # -q (progress=False) hides the progress line only, never what ran and how it went
     where = scheduler or scheduler_file or "an embedded local Dask cluster"
     runner = "the reference executor (one process)" if executor == "reference" else f"Dask ({where})"
     say(f"pipetrain: training {cfg.model.entry} as a {len(part.stages)}-stage '{cfg.schedule.name}' pipeline "
@@ -122,9 +119,25 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
                  max_restarts=cfg.cluster.max_restarts, credits=cfg.cluster.credits, executor=executor,
                  progress=progress, job_id=job_id)
     summary = summarize(result, cfg)
-    (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.write_summary(cfg.run_dir, summary)
     say(render_summary(summary))
     return result
+
+
+def _source(entry: str, field: str, kwargs: dict) -> Any:
+    """The micro-batch source ``entry`` builds, refused (naming ``field``) if it cannot be built
+    or its micro-batches hold what no stage can take (strings, objects)."""
+    from pipetrain.data import check_numeric
+
+    try:
+        source = resolve(entry, field)(**kwargs)
+        check_numeric(source.inputs(0), "inputs(0)")
+        check_numeric(source.targets(0), "targets(0)")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{field}: {entry}: {e}") from e
+    return source
 
 
 def _client_arg(scheduler: str | None, scheduler_file: str | None) -> Any:
@@ -136,10 +149,15 @@ def _client_arg(scheduler: str | None, scheduler_file: str | None) -> Any:
 
 
 def summarize(result: Any, cfg: JobConfig) -> dict:
+    """What the run did: ``steps`` is the job's whole length, ``steps_run`` how many of
+    them this invocation trained (after ``resumed_from_step`` came from a checkpoint),
+    and samples, seconds and samples/s are this invocation's."""
     losses = [h["loss"] for h in result.history if h.get("loss") is not None]
     return {
         "schedule": cfg.schedule.name, "stages": len(result.partition.stages), "executor": result.executor,
-        "steps": cfg.schedule.steps, "samples": result.samples, "wall_seconds": round(result.wall_seconds, 2),
+        "steps": cfg.schedule.steps, "steps_run": result.steps_run, "resumed_from_step": result.resumed_from_step,
+        "resumed_from_microbatch": result.resumed_from,
+        "samples": result.samples, "wall_seconds": round(result.wall_seconds, 2),
         "samples_per_s": round(result.samples_per_s, 1),
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_after,
@@ -163,10 +181,13 @@ def render_summary(s: dict) -> str:
     def fmt(x: Any) -> str:
         return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
+    trained = f"{s.get('steps_run', s['steps'])} steps"
+    if s.get("resumed_from_microbatch"):
+        trained += (f" (resumed at step {s['resumed_from_step']} of {s['steps']}, from the checkpoint at "
+                    f"micro-batch {s['resumed_from_microbatch']})")
     rows = [
         ("pipeline", f"{s['stages']} stages, schedule {s['schedule']}, executor {s['executor']}"),
-        ("trained", f"{s['steps']} steps, {s['samples']} samples in {s['wall_seconds']} s "
-                    f"({s['samples_per_s']} samples/s)"),
+        ("trained", f"{trained}, {s['samples']} samples in {s['wall_seconds']} s ({s['samples_per_s']} samples/s)"),
         ("train loss", f"{fmt(s['train_loss_first'])} -> {fmt(s['train_loss_last'])}"),
         ("held-out loss", f"{fmt(s['heldout_loss_before'])} -> {fmt(s['heldout_loss_after'])}"),
         ("recoveries", str(s["recoveries"])),

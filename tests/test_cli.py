@@ -58,6 +58,21 @@ def test_bad_config_field_names_the_field_and_the_file(tmp_path, capsys):
     assert str(config) in err and "schedule.microbatches: must be >= 1" in err
 
 
+def test_bad_set_arguments_are_one_line_errors_naming_the_field(tmp_path, capsys):
+    config = tmp_path / "job.toml"
+    config.write_text('[model]\nentry = "models.gpt:build"\n[data]\ntrain = "models.text:CharWindows"\n'
+                      '[schedule]\nsteps = 2\n')
+    cases = [("schedule", "--set schedule: expected FIELD=VALUE, e.g. --set schedule.steps=20"),
+             ("=3", "--set =3: expected FIELD=VALUE"),
+             ("schedule..steps=3", "'schedule..steps' is not a field name"),
+             ("schedule.steps.x=1", f"--set schedule.steps.x: {config}: schedule.steps is a value, not a table"),
+             ("schedule.foo=1", f"{config}: schedule.foo: unknown field; known: accumulate, microbatches")]
+    for item, expected in cases:
+        assert main(["train", str(config), "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.slow
 def test_console_script_and_module_entry_points_work():
     for cmd in ([str(Path(sys.executable).parent / "pipetrain"), "--help"],
