@@ -5,7 +5,6 @@ Real files in tmp_path and real CLI invocations with the reference executor
 (one process, a numpy model: each run takes well under a second).
 """
 import json
-import os
 
 import numpy as np
 import pytest
@@ -263,11 +262,9 @@ def test_resume_steps_must_reach_past_the_last_checkpoint(job, capsys):
     config, run_dir = job()
     assert train(config) == 0
     (run_dir / "summary.json").unlink()
-    os.remove(run_dir / "metrics.jsonl")
-    committed_store(run_dir / "checkpoints")  # cut 2 = step 1 of 2 micro-batches each
-    for store_cut in (4,):
-        store = CheckpointStore(str(run_dir / "checkpoints"))
-        record = store.write_shard(store_cut, 0, {"w": np.zeros(2)}, generation=0)
-        store.commit(store_cut, records=[record], generation=0, num_stages=1)
+    (run_dir / "metrics.jsonl").unlink()
+    store = committed_store(run_dir / "checkpoints")
+    record = store.write_shard(4, 0, {"w": np.zeros(2)}, generation=0)  # cut 4: two steps of 2 micro-batches
+    store.commit(4, records=[record], generation=0, num_stages=1)
     assert main(["resume", str(run_dir), "--steps", "1"]) == 2
     assert "--steps 1: the run's last checkpoint" in one_error_line(capsys)
