@@ -6,14 +6,21 @@ Torch and Keras stages apply ``tensor_step``: optax's rules in optax's order of
 operations on their own tensors, as pure functions of (params, grads, state),
 because ``torch.optim`` and Keras optimizers update variables in place (wrong
 with several live weight versions) and Keras Adam puts epsilon elsewhere.
+
+``correction`` names a delay compensation for the asynchronous schedules
+(pipedream, 2bw): how a stage uses the known delay of every gradient
+(``pipetrain.stages.corrections``). It travels with the optimizer because it
+is part of the update rule every stage applies.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+CORRECTIONS = ("none", "predict", "dcasgd", "dcasgd-a")
+ASYNC_SCHEDULES = ("pipedream", "2bw")  # the schedules with delayed gradients to correct
 
 
 @dataclass(frozen=True)
@@ -25,12 +32,21 @@ class Optimizer:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0  # "adamw" only
+    correction: str = "none"  # one of CORRECTIONS (pipetrain.stages.corrections)
+    dc_lambda: float | None = None  # DC-ASGD's lambda (lambda0 for "dcasgd-a"); None: the paper's value
+    dc_mean_square: float = 0.95  # "dcasgd-a": the momentum of its mean square of gradients
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer.name: {self.name!r} is not one of {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise ValueError(f"optimizer.lr: must be > 0, got {self.lr}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction: {self.correction!r} is not one of {', '.join(CORRECTIONS)}")
+        if self.dc_lambda is not None and not self.dc_lambda >= 0:
+            raise ValueError(f"optimizer.dc_lambda: must be >= 0, got {self.dc_lambda}")
+        if not 0 <= self.dc_mean_square < 1:
+            raise ValueError(f"optimizer.dc_mean_square: must be in [0, 1), got {self.dc_mean_square}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Optimizer":
@@ -39,6 +55,23 @@ class Optimizer:
         if unknown:
             raise ValueError(f"optimizer: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def with_correction(optimizer: Any, correction: str | None, *, schedule: str) -> Any:
+    """``optimizer`` carrying ``correction`` (None: keep its own), checked against
+    ``schedule``: a correction needs a pipetrain Optimizer and delayed gradients."""
+    if correction is None:
+        correction = getattr(optimizer, "correction", "none")
+    elif not isinstance(optimizer, Optimizer):
+        raise ValueError(f"correction: {correction!r} needs a pipetrain.Optimizer, not {type(optimizer).__name__}")
+    elif optimizer.correction not in ("none", correction):
+        raise ValueError(f"correction: {correction!r} given, but the optimizer carries {optimizer.correction!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction: {correction!r} is not one of {', '.join(CORRECTIONS)}")
+    if correction != "none" and schedule not in ASYNC_SCHEDULES:
+        raise ValueError(f"correction: {schedule} has no delayed gradients to correct; {correction!r} is for "
+                         f"{' and '.join(ASYNC_SCHEDULES)}")
+    return replace(optimizer, correction=correction) if correction != "none" else optimizer
 
 
 def sgd(lr: float) -> Optimizer:
