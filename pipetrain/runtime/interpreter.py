@@ -13,6 +13,10 @@ the previous stage gets its gradient before this one computes what only its
 next update reads. "auto" splits only a flush schedule's last backward of each
 step: the previous stage waits for that gradient to finish its step, while in
 the steady state it has work of its own and a split would only cost.
+
+A stage with a delay correction (``stage.correction`` other than "none",
+``pipetrain.stages.corrections``) gets each forward's delay from the
+schedule (``Schedule.delays``): ``forward(k, x, version=v, delay=d)``.
 """
 from __future__ import annotations
 
@@ -69,6 +73,8 @@ class StageProgram:
         self._input_grads: dict[int, Tree] = {}
         self._weights_due: int | None = None  # micro-batch whose weight gradients follow its SEND_GRAD
         self._split_at = schedule.split_positions(self.index, getattr(stage, "split_backward", "never"))
+        corrected = getattr(stage, "correction", "none") != "none"
+        self._delays = schedule.delays(self.index) if corrected else None
 
     @property
     def done(self) -> bool:
@@ -116,7 +122,8 @@ class StageProgram:
         elif a.kind is Kind.FORWARD:
             x = self.source.inputs(a.k) if spec.is_first else self._inputs.pop(a.k)
             targets = self.source.targets(a.k) if spec.is_last else None
-            out = self.stage.forward(a.k, x, version=a.version, targets=targets)
+            delay = {} if self._delays is None else {"delay": self._delays[a.k]}
+            out = self.stage.forward(a.k, x, version=a.version, targets=targets, **delay)
             if spec.is_last:
                 self.hooks.on_loss(a.k, float(out))
             else:

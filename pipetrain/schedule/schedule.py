@@ -84,6 +84,25 @@ class Schedule:
                 last[a.version] = i
         return last
 
+    def delays(self, stage: int) -> dict[int, int]:
+        """Micro-batch k -> its delay on ``stage``: how many updates separate the
+        version F k and B k read from the version the U after B k starts from,
+        the one its gradient is applied to (what a delay correction needs).
+        0 throughout gpipe and 1f1b; pipedream's is p - s - 1 in steady state
+        (``accumulate`` 1), 2bw's 1 from the second mini-batch on. A B that no
+        U follows counts the updates to the end of the schedule."""
+        latest = max(self.initial_versions[stage])
+        waiting: list[Action] = []
+        out: dict[int, int] = {}
+        for a in self.actions[stage]:
+            if a.kind is Kind.BACKWARD:
+                waiting.append(a)
+            elif a.kind is Kind.UPDATE:
+                out.update({b.k: latest - b.version for b in waiting})
+                waiting, latest = [], a.version
+        out.update({b.k: latest - b.version for b in waiting})
+        return out
+
     def split_positions(self, stage: int, policy: str) -> frozenset[int]:
         """Positions of ``stage``'s B actions that run split under ``policy``:
         "always", every B followed by its SEND_B; "auto", those of them whose
