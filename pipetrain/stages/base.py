@@ -23,7 +23,8 @@ model starts from the same weights.
 
 State: ``state_dict()`` is a flat ``name -> numpy array`` map (no pickle, ready
 for safetensors) holding every retained version (``v{version}/{param}``),
-the optimizer state (``opt/...``), the gradient accumulator (``acc/...``) and
+the optimizer state (``opt/...``), the gradient accumulator (``acc/...``), a
+delay correction's state (``corr/...``, ``pipetrain.stages.corrections``) and
 small scalars (``meta/...`` as 0-d arrays). ``load_state_dict`` restores it
 exactly, so a stage rebuilt from a checkpoint computes bit-identical numbers.
 It must be called between micro-batches (no forward without its backward).
@@ -81,7 +82,9 @@ class Stage(Protocol):
     def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
         """Run micro-batch k. The last stage gets ``targets`` and returns the
         loss (a float, the mean over the micro-batch); other stages return
-        their output pytree. Keeps what backward needs."""
+        their output pytree. Keeps what backward needs. A stage whose
+        ``correction`` attribute is set (not "none") also takes ``delay=``,
+        micro-batch k's delay from ``Schedule.delays``, and needs it."""
 
     def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
         """Backward of micro-batch k (the last stage takes None: d loss = 1).

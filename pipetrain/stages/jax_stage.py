@@ -29,8 +29,6 @@ None, and a None output gradient means zeros.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import statistics
 import time
 from collections import Counter
@@ -41,137 +39,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from pipetrain.optim import Optimizer
-from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
+from pipetrain.stages import corrections
+from pipetrain.stages.base import PartitionError, StageSpec
+from pipetrain.stages import jax_trees as trees
 from pipetrain.stages.jax_layers import Layer
+from pipetrain.stages.jax_trees import LayerLike
 from pipetrain.stages.tensors import to_jax
 from pipetrain.stages.versions import VersionedParams
-from pipetrain.tree import Tree, dtype_name
-from pipetrain.tree import tree_map as boundary_map
+from pipetrain.tree import Tree
 
-LayerLike = Layer | nnx.Module | Callable[[nnx.Rngs], nnx.Module] | tuple[str, Any]
 
 
 def layer_key(seed: int, index: int) -> jax.Array:
     """The PRNG key layer ``index`` is initialized from."""
     return jax.random.fold_in(jax.random.key(seed), index)
-
-
-# ---------------------------------------------------------------- NNX modules as Layers
-
-def _as_layer(item: LayerLike, index: int) -> Layer:
-    name = None
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-        name, item = item
-    if isinstance(item, Layer):
-        return item if name is None else dataclasses.replace(item, name=name)
-    if isinstance(item, nnx.Module):
-        graphdef, params = _split_params(item, index)
-        # numpy, not device arrays: the model object travels to Dask workers.
-        init = functools.partial(_instance_init, jax.device_get(params))
-        return Layer(name or type(item).__name__, init, functools.partial(_nnx_apply, graphdef))
-    if callable(item):
-        abstract = nnx.eval_shape(lambda: item(nnx.Rngs(0)))
-        if not isinstance(abstract, nnx.Module):
-            raise TypeError(f"JaxSequential: factory of layer {index} returned {type(abstract).__name__}, "
-                            "not an nnx.Module")
-        graphdef, _ = _split_params(abstract, index)
-        return Layer(name or type(abstract).__name__, functools.partial(_factory_init, item),
-                     functools.partial(_nnx_apply, graphdef))
-    raise TypeError(f"JaxSequential: layer {index} is {type(item).__name__}; expected a Layer, an nnx.Module, "
-                    "a factory rngs -> nnx.Module, or a (name, one of those) tuple")
-
-
-def _split_params(module: nnx.Module, index: int) -> tuple[Any, Any]:
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    if jax.tree_util.tree_leaves(rest):
-        kinds = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
-            rest, is_leaf=lambda x: isinstance(x, nnx.Variable))})
-        raise TypeError(f"JaxSequential: layer {index} ({type(module).__name__}) holds non-parameter NNX "
-                        f"variables ({', '.join(kinds)}); only nnx.Param state is supported")
-    return graphdef, params
-
-
-def _instance_init(params: Any, key: Any, x_spec: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.asarray, params)
-
-
-def _factory_init(factory: Callable, key: Any, x_spec: Any) -> Any:
-    return nnx.split(factory(nnx.Rngs(key)), nnx.Param, ...)[1]
-
-
-def _nnx_apply(graphdef: Any, params: Any, x: Any) -> Any:
-    return nnx.merge(graphdef, params)(x)
-
-
-# ---------------------------------------------------------------- specs and pytrees
-
-def _abstract(example_input: Tree) -> Tree:
-    """Any framework's arrays, TensorSpecs or ShapeDtypeStructs -> ShapeDtypeStructs."""
-    def leaf(x: Any) -> jax.ShapeDtypeStruct:
-        if isinstance(x, TensorSpec):
-            return jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(x.dtype))
-        return jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(dtype_name(x)))
-    return boundary_map(leaf, example_input)
-
-
-def _tensor_specs(tree: Tree) -> Tree:
-    return jax.tree_util.tree_map(lambda s: TensorSpec(tuple(s.shape), jnp.dtype(s.dtype).name), tree)
-
-
-def _show(tree: Tree) -> str:
-    return str(jax.tree_util.tree_map(str, _tensor_specs(tree)))
-
-
-def _inexact(x: Any) -> bool:
-    return jnp.issubdtype(x.dtype, jnp.inexact)
-
-
-def _floats(tree: Tree) -> Tree:
-    """The differentiable leaves; None where a leaf is an integer (or bool)."""
-    return jax.tree_util.tree_map(lambda a: a if _inexact(a) else None, tree)
-
-
-def _ints(tree: Tree) -> Tree:
-    return jax.tree_util.tree_map(lambda a: None if _inexact(a) else a, tree)
-
-
-def _merge(floats: Tree, ints: Tree) -> Tree:
-    return jax.tree_util.tree_map(lambda f, i: i if f is None else f, floats, ints,
-                                  is_leaf=lambda x: x is None)
-
-
-def _nbytes(tree: Tree) -> int:
-    return sum(int(np.prod(a.shape, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree_util.tree_leaves(tree))
-
-
-def _size(tree: Tree) -> int:
-    return sum(int(np.prod(a.shape, dtype=np.int64)) for a in jax.tree_util.tree_leaves(tree))
-
-
-def _path_name(path: tuple) -> str:
-    """``('dense0', 'w')``-style keys as ``dense0/w``; an NNX Variable's ``.value`` is left out."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            parts.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            parts.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            if entry.name != "value":
-                parts.append(entry.name)
-        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(entry.key))
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
-
-
-def _named_leaves(tree: Tree) -> list[tuple[str, Any]]:
-    return [(_path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 # ---------------------------------------------------------------- the model
@@ -189,12 +72,13 @@ class JaxSequential:
 
     def __init__(self, layers: Sequence[LayerLike], *, loss: Callable[[Any, Any], Any], seed: int = 0,
                  example_input: Tree | None = None):
-        self._layers = [_as_layer(item, i) for i, item in enumerate(layers)]
+        self._layers = [trees.as_layer(item, i) for i, item in enumerate(layers)]
         if not self._layers:
             raise ValueError("JaxSequential: no layers given")
         self.loss = loss
         self.seed = seed
-        self.input_spec: Tree | None = None if example_input is None else _tensor_specs(_abstract(example_input))
+        self.input_spec: Tree | None = (None if example_input is None
+                                        else trees.tensor_specs(trees.abstract(example_input)))
         self._traced: dict[str, list[tuple]] = {}
 
     def __len__(self) -> int:
@@ -222,7 +106,7 @@ class JaxSequential:
                 raise PartitionError("JaxSequential: the input signature is unknown; pass example_input= "
                                      "to JaxSequential or call partition()/trace_specs() first")
             example_input = self.input_spec
-        x = _abstract(example_input)
+        x = trees.abstract(example_input)
         cache_key = repr(x)
         if cache_key in self._traced:
             return self._traced[cache_key]
@@ -233,7 +117,7 @@ class JaxSequential:
                 out = jax.eval_shape(layer.apply, p, x)
             except Exception as err:
                 came_from = f"the output of layer {i - 1} ({names[i - 1]})" if i else "the model input"
-                error = PartitionError(f"layer {i} ({names[i]}): its input {_show(x)}, {came_from}, "
+                error = PartitionError(f"layer {i} ({names[i]}): its input {trees.show(x)}, {came_from}, "
                                        f"does not fit: {type(err).__name__}: {err}")
                 error.layer = i
                 raise error from err
@@ -245,21 +129,22 @@ class JaxSequential:
     def trace_specs(self, example_input: Tree) -> list[Tree]:
         rows = self._trace(example_input)
         if self.input_spec is None:
-            self.input_spec = _tensor_specs(_abstract(example_input))
-        return [_tensor_specs(out) for _, _, out in rows]
+            self.input_spec = trees.tensor_specs(trees.abstract(example_input))
+        return [trees.tensor_specs(out) for _, _, out in rows]
 
     def layer_param_counts(self) -> list[int]:
-        return [_size(p) for _, p, _ in self._trace()]
+        return [trees.size(p) for _, p, _ in self._trace()]
 
     def layer_param_bytes(self) -> list[int]:
         """Bytes of each layer's parameters (an optional extension ``partition`` reads)."""
-        return [_nbytes(p) for _, p, _ in self._trace()]
+        return [trees.nbytes(p) for _, p, _ in self._trace()]
 
     # ------------------------------------------------------------ costs
 
     def layer_costs(self, method: str, example_input: Tree, *, repeats: int = 5) -> list[float]:
         if method == "flops":
-            return [_flops(layer.apply, p, x) for layer, (x, p, _) in zip(self._layers, self._trace(example_input))]
+            rows = zip(self._layers, self._trace(example_input))
+            return [trees.flops(layer.apply, p, x) for layer, (x, p, _) in rows]
         if method == "profile":
             return self._profile(example_input, repeats=repeats)
         raise ValueError(f"layer_costs: method must be 'flops' or 'profile', got {method!r}")
@@ -268,11 +153,11 @@ class JaxSequential:
         if repeats < 1:
             raise ValueError(f"layer_costs: repeats must be >= 1, got {repeats}")
         rows = self._trace(example_input)
-        x = _concrete(example_input)
+        x = trees.concrete(example_input)
         costs = []
         for i, (layer, (x_spec, _, _)) in enumerate(zip(self._layers, rows)):
             params = layer.init(layer_key(self.seed, i), x_spec)
-            step = jax.jit(_forward_backward(layer.apply))
+            step = jax.jit(trees.forward_backward(layer.apply))
             jax.block_until_ready(step(params, x))  # compile and warm up
             times = []
             for _ in range(repeats):
@@ -298,40 +183,6 @@ class JaxSequential:
         names = self.layer_names()[spec.start:spec.end]
         return JaxStage(spec, layers=list(zip(names, self._layers[spec.start:spec.end])),
                         params=self.init_params(spec.start, spec.end), loss=self.loss, optimizer=optimizer)
-
-
-def _forward_backward(apply: Callable) -> Callable:
-    """A layer's forward and backward (ones as output gradient), for costing."""
-    def step(params, x):
-        xi = _ints(x)
-
-        def f(p, xf):
-            return _floats(apply(p, _merge(xf, xi)))
-
-        out, vjp = jax.vjp(f, params, _floats(x))
-        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))
-    return step
-
-
-def _flops(apply: Callable, params: Any, x: Any) -> float:
-    analysis = jax.jit(_forward_backward(apply)).lower(params, x).compile().cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
-
-
-def _concrete(example_input: Tree) -> Tree:
-    """Arrays for profiling: the example itself, or standard normals / zeros for specs."""
-    rng = np.random.default_rng(0)
-
-    def leaf(x: Any) -> Any:
-        if isinstance(x, (TensorSpec, jax.ShapeDtypeStruct)):
-            dtype = jnp.dtype(x.dtype)
-            if jnp.issubdtype(dtype, jnp.inexact):
-                return jnp.asarray(rng.standard_normal(x.shape), dtype)
-            return jnp.zeros(x.shape, dtype)
-        return to_jax(x)
-    return boundary_map(leaf, example_input)
 
 
 # ---------------------------------------------------------------- optimizers
@@ -381,7 +232,11 @@ class JaxStage(VersionedParams):
         self._opt_state = jax.device_put(self._tx.init(params), self.device)
         self._acc = self._zeros(params)
         self._count = 0
-        self._pending: dict[int, tuple[int, Any, Any]] = {}  # k -> (version, vjp, output spec)
+        self._pending: dict[int, tuple[int, Any, Any, int]] = {}  # k -> (version, vjp, output spec, delay)
+        self._corr = corrections.StageCorrection(
+            optimizer, params, map=jax.tree_util.tree_map, sqrt=jnp.sqrt, compile=jax.jit,
+            zeros_like=lambda p: jax.device_put(jnp.zeros_like(p), self.device))
+        self.correction = self._corr.name
         self.trace_counts: Counter[str] = Counter()
         self._forward_jit = jax.jit(self._forward_fn)
         self._backward_jit = jax.jit(self._backward_fn)
@@ -411,23 +266,26 @@ class JaxStage(VersionedParams):
         self.trace_counts["forward"] += 1
         # The first stage's inputs are data: no gradient with respect to them. Integer
         # leaves are never differentiated; they travel as the VJP's auxiliary output.
-        x_ints = None if self.spec.is_first else _ints(x)
+        x_ints = None if self.spec.is_first else trees.ints(x)
 
         def head(p, *x_floats):
-            out = self._apply(p, x if self.spec.is_first else _merge(x_floats[0], x_ints))
+            out = self._apply(p, x if self.spec.is_first else trees.merge(x_floats[0], x_ints))
             if self.spec.is_last:
                 return self._loss(out, targets), None
-            return _floats(out), _ints(out)
+            return trees.floats(out), trees.ints(out)
 
-        primals = (params,) if self.spec.is_first else (params, _floats(x))
+        primals = (params,) if self.spec.is_first else (params, trees.floats(x))
         out_floats, vjp, out_ints = jax.vjp(head, *primals, has_aux=True)
-        return (out_floats if self.spec.is_last else _merge(out_floats, out_ints)), vjp
+        return (out_floats if self.spec.is_last else trees.merge(out_floats, out_ints)), vjp
 
-    def _backward_fn(self, vjp, cotangent, acc):
+    def _backward_fn(self, vjp, cotangent, acc, correct):
         self.trace_counts["backward"] += 1
         grads = vjp(cotangent)
-        acc = jax.tree_util.tree_map(jnp.add, acc, grads[0])
-        return acc, (None if self.spec.is_first else grads[1])
+        weights, mean_square = grads[0], None
+        if correct is not None:  # DC-ASGD: (w_now, w_used, its mean square or None)
+            weights, mean_square = self._corr.rule(weights, *correct)
+        acc = jax.tree_util.tree_map(jnp.add, acc, weights)
+        return acc, (None if self.spec.is_first else grads[1]), mean_square
 
     def _update_fn(self, params, opt_state, acc, count):
         self.trace_counts["update"] += 1
@@ -445,10 +303,12 @@ class JaxStage(VersionedParams):
 
     # ------------------------------------------------------------ Stage protocol
 
-    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
+    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None,
+                delay: int | None = None) -> Tree:
         if k in self._pending:
             raise RuntimeError(f"{self._where(k)}: forward twice without its backward")
-        params = self._params(version, k)
+        delay = self._corr.delay(delay, self._where(k))
+        params = self._corr.forward_weights(self._params(version, k), version=version, delay=delay)
         if self.spec.is_last and targets is None:
             raise ValueError(f"{self._where(k)}: the last stage needs targets to compute the loss")
         x = self._here(inputs)
@@ -456,9 +316,10 @@ class JaxStage(VersionedParams):
         if self.spec.is_last:
             if jnp.shape(out) != ():
                 raise ValueError(f"{self._where(k)}: loss must return a scalar, got shape {jnp.shape(out)}")
-            self._pending[k] = (version, vjp, jax.ShapeDtypeStruct((), out.dtype))
+            self._pending[k] = (version, vjp, jax.ShapeDtypeStruct((), out.dtype), delay)
             return float(out)
-        self._pending[k] = (version, vjp, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out))
+        out_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), out)
+        self._pending[k] = (version, vjp, out_spec, delay)
         # Wait for the result here, not in whatever reads it next: the
         # executors time each action, and a stage's busy share and the
         # pipeline trace should show compute as compute, not as a slow send.
@@ -468,12 +329,18 @@ class JaxStage(VersionedParams):
         if k not in self._pending:
             raise RuntimeError(f"{self._where(k)}: backward of a micro-batch that was never forwarded "
                                f"(in flight: {sorted(self._pending)})")
-        _, vjp, out_spec = self._pending[k]
+        version, vjp, out_spec, delay = self._pending[k]
         if self.spec.is_last:
             cotangent = jnp.ones((), out_spec.dtype)
         else:
             cotangent = self._cotangent(k, out_spec, grad_outputs)
-        self._acc, grad_inputs = jax.block_until_ready(self._backward_jit(vjp, cotangent, self._acc))
+        correct, mean_square = None, self._corr.state.get("ms")
+        if self._corr.corrects_gradients and (delay or mean_square is not None):
+            correct = (self._versions[self._latest], self._versions[version], mean_square)
+        self._acc, grad_inputs, mean_square = jax.block_until_ready(
+            self._backward_jit(vjp, cotangent, self._acc, correct))
+        if mean_square is not None:
+            self._corr.state["ms"] = mean_square
         del self._pending[k]
         self._count += 1
         return grad_inputs
@@ -481,7 +348,7 @@ class JaxStage(VersionedParams):
     def _cotangent(self, k: int, out_spec: Tree, grad_outputs: Tree) -> Tree:
         """The output gradient in the outputs' float structure and dtypes (None -> zeros)."""
         def leaf(spec: Any, g: Any) -> Any:
-            if not _inexact(spec):
+            if not trees.inexact(spec):
                 return None
             if g is None:
                 return jnp.zeros(spec.shape, spec.dtype)
@@ -496,7 +363,7 @@ class JaxStage(VersionedParams):
             if str(err).startswith(self._where(k)):
                 raise
             raise ValueError(f"{self._where(k)}: output gradient does not match the outputs "
-                             f"{_show(out_spec)}: {err}") from err
+                             f"{trees.show(out_spec)}: {err}") from err
 
     def update(self, *, new_version: int) -> None:
         if new_version in self._versions:
@@ -504,9 +371,11 @@ class JaxStage(VersionedParams):
         latest = self._versions[self._latest]
         if self._count == 0:  # nothing accumulated: the new version is the latest, unchanged
             self._versions[new_version] = latest
+            self._corr.after_update(self._latest, new_version, latest, None)
         else:
             self._versions[new_version], self._opt_state, self._acc = jax.block_until_ready(self._update_jit(
                 latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32)))
+            self._corr.after_update(self._latest, new_version, latest, self._versions[new_version])
         self._latest = new_version  # (with nothing accumulated, the accumulator is still zeros)
         self._count = 0
 
@@ -523,9 +392,12 @@ class JaxStage(VersionedParams):
     def state_dict(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {}
         for v, params in self._versions.items():
-            state.update({f"v{v}/{name}": np.array(x) for name, x in _named_leaves(params)})
-        state.update({f"opt/{name}": np.array(x) for name, x in _named_leaves(self._opt_state)})
-        state.update({f"acc/{name}": np.array(x) for name, x in _named_leaves(self._acc)})
+            state.update({f"v{v}/{name}": np.array(x) for name, x in trees.named_leaves(params)})
+        state.update({f"opt/{name}": np.array(x) for name, x in trees.named_leaves(self._opt_state)})
+        state.update({f"acc/{name}": np.array(x) for name, x in trees.named_leaves(self._acc)})
+        corr = {**self._corr.state, **{f"step/v{v}": tree for v, tree in self._corr.steps.items()}}
+        for slot, tree in corr.items():
+            state.update({f"corr/{slot}/{name}": np.array(x) for name, x in trees.named_leaves(tree)})
         state["meta/versions"] = np.array(sorted(self._versions), np.int64)
         state["meta/latest"] = np.array(self._latest, np.int64)
         state["meta/count"] = np.array(self._count, np.int64)
@@ -541,6 +413,8 @@ class JaxStage(VersionedParams):
         restored = {v: self._restore(state, f"v{v}/", template, used) for v in versions}
         opt_state = self._restore(state, "opt/", self._opt_state, used)
         acc = self._restore(state, "acc/", self._acc, used)
+        corr = {slot: self._restore(state, f"corr/{slot}/", tree, used) for slot, tree in self._corr.state.items()}
+        steps = {v: self._restore(state, f"corr/step/v{v}/", template, used) for v in versions if self._corr.predicts}
         unexpected = sorted(set(state) - used)
         if unexpected:
             raise KeyError(f"{self._where()}: unexpected state keys {unexpected[:5]}")
@@ -548,6 +422,7 @@ class JaxStage(VersionedParams):
         if latest not in restored:
             raise ValueError(f"{self._where()}: meta/latest is {latest}, not one of the versions {versions}")
         self._versions, self._opt_state, self._acc = restored, opt_state, acc
+        self._corr.state, self._corr.steps = corr, steps
         self._latest, self._count = latest, int(state["meta/count"])
         self._pending.clear()
 
@@ -555,7 +430,7 @@ class JaxStage(VersionedParams):
         paths, treedef = jax.tree_util.tree_flatten_with_path(template)
         leaves = []
         for path, like in paths:
-            key = prefix + _path_name(path)
+            key = prefix + trees.path_name(path)
             if key not in state:
                 raise KeyError(f"{self._where()}: state has no {key!r}")
             a = np.asarray(state[key])

@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipetrain.optim import Optimizer, tensor_state, tensor_step
-from pipetrain.stages import flat_state
+from pipetrain.stages import corrections, flat_state
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_tf
@@ -240,6 +240,9 @@ class KerasStage(VersionedParams):
         self._acc = {n: tf.zeros_like(p) for n, p in initial.items()}
         self._accumulated = 0
         self._pending: dict[int, tuple] = {}
+        self._corr = corrections.StageCorrection(optimizer, initial, map=corrections.dict_map,
+                                                 zeros_like=tf.zeros_like, sqrt=tf.sqrt)
+        self.correction = self._corr.name
 
     def _device(self):
         return tf.device(self.device) if self.device else contextlib.nullcontext()
@@ -252,11 +255,13 @@ class KerasStage(VersionedParams):
 
     # ------------------------------------------------------------ compute
 
-    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
+    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None,
+                delay: int | None = None) -> Tree:
         if k in self._pending:
             raise RuntimeError(f"stage {self.spec.index}: forward of micro-batch {k} twice without its backward")
-        params = self._params(version)
+        delay = self._corr.delay(delay, f"stage {self.spec.index}, micro-batch {k}")
         with self._device():
+            params = self._corr.forward_weights(self._params(version), version=version, delay=delay)
             x = to_tf(inputs)
             x_leaves = flatten(x)[0]
             watched = [t for t in x_leaves if t.dtype.is_floating] if not self.spec.is_first else []
@@ -266,13 +271,13 @@ class KerasStage(VersionedParams):
                 out = self._run(params, x)
                 if self.spec.is_last:
                     out = self.loss(out, to_tf(targets))
-        self._pending[k] = (tape, params, x, watched, out)
+        self._pending[k] = (tape, params, x, watched, out, version, delay)
         return float(out) if self.spec.is_last else out
 
     def backward(self, k: int, grad_outputs: Tree | None = None) -> Tree | None:
         if k not in self._pending:
             raise RuntimeError(f"stage {self.spec.index}: backward of micro-batch {k} without its forward")
-        tape, params, x, watched, out = self._pending.pop(k)
+        tape, params, x, watched, out, version, delay = self._pending.pop(k)
         with self._device():
             if self.spec.is_last:
                 roots, seeds = [out], [tf.ones_like(out)]
@@ -281,8 +286,11 @@ class KerasStage(VersionedParams):
             wrt = [params[n] for n in self._all_names] + watched
             grads = tape.gradient(roots, wrt, output_gradients=seeds,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO) if roots and wrt else []
-            for name, g in zip(self._all_names, grads):
-                self._acc[name] = self._acc[name] + tf.convert_to_tensor(g)
+            weights = {n: tf.convert_to_tensor(g) for n, g in zip(self._all_names, grads)}
+            weights = self._corr.correct(weights, now=self._params(self._latest), used=self._params(version),
+                                         delay=delay)
+            for name, g in weights.items():
+                self._acc[name] = self._acc[name] + g
         self._accumulated += 1
         if self.spec.is_first:
             return None
@@ -296,10 +304,12 @@ class KerasStage(VersionedParams):
         latest = self._params(self._latest)
         if self._accumulated == 0:
             self._versions[new_version] = dict(latest)  # nothing to apply
+            self._corr.after_update(self._latest, new_version, latest, None)
         else:
             with self._device():
                 mean = {n: g / self._accumulated for n, g in self._acc.items()}
                 self._versions[new_version], self._opt_state = self._opt.step(latest, mean, self._opt_state)
+                self._corr.after_update(self._latest, new_version, latest, self._versions[new_version])
         self._latest = new_version
         self._acc = {n: tf.zeros_like(g) for n, g in self._acc.items()}
         self._accumulated = 0
@@ -313,7 +323,8 @@ class KerasStage(VersionedParams):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return flat_state.pack(self._versions, self._opt_state, self._acc, latest=self._latest,
-                               accumulated=self._accumulated, to_numpy=_numpy_copy)
+                               accumulated=self._accumulated, to_numpy=_numpy_copy,
+                               correction={**corrections.flat(self._corr.state), **self._corr.flat_steps()})
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         def convert(key: str, a: np.ndarray, like: tf.Tensor) -> tf.Tensor:
@@ -325,9 +336,12 @@ class KerasStage(VersionedParams):
 
         restored = flat_state.unpack(state, stage=self.spec.index, names=self._all_names,
                                      template=self._versions[self._latest], opt_template=self._opt_state,
-                                     convert=convert)
+                                     convert=convert, correction_template=corrections.flat(self._corr.state),
+                                     steps=self._corr.predicts)
         self._versions, self._opt_state, self._acc = restored.versions, restored.opt_state, restored.acc
         self._latest, self._accumulated = restored.latest, restored.accumulated
+        self._corr.state = corrections.unflat(restored.correction, self._corr.state)
+        self._corr.steps = restored.steps
         self._pending.clear()
 
 

@@ -11,7 +11,7 @@ names, so forward and backward of a micro-batch see the same weights however
 many updates happen in between. Each forward builds its own autograd graph
 from fresh leaf views of that version's tensors (views, not copies).
 
-The optimizer is applied functionally on tensors (``_TensorOptimizer``) rather
+The optimizer is applied functionally on tensors (``torch_optim.py``) rather
 than through ``torch.optim``: ``torch.optim`` updates the ``Parameter`` objects
 it holds in place and keys its state by their identity, which is wrong when
 several weight versions must stay alive, and its state would need pickling.
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipetrain.optim import Optimizer, tensor_state, tensor_step
-from pipetrain.stages import flat_state, torch_split_backward
+from pipetrain.optim import Optimizer
+from pipetrain.stages import corrections, flat_state, torch_split_backward
+from pipetrain.stages.torch_optim import TensorOptimizer as _TensorOptimizer
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_torch
@@ -232,6 +233,12 @@ class TorchStage(VersionedParams):
         self._acc = {n: torch.zeros_like(p) for n, p in initial.items()}
         self._accumulated = 0
         self._pending: dict[int, tuple] = {}
+        self._corr = corrections.StageCorrection(optimizer, initial, map=corrections.dict_map,
+                                                 zeros_like=torch.zeros_like, sqrt=torch.sqrt)
+        self.correction = self._corr.name
+        # k -> (the weights F k read, its delay): DC-ASGD's w_used, kept by reference because a split
+        # backward's weight half runs after the schedule has released that version.
+        self._read: dict[int, tuple[dict, int]] = {}
         # A stage with inputs to differentiate can let its input gradient leave
         # before it computes its weight gradients (see torch_split_backward);
         # the interpreter picks which backwards by this policy. The first
@@ -242,10 +249,15 @@ class TorchStage(VersionedParams):
 
     # ------------------------------------------------------------ compute
 
-    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None) -> Tree:
+    def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None,
+                delay: int | None = None) -> Tree:
         if k in self._pending:
             raise RuntimeError(f"stage {self.spec.index}: forward of micro-batch {k} twice without its backward")
-        params = {n: p.detach().requires_grad_(p.is_floating_point()) for n, p in self._params(version).items()}
+        delay = self._corr.delay(delay, f"stage {self.spec.index}, micro-batch {k}")
+        weights = self._corr.forward_weights(self._params(version), version=version, delay=delay)
+        params = {n: p.detach().requires_grad_(p.is_floating_point()) for n, p in weights.items()}
+        if self._corr.corrects_gradients:
+            self._read[k] = (self._params(version), delay)
         x = to_torch(inputs, device=self.device)
         if not self.spec.is_first:
             x = tree_map(_grad_leaf, x)
@@ -263,7 +275,7 @@ class TorchStage(VersionedParams):
             grad_inputs = self.backward_input(k, grad_outputs)
             self.backward_weights(k)
             return grad_inputs
-        return self._fused_backward(*self._take_pending(k), grad_outputs)
+        return self._fused_backward(k, *self._take_pending(k), grad_outputs)
 
     def backward_input(self, k: int, grad_outputs: Tree | None = None) -> Tree:
         """The first half of a split backward: the gradient of the inputs only.
@@ -273,7 +285,7 @@ class TorchStage(VersionedParams):
         wrt = [t for t in x_leaves if t.requires_grad]
         if not wrt:  # only integer inputs: nothing to send early, one fused backward
             self._weights_pending[k] = None
-            return self._fused_backward(params, x, out, grad_outputs)
+            return self._fused_backward(k, params, x, out, grad_outputs)
         roots, seeds = self._roots(out, grad_outputs, seed_loss=False)
         grads, self._weights_pending[k] = torch_split_backward.input_gradients(roots, seeds, wrt, params)
         return _input_gradient_tree(x_leaves, x_structure, grads)
@@ -291,13 +303,13 @@ class TorchStage(VersionedParams):
         pairs = [(o, g.to(o.dtype)) for o, g in pairs if o.requires_grad]
         return [o for o, _ in pairs], [g for _, g in pairs]
 
-    def _fused_backward(self, params: dict, x: Tree, out: Tree, grad_outputs: Tree | None) -> Tree | None:
+    def _fused_backward(self, k: int, params: dict, x: Tree, out: Tree, grad_outputs: Tree | None) -> Tree | None:
         roots, seeds = self._roots(out, grad_outputs, seed_loss=True)
         trainable = [n for n in self._names if params[n].requires_grad]
         x_leaves, x_structure = flatten(x)
         wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
         grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
-        self._accumulate(zip(trainable, grads))
+        self._accumulate(k, zip(trainable, grads))
         return None if self.spec.is_first else _input_gradient_tree(x_leaves, x_structure, grads[len(trainable):])
 
     def backward_weights(self, k: int) -> None:
@@ -307,10 +319,15 @@ class TorchStage(VersionedParams):
                                f"backward_input")
         pending = self._weights_pending.pop(k)
         if pending is not None:
-            self._accumulate(torch_split_backward.weight_gradients(pending))
+            self._accumulate(k, torch_split_backward.weight_gradients(pending))
 
-    def _accumulate(self, named_grads: Any) -> None:
+    def _accumulate(self, k: int, named_grads: Any) -> None:
         first = self._accumulated == 0
+        if self._corr.corrects_gradients:
+            used, delay = self._read.pop(k)
+            grads = dict(named_grads)  # DC-ASGD corrects every parameter: no path is a zero gradient
+            grads = {n: torch.zeros_like(self._acc[n]) if grads.get(n) is None else grads[n] for n in self._names}
+            named_grads = self._corr.correct(grads, now=self._params(self._latest), used=used, delay=delay).items()
         for name, g in named_grads:
             # The first gradient after an update becomes the accumulator: no
             # zeroing pass at the update and no add here (a pass over every
@@ -334,12 +351,14 @@ class TorchStage(VersionedParams):
         if self._accumulated == 0:
             # Nothing to apply: the new version is the latest one, unchanged.
             self._versions[new_version] = dict(latest)
+            self._corr.after_update(self._latest, new_version, latest, None)
         else:
             # The accumulator holds the sum of the gradients; the optimizer
             # averages it (folded into its first pass where it can). The next
             # backward replaces it (see backward), so it needs no zeroing.
             self._versions[new_version], self._opt_state = self._opt.step(latest, self._acc, self._opt_state,
                                                                           summed=self._accumulated)
+            self._corr.after_update(self._latest, new_version, latest, self._versions[new_version])
         self._latest = new_version
         self._accumulated = 0
 
@@ -361,7 +380,8 @@ class TorchStage(VersionedParams):
         # backward overwrites them): a checkpoint stores zeros, its meaning.
         acc = self._acc if self._accumulated else {n: torch.zeros_like(t) for n, t in self._acc.items()}
         return flat_state.pack(self._versions, self._opt_state, acc, latest=self._latest,
-                               accumulated=self._accumulated, to_numpy=_numpy_copy)
+                               accumulated=self._accumulated, to_numpy=_numpy_copy,
+                               correction={**corrections.flat(self._corr.state), **self._corr.flat_steps()})
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         def convert(key: str, a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -373,43 +393,15 @@ class TorchStage(VersionedParams):
 
         restored = flat_state.unpack(state, stage=self.spec.index, names=self._names,
                                      template=self._versions[self._latest], opt_template=self._opt_state,
-                                     convert=convert)
+                                     convert=convert, correction_template=corrections.flat(self._corr.state),
+                                     steps=self._corr.predicts)
         self._versions, self._opt_state, self._acc = restored.versions, restored.opt_state, restored.acc
         self._latest, self._accumulated = restored.latest, restored.accumulated
+        self._corr.state = corrections.unflat(restored.correction, self._corr.state)
+        self._corr.steps = restored.steps
         self._pending.clear()
         self._weights_pending.clear()
-
-
-# ---------------------------------------------------------------- optimizer
-
-class _TensorOptimizer:
-    """``pipetrain.optim.Optimizer`` as pure functions on tensor maps, in optax's order
-    of operations: ``init(params) -> state``, ``step(params, grads, state) -> (params, state)``."""
-
-    def __init__(self, opt: Optimizer):
-        if not isinstance(opt, Optimizer):
-            raise TypeError(f"torch stage: optimizer must be a pipetrain.optim.Optimizer, got {type(opt).__name__}")
-        self.opt = opt
-
-    def init(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return tensor_state(self.opt, params, zeros_like=torch.zeros_like, count=torch.zeros((), dtype=torch.int64))
-
-    def step(self, params, grads, state, *, summed: int = 1):
-        """``grads`` is the sum of ``summed`` micro-batches' gradients: the step
-        uses their mean. May overwrite ``grads`` (the caller's accumulator)."""
-        o = self.opt
-        names = list(params)
-        if o.name == "sgd":
-            # The common case: one multi-tensor pass, the mean folded into the
-            # step size (a separate division would be a second pass over every
-            # gradient, a third of an update's time on the benchmark MLP).
-            updated = torch._foreach_add([params[n] for n in names], [grads[n] for n in names],
-                                         alpha=-o.lr / summed)
-            return dict(zip(names, updated)), {"count": state["count"] + 1}
-        if summed != 1:
-            torch._foreach_div_([grads[n] for n in names], float(summed))
-        return tensor_step(o, params, grads, state, square=torch.square, sqrt=torch.sqrt,
-                           power=lambda b, count, like: torch.tensor(b, dtype=like.dtype) ** count.to(like.dtype))
+        self._read.clear()
 
 
 # ---------------------------------------------------------------- helpers

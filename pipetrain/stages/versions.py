@@ -14,12 +14,14 @@ from typing import Any
 class VersionedParams:
     _versions: dict[int, dict[str, Any]]
     _latest: int
+    _corr: Any  # pipetrain.stages.corrections.StageCorrection
     spec: Any
 
     def release(self, version: int) -> None:
         if version == self._latest:
             raise ValueError(f"stage {self.spec.index}: cannot release weight version {version}, the latest")
         self._versions.pop(version, None)
+        self._corr.release(version)  # a correction's per-version state goes with it
 
     def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._versions))
