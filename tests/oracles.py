@@ -69,3 +69,79 @@ def async_rule_weights(layers, loss, params0, ranges, source, *, schedule: str, 
                                                           versions[s][-1], acc[s]))
             acc = None
     return versions
+
+
+# --- delay corrections (pipetrain.stages.corrections), from the papers' definitions ----------------
+#
+# Both async schedules run the no-flush 1F1B order, so with w = p - s micro-batches
+# in flight on stage s and an update every g micro-batches (g = accumulate for
+# pipedream, m for 2bw), when F k runs stage s has made max(0, k - w + 1) // g
+# updates; F k reads version v = that many (pipedream) or max(0, k // m - 1)
+# (2bw), and its gradient is applied by the update that starts from version k // g.
+#
+# - predict (SpecTrain / PipeOptim): F k and B k use W[v] + (k // g - v) * (W[v] - W[v-1]).
+# - dcasgd (DC-ASGD-c): g + lam * g * g * (W[k // g] - W[read]).
+# - dcasgd-a (DC-ASGD-a): ms = m * ms + (1 - m) * g * g first, then lam / (sqrt(ms) + eps) for lam.
+
+
+class NumpyOptimizer:
+    """sgd, momentum and adam on float32 numpy dicts, from their textbook definitions."""
+
+    def __init__(self, name: str, lr: float, *, momentum: float = 0.9, b1: float = 0.9, b2: float = 0.999,
+                 eps: float = 1e-8):
+        self.name, self.lr, self.momentum, self.b1, self.b2, self.eps = name, lr, momentum, b1, b2, eps
+        self.t, self.slots = 0, {}
+
+    def step(self, w: dict, g: dict) -> dict:
+        self.t += 1
+        out = {}
+        for n in w:
+            if self.name == "sgd":
+                d = g[n]
+            elif self.name == "momentum":
+                d = self.slots[n] = g[n] + np.float32(self.momentum) * self.slots.get(n, np.zeros_like(g[n]))
+            else:
+                m = self.slots[n, "m"] = self.b1 * self.slots.get((n, "m"), 0) + (1 - self.b1) * g[n]
+                v = self.slots[n, "v"] = self.b2 * self.slots.get((n, "v"), 0) + (1 - self.b2) * g[n] ** 2
+                d = (m / (1 - self.b1 ** self.t)) / (np.sqrt(v / (1 - self.b2 ** self.t)) + self.eps)
+            out[n] = (w[n] - self.lr * d).astype(np.float32)
+        return out
+
+
+def corrected_async_weights(grad_fn, params0: list[dict], *, schedule: str, microbatches: int, steps: int,
+                            optimizers: list, correction: str, accumulate: int = 1, lam: float = 0.0,
+                            mean_square: float = 0.95, eps: float = 1e-8) -> list[list[dict]]:
+    """W[s][v] (flat name -> float32 array) of every stage under ``schedule`` with
+    ``correction``; ``grad_fn(k, weights per stage) -> gradients per stage``,
+    ``optimizers`` one NumpyOptimizer per stage."""
+    p, m = len(params0), microbatches
+    g = accumulate if schedule == "pipedream" else m
+    W = [[{n: np.asarray(a, np.float32) for n, a in stage.items()}] for stage in params0]
+    ms = [{n: np.zeros_like(a) for n, a in stage[0].items()} for stage in W]
+    acc: list[dict] = [{} for _ in range(p)]
+    for k in range(steps * m):
+        target = k // g
+        if schedule == "pipedream":
+            read = [max(0, k - (p - s) + 1) // g for s in range(p)]
+        else:
+            read = [max(0, k // m - 1)] * p
+        if correction == "predict":
+            used = [{n: w + np.float32(target - v) * (w - (W[s][v - 1][n] if v else w)) for n, w in W[s][v].items()}
+                    for s, v in enumerate(read)]
+        else:
+            used = [W[s][read[s]] for s in range(p)]
+        grads = [{n: np.asarray(a, np.float32) for n, a in stage.items()} for stage in grad_fn(k, used)]
+        for s in range(p):
+            for n, gr in grads[s].items():
+                if correction.startswith("dcasgd"):
+                    scale = np.float32(lam)
+                    if correction == "dcasgd-a":
+                        ms[s][n] = np.float32(mean_square) * ms[s][n] + np.float32(1 - mean_square) * gr * gr
+                        scale = scale / (np.sqrt(ms[s][n]) + np.float32(eps))
+                    gr = gr + scale * gr * gr * (W[s][target][n] - used[s][n])
+                acc[s][n] = acc[s].get(n, 0) + gr
+        if (k + 1) % g == 0:
+            for s in range(p):
+                W[s].append(optimizers[s].step(W[s][-1], {n: a / np.float32(g) for n, a in acc[s].items()}))
+            acc = [{} for _ in range(p)]
+    return W

@@ -4,7 +4,9 @@
   of the unpartitioned model on the same mini-batch, for 1-4 stages and
   uneven cuts (float32, rtol 1e-5).
 - pipedream / 2bw: every weight version of every stage equals the published
-  update rule run as a plain loop (tests/oracles.py).
+  update rule run as a plain loop (tests/oracles.py), and so does each delay
+  correction (weight prediction, DC-ASGD-c, DC-ASGD-a) with SGD, momentum and
+  Adam, written there in numpy from the papers' definitions.
 - A run rebuilt from a checkpoint cut continues bit for bit (what recovery
   relies on).
 """
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from models import mlp
-from oracles import async_rule_weights, full_gradient, initial_params
+from oracles import NumpyOptimizer, async_rule_weights, corrected_async_weights, full_gradient, initial_params
 from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
 from pipetrain.runtime.reference import build_stages, run_reference
@@ -103,10 +105,15 @@ def test_async_weights_follow_published_rule(schedule_name, num_stages, accumula
     assert compared > 0
 
 
-@pytest.mark.parametrize("schedule_name", ["gpipe", "1f1b", "pipedream", "2bw"])
-def test_resume_from_a_cut_is_bit_identical(schedule_name):
+RESUMED = [("gpipe", "none"), ("1f1b", "none"), ("pipedream", "none"), ("2bw", "none"),
+           ("pipedream", "predict"), ("2bw", "predict"), ("pipedream", "dcasgd"), ("2bw", "dcasgd-a")]
+
+
+@pytest.mark.parametrize("schedule_name,correction", RESUMED)
+def test_resume_from_a_cut_is_bit_identical(schedule_name, correction):
+    # A correction's state (the last step, DC-ASGD-a's mean square) is in the checkpoint.
     m, steps, cut = 4, 4, 8
-    optimizer = Optimizer("adam", lr=0.01)
+    optimizer = Optimizer("adam", lr=0.01, correction=correction)
     full_schedule = build_schedule(schedule_name, num_stages=3, microbatches=m, steps=steps, checkpoint_every=m)
     _, stages = _stages((2, 4), optimizer)
     full = run_reference(full_schedule, stages=stages, source=SOURCE, keep_checkpoints=True)
@@ -123,3 +130,55 @@ def test_resume_from_a_cut_is_bit_identical(schedule_name):
         assert a.keys() == b.keys()
         for name in a:
             assert np.array_equal(a[name], b[name]), name
+
+
+def _flat_stages(params: list, ranges, names) -> list[dict]:
+    """Layer params as each stage's flat state names, ``{layer}/{key}``."""
+    return [{f"{names[i]}/{key}": np.asarray(x) for i in range(a, b) for key, x in params[i].items()}
+            for a, b in ranges]
+
+
+def _chain_grad_fn(ranges, names):
+    """k, flat weights per stage -> flat gradients per stage of the unpartitioned chain."""
+    from models.layers import apply_sequence
+
+    def loss_of(flat, x, y):
+        params = [{key.split("/", 1)[1]: v for key, v in flat[s].items() if key.split("/")[0] == names[i]}
+                  for s, (a, b) in enumerate(ranges) for i in range(a, b)]
+        return mlp.loss_fn(apply_sequence(LAYERS, params, x), y)
+
+    grad = jax.jit(jax.grad(loss_of))
+    return lambda k, weights: grad(weights, SOURCE.inputs(k), SOURCE.targets(k))
+
+
+CORRECTED = [("pipedream", 1), ("pipedream", 2), ("2bw", 1)]
+LAMBDA = {"predict": 0.0, "dcasgd": 20.0, "dcasgd-a": 1.0}  # large, so that the correction shows
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("correction", ["predict", "dcasgd", "dcasgd-a"])
+@pytest.mark.parametrize("schedule_name,accumulate", CORRECTED)
+def test_corrected_async_weights_follow_the_definitions(schedule_name, accumulate, correction, optimizer):
+    m, steps, lr = 4, 3, {"adam": 0.01}.get(optimizer, 0.2)
+    opt = Optimizer(optimizer, lr=lr, correction=correction, dc_lambda=LAMBDA[correction] or None)
+    part, stages = _stages((2, 4), opt)
+    schedule = build_schedule(schedule_name, num_stages=3, microbatches=m, steps=steps, accumulate=accumulate)
+    run_reference(schedule, stages=stages, source=SOURCE)
+
+    ranges, names = [(s.start, s.end) for s in part.specs()], _model().layer_names()
+    params0 = _flat_stages(initial_params(LAYERS, SOURCE.inputs(0)), ranges, names)
+    kwargs = dict(schedule=schedule_name, microbatches=m, steps=steps, accumulate=accumulate, lam=LAMBDA[correction])
+    oracle = corrected_async_weights(_chain_grad_fn(ranges, names), params0, correction=correction,
+                                     optimizers=[NumpyOptimizer(optimizer, lr) for _ in ranges], **kwargs)
+    plain = corrected_async_weights(_chain_grad_fn(ranges, names), params0, correction="none",
+                                    optimizers=[NumpyOptimizer(optimizer, lr) for _ in ranges], **kwargs)
+    rtol, atol, moved = 1e-4, 2e-6, 0.0
+    for s, stage in enumerate(stages):
+        state = stage.state_dict()
+        assert max(stage.versions()) == len(oracle[s]) - 1
+        for n, want in oracle[s][-1].items():
+            np.testing.assert_allclose(state[f"v{len(oracle[s]) - 1}/{n}"], want, rtol=rtol, atol=atol,
+                                       err_msg=f"stage {s} {n}")
+            # How far the correction moved the weights, in units of the tolerance.
+            moved = max(moved, float((np.abs(want - plain[s][-1][n]) / (atol + rtol * np.abs(want))).max()))
+    assert moved > 10
