@@ -18,6 +18,7 @@ from pipetrain.runtime.transport import (
     Endpoint,
     Kind,
     PeerLost,
+    Rejected,
     TransportError,
     TransportTimeout,
     check_boundary,
@@ -434,6 +435,23 @@ POST_AUTH = {  # what a peer holding the secret could still get wrong: the strea
         b"".join(wire.frames({**wire.control_meta(Kind.ACTIVATION, 0), "leaves": [["float32", [4], 8]]},
                              [np.zeros(8, np.uint8)])), "declares 8 bytes, but float32[4] takes 16"),
 }
+
+
+@pytest.mark.parametrize("leaves,why", [
+    ([["object", [2], 16]], "unknown dtype|not a numeric"),
+    ([["float32", [-1, 4], -16]], "not a list of sizes"),
+    ([["float32", "ab", 8]], "not a list of sizes"),
+    ([["float32", [1 << 40, 1 << 40], 64]], "takes"),
+    ([["float32", [4]]], "not a header"),
+    ("float32", "not a header"),
+])
+def test_a_meta_must_describe_its_leaves_exactly(leaves, why):
+    with pytest.raises(Rejected, match=why):
+        wire.check_meta({**wire.control_meta(Kind.ACTIVATION, 0), "leaves": leaves})
+    with pytest.raises(Rejected, match="not a header"):
+        wire.check_meta({"kind": 1})
+    assert wire.check_meta({**wire.control_meta(Kind.ACTIVATION, 0),
+                            "leaves": [["float32", [3], 12], ["bfloat16", [2, 2], 8]]}) == 64 + 8
 
 
 @pytest.mark.parametrize("attack", list(POST_AUTH))

@@ -172,6 +172,7 @@ class Gate:
             if task not in self._evicted:
                 raise  # the endpoint is closing
             self._evicted.discard(task)
+            task.uncancel()  # it goes on, to report why it ended
             reason = f"dropped after {time.monotonic() - started:.1f} s: {self.MAX_PENDING} newer handshakes waiting"
         except (ConnectionError, OSError) as error:
             reason = f"closed during the handshake ({error!r})"

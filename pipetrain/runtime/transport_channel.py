@@ -54,8 +54,8 @@ class Channel:
         (its ``get`` returned); the channel keeps ``tree`` alive until then.
         """
         ep = self._endpoint
-        message = Message(kind=Kind(kind), k=k, tree=tree, version=version, stage=ep.stage,
-                          generation=self.generation, info=info)
+        message = Message(kind=kind if type(kind) is Kind else Kind(kind), k=k, tree=tree, version=version,
+                          stage=ep.stage, generation=self.generation, info=info)
         with self._cond:
             ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
             if self._error:

@@ -3,7 +3,7 @@
 ``transport.Endpoint`` files every admitted, current-generation message
 here and ``get`` takes from it. The inbox also remembers which ids were
 taken in this generation, so that a second message for a (kind, k) that is
-buffered, or for one already taken, is refused (``refusal``) instead of
+buffered, or for one already taken, is refused (``file``) instead of
 displacing the real one or being used twice. Not thread-safe: the endpoint
 holds its lock around every call.
 """
@@ -63,16 +63,16 @@ class Inbox:
     def keys(self) -> list[tuple[Kind, int]]:
         return list(self._items)
 
-    def refusal(self, message: Message) -> str | None:
-        """Why ``message`` may not be filed (a protocol violation), or None."""
-        if (message.kind, message.k) in self._items:
+    def file(self, message: Message, link: Any, seq: int) -> str | None:
+        """Buffer ``message``; or, when that would be a protocol violation, say why (and keep it out)."""
+        key = (message.kind, message.k)
+        if key in self._items:
             return f"a second {message.kind.name} k={message.k} while the first is buffered"
-        if message.k in self._taken.get(message.kind, ()):
+        taken = self._taken.get(message.kind)
+        if taken is not None and message.k in taken:
             return f"{message.kind.name} k={message.k} was already taken in this generation"
+        self._items[key] = (next(self._arrivals), message, link, seq)
         return None
-
-    def put(self, message: Message, link: Any, seq: int) -> None:
-        self._items[message.kind, message.k] = (next(self._arrivals), message, link, seq)
 
     def take(self, kind: Kind, k: int | None) -> tuple | None:
         """The item for (kind, k), or the earliest of ``kind`` when k is None; None if not there."""
@@ -85,7 +85,10 @@ class Inbox:
             key = (kind, k)
             if key not in self._items:
                 return None
-        self._taken.setdefault(kind, _Taken()).add(key[1])
+        taken = self._taken.get(kind)
+        if taken is None:
+            taken = self._taken[kind] = _Taken()
+        taken.add(key[1])
         return self._items.pop(key)
 
     def fence(self, generation: int) -> list[tuple]:

@@ -6,7 +6,12 @@ generations and the inbox on top. A link is one connection, seen from the
 loop thread: ``write(meta, buffers)`` sends one message (from any thread),
 and it hands every message it reads to ``on_message(link, meta, payload)``
 and its end to ``on_closed(link, reason)``. Each link also offers ``peer``,
-``bye_seen``, ``close()`` (after what is queued), ``abort()`` and ``finished``.
+``bye_seen``, ``admitted`` (set by the endpoint once the handshake let an
+inbound connection in), ``close()`` (after what is queued), ``abort()`` and
+``finished``. A link exists only after the handshake (``transport_open.py``)
+and reads no more than its ``max_payload`` per message (0 on an outbound
+channel, which only ever receives ACKs); a frame that breaks the framing or
+a bound ends it with ``Rejected``.
 
 - ``SocketLink``: plain tcp:// (backend "stream"), non-blocking socket.
 - ``TlsLink``: tls:// (backend "stream"), asyncio's SSL transport.
@@ -112,7 +117,7 @@ class FrameReader:
         self._filled += nbytes
         self._parse_staging()
 
-    def _check_prefix(self, magic: bytes, meta_len: int, payload_len: int) -> None:
+    def _refuse(self, magic: bytes, meta_len: int, payload_len: int) -> None:
         if magic != wire.MAGIC:
             raise Rejected(f"bad magic {bytes(magic)!r}: not a pipetrain frame")
         if meta_len > wire.MAX_META:
@@ -125,7 +130,8 @@ class FrameReader:
         view, position = self._staging, 0
         while self._filled - position >= wire.PREFIX.size:
             magic, meta_len, payload_len = wire.PREFIX.unpack_from(view, position)
-            self._check_prefix(magic, meta_len, payload_len)
+            if magic != wire.MAGIC or meta_len > wire.MAX_META or payload_len > self.max_payload:
+                self._refuse(magic, meta_len, payload_len)
             head_end = position + wire.PREFIX.size + meta_len
             if head_end > self._filled:
                 break  # the rest of the meta is still on its way (it fits: STAGING > MAX_META)
