@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death
-from pipetrain.runtime.core import PEER_LOST_GRACE, JobCore, merge_placement
+from pipetrain.runtime.core import PEER_LOST_GRACE, JobCore
+from pipetrain.runtime.placement import merge_placement
 from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
                                            CommitFailed, CourierError, CutMissed, Fail, Finish, FirstBackward,
                                            Interrupted, JobSettings, LatestCheckpoint, PeerLostReport, Placed,

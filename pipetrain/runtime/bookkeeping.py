@@ -1,11 +1,12 @@
-"""The driver's bookkeeping while a generation runs: step records assembled
-from the stages' reports, and the time-based checkpoint requests."""
+"""The job core's bookkeeping while a generation runs: step records assembled
+from the stages' reports, and the time-based checkpoint requests. Pure: no
+clock, no I/O (the core hands in the times its events carry)."""
 from __future__ import annotations
 
-import time
-from typing import Any
 
 import numpy as np
+
+from pipetrain.runtime.core_events import CutMissed, Instruction, RequestCut, ShardWritten, StepReport, WriteRecord
 
 
 class StepBook:
@@ -68,55 +69,50 @@ class StepBook:
         return records
 
 
-class TimedCheckpoints:
-    """Checkpoints every ``checkpoint_seconds`` as well as every N micro-batches.
+class CutTimer:
+    """Time-based checkpoints: which cut to ask for, and when.
 
-    A cut must be one every stage reaches after it hears of it, so the driver
-    picks K about a second (and at least two steps) past the furthest step any
-    stage reported, and asks for it on the control plane; each stage snapshots right after its B of K - 1
-    (and the U that follows), the point a scheduled CHECKPOINT K occupies. A
-    stage that heard too late says so and the driver asks again later. Which
-    cuts get taken depends on timing; the numbers never do.
+    A cut must be one every stage reaches after it hears of it, so K lies about
+    ``LEAD_SECONDS`` (and at least two steps) past the furthest step any stage
+    reported. A stage that heard too late says so ("missed") and the cut is
+    asked again later. Which cuts get taken depends on timing; the numbers never do.
     """
 
-    def __init__(self, plan: Any, client: Any, control: Any, metrics: Any):
-        self.plan, self.client, self.control, self.metrics = plan, client, control, metrics
-        self.last = time.time()
-        self.furthest_step = -1
-        self.step_seconds = 0.0  # the latest pace, from the furthest stage's reports
-        self._furthest_at = 0.0
-        self.pending: int | None = None
-
-    # Reports reach the driver late and stages see a request only at their
-    # next poll: the cut must lie this far ahead of what the driver knows.
+    # Reports reach the driver late and stages see a request only at their next poll.
     LEAD_SECONDS = 1.0
 
-    def heard(self, message: dict) -> None:
-        kind = message["type"]
-        if kind == "step" and message["step"] > self.furthest_step:
+    def __init__(self, every_seconds: float, microbatches: int, steps: int, now: float):
+        self.every, self.m, self.steps = every_seconds, microbatches, steps
+        self.last = now
+        self.furthest_step, self.furthest_at = -1, 0.0
+        self.step_seconds = 0.0  # the latest pace, from the furthest stage's reports
+        self.pending: int | None = None
+
+    def heard_step(self, report: StepReport) -> None:
+        if report.step > self.furthest_step:
             if self.furthest_step >= 0:
-                steps = message["step"] - self.furthest_step
-                self.step_seconds = (message["time"] - self._furthest_at) / steps
-            self.furthest_step, self._furthest_at = message["step"], message["time"]
-        elif kind == "missed" and message["cut"] == self.pending:
-            self.metrics.write({"type": "checkpoint-missed", "cut": message["cut"], "stage": message["stage"]})
-            self.pending = None
-        elif kind == "shard" and message["stage"] == 0:
-            # Stage 0 is the last to pass any cut: its shard marks the cut done.
-            self.last = time.time()
-            if message["cut"] == self.pending:
+                self.step_seconds = (report.time - self.furthest_at) / (report.step - self.furthest_step)
+            self.furthest_step, self.furthest_at = report.step, report.time
+
+    def heard_missed(self, report: CutMissed) -> list[Instruction]:
+        if report.cut != self.pending:
+            return []
+        self.pending = None
+        return [WriteRecord({"type": "checkpoint-missed", "cut": report.cut, "stage": report.stage})]
+
+    def heard_shard(self, report: ShardWritten) -> None:
+        if report.stage == 0:  # stage 0 is the last to pass any cut: its shard marks the cut done
+            self.last = report.now
+            if report.cut == self.pending:
                 self.pending = None
 
-    def maybe_request(self) -> None:
-        seconds = self.plan.checkpoint_seconds
-        if not seconds or self.plan.checkpoint_url is None or self.pending is not None or self.furthest_step < 0:
-            return
-        if time.time() - self.last < seconds:
-            return
+    def due(self, now: float, generation: int) -> list[Instruction]:
+        if not self.every or self.pending is not None or self.furthest_step < 0 or now - self.last < self.every:
+            return []
         lead = 2 + (int(self.LEAD_SECONDS / self.step_seconds) if self.step_seconds > 0 else 0)
-        cut = (self.furthest_step + 1 + lead) * self.plan.microbatches
-        if cut >= self.plan.steps * self.plan.microbatches:
-            return
+        cut = (self.furthest_step + 1 + lead) * self.m
+        if cut >= self.steps * self.m:
+            return []
         self.pending = cut
-        self.control.request_checkpoint(self.client, cut)
-        self.metrics.write({"type": "checkpoint-request", "cut": cut, "furthest_step": self.furthest_step})
+        return [RequestCut(cut, generation),
+                WriteRecord({"type": "checkpoint-request", "cut": cut, "furthest_step": self.furthest_step})]

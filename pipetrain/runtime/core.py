@@ -25,14 +25,15 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipetrain.runtime.placement import merge_placement
 from pipetrain.errors import (CheckpointDirInUse, JobInterrupted, StageLost, cannot_write_checkpoints,
                               is_retryable, is_worker_death, short_error)
-from pipetrain.runtime.bookkeeping import StepBook
+from pipetrain.runtime.bookkeeping import CutTimer, StepBook
 from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
                                            CommitFailed, CourierError, CutMissed, Event, Fail, Finish,
                                            FirstBackward, Instruction, Interrupted, JobSettings, LatestCheckpoint,
                                            Note, PeerLostReport, Place, Placed, PlacementFailed,
-                                           ReadLatestCheckpoint, Report, RequestCut, SchedulerLost,
+                                           ReadLatestCheckpoint, Report, SchedulerLost,
                                            ShardWritten, ShowStep, StageDone, StageReady, Started, StepReport,
                                            StopFinished, StopGeneration, StopOldRun, Submit, TaskEnded, Tick,
                                            WorkersChanged, WriteRecord)
@@ -43,68 +44,6 @@ PEER_LOST_GRACE = 1.0
 # which every earlier report of theirs has arrived (they are sent before the task returns).
 DONE_GRACE = 1.0
 CHECKPOINT_FAILED = "a checkpoint could not be written, and a restart would write to the same place"
-
-
-def merge_placement(previous: dict[int, str], fresh: dict[int, str], spares: tuple[str, ...]) -> dict[int, str]:
-    """Surviving stages stay where they are; lost ones take spares first, then what the fresh placement freed."""
-    if not previous:
-        return dict(fresh)
-    usable = set(fresh.values()) | set(spares)
-    kept = {s: w for s, w in previous.items() if w in usable and s in fresh}
-    free = list(dict.fromkeys(w for w in list(spares) + sorted(fresh.values()) if w not in kept.values()))
-    for s in sorted(fresh):
-        if s not in kept:
-            kept[s] = free.pop(0)
-    return dict(sorted(kept.items()))
-
-
-class CutTimer:
-    """Time-based checkpoints: which cut to ask for, and when.
-
-    A cut must be one every stage reaches after it hears of it, so K lies about
-    ``LEAD_SECONDS`` (and at least two steps) past the furthest step any stage
-    reported. A stage that heard too late says so ("missed") and the cut is
-    asked again later. Which cuts get taken depends on timing; the numbers never do.
-    """
-
-    # Reports reach the driver late and stages see a request only at their next poll.
-    LEAD_SECONDS = 1.0
-
-    def __init__(self, every_seconds: float, microbatches: int, steps: int, now: float):
-        self.every, self.m, self.steps = every_seconds, microbatches, steps
-        self.last = now
-        self.furthest_step, self.furthest_at = -1, 0.0
-        self.step_seconds = 0.0  # the latest pace, from the furthest stage's reports
-        self.pending: int | None = None
-
-    def heard_step(self, report: StepReport) -> None:
-        if report.step > self.furthest_step:
-            if self.furthest_step >= 0:
-                self.step_seconds = (report.time - self.furthest_at) / (report.step - self.furthest_step)
-            self.furthest_step, self.furthest_at = report.step, report.time
-
-    def heard_missed(self, report: CutMissed) -> list[Instruction]:
-        if report.cut != self.pending:
-            return []
-        self.pending = None
-        return [WriteRecord({"type": "checkpoint-missed", "cut": report.cut, "stage": report.stage})]
-
-    def heard_shard(self, report: ShardWritten) -> None:
-        if report.stage == 0:  # stage 0 is the last to pass any cut: its shard marks the cut done
-            self.last = report.now
-            if report.cut == self.pending:
-                self.pending = None
-
-    def due(self, now: float, generation: int) -> list[Instruction]:
-        if not self.every or self.pending is not None or self.furthest_step < 0 or now - self.last < self.every:
-            return []
-        lead = 2 + (int(self.LEAD_SECONDS / self.step_seconds) if self.step_seconds > 0 else 0)
-        cut = (self.furthest_step + 1 + lead) * self.m
-        if cut >= self.steps * self.m:
-            return []
-        self.pending = cut
-        return [RequestCut(cut, generation),
-                WriteRecord({"type": "checkpoint-request", "cut": cut, "furthest_step": self.furthest_step})]
 
 
 @dataclass

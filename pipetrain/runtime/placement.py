@@ -39,6 +39,7 @@ __all__ = [
     "PlacementError",
     "StageNeed",
     "WorkerInfo",
+    "merge_placement",
     "place",
     "wait_for_placement",
     "wait_for_placement_async",
@@ -253,3 +254,16 @@ def _format_bytes(n: int | None, *, unlimited: str = "unlimited") -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def merge_placement(previous: dict[int, str], fresh: dict[int, str], spares: tuple[str, ...]) -> dict[int, str]:
+    """Surviving stages stay where they are; lost ones take spares first, then what the fresh placement freed."""
+    if not previous:
+        return dict(fresh)
+    usable = set(fresh.values()) | set(spares)
+    kept = {s: w for s, w in previous.items() if w in usable and s in fresh}
+    free = list(dict.fromkeys(w for w in list(spares) + sorted(fresh.values()) if w not in kept.values()))
+    for s in sorted(fresh):
+        if s not in kept:
+            kept[s] = free.pop(0)
+    return dict(sorted(kept.items()))

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipetrain.errors import PipetrainError, RetryableError, short_error
 from pipetrain.observe.timeline import EVENT_DTYPE
 from pipetrain.runtime.control import ControlNames, StageControl
 from pipetrain.runtime.interpreter import Hooks, StageProgram
@@ -84,14 +85,8 @@ class Ledger:
         return {"applied": [list(run) for run in self.applied], "pending": list(self.pending)}
 
 
-class StopRequested(RuntimeError):
+class StopRequested(RetryableError, RuntimeError):
     """The driver stopped this generation; raised between actions."""
-
-
-def short_error(error: BaseException) -> str:
-    """``Type: message``, cut at 400 characters: for reports and recovery records."""
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) < 400 else text[:400] + "..."
 
 
 def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseException) -> dict | None:
@@ -136,6 +131,7 @@ class _Reporter(Hooks):
         self.job, self.control, self.store, self.gauges = job, control, store, gauges
         self.m = job.schedule_args["microbatches"]
         self.stage = job.spec.index
+        self.worker = _worker_address()  # read here: the courier thread, which writes shards, has no worker
         self.is_last = job.spec.is_last
         self.losses: dict[int, float] = {}
         self.busy = 0.0
@@ -264,15 +260,15 @@ class _Reporter(Hooks):
                                             meta={"stage": self.stage, "ledger": ledger})
         except OSError as error:
             # The driver stops the job on this report: a restart would write here again.
-            return {"type": "error", "stage": self.stage, "worker": _worker_address(), "cut": cut,
+            return {"type": "error", "stage": self.stage, "worker": self.worker, "cut": cut,
                     "error": f"stage {self.stage} could not write its checkpoint shard for cut {cut} under "
                              f"{self.store.url}: {short_error(error)}"}
         return {"type": "shard", "stage": self.stage, "cut": cut, "record": record.to_dict(),
                 "seconds": time.perf_counter() - started}
 
 
-class CheckpointUnwritable(RuntimeError):
-    """A stage's worker cannot write the checkpoint location (not retried:
+class CheckpointUnwritable(PipetrainError, RuntimeError):
+    """A stage's worker cannot write the checkpoint location (not retryable:
     a restart on the same worker, or one set up the same way, fails alike)."""
 
 

@@ -114,53 +114,5 @@ def test_a_boundary_that_does_not_match_the_partition_names_both_stages_and_the_
     assert len(failed) == 1 and "pipetrain-narrows-g0-stage1" in failed[0] and "BoundaryMismatch" in failed[0], failed
 
 
-# -- who the driver blames (no cluster: the driver's decision on its own) ------
-
-
-class _Future:
-    def __init__(self, status, error=None):
-        self.status, self._error = status, error
-
-    def exception(self):
-        return self._error
-
-
-def _driver(alive):
-    from pipetrain.runtime.driver import Driver, JobPlan
-
-    class SeesWorkers(Driver):
-        def _alive(self):
-            return set(alive)
-
-    plan = JobPlan(partition=None, source=None, optimizer=None, schedule_args={})
-    return SeesWorkers(None, plan, progress=None, metrics=None)
-
-
-PLACED = {0: "w0", 1: "w1", 2: "w2"}
-PEER_LOST = {"type": "peer-lost", "stage": 2, "reason": "PeerLost: stage 2: waiting for ACTIVATION k=5, but ..."}
-
-
-def test_a_reported_lost_peer_counts_as_a_peerlost_failure():
-    from pipetrain.runtime.driver import StageLost
-
-    # Its worker is still there after the grace: the reporting stage is blamed,
-    # retryably, exactly as when its task failed with PeerLost.
-    driver = _driver(alive=PLACED.values())
-    driver._peer_lost = {2: PEER_LOST}
-    with pytest.raises(StageLost) as lost:
-        driver._check([_Future("pending")] * 3, PLACED, failed=[])
-    assert (lost.value.stages, lost.value.reason) == ([2], PEER_LOST["reason"])
-    assert not lost.value.worker_died and not lost.value.deterministic
-    # The worker of the stage it lost left the cluster: that one is blamed.
-    driver = _driver(alive=["w0", "w2"])
-    driver._peer_lost = {2: PEER_LOST}
-    with pytest.raises(StageLost) as lost:
-        driver._check([_Future("pending")] * 3, PLACED, failed=[])
-    assert lost.value.stages == [1] and lost.value.worker_died
-    # A stage whose own computation failed is still the one that fails the job.
-    driver = _driver(alive=PLACED.values())
-    driver._peer_lost = {2: PEER_LOST}
-    futures = [_Future("pending"), _Future("error", ValueError("stage 1: bad shapes")), _Future("pending")]
-    with pytest.raises(StageLost) as lost:
-        driver._check(futures, PLACED, failed=[1])
-    assert lost.value.stages == [1] and lost.value.deterministic
+# Who the driver blames for a loss (a lost peer, a worker that left, a stage's own
+# error) is the job core's decision, tested without a cluster in tests/test_job_core.py.

@@ -1,0 +1,82 @@
+"""A job as the driver runs it (``JobPlan``), what it returns (``RunOutcome``),
+and what each stage must receive across its boundary."""
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class JobPlan:
+    """A job as the driver sees it; built by ``pipetrain.fit``."""
+
+    partition: Any
+    source: Any
+    optimizer: Any
+    schedule_args: dict
+    checkpoint_url: str | None = None
+    keep_checkpoints: int = 3
+    checkpoint_seconds: float = 0.0  # also checkpoint when this long passed since the last commit
+    resource: str = "GPU"
+    placement_timeout: float = 60.0
+    max_restarts: int = 3
+    credits: int = 0
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    resume: bool = False
+    security: Any = None
+    record_events: bool = True
+    stop_timeout: float = 10.0
+    poll: float = 0.2
+    # How long the scheduler may stay unreachable before the job stops: a Dask
+    # scheduler that comes back has lost every task, so there is no point in
+    # waiting for it as long as the client's own 30 s reconnect.
+    scheduler_timeout: float = 5.0
+    run_dir: str | None = None  # for the `pipetrain resume RUN_DIR` hints
+    # Per-job key the stages prove themselves to each other with (transport
+    # handshake): handed to them through Dask, never sent on a stage port.
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.partition.stages)
+
+    @property
+    def microbatches(self) -> int:
+        return self.schedule_args["microbatches"]
+
+    @property
+    def steps(self) -> int:
+        return self.schedule_args["steps"]
+
+
+@dataclass
+class RunOutcome:
+    losses: dict[int, float]
+    states: list[dict[str, np.ndarray]]
+    events: list[np.ndarray]
+    history: list[dict]
+    recoveries: list[dict]
+    generation: int
+    wall_seconds: float
+    ledgers: list[dict] = field(default_factory=list)
+
+
+def boundary_specs(partition: Any, stage: int) -> Any:
+    """What stage ``stage`` must receive: the previous stage's output specs
+    as traced by the partitioner, every dimension but the last free (batch
+    and sequence length may vary per micro-batch; dtypes and feature sizes
+    may not)."""
+    if stage == 0:
+        return None
+    from pipetrain.stages.base import TensorSpec
+    from pipetrain.tree import tree_map
+
+    def relaxed(spec: TensorSpec) -> TensorSpec:
+        shape = tuple(None for _ in spec.shape[:-1]) + tuple(spec.shape[-1:])
+        return TensorSpec(shape, spec.dtype)
+
+    return tree_map(relaxed, partition.stages[stage - 1].output_specs)

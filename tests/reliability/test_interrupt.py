@@ -1,0 +1,54 @@
+"""Ctrl-C on `pipetrain train`: the stages stop, the user is told where to resume.
+
+The driver runs as a subprocess against the test's cluster and gets SIGINT
+(what Ctrl-C sends) once checkpoint 16 is committed. Wanted: one line on
+stderr that says it was interrupted and how to resume, no traceback, no
+stage task left running on the cluster, and a resume that ends exactly
+where the uninterrupted run ends.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipetrain.job import resume_run
+from reliability.jobs import EVERY, M, STEPS, assert_bit_identical, assert_exactly_once
+from reliability.processes import wait_until
+from reliability.test_driver_kill import CONFIG, ROOT
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
+
+
+def _stage_tasks(client) -> list:
+    return [key for keys in client.processing().values() for key in keys if "pipetrain-" in str(key)]
+
+
+def test_ctrl_c_stops_the_stages_and_says_how_to_resume(client, tmp_path):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "job.toml"
+    config.write_text(CONFIG.format(run_dir=run_dir, m=M, steps=STEPS, every=EVERY))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipetrain", "train", str(config), "--scheduler",
+                               client.scheduler.address, "-q"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    committed = run_dir / "checkpoints" / "step-0000000016" / "COMMITTED"
+    deadline = time.time() + 120
+    while not committed.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert driver.poll() is None, f"the driver ended before it could be interrupted: {driver.stderr.read().decode()}"
+    assert _stage_tasks(client), "no stage task is running"
+    driver.send_signal(signal.SIGINT)
+    stderr = driver.communicate(timeout=60)[1].decode()
+
+    assert driver.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted" in stderr and f"pipetrain resume {run_dir}" in stderr, stderr
+    wait_until(lambda: not _stage_tasks(client), timeout=15, what="the stage tasks to end")
+    assert '"type": "interrupted"' in (run_dir / "metrics.jsonl").read_text()
+
+    result = resume_run(str(run_dir), scheduler=client.scheduler.address, progress=False)
+    assert_bit_identical(result, "pipedream")
+    assert_exactly_once(result)
