@@ -436,7 +436,11 @@ def test_control_plane_messages_become_typed_reports():
     step = report_from_message({"type": "step", "stage": 1, "step": 2, "busy": 0.1, "wall": 0.2, "time": 5.0,
                                 "losses": {"8": 1.5}}, generation=3, now=6.0)
     assert step == StepReport(generation=3, stage=1, step=2, busy=0.1, wall=0.2, time=5.0, losses={8: 1.5}, now=6.0)
-    assert report_from_message({"type": "error", "error": "OSError()"}, 0, 0.0).stage is None
+    assert report_from_message({"type": "error", "stage": None, "error": "OSError()"}, 0, 0.0).stage is None
+    assert report_from_message({"type": "step", "stage": True, "step": 2, "busy": 0.1, "wall": 0.2, "time": 5.0},
+                               0, 0.0) is None, "a bool is not a stage"
+    assert report_from_message({"type": "shard", "stage": 0, "cut": "8", "record": {}}, 0, 0.0) is None
+    assert report_from_message(["not", "a", "dict"], 0, 0.0) is None
     assert report_from_message({"type": "mystery"}, 0, 0.0) is None
 
 
@@ -456,3 +460,25 @@ def test_errors_say_whether_a_restart_may_cure_them():
     assert [is_retryable(e) for e in computation] == [False] * len(computation)
     assert is_worker_death(killed_worker("w")) and not is_worker_death(RuntimeError("KilledWorker"))
     assert JobFailed("x", retryable=True).retryable and not JobFailed("x").retryable
+
+
+def test_every_report_a_stage_sends_comes_back_as_it_was_sent():
+    from pipetrain.runtime.messages import (CourierError, CutMissed, FirstBackward, PeerLostReport, ShardWritten,
+                                            StageDone, StageReady)
+
+    sent = [StepReport(2, 1, step=3, busy=0.5, wall=0.7, time=9.0, losses={12: 2.5}),
+            ShardWritten(2, 0, cut=16, record={"stage": 0, "bytes": 10}, seconds=0.01),
+            StageReady(2, 2, time=8.0, seconds=1.5, load_seconds=0.2, build_seconds=1.0, connect_seconds=0.3),
+            PeerLostReport(2, 1, reason="PeerLost: stage 0", time=8.5), FirstBackward(2, 0, k=16, time=8.7),
+            CutMissed(2, 2, cut=24), CourierError(2, 1, error="OSError: disk", worker="tcp://w:1", cut=16),
+            CourierError(2, None, error="OSError()"), StageDone(2, 1, seconds=30.0)]
+    for message in sent:
+        assert report_from_message(message.to_wire(), 2, 0.0) == message
+
+
+def test_a_report_naming_no_stage_of_the_job_is_ignored():
+    job = Job()
+    job.start()
+    assert job(StepReport, generation=0, stage=7, step=0, busy=0.1, wall=0.1, time=job.now) == []
+    assert job(PeerLostReport, generation=0, stage=-1, reason="PeerLost") == []
+    assert job(Tick, after=2 * PEER_LOST_GRACE) == []

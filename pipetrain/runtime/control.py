@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipetrain.runtime.messages import CourierError, Report
+
 
 @dataclass(frozen=True)
 class ControlNames:
@@ -133,11 +135,12 @@ class StageControl:
 
     lost_reason: str | None = None  # set when the stop came from losing the scheduler, not from the driver
 
-    def report(self, message: dict) -> None:
+    def report(self, message: Report) -> None:
+        """Send ``message`` (a ``runtime.messages`` report) from the courier thread."""
         self._outbox.put(message)
 
     def call_in_courier(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` on the courier thread, in order with reports."""
+        """Run ``fn(*args)`` on the courier thread, in order with reports; a report it returns is sent."""
         self._outbox.put((fn, args))
 
     def close(self) -> None:
@@ -157,15 +160,13 @@ class StageControl:
             try:
                 if isinstance(item, tuple):
                     fn, args = item
-                    result = fn(*args)
-                    if isinstance(result, dict):
-                        self._reports.put(result)
-                else:
-                    self._reports.put(item)
+                    item = fn(*args)
+                if isinstance(item, Report):
+                    self._reports.put(item.to_wire())
             except BaseException as e:  # surfaced by close(), and reported
                 self._error = e
                 try:
-                    self._reports.put({"type": "error", "error": repr(e)})
+                    self._reports.put(CourierError(self.names.generation, None, error=repr(e)).to_wire())
                 except Exception:
                     pass
 
@@ -180,7 +181,7 @@ class DriverControl:
         self._reports = Queue(names.reports, client=client)
         self._stop = Event(names.stop, client=client)
 
-    def drain(self, timeout: float, *, callback_timeout: float | None = None) -> list[dict]:
+    def drain(self, timeout: float, *, callback_timeout: float | None = None) -> list[Any]:
         """Every report waiting now; if none, wait ``timeout`` and return none.
         (A blocking ``Queue.get`` that times out logs an error on the scheduler.)
         ``callback_timeout`` bounds the call itself: a scheduler that went away

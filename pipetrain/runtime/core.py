@@ -186,6 +186,8 @@ class JobCore:
     def _report(self, ev: Report) -> list[Instruction]:
         if self.phase != "running" or ev.generation != self.generation:
             return []  # an old generation's, or one being stopped: it no longer counts
+        if ev.stage is not None and not 0 <= ev.stage < self.settings.num_stages:
+            return []  # no stage of this job (the queue is reachable by any client of the scheduler)
         return self._on_report(ev)
 
     @functools.singledispatchmethod

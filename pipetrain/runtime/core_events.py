@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipetrain.errors import JobFailed
+from pipetrain.runtime.messages import (  # noqa: F401 - the stages' reports are events of the core too
+    CourierError,
+    CutMissed,
+    FirstBackward,
+    PeerLostReport,
+    Report,
+    ShardWritten,
+    StageDone,
+    StageReady,
+    StepReport,
+    report_from_message,
+)
 
 # -- settings ---------------------------------------------------------------
 
@@ -88,101 +100,6 @@ class Started(Event):
     # On a resume that found no latest: (path, reason) of each step directory
     # store.list() does not call "uncommitted" (committed once, failing verification now).
     unusable: tuple[tuple[str, str | None], ...] = ()
-
-
-@dataclass(frozen=True)
-class Report(Event):
-    """A stage's report on the control plane of ``generation`` (worker.py's ``control.report``)."""
-
-    generation: int
-    stage: int | None  # None only for the courier's "error", which does not say
-
-
-@dataclass(frozen=True)
-class StepReport(Report):
-    step: int  # -1: only carries losses (the last stage's flush)
-    busy: float
-    wall: float
-    time: float
-    losses: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ShardWritten(Report):
-    cut: int
-    record: dict  # ShardRecord.to_dict()
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class StageReady(Report):
-    time: float
-    seconds: float = 0.0  # task start to ready
-    load_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class PeerLostReport(Report):
-    """The stage's neighbour vanished; it waits for the stop (counts as failing with PeerLost)."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class FirstBackward(Report):
-    k: int
-    time: float
-
-
-@dataclass(frozen=True)
-class CutMissed(Report):
-    """The stage heard of a requested cut after passing it."""
-
-    cut: int
-
-
-@dataclass(frozen=True)
-class CourierError(Report):
-    """The stage's courier failed: a shard write (which names ``cut`` and ``worker``) or a report."""
-
-    error: str
-    worker: str | None = None
-    cut: int | None = None
-
-
-@dataclass(frozen=True)
-class StageDone(Report):
-    """Sent before the task returns: every earlier report of the stage has arrived."""
-
-    seconds: float = 0.0
-
-
-def report_from_message(message: dict, generation: int, now: float) -> Report | None:
-    """The typed report of a control-plane message drained from ``generation``'s queue; None if unknown."""
-    kind, stage = message.get("type"), message.get("stage")
-    common = {"generation": generation, "stage": stage, "now": now}
-    if kind == "step":
-        losses = {int(k): float(v) for k, v in message.get("losses", {}).items()}
-        return StepReport(step=message["step"], busy=message["busy"], wall=message["wall"], time=message["time"],
-                          losses=losses, **common)
-    if kind == "shard":
-        return ShardWritten(cut=message["cut"], record=message["record"], seconds=message.get("seconds", 0.0),
-                            **common)
-    if kind == "ready":
-        return StageReady(time=message["time"], seconds=message.get("seconds", 0.0),
-                          load_seconds=message.get("load_seconds", 0.0), **common)
-    if kind == "peer-lost":
-        return PeerLostReport(reason=message["reason"], **common)
-    if kind == "first":
-        return FirstBackward(k=message["k"], time=message["time"], **common)
-    if kind == "missed":
-        return CutMissed(cut=message["cut"], **common)
-    if kind == "error":
-        return CourierError(error=str(message["error"]), worker=message.get("worker"), cut=message.get("cut"),
-                            **common)
-    if kind == "done":
-        return StageDone(seconds=message.get("seconds", 0.0), **common)
-    return None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipetrain.errors import PipetrainError, RetryableError, short_error
 from pipetrain.observe.timeline import EVENT_DTYPE
+from pipetrain.runtime import messages as msg
 from pipetrain.runtime.control import ControlNames, StageControl
 from pipetrain.runtime.interpreter import Hooks, StageProgram
 from pipetrain.schedule.actions import Action, Kind
@@ -115,7 +116,7 @@ def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseExceptio
     if isinstance(error, (Stopped, StopRequested)):
         pass
     elif isinstance(error, PeerLost) and not control.stopped():
-        control.report({"type": "peer-lost", "stage": stage, "reason": text, "time": time.time()})
+        control.report(msg.PeerLostReport(job.generation, stage, reason=text, time=time.time()))
         if not control.wait_stopped(job.peer_lost_wait):
             return None
     elif not (isinstance(error, TransportError) and control.stopped()):
@@ -130,7 +131,7 @@ class _Reporter(Hooks):
     def __init__(self, job: StageJob, control: StageControl, store: Any, gauges: Any = None):
         self.job, self.control, self.store, self.gauges = job, control, store, gauges
         self.m = job.schedule_args["microbatches"]
-        self.stage = job.spec.index
+        self.stage, self.generation = job.spec.index, job.generation
         self.worker = _worker_address()  # read here: the courier thread, which writes shards, has no worker
         self.is_last = job.spec.is_last
         self.losses: dict[int, float] = {}
@@ -188,7 +189,7 @@ class _Reporter(Hooks):
             self.ledger.backward(action.k)
             if not self.first_backward_reported:
                 self.first_backward_reported = True
-                self.control.report({"type": "first", "stage": self.stage, "k": action.k, "time": time.time()})
+                self.control.report(msg.FirstBackward(self.generation, self.stage, k=action.k, time=time.time()))
             if action.k % self.m == self.m - 1:
                 self._report_step(action.k // self.m, end)
         elif kind is Kind.UPDATE:
@@ -213,16 +214,13 @@ class _Reporter(Hooks):
         elif self.position > self.cut_points[cut]:
             # Heard of it too late: the driver drops this cut and asks again later.
             self.handled_cuts.add(cut)
-            self.control.report({"type": "missed", "stage": self.stage, "cut": cut})
+            self.control.report(msg.CutMissed(self.generation, self.stage, cut=cut))
 
     def _report_step(self, step: int, now: float) -> None:
         wall = now - self.window_start
-        message = {"type": "step", "stage": self.stage, "step": step, "busy": self.busy, "wall": wall,
-                   "time": time.time()}
-        if self.losses:
-            message["losses"] = self.losses
-            self.losses = {}
-        self.control.report(message)
+        self.control.report(msg.StepReport(self.generation, self.stage, step=step, busy=self.busy, wall=wall,
+                                           time=time.time(), losses=self.losses))
+        self.losses = {}
         if self.gauges is not None:
             self.gauges.update(microbatches_per_s=self.m / wall if wall > 0 else 0.0,
                                busy=self.busy / wall if wall > 0 else 0.0,
@@ -237,8 +235,8 @@ class _Reporter(Hooks):
 
     def flush_losses(self) -> None:
         if self.losses:
-            self.control.report({"type": "step", "stage": self.stage, "step": -1, "busy": 0.0, "wall": 0.0,
-                                 "time": time.time(), "losses": self.losses})
+            self.control.report(msg.StepReport(self.generation, self.stage, step=-1, busy=0.0, wall=0.0,
+                                               time=time.time(), losses=self.losses))
             self.losses = {}
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
@@ -253,18 +251,18 @@ class _Reporter(Hooks):
         snapshot = {name: np.array(value, copy=True) for name, value in stage.state_dict().items()}
         self.control.call_in_courier(self._write, cut, snapshot, self.ledger.to_dict())
 
-    def _write(self, cut: int, snapshot: dict, ledger: dict) -> dict:
+    def _write(self, cut: int, snapshot: dict, ledger: dict) -> msg.Report:
         started = time.perf_counter()
         try:
             record = self.store.write_shard(cut, self.stage, snapshot, generation=self.job.generation,
                                             meta={"stage": self.stage, "ledger": ledger})
         except OSError as error:
             # The driver stops the job on this report: a restart would write here again.
-            return {"type": "error", "stage": self.stage, "worker": self.worker, "cut": cut,
-                    "error": f"stage {self.stage} could not write its checkpoint shard for cut {cut} under "
-                             f"{self.store.url}: {short_error(error)}"}
-        return {"type": "shard", "stage": self.stage, "cut": cut, "record": record.to_dict(),
-                "seconds": time.perf_counter() - started}
+            return msg.CourierError(self.generation, self.stage, worker=self.worker, cut=cut,
+                                    error=f"stage {self.stage} could not write its checkpoint shard for cut {cut} "
+                                          f"under {self.store.url}: {short_error(error)}")
+        return msg.ShardWritten(self.generation, self.stage, cut=cut, record=record.to_dict(),
+                                seconds=time.perf_counter() - started)
 
 
 class CheckpointUnwritable(PipetrainError, RuntimeError):
@@ -377,11 +375,11 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     reporter.follow(schedule.stage_actions(job.spec.index))
     with open_links(job, control) as links:
         reporter.endpoint = links.endpoint
-        control.report({"type": "ready", "stage": job.spec.index, "seconds": time.time() - started,
-                        "build_seconds": built - started, "load_seconds": loaded - built,
-                        "connect_seconds": time.time() - loaded, "time": time.time()})
+        control.report(msg.StageReady(job.generation, job.spec.index, time=time.time(), seconds=time.time() - started,
+                                      build_seconds=built - started, load_seconds=loaded - built,
+                                      connect_seconds=time.time() - loaded))
         StageProgram(stage, schedule, source=job.source, links=links, hooks=reporter, clock=time.time).run_all()
         reporter.flush_losses()
-    control.report({"type": "done", "stage": job.spec.index, "seconds": time.time() - started})
+    control.report(msg.StageDone(job.generation, job.spec.index, seconds=time.time() - started))
     return {"state": stage.state_dict(), "events": np.array(reporter.events, dtype=EVENT_DTYPE),
             "ledger": reporter.ledger.to_dict()}
