@@ -53,13 +53,22 @@ class _Recorder(Hooks):
     losses: dict[int, float] = field(default_factory=dict)
     checkpoints: dict[int, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     keep_checkpoints: bool = False
+    also: Hooks = field(default_factory=Hooks)  # the caller's own hooks
 
     def on_loss(self, k: int, loss: float) -> None:
         self.losses[k] = loss
+        self.also.on_loss(k, loss)
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
         if self.keep_checkpoints:
             self.checkpoints.setdefault(cut, {})[stage.spec.index] = stage.state_dict()
+        self.also.on_checkpoint(cut, stage)
+
+    def on_action(self, action: Any, start: float, end: float) -> None:
+        self.also.on_action(action, start, end)
+
+    def on_weights(self, k: int, version: int, start: float, end: float) -> None:
+        self.also.on_weights(k, version, start, end)
 
 
 @dataclass
@@ -85,12 +94,13 @@ def build_stages(partition: Any, optimizer: Any) -> list[Any]:
 
 
 def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
-                  keep_checkpoints: bool = False) -> ReferenceResult:
-    """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``)."""
+                  keep_checkpoints: bool = False, hooks: Hooks | None = None) -> ReferenceResult:
+    """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``); ``hooks``
+    hear every stage's losses, checkpoints and action times as well."""
     if len(stages) != schedule.num_stages:
         raise ValueError(f"schedule has {schedule.num_stages} stages but {len(stages)} were given")
     mail = _Mailboxes(len(stages))
-    recorder = _Recorder(keep_checkpoints=keep_checkpoints)
+    recorder = _Recorder(keep_checkpoints=keep_checkpoints, also=hooks or Hooks())
     programs = [StageProgram(st, schedule, source=source, links=mail.links(i), hooks=recorder)
                 for i, st in enumerate(stages)]
     while not all(p.done for p in programs):

@@ -46,7 +46,7 @@ from typing import Any
 from pipetrain.optim import Optimizer
 
 STAGE_SLOTS = {"none": (), "predict": (), "dcasgd": (), "dcasgd-a": ("ms",)}  # besides predict's per-version steps
-DEFAULT_LAMBDA = {"dcasgd": 0.04, "dcasgd-a": 2.0}  # the paper's values (DC-ASGD-c, DC-ASGD-a)
+DEFAULT_LAMBDA = {"dcasgd": 0.04, "dcasgd-a": 2.0}  # the paper's CIFAR-10 settings (DC-ASGD-c, DC-ASGD-a)
 
 Collection = Any  # one weight version (or gradient, or state slot) in the adapter's container
 
@@ -81,7 +81,6 @@ class StageCorrection:
     def __init__(self, optimizer: Any, params: Collection, *, map: Callable, zeros_like: Callable,
                  sqrt: Callable, compile: Callable = lambda f, **kw: f):
         self.name = name_of(optimizer)
-        self.map = map
         self.predicts = self.name == "predict"
         self.state: dict[str, Collection] = {slot: map(zeros_like, params) for slot in STAGE_SLOTS[self.name]}
         self.steps: dict[int, Collection] = {0: map(zeros_like, params)} if self.predicts else {}  # per version
