@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -82,7 +82,9 @@ DEFAULT_CHECKPOINT_EVERY = 64
 
 
 def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: int = 1) -> int:
-    unit = accumulate if schedule == "pipedream" else microbatches
+    from pipetrain.schedule.builders import microbatches_per_update
+
+    unit = microbatches_per_update(schedule, microbatches, accumulate)
     return -(-DEFAULT_CHECKPOINT_EVERY // unit) * unit
 
 
@@ -117,7 +119,7 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     """
     from pipetrain.data import check_numeric
     from pipetrain.partitioning import Partition, partition as make_partition
-    from pipetrain.schedule.builders import build_schedule
+    from pipetrain.schedule.builders import ScheduleSpec
 
     optimizer = with_correction(optimizer or Optimizer(), correction, schedule=schedule)
     if isinstance(model, Partition):
@@ -134,9 +136,9 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     check_numeric(data.targets(0), "data.targets(0)")
     checkpoint_url = checkpoint_dir or (str(Path(run_dir) / CHECKPOINTS_DIR)
                                         if run_dir and (checkpoint_every or checkpoint_seconds) else None)
-    schedule_args = dict(name=schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
-                         accumulate=accumulate, checkpoint_every=checkpoint_every or None)
-    build_schedule(**schedule_args)  # validates before any worker starts
+    # Validated here, before any worker starts; the workers build their own from it.
+    schedule_spec = ScheduleSpec(schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
+                                 accumulate=accumulate, checkpoint_every=checkpoint_every or None)
     run_path = Path(run_dir) if run_dir else None
     metrics = _Metrics(run_path / METRICS_FILE if run_path else None)
     bar = Progress(steps, enabled=progress)
@@ -146,11 +148,11 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
                    "microbatches": microbatches, "heldout_loss": heldout_before, "executor": executor})
 
     if executor == "reference":
-        outcome = _run_reference(part, optimizer, schedule_args, data, bar, metrics)
+        outcome = _run_reference(part, optimizer, schedule_spec, data, bar, metrics)
     elif executor == "dask":
         from pipetrain.runtime.driver import Driver, JobPlan
 
-        plan = JobPlan(partition=part, source=data, optimizer=optimizer, schedule_args=schedule_args,
+        plan = JobPlan(partition=part, source=data, optimizer=optimizer, schedule=schedule_spec,
                        checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
                        placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
                        resume=resume, record_events=record_events, stop_timeout=stop_timeout,
@@ -212,16 +214,15 @@ class _Outcome:
     ledgers: list = field(default_factory=list)
 
 
-def _run_reference(part: Any, optimizer: Any, schedule_args: dict, data: Any, bar: Progress,
+def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progress,
                    metrics: MetricsLog) -> _Outcome:
     from pipetrain.runtime.reference import build_stages, run_reference
-    from pipetrain.schedule.builders import build_schedule
 
     started = time.time()
-    schedule = build_schedule(**{**schedule_args, "checkpoint_every": None})
+    schedule = replace(spec, checkpoint_every=None).build()
     result = run_reference(schedule, stages=build_stages(part, optimizer), source=data)
     wall = time.time() - started
-    m = schedule_args["microbatches"]
+    m = spec.microbatches
     history = []
     for t, loss in enumerate(result.loss_history(m)):
         record = {"type": "step", "step": t, "loss": loss, "samples_per_s": None, "busy": []}

@@ -52,7 +52,7 @@ class JobSettings:
                    run_dir=getattr(plan, "run_dir", None),
                    max_restarts=plan.max_restarts, stop_timeout=plan.stop_timeout,
                    checkpoint_seconds=plan.checkpoint_seconds,
-                   manifest={"schedule": dict(plan.schedule_args),
+                   manifest={"schedule": plan.schedule.to_dict(),
                              "partition": {"boundaries": list(plan.partition.boundaries),
                                            "method": plan.partition.method}})
 

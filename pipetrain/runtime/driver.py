@@ -178,7 +178,7 @@ class Driver:
         futures = []
         for spec in plan.partition.specs():
             job = StageJob(job_id=plan.job_id, generation=i.generation, spec=spec, model=plan.partition.model,
-                           optimizer=plan.optimizer, schedule_args={**plan.schedule_args, "first_microbatch": i.cut},
+                           optimizer=plan.optimizer, schedule=plan.schedule.resumed_at(i.cut),
                            source=plan.source, checkpoint_url=plan.checkpoint_url, resume_cut=i.cut or None,
                            credits=plan.credits, security=plan.security,
                            max_events=StageJob.max_events if plan.record_events else 0,

@@ -17,7 +17,7 @@ class JobPlan:
     partition: Any
     source: Any
     optimizer: Any
-    schedule_args: dict
+    schedule: Any  # ScheduleSpec: what every stage builds its actions from
     checkpoint_url: str | None = None
     keep_checkpoints: int = 3
     checkpoint_seconds: float = 0.0  # also checkpoint when this long passed since the last commit
@@ -46,11 +46,11 @@ class JobPlan:
 
     @property
     def microbatches(self) -> int:
-        return self.schedule_args["microbatches"]
+        return self.schedule.microbatches
 
     @property
     def steps(self) -> int:
-        return self.schedule_args["steps"]
+        return self.schedule.steps
 
 
 @dataclass

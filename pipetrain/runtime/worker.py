@@ -44,7 +44,7 @@ class StageJob:
     spec: StageSpec
     model: Any
     optimizer: Any
-    schedule_args: dict
+    schedule: Any  # ScheduleSpec, resumed at the generation's starting cut
     source: Any
     checkpoint_url: str | None = None
     resume_cut: int | None = None
@@ -130,7 +130,7 @@ class _Reporter(Hooks):
 
     def __init__(self, job: StageJob, control: StageControl, store: Any, gauges: Any = None):
         self.job, self.control, self.store, self.gauges = job, control, store, gauges
-        self.m = job.schedule_args["microbatches"]
+        self.m = job.schedule.microbatches
         self.stage, self.generation = job.spec.index, job.generation
         self.worker = _worker_address()  # read here: the courier thread, which writes shards, has no worker
         self.is_last = job.spec.is_last
@@ -362,9 +362,8 @@ def run_stage(job: StageJob) -> dict:
 
 def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started: float) -> dict:
     from pipetrain.runtime.links import open_links
-    from pipetrain.schedule.builders import build_schedule
 
-    schedule = build_schedule(**job.schedule_args)
+    schedule = job.schedule.build()
     stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
     built = time.time()
     if job.resume_cut:

@@ -9,14 +9,11 @@ structure restarted at the cut, with the versions of the full run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipetrain.schedule.actions import Action, B, C, F, Kind, U
-from pipetrain.schedule.schedule import FLUSH_SCHEDULES, SCHEDULES, Schedule
-
-
-class ScheduleError(ValueError):
-    """A schedule request or a schedule that breaks the rules; the message names the field or action."""
+from pipetrain.schedule.schedule import (  # noqa: F401 - ScheduleError, bubble_fraction_formula re-exported
+    FLUSH_SCHEDULES, SCHEDULES, Schedule, ScheduleError, bubble_fraction_formula)
 
 
 @dataclass(frozen=True)
@@ -146,27 +143,68 @@ def lower_communication(actions: list[Action], *, num_stages: int) -> list[Actio
 
 # --- the entry point ----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What a schedule is asked to be: the one description a job carries (to its
+    workers, into its checkpoints' manifests), and whose ``build`` is the one
+    way to get a ``Schedule``. ``first_microbatch=K > 0`` is the run resumed
+    from the checkpoint at cut K."""
+
+    name: str
+    num_stages: int
+    microbatches: int  # per step
+    steps: int
+    accumulate: int = 1
+    checkpoint_every: int | None = None
+    first_microbatch: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self.name, self.num_stages, self.microbatches, self.steps, self.accumulate,
+                  self.checkpoint_every, self.first_microbatch)
+
+    @property
+    def microbatches_per_update(self) -> int:
+        """Micro-batches each update folds in (pipedream: its accumulation; the others: a step):
+        also the unit of every checkpoint cut."""
+        return microbatches_per_update(self.name, self.microbatches, self.accumulate)
+
+    @property
+    def total_microbatches(self) -> int:
+        return self.steps * self.microbatches
+
+    def resumed_at(self, cut: int) -> "ScheduleSpec":
+        return replace(self, first_microbatch=cut)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def build(self) -> Schedule:
+        total, first = self.total_microbatches, self.first_microbatch
+        shape = Shape(self.num_stages, self.microbatches, total, first, self.accumulate)
+        cuts = checkpoint_cuts(first=first, total=total, every=self.checkpoint_every)
+        actions = []
+        for s in range(self.num_stages):
+            compute = BUILDERS[self.name](s, shape)
+            actions.append(tuple(lower_communication(insert_checkpoints(compute, cuts), num_stages=self.num_stages)))
+        latest = first // self.microbatches_per_update
+        return Schedule(
+            name=self.name, num_stages=self.num_stages, microbatches_per_step=self.microbatches, steps=self.steps,
+            accumulate=self.accumulate, checkpoint_every=self.checkpoint_every, first_microbatch=first,
+            actions=tuple(actions),
+            initial_versions=tuple(initial_versions(acts, latest=latest) for acts in actions),
+        )
+
+
 def build_schedule(name: str, *, num_stages: int, microbatches: int, steps: int, accumulate: int = 1,
                    checkpoint_every: int | None = None, first_microbatch: int = 0) -> Schedule:
-    """Build schedule ``name`` for ``steps`` steps of ``microbatches`` micro-batches each.
+    """``ScheduleSpec(...).build()``, for callers with the fields at hand."""
+    return ScheduleSpec(name, num_stages=num_stages, microbatches=microbatches, steps=steps, accumulate=accumulate,
+                        checkpoint_every=checkpoint_every, first_microbatch=first_microbatch).build()
 
-    ``first_microbatch=K > 0`` builds the run resumed from the checkpoint at cut K.
-    """
-    _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_every, first_microbatch)
-    total = steps * microbatches
-    shape = Shape(num_stages, microbatches, total, first_microbatch, accumulate)
-    cuts = checkpoint_cuts(first=first_microbatch, total=total, every=checkpoint_every)
-    actions = []
-    for s in range(num_stages):
-        compute = BUILDERS[name](s, shape)
-        actions.append(tuple(lower_communication(insert_checkpoints(compute, cuts), num_stages=num_stages)))
-    latest = first_microbatch // (accumulate if name == "pipedream" else microbatches)
-    return Schedule(
-        name=name, num_stages=num_stages, microbatches_per_step=microbatches, steps=steps,
-        accumulate=accumulate, checkpoint_every=checkpoint_every, first_microbatch=first_microbatch,
-        actions=tuple(actions),
-        initial_versions=tuple(initial_versions(acts, latest=latest) for acts in actions),
-    )
+
+def microbatches_per_update(name: str, microbatches: int, accumulate: int = 1) -> int:
+    """The one place that says how many micro-batches an update of schedule ``name`` folds in."""
+    return accumulate if name == "pipedream" else microbatches
 
 
 def checkpoint_cuts(*, first: int, total: int, every: int | None) -> tuple[int, ...]:
@@ -189,16 +227,6 @@ def initial_versions(actions: tuple[Action, ...], *, latest: int) -> tuple[int, 
     return tuple(sorted((read - produced) | {latest}))
 
 
-def bubble_fraction_formula(name: str, p: int, m: int) -> float:
-    """The idle share of a flush schedule with uniform costs: (p - 1) / (m + p - 1)."""
-    if name not in FLUSH_SCHEDULES:
-        raise ScheduleError(f"name: the bubble formula is for {', '.join(FLUSH_SCHEDULES)}; "
-                            f"{name!r} has none (simulate it)")
-    if p < 1 or m < 1:
-        raise ScheduleError(f"p and m must be >= 1, got p={p}, m={m}")
-    return (p - 1) / (m + p - 1)
-
-
 def _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_every, first_microbatch) -> None:
     if name not in SCHEDULES:
         raise ScheduleError(f"name: unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
@@ -217,7 +245,8 @@ def _validate(name, num_stages, microbatches, steps, accumulate, checkpoint_ever
         raise ScheduleError(f"microbatches: 2bw needs microbatches >= num_stages so that at most two weight "
                             f"versions are live (got {m} < {num_stages})")
     # Cuts sit where a stage's state is complete: after an update, with nothing accumulated.
-    unit, unit_name = (accumulate, "accumulate") if name == "pipedream" else (m, "microbatches")
+    unit = microbatches_per_update(name, m, accumulate)
+    unit_name = "accumulate" if name == "pipedream" else "microbatches"
     if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1
                                          or checkpoint_every % unit):
         raise ScheduleError(f"checkpoint_every: must be a positive multiple of {unit_name}={unit} "

@@ -44,6 +44,10 @@ from dataclasses import dataclass
 
 from pipetrain.schedule.actions import COMPUTE, Action, Kind
 
+
+class ScheduleError(ValueError):
+    """A schedule request or a schedule that breaks the rules; the message names the field or action."""
+
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")
 FLUSH_SCHEDULES = ("gpipe", "1f1b")
 SPLIT_POLICIES = ("never", "always", "auto")
@@ -125,11 +129,6 @@ class Schedule:
     def checkpoint_cuts(self) -> tuple[int, ...]:
         return tuple(a.k for a in self.actions[0] if a.kind is Kind.CHECKPOINT)
 
-    def grid(self) -> str:  # filled by the simulator module; kept here for discoverability
-        from pipetrain.schedule.simulator import render_grid
-
-        return render_grid(self)
-
 
 def _next_computation(actions: tuple[Action, ...], position: int) -> Kind | None:
     """The kind of the first F, B or U at or after ``position``."""
@@ -137,3 +136,13 @@ def _next_computation(actions: tuple[Action, ...], position: int) -> Kind | None
         if a.kind in COMPUTE or a.kind is Kind.UPDATE:
             return a.kind
     return None
+
+
+def bubble_fraction_formula(name: str, p: int, m: int) -> float:
+    """The idle share of a flush schedule with uniform costs: (p - 1) / (m + p - 1)."""
+    if name not in FLUSH_SCHEDULES:
+        raise ScheduleError(f"name: the bubble formula is for {', '.join(FLUSH_SCHEDULES)}; "
+                            f"{name!r} has none (simulate it)")
+    if p < 1 or m < 1:
+        raise ScheduleError(f"p and m must be >= 1, got p={p}, m={m}")
+    return (p - 1) / (m + p - 1)

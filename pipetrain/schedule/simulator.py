@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from pipetrain.schedule.actions import COMPUTE, Action, Kind
-from pipetrain.schedule.builders import ScheduleError, bubble_fraction_formula
-from pipetrain.schedule.schedule import Schedule
+from pipetrain.schedule.schedule import Schedule, ScheduleError, bubble_fraction_formula
 
 __all__ = ["ScheduleError", "SimulationReport", "TimedAction", "activation_bound", "check_schedule",
            "render_grid", "simulate"]
