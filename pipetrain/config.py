@@ -84,7 +84,8 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_dir: str = "runs/job"
-    seed: int = 0
+    # No job-wide seed: nothing would read it. A model's or a data source's
+    # seed is one of its own kwargs (model.kwargs, data.kwargs), where it acts.
 
     def validate(self) -> "JobConfig":
         _require(self.model.entry, "model.entry", "an import path like 'models.gpt:build'")

@@ -113,3 +113,12 @@ def test_train_into_a_run_directory_with_checkpoints_needs_overwrite(tmp_path, c
     assert (run_dir / "job.json").read_text() == first_job and store.cuts() == [2]  # refused before touching anything
     assert main([*train, "--overwrite"]) == 0
     assert (run_dir / "job.json").read_text() != first_job and store.cuts() == []
+
+
+def test_a_top_level_seed_is_refused_as_unknown_since_nothing_would_read_it(tmp_path):
+    from pipetrain.config import ConfigError, from_dict
+
+    raw = {"run_dir": str(tmp_path), "seed": 3, "model": {"entry": "models.mlp:build"},
+           "data": {"train": "models.mlp:train_source"}}
+    with pytest.raises(ConfigError, match="seed: unknown field"):
+        from_dict(raw, origin="job.toml")
