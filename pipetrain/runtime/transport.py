@@ -341,7 +341,7 @@ class Endpoint:
     def has(self, kind: Kind, k: int) -> bool:
         """Whether ``get(kind, k)`` would return at once (never blocks)."""
         with self._cond:
-            return (Kind(kind), k) in self._inbox
+            return (kind if type(kind) is Kind else Kind(kind), k) in self._inbox
 
     def _count(self, name: str, amount: int) -> None:
         with self._cond:
