@@ -125,7 +125,7 @@ def _machinery_types() -> tuple[type[BaseException], ...]:
     from here, and distributed may be absent where the core is tested.
     Should later derive from ``RetryableError``: ``transport_errors.TransportError``
     (and so ``PeerLost``, ``TransportTimeout``), ``links.Stopped``,
-    ``worker.StopRequested``, ``manifest.StaleGenerationError`` (whose base
+    ``stage_hooks.StopRequested``, ``manifest.StaleGenerationError`` (whose base
     ``CheckpointError`` should derive from ``PipetrainError``, not retryable,
     as should ``worker.CheckpointUnwritable``).
     """

@@ -129,6 +129,26 @@ class Schedule:
     def checkpoint_cuts(self) -> tuple[int, ...]:
         return tuple(a.k for a in self.actions[0] if a.kind is Kind.CHECKPOINT)
 
+    def cut_points(self, stage: int) -> dict[int, int]:
+        """Where on ``stage`` each unscheduled cut K is consistent: the position in its
+        action list after the B of K - 1 and the U that follows it, if one does (the
+        point a scheduled CHECKPOINT K occupies). For checkpoints at cuts the driver
+        picks while the job runs (time-based); scheduled cuts have their CHECKPOINT."""
+        actions = self.actions[stage]
+        scheduled = {a.k for a in actions if a.kind is Kind.CHECKPOINT}
+        points = {}
+        for i, a in enumerate(actions):
+            if a.kind is not Kind.BACKWARD or a.k + 1 in scheduled:
+                continue
+            point = i
+            for j in range(i + 1, len(actions)):
+                if actions[j].kind is Kind.UPDATE:
+                    point = j
+                if actions[j].kind not in (Kind.SEND_GRAD, Kind.UPDATE):
+                    break
+            points[a.k + 1] = point
+        return points
+
 
 def _next_computation(actions: tuple[Action, ...], position: int) -> Kind | None:
     """The kind of the first F, B or U at or after ``position``."""
