@@ -50,3 +50,20 @@ def test_the_schedule_package_has_no_import_cycle():
 
     cyclic = sorted(m for m in graph if reaches(m, m, frozenset({m})))
     assert not cyclic, f"modules on an import cycle: {cyclic} ({graph})"
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "pipedream", "2bw"])
+def test_cut_points_sit_where_a_scheduled_checkpoint_would(name):
+    """A time-based cut K is taken where CHECKPOINT K would stand: the schedule
+    built with checkpoints every step says where that is."""
+    from pipetrain.schedule.actions import Kind
+
+    plain = ScheduleSpec(name, num_stages=3, microbatches=4, steps=3).build()
+    with_cuts = ScheduleSpec(name, num_stages=3, microbatches=4, steps=3, checkpoint_every=4).build()
+    for s in range(3):
+        points = plain.cut_points(s)
+        for i, a in enumerate(with_cuts.actions[s]):
+            if a.kind is Kind.CHECKPOINT and a.k < 12:
+                # the actions before CHECKPOINT K, in the schedule without it
+                assert points[a.k] == i - 1 - sum(b.kind is Kind.CHECKPOINT for b in with_cuts.actions[s][:i]), \
+                    f"stage {s}, cut {a.k}"
