@@ -38,7 +38,9 @@ from distributed import Client  # noqa: E402
 from pipetrain import config as cfgmod  # noqa: E402
 from pipetrain.api import fit  # noqa: E402
 from pipetrain.config import resolve  # noqa: E402
+from pipetrain.observe.records import CheckpointRecord, StepRecord, read_records, records_of  # noqa: E402
 from pipetrain.partitioning import partition  # noqa: E402
+from pipetrain.rundir import METRICS_FILE  # noqa: E402
 from pipetrain.runtime.local import start_local_cluster  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "configs" / "demo.toml"
@@ -67,7 +69,7 @@ def main() -> None:
 
     with TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        metrics = run_dir / "metrics.jsonl"
+        metrics = run_dir / METRICS_FILE
         cluster = start_local_cluster(p + 1)  # one spare
         kill: dict = {}
         try:
@@ -79,8 +81,9 @@ def main() -> None:
                     first_cut = args.every
                     target_step = (first_cut + args.after) // m
                     while True:
-                        text = metrics.read_text() if metrics.exists() else ""
-                        if '"type": "checkpoint"' in text and f'"step": {target_step},' in text:
+                        records = read_records(metrics)  # [] before the run writes one; a torn last line is left out
+                        if records_of(records, CheckpointRecord) and any(
+                                r.step == target_step for r in records_of(records, StepRecord)):
                             break
                         time.sleep(0.01)
                     address = stage_worker(client, args.stage)

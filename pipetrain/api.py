@@ -11,6 +11,7 @@ import numpy as np
 
 from pipetrain.optim import Optimizer, with_correction
 from pipetrain.observe.progress import MetricsLog, Progress
+from pipetrain.observe.records import EndRecord, Record, ResumeRecord, StartRecord, StepRecord
 from pipetrain.rundir import CHECKPOINTS_DIR, EVENTS_DIR, METRICS_FILE, event_file_name
 
 
@@ -144,8 +145,8 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     bar = Progress(steps, enabled=progress)
     eval_ids = list(range(eval_microbatches))
     heldout_before = _heldout_loss(part, optimizer, heldout, eval_ids, states=None)
-    metrics.write({"type": "start", "schedule": schedule, "stages": len(part.stages), "steps": steps,
-                   "microbatches": microbatches, "heldout_loss": heldout_before, "executor": executor})
+    metrics.write(StartRecord(schedule=schedule, stages=len(part.stages), steps=steps, microbatches=microbatches,
+                              heldout_loss=heldout_before, executor=executor))
 
     if executor == "reference":
         outcome = _run_reference(part, optimizer, schedule_spec, data, bar, metrics)
@@ -171,9 +172,9 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
                        microbatches=microbatches, ledgers=outcome.ledgers)
     result.heldout_before = heldout_before
     result.heldout_after = _heldout_loss(part, optimizer, heldout, eval_ids, states=outcome.states)
-    metrics.write({"type": "end", "heldout_loss": result.heldout_after, "wall_seconds": result.wall_seconds,
-                   "samples_per_s": result.samples_per_s, "samples": result.samples, "steps": steps,
-                   "steps_run": result.steps_run})
+    metrics.write(EndRecord(heldout_loss=result.heldout_after, wall_seconds=result.wall_seconds,
+                            samples_per_s=result.samples_per_s, samples=result.samples, steps=steps,
+                            steps_run=result.steps_run))
     if run_path and outcome.events:
         _save_events(run_path, outcome.events)
     return result
@@ -185,9 +186,9 @@ class _Metrics(MetricsLog):
 
     resumed_from = 0
 
-    def write(self, record: dict) -> None:
-        if record.get("type") == "resume":
-            self.resumed_from = int(record["rollback_to"])
+    def write(self, record: Record) -> None:
+        if isinstance(record, ResumeRecord):
+            self.resumed_from = int(record.rollback_to)
         super().write(record)
 
 
@@ -227,7 +228,7 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
     for t, loss in enumerate(result.loss_history(m)):
         record = {"type": "step", "step": t, "loss": loss, "samples_per_s": None, "busy": []}
         history.append(record)
-        metrics.write(record)
+        metrics.write(StepRecord.from_json(record))
         bar.step(t, loss=loss, samples_per_s=None, busy=[])
     return _Outcome(result.losses, result.state_dicts(), history, [], [], wall)
 

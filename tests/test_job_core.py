@@ -9,6 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipetrain.observe.records import (CheckpointMissedRecord, CheckpointRecord, CheckpointRequestRecord, ErrorRecord,
+                                       FailedRecord, InterruptedRecord, PlacementRecord, RecoveredRecord,
+                                       RecoveryRecord, ResumeRecord, StepRecord)
 from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death
 from pipetrain.runtime.core import PEER_LOST_GRACE, JobCore
 from pipetrain.runtime.placement import merge_placement
@@ -99,8 +102,8 @@ def only(instructions, kind):
     return found
 
 
-def records(instructions, kind: str) -> list[dict]:
-    return [i.record for i in instructions if isinstance(i, WriteRecord) and i.record["type"] == kind]
+def records(instructions, kind: type) -> list:
+    return [i.record for i in instructions if isinstance(i, WriteRecord) and isinstance(i.record, kind)]
 
 
 def view(cut: int) -> CheckpointView:
@@ -112,17 +115,17 @@ def test_a_clean_run_commits_every_cut_and_ends_with_finish():
     job = Job()
     job(Started)
     placed = job(Placed, dict(W), (SPARE,))
-    assert placed[0].record == {"type": "placement", "generation": 0, "workers": {"0": W[0], "1": W[1], "2": W[2]},
-                                "hosts": {"0": "w0", "1": "w1", "2": "w2"}}
+    assert placed[0].record == PlacementRecord(generation=0, workers={"0": W[0], "1": W[1], "2": W[2]},
+                                               hosts={"0": "w0", "1": "w1", "2": "w2"})
     assert "stage 1 on tcp://w1:1" in placed[1].text and placed[2] == Submit(0, 0, {}, W)
     out = job.step(0)
-    assert kinds(out) == ["WriteRecord", "ShowStep"] and records(out, "step")[0]["loss"] == 1.0
+    assert kinds(out) == ["WriteRecord", "ShowStep"] and records(out, StepRecord)[0].loss == 1.0
     assert only(out, ShowStep).step == 0
     commit = job.shards(4)[0]
     assert [r["stage"] for r in commit.records] == [0, 1, 2]  # in stage order, whatever the arrival order
     assert commit.manifest["losses"] == {str(k): 1.0 for k in range(4)} and commit.manifest["job_id"] == "job"
-    assert records(job(CommitDone, 4, 0, "/ckpt/step-0000000004", seconds=0.1), "checkpoint") == [
-        {"type": "checkpoint", "cut": 4, "generation": 0, "commit_seconds": 0.1}]
+    assert records(job(CommitDone, 4, 0, "/ckpt/step-0000000004", seconds=0.1), CheckpointRecord) == [
+        CheckpointRecord(cut=4, generation=0, commit_seconds=0.1)]
     for s in range(3):
         assert job(TaskEnded, s, 0, "finished", result={"state": s, "ledger": {}}) == []  # "done" not yet heard
     assert job(StageDone, generation=0, stage=0) == [] and job(StageDone, generation=0, stage=1) == []
@@ -152,10 +155,11 @@ def test_a_worker_lost_mid_step_rolls_back_to_the_last_committed_cut():
     out = job.recover(view(4), alive=frozenset({W[0], W[2], SPARE}), after=0.2)
     assert kinds(out) == ["BeginGeneration", "WriteRecord", "Note", "Place"]
     assert out[0] == BeginGeneration(1, 4)  # fenced before anything records the recovery
-    (recovery,) = records(out, "recovery")
-    assert recovery["stages"] == [1] and recovery["workers"] == [W[1]] and recovery["worker_died"]
-    assert recovery["rollback_to"] == 4 and recovery["checkpoint"] == "/ckpt/step-0000000004"
-    assert recovery["stop_seconds"] == pytest.approx(0.2)
+    (recovery,) = records(out, RecoveryRecord)
+    assert recovery.stages == [1] and recovery.workers == [W[1]] and recovery.worker_died
+    assert recovery.rollback_to == 4 and recovery.checkpoint == "/ckpt/step-0000000004"
+    assert recovery.stop_seconds == pytest.approx(0.2)
+    assert job.core.recoveries == [recovery.as_dict()]  # FitResult.recoveries: dicts, as before
     assert "rolling back to the checkpoint at micro-batch 4 as generation 1" in out[2].text
     assert out[3] == Place(exclude=frozenset({W[1]}), previous=W)
     job.now += 1.0
@@ -163,11 +167,12 @@ def test_a_worker_lost_mid_step_rolls_back_to_the_last_committed_cut():
     assert submit == Submit(1, 4, view(4).ledgers, {0: W[0], 1: SPARE, 2: W[2]})
     job(StageReady, generation=1, stage=0, time=job.now + 0.5, load_seconds=0.3)
     out = job(FirstBackward, generation=1, stage=0, k=4, time=job.now + 1.5)
-    (recovered,) = records(out, "recovered")
-    assert recovered["warmup_seconds"] == pytest.approx(1.0) and recovered["load_seconds"] == 0.3
-    assert recovered["total_seconds"] == pytest.approx(0.2 + 1.0 + 1.5) and recovered["place_seconds"] == 1.0
+    (recovered,) = records(out, RecoveredRecord)
+    assert recovered.warmup_seconds == pytest.approx(1.0) and recovered.load_seconds == 0.3
+    assert recovered.total_seconds == pytest.approx(0.2 + 1.0 + 1.5) and recovered.place_seconds == 1.0
+    assert recovered.workers_after == {"0": W[0], "1": SPARE, "2": W[2]} and recovered.rollback_to == 4
     # The step history after the cut is gone; step 1 is recorded again, once.
-    assert [r["step"] for r in records(job.step(1), "step")] == [1]
+    assert [r.step for r in records(job.step(1), StepRecord)] == [1]
     assert [h["step"] for h in job.core.history] == [0, 1]
 
 
@@ -182,7 +187,7 @@ def test_a_loss_during_recovery_recovers_again():
     assert job(WorkersChanged, frozenset({W[2], SPARE})) == [StopGeneration(1, 10.0)]
     out = job.recover(view(4))
     assert out[0] == BeginGeneration(2, 4) and out[-1].exclude == {W[0], W[1]}
-    assert records(out, "recovery")[0]["stages"] == [0]
+    assert records(out, RecoveryRecord)[0].stages == [0]
     assert "total_seconds" not in job.core.recoveries[0]  # the first recovery never completed
 
 
@@ -192,8 +197,8 @@ def test_two_workers_lost_at_once_make_one_recovery_blaming_both():
     out = job(WorkersChanged, frozenset({W[1], SPARE, "tcp://w4:1"}))
     assert out == [StopGeneration(0, 10.0)]
     out = job.recover(None)
-    (recovery,) = records(out, "recovery")
-    assert recovery["stages"] == [0, 2] and recovery["workers"] == [W[0], W[2]] and recovery["rollback_to"] == 0
+    (recovery,) = records(out, RecoveryRecord)
+    assert recovery.stages == [0, 2] and recovery.workers == [W[0], W[2]] and recovery.rollback_to == 0
     assert out[-1].exclude == {W[0], W[2]}
     assert job(PeerLostReport, generation=0, stage=1, reason="PeerLost: stage 0") == []  # an effect, and stale
 
@@ -224,7 +229,7 @@ def test_killed_worker_counts_as_a_worker_death():
     assert job(Tick, after=PEER_LOST_GRACE) == [StopGeneration(0, 10.0)]
     assert job.core.loss.worker_died and not job.core.loss.deterministic
     out = job.recover(None)
-    assert out[-1].exclude == {W[1]} and records(out, "recovery")[0]["reason"].startswith("KilledWorker")
+    assert out[-1].exclude == {W[1]} and records(out, RecoveryRecord)[0].reason.startswith("KilledWorker")
 
 
 def test_timed_checkpoints_pick_a_cut_ahead_of_the_furthest_stage_and_ask_again_after_a_miss():
@@ -235,10 +240,10 @@ def test_timed_checkpoints_pick_a_cut_ahead_of_the_furthest_stage_and_ask_again_
     assert job(Tick, after=1.0) == []  # not yet 5 s since the generation started
     out = job(Tick, after=4.0)
     assert out == [RequestCut((1 + 1 + 4) * M, 0),
-                   WriteRecord({"type": "checkpoint-request", "cut": 24, "furthest_step": 1})]
+                   WriteRecord(CheckpointRequestRecord(cut=24, furthest_step=1))]
     assert job(Tick, after=1.0) == []  # one request at a time
-    assert records(job(CutMissed, generation=0, stage=2, cut=24), "checkpoint-missed") == [
-        {"type": "checkpoint-missed", "cut": 24, "stage": 2}]
+    assert records(job(CutMissed, generation=0, stage=2, cut=24), CheckpointMissedRecord) == [
+        CheckpointMissedRecord(cut=24, stage=2)]
     job.step(2, after=0.5)  # 5.5 s after step 1: the lead falls to 2 steps
     assert only(job(Tick), RequestCut) == RequestCut((2 + 1 + 2) * M, 0)
     job.checkpoint(20)  # stage 0's shard marks the cut done and restarts the clock
@@ -272,7 +277,7 @@ def test_max_restarts_exhausted_fails_with_the_reason_and_the_checkpoint():
     fail = out[-1]
     assert "stage 1 on worker tcp://w3:1: worker left the cluster" in fail.reason
     assert "gave up after 1 restart(s)" in fail.reason and "/ckpt/step-0000000004 (micro-batch 4)" in fail.reason
-    assert records(out, "failed")[0]["checkpoint"] == "/ckpt/step-0000000004" and not fail.retryable
+    assert records(out, FailedRecord)[0].checkpoint == "/ckpt/step-0000000004" and not fail.retryable
     assert isinstance(fail.cause, StageLost) and isinstance(fail.exception(), JobFailed)
 
 
@@ -315,7 +320,7 @@ def test_a_deterministic_error_fails_at_once():
     out = job.recover(view(4))
     assert kinds(out) == ["WriteRecord", "Note", "Fail"]
     assert "ValueError: stage 1: bad shapes" in out[-1].reason
-    assert "own computation failed" in out[-1].reason and records(out, "failed")[0]["stages"] == [1]
+    assert "own computation failed" in out[-1].reason and records(out, FailedRecord)[0].stages == [1]
 
 
 def test_a_checkpoint_that_cannot_be_committed_or_written_fails_the_job_naming_the_place():
@@ -334,8 +339,8 @@ def test_a_checkpoint_that_cannot_be_committed_or_written_fails_the_job_naming_t
     job = Job()
     job.start()
     out = job(CourierError, generation=0, stage=1, worker=W[1], cut=8, error="stage 1 could not write its shard")
-    assert out == [WriteRecord({"type": "error", "stage": 1, "worker": W[1], "cut": 8,
-                                "error": "stage 1 could not write its shard"}), StopGeneration(0, 10.0)]
+    assert out == [WriteRecord(ErrorRecord(stage=1, worker=W[1], cut=8, error="stage 1 could not write its shard")),
+                   StopGeneration(0, 10.0)]
     assert job.fails(None).reason.startswith("stage 1 on worker tcp://w1:1: stage 1 could not write its shard; "
                                              "a checkpoint could not be written")
 
@@ -349,7 +354,7 @@ def test_a_worker_that_cannot_write_the_checkpoint_location_is_not_retried():
     job(Tick, after=PEER_LOST_GRACE)
     fail = job.fails(None)
     assert "cannot write the checkpoint location /ckpt; a restart would fail the same way" in fail.reason
-    assert not records(job.out, "recovery")
+    assert not records(job.out, RecoveryRecord)
 
 
 def test_a_lost_scheduler_fences_the_store_and_fails_with_a_resume_hint():
@@ -378,7 +383,7 @@ def test_an_interrupt_stops_the_generation_then_fails_with_a_resume_hint():
     job.checkpoint(4)
     assert job(Interrupted) == [StopGeneration(0, 10.0)]
     fail = job.fails(view(4))
-    assert job.out[0] == WriteRecord({"type": "interrupted", "generation": 0, "checkpoint": view(4).path})
+    assert job.out[0] == WriteRecord(InterruptedRecord(generation=0, checkpoint=view(4).path))
     assert fail.kind is JobInterrupted and fail.reason.startswith("interrupted; the stages were stopped; ")
     assert "(micro-batch 4); resume=True continues from it" in fail.reason
     # A second Ctrl-C does not wait for the stop, nor for the checkpoint look-up.
@@ -399,7 +404,7 @@ def test_resume_starts_after_the_checkpoint_and_stops_the_old_run():
     assert out[:2] == [StopOldRun("job", 2), StopOldRun("old", 2)]
     assert kinds(out[2:]) == ["Note", "Note", "WriteRecord", "BeginGeneration", "Place"]
     assert "micro-batch 12 not used: not committed" in out[2].text
-    assert out[4].record == {"type": "resume", "generation": 3, "rollback_to": 8, "checkpoint": latest.path}
+    assert out[4].record == ResumeRecord(generation=3, rollback_to=8, checkpoint=latest.path)
     assert out[5] == BeginGeneration(3, 8)
     assert job.place(W) == Submit(3, 8, latest.ledgers, W)
     assert [h["step"] for h in job.core.history] == [0, 1]

@@ -2,7 +2,8 @@
 
 On a terminal the line redraws in place (step, loss, samples/s, per-stage
 busy share); elsewhere (CI logs, pipes) it prints a plain line every few
-steps so logs stay short. Every record also goes to ``metrics.jsonl``.
+steps so logs stay short. Every record also goes to the metrics log
+(``RUN_DIR/metrics.jsonl``), one typed record (``observe/records.py``) a line.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from pipetrain.observe.records import Record
+
 
 class MetricsLog:
     def __init__(self, path: str | Path | None):
@@ -19,11 +22,15 @@ class MetricsLog:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: Record) -> None:
+        """Append ``record`` as one line, stamped with the time now unless it carries its own."""
         if self.path is None:
             return
+        line = record.to_json()
+        if line["time"] is None:
+            line["time"] = time.time()
         with self.path.open("a") as f:
-            f.write(json.dumps({"time": time.time(), **record}, default=_jsonable) + "\n")
+            f.write(json.dumps(line, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

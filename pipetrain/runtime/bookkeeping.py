@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipetrain.observe.records import CheckpointMissedRecord, CheckpointRequestRecord, StepRecord
 from pipetrain.runtime.core_events import CutMissed, Instruction, RequestCut, ShardWritten, StepReport, WriteRecord
 
 
@@ -19,7 +20,7 @@ class StepBook:
         self.emitted: set[int] = set()
         self.last_stage0_time: float | None = None
 
-    def add(self, message: dict) -> list[dict]:
+    def add(self, message: dict) -> list[StepRecord]:
         self.losses.update({int(k): float(v) for k, v in message.get("losses", {}).items()})
         step = message["step"]
         if step < 0:
@@ -33,7 +34,7 @@ class StepBook:
             self.emitted.add(t)
         return ready
 
-    def _record(self, t: int) -> dict:
+    def _record(self, t: int) -> StepRecord:
         per_stage = self.reports.pop(t)
         ks = range(t * self.m, (t + 1) * self.m)
         losses = [self.losses[k] for k in ks if k in self.losses]
@@ -44,8 +45,8 @@ class StepBook:
         self.last_stage0_time = first["time"]
         busy = [per_stage[s]["busy"] / per_stage[s]["wall"] if per_stage[s]["wall"] > 0 else 0.0
                 for s in range(self.p)]
-        return {"type": "step", "step": t, "loss": float(np.mean(losses)) if losses else None,
-                "samples_per_s": rate, "busy": busy, "stage0_done": first["time"]}
+        return StepRecord(step=t, loss=float(np.mean(losses)) if losses else None, samples_per_s=rate, busy=busy,
+                          stage0_done=first["time"])
 
     def forget_from(self, cut: int) -> None:
         """After a rollback to ``cut``, those micro-batches run again."""
@@ -57,7 +58,8 @@ class StepBook:
 
     def restore(self, losses: dict[int, float], cut: int) -> list[dict]:
         """A resumed job: the losses before ``cut`` come from the checkpoint manifest;
-        returns the step records of the steps the checkpoint completed."""
+        returns the history entries of the steps the checkpoint completed (marked "restored"),
+        which are not written to the metrics log again."""
         self.losses = {k: v for k, v in losses.items() if k < cut}
         records = []
         for t in range(cut // self.m):
@@ -98,7 +100,7 @@ class CutTimer:
         if report.cut != self.pending:
             return []
         self.pending = None
-        return [WriteRecord({"type": "checkpoint-missed", "cut": report.cut, "stage": report.stage})]
+        return [WriteRecord(CheckpointMissedRecord(cut=report.cut, stage=report.stage))]
 
     def heard_shard(self, report: ShardWritten) -> None:
         if report.stage == 0:  # stage 0 is the last to pass any cut: its shard marks the cut done
@@ -115,4 +117,4 @@ class CutTimer:
             return []
         self.pending = cut
         return [RequestCut(cut, generation),
-                WriteRecord({"type": "checkpoint-request", "cut": cut, "furthest_step": self.furthest_step})]
+                WriteRecord(CheckpointRequestRecord(cut=cut, furthest_step=self.furthest_step))]

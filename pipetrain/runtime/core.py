@@ -25,6 +25,8 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipetrain.observe.records import (CheckpointRecord, ErrorRecord, FailedRecord, InterruptedRecord,
+                                       PlacementRecord, RecoveredRecord, RecoveryRecord, ResumeRecord)
 from pipetrain.runtime.placement import merge_placement
 from pipetrain.errors import (CheckpointDirInUse, JobInterrupted, StageLost, cannot_write_checkpoints,
                               is_retryable, is_worker_death, short_error)
@@ -140,8 +142,8 @@ class JobCore:
         else:
             out.append(Note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})"))
             self.history += self.book.restore(dict(latest.losses), latest.cut)
-            out.append(WriteRecord({"type": "resume", "generation": self.generation, "rollback_to": latest.cut,
-                                    "checkpoint": latest.path}))
+            out.append(WriteRecord(ResumeRecord(generation=self.generation, rollback_to=latest.cut,
+                                                checkpoint=latest.path)))
         self._start_from(latest)
         return out + [BeginGeneration(self.generation, self.cut)] + self._place(ev.now)
 
@@ -167,9 +169,9 @@ class JobCore:
         self.run = _Generation(CutTimer(s.checkpoint_seconds if s.store else 0.0, s.microbatches, s.steps, ev.now))
         self.phase = "running"
         where = ", ".join(f"stage {stage} on {w}" for stage, w in placement.items())
-        return [WriteRecord({"type": "placement", "generation": self.generation,
-                             "workers": {str(stage): w for stage, w in placement.items()},
-                             "hosts": {str(stage): _host(w) for stage, w in placement.items()}}),
+        return [WriteRecord(PlacementRecord(generation=self.generation,
+                                            workers={str(stage): w for stage, w in placement.items()},
+                                            hosts={str(stage): _host(w) for stage, w in placement.items()})),
                 Note(f"placement (generation {self.generation}): {where}"),
                 Submit(self.generation, self.cut, dict(self.ledgers), dict(placement))]
 
@@ -201,9 +203,8 @@ class JobCore:
                    "losses": ev.losses}
         out: list[Instruction] = []
         for record in self.book.add(message):
-            self.history.append(record)
-            out += [WriteRecord(record), ShowStep(record["step"], record["loss"], record["samples_per_s"],
-                                                  record["busy"])]
+            self.history.append(record.as_dict())
+            out += [WriteRecord(record), ShowStep(record.step, record.loss, record.samples_per_s, record.busy)]
         return out
 
     @_on_report.register
@@ -241,7 +242,7 @@ class JobCore:
                   "startup_seconds": max((m.seconds for m in ready), default=0.0),
                   "warmup_seconds": max(0.0, ev.time - ready_at), "ready_at": ready_at,
                   "first_microbatch_at": ev.time, "total_seconds": ev.time - r["detected_at"]})
-        return [WriteRecord({"type": "recovered", **{k: v for k, v in r.items() if k != "type"}}),
+        return [WriteRecord(RecoveredRecord.from_json(r)),
                 Note(f"recovered: generation {r['generation']} completed its first micro-batch "
                      f"{r['total_seconds']:.1f} s after the loss was detected "
                      f"(stop {r['stop_seconds']:.1f} s, placement {r.get('place_seconds', 0):.1f} s, "
@@ -255,8 +256,7 @@ class JobCore:
     def _courier_error(self, ev: CourierError) -> list[Instruction]:
         # A stage's courier failed: its shard write (or a report). Its checkpoints cannot
         # be trusted to land, and a restart writes to the same place: stop and say so.
-        fields = {"stage": ev.stage, "worker": ev.worker, "cut": ev.cut}
-        record = {"type": "error", **{k: v for k, v in fields.items() if v is not None}, "error": ev.error}
+        record = ErrorRecord(stage=ev.stage, worker=ev.worker, cut=ev.cut, error=ev.error)
         known = ev.stage is not None
         loss = StageLost([ev.stage] if known else [], [ev.worker or "?"] if known else [], ev.error,
                          worker_died=False, detected_at=ev.now)
@@ -340,8 +340,8 @@ class JobCore:
         self.run.committing.discard(ev.cut)
         if self.committed is None or ev.cut > self.committed.cut:
             self.committed = CheckpointView(ev.cut, ev.path)
-        return [WriteRecord({"type": "checkpoint", "cut": ev.cut, "generation": ev.generation,
-                             "commit_seconds": ev.seconds})] + self._maybe_finish(ev.now)
+        record = CheckpointRecord(cut=ev.cut, generation=ev.generation, commit_seconds=ev.seconds)
+        return [WriteRecord(record)] + self._maybe_finish(ev.now)
 
     @_handle.register
     def _commit_failed(self, ev: CommitFailed) -> list[Instruction]:
@@ -406,13 +406,13 @@ class JobCore:
         self.book.forget_from(self.cut)
         self.history = [h for h in self.history if h["step"] < self.cut // self.settings.microbatches]
         skipped = [{"cut": cut, "why": why} for cut, why in (latest.skipped if latest else ())]
-        record = {"type": "recovery", "generation": self.generation, "stage": loss.stage, "worker": loss.worker,
-                  "stages": loss.stages, "workers": loss.workers, "reason": loss.reason,
-                  "worker_died": loss.worker_died, "rollback_to": self.cut,
-                  "checkpoint": latest.path if latest else None, "skipped_checkpoints": skipped,
-                  "detected_at": loss.detected_at, "stop_seconds": self.stop_seconds}
-        self.recoveries.append(record)
-        out.append(WriteRecord(dict(record)))
+        record = RecoveryRecord(generation=self.generation, stage=loss.stage, worker=loss.worker, stages=loss.stages,
+                                workers=loss.workers, reason=loss.reason, worker_died=loss.worker_died,
+                                rollback_to=self.cut, checkpoint=latest.path if latest else None,
+                                skipped_checkpoints=skipped, detected_at=loss.detected_at,
+                                stop_seconds=self.stop_seconds)
+        self.recoveries.append(record.as_dict())  # completed by the placement and the first micro-batch
+        out.append(WriteRecord(record))
         out += [Note(f"recovery: checkpoint at micro-batch {item['cut']} not used: {item['why']}") for item in skipped]
         source = f"the checkpoint at micro-batch {self.cut}" if latest else "the beginning (no checkpoint)"
         out.append(Note(f"recovery: {loss}; rolling back to {source} as generation {self.generation}"))
@@ -428,8 +428,8 @@ class JobCore:
 
     def _on_interrupt(self, latest: CheckpointView | None, hurried: bool = False) -> list[Instruction]:
         stopped = "interrupted again before the stages stopped" if hurried else "the stages were stopped"
-        return [WriteRecord({"type": "interrupted", "generation": self.generation,
-                             "checkpoint": latest.path if latest else None})] + self._end(
+        return [WriteRecord(InterruptedRecord(generation=self.generation,
+                                              checkpoint=latest.path if latest else None))] + self._end(
             Fail(f"interrupted; {stopped}; {self._hint(latest)}", kind=JobInterrupted))
 
     @_handle.register
@@ -441,8 +441,8 @@ class JobCore:
             fence = BeginGeneration(self.generation + 1, latest.cut if latest else -1)
             out: list[Instruction] = [fence] if self.settings.store else []
             why = f"lost the Dask scheduler ({ev.reason}); its tasks are gone and the stages stop on their own"
-            out += [WriteRecord({"type": "failed", "stages": [], "workers": [], "reason": ev.reason, "why": why,
-                                 "checkpoint": latest.path if latest else None}),
+            out += [WriteRecord(FailedRecord(stages=[], workers=[], reason=ev.reason, why=why,
+                                             checkpoint=latest.path if latest else None)),
                     Note(f"job failed: {why}; {self._hint(latest)}")]
             return out + self._end(Fail(f"{why}; {self._hint(latest)} once a scheduler is back", retryable=True))
 
@@ -460,8 +460,8 @@ class JobCore:
 
     def _failed(self, loss: StageLost, why: str, latest: CheckpointView | None) -> list[Instruction]:
         reason = f"{loss}; {why}; {self._hint(latest)}"
-        return [WriteRecord({"type": "failed", "stages": loss.stages, "workers": loss.workers, "reason": loss.reason,
-                             "why": why, "checkpoint": latest.path if latest else None}),
+        return [WriteRecord(FailedRecord(stages=loss.stages, workers=loss.workers, reason=loss.reason, why=why,
+                                         checkpoint=latest.path if latest else None)),
                 Note(f"job failed: {reason}")] + self._end(Fail(reason, cause=loss))
 
     def _hint(self, latest: CheckpointView | None) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipetrain.errors import JobFailed
+from pipetrain.observe.records import Record
 from pipetrain.runtime.messages import (  # noqa: F401 - the stages' reports are events of the core too
     CourierError,
     CutMissed,
@@ -261,7 +262,7 @@ class RequestCut(Instruction):
 class WriteRecord(Instruction):
     """A metrics-log line (``MetricsLog.write``, which adds "time")."""
 
-    record: dict
+    record: Record
 
 
 @dataclass(frozen=True)
