@@ -183,7 +183,8 @@ class Driver:
                            credits=plan.credits, security=plan.security,
                            max_events=StageJob.max_events if plan.record_events else 0,
                            resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
-                           input_specs=boundary_specs(plan.partition, spec.index))
+                           input_specs=boundary_specs(plan.partition, spec.index),
+                           output_specs=boundary_specs(plan.partition, spec.index + 1))
             futures.append(self.client.submit(run_stage, job, workers=[i.placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
                                               key=f"pipetrain-{plan.job_id}-g{i.generation}-stage{spec.index}"))
