@@ -555,3 +555,21 @@ def test_a_sender_is_told_when_its_meta_is_too_large(pair):
     assert channel.in_flight == 0
     channel.put(Kind.ACTIVATION, 0, np.ones(1))
     assert receiver.get(Kind.ACTIVATION, 0, timeout=10).k == 0
+
+
+def test_each_inbound_edge_is_bounded_by_what_it_carries(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipetrain.runtime.links import FREE_POSITIONS, MAX_BOUND, MIN_BOUND, edge_bounds, payload_bound
+    from pipetrain.stages.base import StageSpec
+
+    monkeypatch.delenv("PIPETRAIN_MAX_MESSAGE_BYTES", raising=False)
+    wide = {"h": TensorSpec((None, None, 768), "float32"), "ids": TensorSpec((None,), "int32")}
+    assert payload_bound(wide) == 768 * 4 * FREE_POSITIONS + 4 * FREE_POSITIONS + 2 * wire.ALIGN
+    assert payload_bound(TensorSpec((None, 3), "bfloat16")) == MIN_BOUND
+    assert payload_bound(TensorSpec((None, 1 << 20), "float64")) == MAX_BOUND
+    job = SimpleNamespace(spec=StageSpec(index=1, num_stages=3, start=1, end=2), input_specs=wide,
+                          output_specs=TensorSpec((None, 3), "float32"))
+    assert edge_bounds(job) == {0: payload_bound(wide), 2: MIN_BOUND}  # activations from 0, gradients from 2
+    monkeypatch.setenv("PIPETRAIN_MAX_MESSAGE_BYTES", "12345")
+    assert edge_bounds(job) == {0: 12345, 2: 12345}

@@ -180,14 +180,18 @@ def _security(job: Any) -> Any:
 
 
 # How large one message on an edge may be (the transport refuses a frame
-# declaring more before allocating it). The boundary specs fix every
-# dimension but the free ones (None: batch, sequence length), so a tensor's
-# bound is its fixed part times FREE_POSITIONS: 4M rows, or 16 sequences of
-# 256k tokens, per micro-batch, generous for any model we run while still
-# turning a corrupt 2^40-byte length into a refusal. Never below MIN_BOUND;
-# PIPETRAIN_MAX_MESSAGE_BYTES (on the workers) replaces the whole rule.
-FREE_POSITIONS = 1 << 22
+# declaring more before allocating anything for it; only a peer that passed
+# the handshake gets that far, so this guards against a broken peer, not an
+# outsider). The boundary specs fix every dimension but the free ones (None:
+# batch, sequence length), so a tensor's bound is its fixed part times
+# FREE_POSITIONS, 1M rows or positions per micro-batch (8 sequences of 128k
+# tokens), clamped to [MIN_BOUND, MAX_BOUND]: a GPT-2-sized boundary
+# (768 float32 wide) gets 3 GiB, a narrow one 64 MiB, a corrupt 2^40-byte
+# length is refused either way. PIPETRAIN_MAX_MESSAGE_BYTES (set on the
+# workers) replaces the rule, for bigger micro-batches.
+FREE_POSITIONS = 1 << 20
 MIN_BOUND = 64 << 20
+MAX_BOUND = 8 << 30
 BOUND_ENV = "PIPETRAIN_MAX_MESSAGE_BYTES"
 
 
@@ -202,7 +206,7 @@ def payload_bound(specs: Any) -> int:
         fixed = math.prod(d for d in spec.shape if d is not None and d != -1)
         free = any(d is None or d == -1 for d in spec.shape)
         total += fixed * wire.np_dtype(spec.dtype).itemsize * (FREE_POSITIONS if free else 1) + wire.ALIGN
-    return max(MIN_BOUND, total)
+    return min(MAX_BOUND, max(MIN_BOUND, total))
 
 
 def edge_bounds(job: Any) -> dict[int, int]:

@@ -360,8 +360,9 @@ class Endpoint:
         self._links.add(link)
 
     def _reject_connection(self, peer: str, reason: str) -> None:
-        self._count("rejected_connections", 1)
+        # Logged before counted: whoever sees the count can find the warning.
         self._warnings.warn("stage %d: refused a connection from %s: %s", self.stage, peer, reason)
+        self._count("rejected_connections", 1)
 
     def _edge_problem(self, link: Any, meta: dict) -> str | None:
         """Why a frame may not come on this connection, or None."""
@@ -394,9 +395,7 @@ class Endpoint:
             if problem is None:
                 stale = message.generation < self._generation
                 problem = None if stale else self._inbox.file(message, link, meta["seq"])
-            if problem is not None:
-                self.stats["rejected_frames"] += 1
-            else:
+            if problem is None:
                 self.stats["received"] += 1
                 self.stats["bytes_received"] += message.nbytes
                 if stale:
@@ -406,14 +405,15 @@ class Endpoint:
         if problem is not None:
             self._warnings.warn("stage %d: dropped a frame (%s k=%s) from %s: %s", self.stage,
                                 Kind(kind).name, meta["k"], link.peer, problem)
+            self._count("rejected_frames", 1)
         if problem is not None or stale:
             self._send_ack(link, meta["seq"])  # the sender's credit comes back all the same
 
     def _on_closed(self, link: Any, error: Exception | None) -> None:
         self._links.discard(link)
         if isinstance(error, Rejected):  # we ended it for a broken frame: dropped, not lost
-            self._count("rejected_frames", 1)
             self._warnings.warn("stage %d: closed the connection from %s: %s", self.stage, link.peer, error)
+            self._count("rejected_frames", 1)
             return
         if link.bye_seen or self._closed:
             return

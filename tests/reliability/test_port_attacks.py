@@ -31,6 +31,9 @@ from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
 from pipetrain.runtime import wire
 from pipetrain.runtime.handshake import Credentials, offer
+from pipetrain.runtime.links import payload_bound
+from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD
+from pipetrain.stages.base import TensorSpec
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 
@@ -110,11 +113,12 @@ ROUNDS = 3  # each attack, against each port
 
 
 def _port_stats(client) -> dict[str, dict]:
-    """Transport address -> stats of every open endpoint on the workers."""
+    """Transport address -> stats of every open endpoint on the workers (and its bound per neighbour)."""
     def stats() -> list:
         from pipetrain.runtime.transport import Endpoint
 
-        return [(endpoint.address, dict(endpoint.stats)) for endpoint in Endpoint.live()]
+        return [(e.address, {**e.stats, "bounds": [e.payload_bound(e.stage - 1), e.payload_bound(e.stage + 1)]})
+                for e in Endpoint.live()]
 
     return {address: s for found in client.run(stats).values() for address, s in found}
 
@@ -199,10 +203,14 @@ def test_attacks_on_the_stage_ports_cost_nothing(client, tmp_path):
 
     assert result.recoveries == [], result.recoveries
     assert report["started_while_running"] and report["finished_while_running"], "the run ended mid-attack"
-    for address, stats in report["stats"].items():
+    boundary = payload_bound(TensorSpec((None, DATA.shape[1]), "float32"))  # what crosses, both ways
+    assert boundary != DEFAULT_MAX_PAYLOAD
+    for s, (address, stats) in enumerate(report["stats"].items()):
         assert stats is not None, f"no open endpoint at {address}"
         assert stats["rejected_connections"] >= report["expected_rejections"], (address, stats)
         assert stats["rejected_frames"] == 0, (address, stats)  # nothing got as far as a frame
+        # stage 0 hears gradients from stage 1, stage 1 activations from stage 0: both bounded by the boundary
+        assert stats["bounds"][1 - s] == boundary, (address, stats)
     for worker, before in report["rss_before"].items():
         grown = report["rss_after"][worker] - before
         assert grown < MAX_RSS_GROWTH, f"{worker}: peak RSS grew by {grown >> 20} MiB during the attack"
