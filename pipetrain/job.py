@@ -22,29 +22,49 @@ def train_from_config(path: str, *, scheduler: str | None = None, scheduler_file
     checkpoints is refused unless ``overwrite`` (which deletes that run); an
     earlier run that left none (it failed early) is replaced without asking; one
     holding anything pipetrain did not write is always refused (``rundir``)."""
+    cfg, job_id = prepare_run(path, overrides=overrides, overwrite=overwrite)
+    return _run(cfg, job_id=job_id, scheduler=scheduler, scheduler_file=scheduler_file, executor=executor,
+                progress=progress, resume=False)
+
+
+def prepare_run(path: str, *, overrides: dict | None = None, overwrite: bool = False) -> tuple[JobConfig, str]:
+    """What ``train_from_config`` does before it trains (and ``pipetrain submit`` before it hands
+    the job to the cluster): read and check the config, refuse or empty the run directory,
+    write job.json. Returns the config and the new job's id."""
     raw = cfgmod.read_raw(path, overrides)
     cfg = cfgmod.from_dict(raw, origin=str(path))
     rundir.check_locations(cfg)
     rundir.prepare_new_run(cfg, config_path=str(path), overwrite=overwrite)
     job_id = _new_job_id()
     rundir.write_job(cfg.run_dir, {"config": raw, "job_id": job_id, "source": str(path)})
-    return _run(cfg, job_id=job_id, scheduler=scheduler, scheduler_file=scheduler_file, executor=executor,
-                progress=progress, resume=False)
+    return cfg, job_id
+
+
+def start_prepared(run_dir: str, *, client: Any = None, progress: bool = True) -> Any:
+    """Train the job ``prepare_run`` recorded in ``run_dir`` from its beginning, on ``client``
+    (a detached job's first driver, ``pipetrain.detached_driver``)."""
+    return _run(recorded_config(run_dir), job_id=rundir.load_job(run_dir)["job_id"], scheduler=None,
+                scheduler_file=None, executor="dask", progress=progress, resume=False, client=client)
+
+
+def recorded_config(run_dir: str) -> JobConfig:
+    """The config job.json records for ``run_dir``, with the run directory where it is now."""
+    raw = rundir.load_job(run_dir)["config"]
+    return _recorded_config(run_dir, raw, origin=str(Path(run_dir) / rundir.JOB_FILE))
 
 
 def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: str | None = None,
-               progress: bool = True, steps: int | None = None) -> Any:
+               progress: bool = True, steps: int | None = None, client: Any = None) -> Any:
     """Continue the job of ``run_dir`` from its last committed checkpoint. A run that
     already trained all its steps is left alone (returns None) unless ``steps``
-    asks for more, which is recorded in its job.json first."""
+    asks for more, which is recorded in its job.json first. ``client``: a
+    ``distributed.Client`` to run on instead of ``scheduler`` (a detached driver's)."""
     saved = rundir.load_job(run_dir)
     job_file = Path(run_dir) / rundir.JOB_FILE
     raw = saved["config"]
     if steps is not None:
         raw = {**raw, "schedule": {**raw.get("schedule", {}), "steps": steps}}
-    cfg = cfgmod.from_dict(raw, origin=f"{job_file}{' with --steps' if steps is not None else ''}")
-    if Path(cfg.run_dir).resolve() != Path(run_dir).resolve():
-        cfg = _with_run_dir(cfg, run_dir)
+    cfg = _recorded_config(run_dir, raw, origin=f"{job_file}{' with --steps' if steps is not None else ''}")
     done = rundir.completed_steps(run_dir)
     if done is not None and done >= cfg.schedule.steps:
         print(f"pipetrain resume: {run_dir} is complete: it trained all {done} steps; nothing to do "
@@ -59,7 +79,7 @@ def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: st
         rundir.write_job(run_dir, {**saved, "config": raw})
     rundir.forget_summary(run_dir)
     return _run(cfg, job_id=saved["job_id"], scheduler=scheduler, scheduler_file=scheduler_file, executor="dask",
-                progress=progress, resume=True)
+                progress=progress, resume=True, client=client)
 
 
 def _check_resumable(cfg: JobConfig, steps: int | None) -> None:
@@ -77,10 +97,14 @@ def _check_resumable(cfg: JobConfig, steps: int | None) -> None:
                           f"{latest.cut}, past step {steps}")
 
 
-def _with_run_dir(cfg: JobConfig, run_dir: str) -> JobConfig:
+def _recorded_config(run_dir: str, raw: dict, *, origin: str) -> JobConfig:
+    """A job.json's config, with its run directory where it is now (it may have been moved)."""
     from dataclasses import replace
 
-    return replace(cfg, run_dir=str(run_dir))
+    cfg = cfgmod.from_dict(raw, origin=origin)
+    if Path(cfg.run_dir).resolve() != Path(run_dir).resolve():
+        cfg = replace(cfg, run_dir=str(run_dir))
+    return cfg
 
 
 def _new_job_id() -> str:
@@ -90,7 +114,7 @@ def _new_job_id() -> str:
 
 
 def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: str | None, executor: str,
-         progress: bool, resume: bool) -> Any:
+         progress: bool, resume: bool, client: Any = None) -> Any:
     from pipetrain.api import fit
     from pipetrain.partitioning import partition
 
@@ -102,12 +126,12 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     part = partition(model, cfg.partition.stages, method=cfg.partition.method, example_input=train.inputs(0),
                      boundaries=list(cfg.partition.boundaries) or None)
     say = print  # -q (progress=False) hides the progress line only, never what ran and how it went
-    where = scheduler or scheduler_file or "an embedded local Dask cluster"
+    where = scheduler or scheduler_file or (client.scheduler.address if client else "an embedded local Dask cluster")
     runner = "the reference executor (one process)" if executor == "reference" else f"Dask ({where})"
     say(f"pipetrain: training {cfg.model.entry} as a {len(part.stages)}-stage '{cfg.schedule.name}' pipeline "
         f"on {runner}")
     say(str(part))
-    client = _client_arg(scheduler, scheduler_file)
+    client = client or _client_arg(scheduler, scheduler_file)
     result = fit(part, train, schedule=cfg.schedule.name, microbatches=cfg.schedule.microbatches,
                  steps=cfg.schedule.steps, accumulate=cfg.schedule.accumulate, optimizer=cfg.optimizer,
                  client=client,

@@ -4,6 +4,7 @@
       job.json        the resolved config, the job id and the config file it came from
       metrics.jsonl   one JSON record per line: start, step, checkpoint, recovery, resume, end
       summary.json    written once the job has trained all its steps
+      driver.log      a detached job's driver (`pipetrain submit`): its progress lines and notes
       events/         stage-N.npy: each stage's timeline
       checkpoints/    the checkpoint store, unless checkpoint.dir points elsewhere
       trace.json gantt.png loss.png throughput.png    written by `pipetrain trace` and `report`
@@ -35,10 +36,11 @@ from pipetrain.config import ConfigError, JobConfig
 JOB_FILE = "job.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+DRIVER_LOG = "driver.log"
 EVENTS_DIR = "events"
 CHECKPOINTS_DIR = "checkpoints"
 OUTPUT_FILES = ("trace.json", "gantt.png", "loss.png", "throughput.png")
-RUN_FILES = (JOB_FILE, METRICS_FILE, SUMMARY_FILE, *OUTPUT_FILES)
+RUN_FILES = (JOB_FILE, METRICS_FILE, SUMMARY_FILE, DRIVER_LOG, *OUTPUT_FILES)
 _EVENT_FILE = re.compile(r"^stage-\d+\.npy$")
 _JOB_TEMP = re.compile(r"^\.job\.json\.tmp-\d+$")  # write_job's, left by a crash mid-write
 
