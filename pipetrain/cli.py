@@ -1,4 +1,4 @@
-"""`pipetrain train | resume | simulate | partition | trace | report`.
+"""`pipetrain train | resume | submit | status | logs | cancel | simulate | partition | trace | report`.
 
 Each subcommand parses its arguments and hands over to the module that does
 the work; errors the user can fix (a bad config field, an unknown schedule)
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from pipetrain.config import ConfigError, parse_overrides
 
@@ -60,6 +61,73 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from pipetrain.detached import describe, resubmit, submit
+
+    where = dict(scheduler=args.scheduler, scheduler_file=args.scheduler_file)
+    if args.resume:
+        if args.set or args.overwrite:
+            raise ConfigError("--set and --overwrite are for a new job; --resume continues one as it was")
+        submitted = resubmit(args.config, **where)
+    else:
+        submitted = submit(args.config, overrides=parse_overrides(args.set or []), overwrite=args.overwrite, **where)
+    print(describe(submitted, _scheduler_text(args)))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipetrain.detached import find_job, job_record, task_state
+    from pipetrain.job_status import status_lines
+
+    with _optional_client(args) as client:
+        run_dir, job_id = find_job(args.job, client)
+        task = task_state(client, job_record(client, job_id).get("task")) if client else None
+    print("\n".join(status_lines(run_dir, job_id, task=task, at=_scheduler_text(args))))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from pipetrain.detached import find_job
+    from pipetrain.job_status import show_logs
+
+    with _optional_client(args) as client:  # only to find a job named by its id
+        run_dir, _ = find_job(args.job, client)
+    try:
+        show_logs(run_dir, follow=args.follow)
+    except KeyboardInterrupt:  # how -f is left before the job ends
+        pass
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from pipetrain.detached import cancel, find_job
+    from pipetrain.job_status import resume_hint
+
+    with _optional_client(args) as client:
+        run_dir, job_id = find_job(args.job, client)
+        stopped = cancel(client, run_dir, job_id, say=lambda text: print(f"pipetrain cancel: {text}"))
+    if stopped:
+        print(f"pipetrain cancel: resume it with {resume_hint(run_dir, _scheduler_text(args))}")
+    return 0 if stopped else 1
+
+
+def _optional_client(args: argparse.Namespace):
+    """A client of the scheduler the arguments name (closed after the block), or None."""
+    from contextlib import nullcontext
+
+    if not (args.scheduler or args.scheduler_file):
+        return nullcontext(None)
+    from pipetrain.detached import connect
+
+    return connect(args.scheduler, args.scheduler_file)
+
+
+def _scheduler_text(args: argparse.Namespace) -> str:
+    if getattr(args, "scheduler_file", None):
+        return f"--scheduler-file {args.scheduler_file}"
+    return f"--scheduler {args.scheduler or 'ADDR'}"
+
+
 def _trace(args: argparse.Namespace) -> int:
     from pipetrain.observe.trace import trace_command
 
@@ -84,10 +152,34 @@ def _call_with_accepted(fn, kwargs: dict):
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
+    _scheduler_args(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line (the summary is still printed)")
+
+
+def _scheduler_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786)")
     g.add_argument("--scheduler-file", default=None, help="Dask scheduler file")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress line (the summary is still printed)")
+
+
+def _detached_parsers(sub: Any) -> None:
+    p = sub.add_parser("submit", help="start a job whose driver runs on the cluster: it goes on without this process")
+    p.add_argument("config", help="the job config (with --resume: the run directory of a stopped job)")
+    _scheduler_args(p, required=True)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field, as for train")
+    p.add_argument("--overwrite", action="store_true", help="delete the earlier run in the run directory, as for train")
+    p.add_argument("--resume", action="store_true", help="continue the stopped job of the run directory CONFIG")
+    p.set_defaults(run=_submit)
+
+    for name, run, summary in (("status", _status, "where a job is: running, finished, cancelled, resumable"),
+                               ("logs", _logs, "a job's metrics log and its driver's lines, readable"),
+                               ("cancel", _cancel, "stop a detached job's driver and stages; the run stays resumable")):
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("job", metavar="JOB_ID|RUN_DIR", help="a job id (needs the scheduler) or a run directory")
+        _scheduler_args(p, required=name == "cancel")
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="print what is added until the job ends")
+        p.set_defaults(run=run)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -111,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="train the job to N steps in all (recorded in its job.json); also continues a finished run")
     p.set_defaults(run=_resume)
+    _detached_parsers(sub)
 
     p = sub.add_parser("simulate", help="print a schedule's stage x time grid, bubble and memory")
     p.add_argument("--stages", type=int, default=4)
@@ -153,12 +246,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says all a user needs: no traceback for them. The
     OSErrors are those of the run directory (the path is in the message)."""
     from pipetrain.checkpoint.manifest import CheckpointError
+    from pipetrain.detached import DetachedJobError
     from pipetrain.errors import JobFailed
     from pipetrain.runtime.placement import PlacementError
 
     errors: list[type[BaseException]] = [ConfigError, ValueError, FileNotFoundError, NotADirectoryError,
                                          IsADirectoryError, PermissionError, PlacementError, CheckpointError,
-                                         JobFailed]
+                                         JobFailed, DetachedJobError]
     if "pipetrain.runtime.driver" in sys.modules:  # its own JobFailed, until it raises pipetrain.errors'
         errors.append(sys.modules["pipetrain.runtime.driver"].JobFailed)
     return tuple(errors)
