@@ -122,3 +122,81 @@ def test_a_top_level_seed_is_refused_as_unknown_since_nothing_would_read_it(tmp_
            "data": {"train": "models.mlp:train_source"}}
     with pytest.raises(ConfigError, match="seed: unknown field"):
         from_dict(raw, origin="job.toml")
+
+
+# ---------------------------------------------------------------- detached jobs (submit, status, logs, cancel)
+
+def test_detached_subcommands_parse():
+    from pipetrain.cli import parser
+
+    args = parser().parse_args(["submit", "job.toml", "--scheduler", "tcp://h:8786", "--set", "schedule.steps=3",
+                                "--overwrite"])
+    assert (args.config, args.scheduler, args.set, args.overwrite, args.resume) == (
+        "job.toml", "tcp://h:8786", ["schedule.steps=3"], True, False)
+    assert parser().parse_args(["submit", "runs/x", "--scheduler-file", "s.json", "--resume"]).resume
+    assert parser().parse_args(["logs", "runs/x", "-f"]).follow
+    assert parser().parse_args(["status", "1a2b3c"]).scheduler is None
+    assert parser().parse_args(["cancel", "1a2b3c", "--scheduler", "tcp://h:8786"]).job == "1a2b3c"
+
+
+@pytest.mark.parametrize("argv", [["submit", "job.toml"], ["cancel", "1a2b3c"],
+                                  ["submit", "job.toml", "--scheduler", "a", "--scheduler-file", "b"]])
+def test_submit_and_cancel_need_one_scheduler(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "--scheduler" in capsys.readouterr().err
+
+
+def test_submit_refuses_a_job_without_checkpoints_before_contacting_the_cluster(tmp_path, capsys):
+    config = tmp_path / "job.toml"
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\n[model]\nentry = "models.gpt:build"\n'
+                      '[data]\ntrain = "models.text:CharWindows"\n')
+    assert main(["submit", str(config), "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.every and checkpoint.seconds are 0" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    assert main(["submit", str(tmp_path), "--resume", "--set", "a=1", "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    assert "--set and --overwrite are for a new job" in capsys.readouterr().err
+
+
+def test_a_job_id_needs_a_scheduler(capsys):
+    assert main(["status", "1a2b3c"]) == 2
+    assert "1a2b3c: no such run directory (a job id needs --scheduler" in capsys.readouterr().err
+
+
+def _detached_run(run_dir: Path) -> None:
+    """A run directory as a cancelled detached job leaves it."""
+    import json
+
+    from pipetrain import rundir
+    from pipetrain.driver_log import DriverLog
+
+    rundir.write_job(run_dir, {"job_id": "1a2b3c", "source": "job.toml", "config": {"run_dir": str(run_dir)}})
+    log = DriverLog(run_dir)
+    log.state("submitted", "job 1a2b3c to tcp://h:8786")
+    log.state("started", "attempt 1 on worker tcp://w:1, training from the beginning")
+    records = [{"type": "start", "stages": 2, "schedule": "1f1b", "steps": 4, "microbatches": 2, "heldout_loss": None},
+               {"type": "step", "step": 0, "loss": 2.5, "samples_per_s": 1234.0, "busy": [0.5, 0.75]},
+               {"type": "checkpoint", "cut": 2, "generation": 0, "commit_seconds": 0.01},
+               {"type": "interrupted", "generation": 0, "checkpoint": "run/checkpoints/step-0000000002"}]
+    with (run_dir / rundir.METRICS_FILE).open("w") as f:
+        f.writelines(json.dumps({"time": 1.0e9 + i, **r}) + "\n" for i, r in enumerate(records))
+    log.write("[##......] step 1/4  loss 2.5000")  # the progress line, as the driver printed it
+    log.state("cancelled", "interrupted; the stages were stopped")
+
+
+def test_status_and_logs_of_a_run_directory_need_no_scheduler(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _detached_run(run_dir)
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "1a2b3c (from job.toml)" in out and "step 1 of 4, loss 2.5000" in out
+    assert f"cancelled; resumable: `pipetrain submit --resume {run_dir} --scheduler ADDR`" in out
+    assert "latest at micro-batch 2 (generation 0)" in out and "0 of the driver" in out
+    assert main(["logs", str(run_dir), "-f"]) == 0  # returns at once: the driver's last state is final
+    lines = [line.split("  ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "start: 2-stage '1f1b' pipeline, 4 steps of 2 micro-batches"
+    assert "step 1/4  loss 2.5000  1,234 samples/s  busy 50% 75%" in lines
+    assert "checkpoint committed at micro-batch 2 (generation 0)" in lines
+    assert lines[-1] == "driver: cancelled: interrupted; the stages were stopped"
+    assert not any(line.startswith("[##") for line in lines), "the progress line repeats the step records"
