@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -200,3 +201,53 @@ def test_status_logs_and_cancel_leave_a_resumable_run(client, tmp_path):
     assert "resumed as generation 1" in follow.stdout and follow.stdout.rstrip().endswith(
         f"driver: finished: {run_dir / 'summary.json'}")
     _assert_final_checkpoint_is_the_reference(run_dir)
+
+
+class _FakeClient:
+    """The two scheduler calls the detached driver makes: the worker list and the cancel request."""
+
+    scheduler = SimpleNamespace(identity=None)
+
+    def __init__(self, *, cancel: bool = False):
+        self.cancel = cancel
+
+    def sync(self, fn, **kwargs):
+        return {"workers": {"tcp://me:1": {}, "tcp://drivers:2": {"resources": {DRIVER_RESOURCE: 2}},
+                            "tcp://gpu:3": {"resources": {"GPU": 1}}}}
+
+    def get_metadata(self, keys, default=None):
+        return self.cancel if keys[-1] == "cancel" else default
+
+
+def _detached_driver(monkeypatch, client):
+    import distributed
+
+    from pipetrain.detached_driver import _driver_subclass
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: SimpleNamespace(address="tcp://me:1"))
+    driver = object.__new__(_driver_subclass())  # no cluster: only the overridden calls are exercised
+    driver.client, driver.plan, driver.progress = client, SimpleNamespace(job_id="j1"), SimpleNamespace(
+        note=lambda text: None)
+    return driver
+
+
+def test_the_detached_drivers_placement_spares_its_own_worker_and_every_driver_worker(monkeypatch):
+    from pipetrain.runtime import core_events as ev
+    from pipetrain.runtime.driver import Driver
+
+    asked = []
+    monkeypatch.setattr(Driver, "_place", lambda self, i: asked.append(i.exclude))
+    _detached_driver(monkeypatch, _FakeClient())._place(ev.Place(exclude=frozenset({"tcp://dead:4"}), previous={}))
+    assert asked == [frozenset({"tcp://dead:4", "tcp://me:1", "tcp://drivers:2"})]
+
+
+def test_a_cancel_request_reaches_the_core_once_as_an_interrupt(monkeypatch):
+    from pipetrain.runtime import core_events as ev
+    from pipetrain.runtime.driver import Driver
+
+    monkeypatch.setattr(Driver, "_poll", lambda self, include_members: [ev.Tick(now=0.0)])
+    driver = _detached_driver(monkeypatch, _FakeClient(cancel=True))
+    first = driver._poll(include_members=False)
+    driver._cancel_checked = 0.0  # as if a second had passed
+    assert [type(e) for e in first] == [ev.Tick, ev.Interrupted]
+    assert [type(e) for e in driver._poll(include_members=False)] == [ev.Tick]
