@@ -32,6 +32,7 @@ from typing import Any
 
 from pipetrain.checkpoint.manifest import name_a_few
 from pipetrain.config import ConfigError, JobConfig
+from pipetrain.observe.records import EndRecord, StartRecord, read_records
 
 JOB_FILE = "job.json"
 METRICS_FILE = "metrics.jsonl"
@@ -39,7 +40,9 @@ SUMMARY_FILE = "summary.json"
 DRIVER_LOG = "driver.log"
 EVENTS_DIR = "events"
 CHECKPOINTS_DIR = "checkpoints"
-OUTPUT_FILES = ("trace.json", "gantt.png", "loss.png", "throughput.png")
+TRACE_FILE, GANTT_PLOT = "trace.json", "gantt.png"  # written by `pipetrain trace`
+LOSS_PLOT, THROUGHPUT_PLOT = "loss.png", "throughput.png"  # written by `pipetrain report`
+OUTPUT_FILES = (TRACE_FILE, GANTT_PLOT, LOSS_PLOT, THROUGHPUT_PLOT)
 RUN_FILES = (JOB_FILE, METRICS_FILE, SUMMARY_FILE, DRIVER_LOG, *OUTPUT_FILES)
 _EVENT_FILE = re.compile(r"^stage-\d+\.npy$")
 _JOB_TEMP = re.compile(r"^\.job\.json\.tmp-\d+$")  # write_job's, left by a crash mid-write
@@ -264,19 +267,13 @@ def completed_steps(run_dir: str | Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        lines = (run / METRICS_FILE).read_text().splitlines()
-    except OSError:
+        records = read_records(run / METRICS_FILE, skip_malformed=True)  # a torn line leaves the rest telling
+    except (OSError, ValueError):  # unreadable, or not text
         return None
     started = done = None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a killed driver
-            continue
-        if not isinstance(record, dict):
-            continue
-        if record.get("type") == "start":
-            started = record.get("steps")
-        elif record.get("type") == "end":
-            done = record.get("steps", started)
+    for record in records:
+        if isinstance(record, StartRecord):
+            started = record.steps
+        elif isinstance(record, EndRecord):
+            done = started if record.steps is None else record.steps
     return done if isinstance(done, int) else None

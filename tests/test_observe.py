@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipetrain.observe.progress import MetricsLog
+from pipetrain.observe.records import EndRecord, RecoveryRecord, StartRecord, StepRecord
 from pipetrain.observe.timeline import EVENT_DTYPE, event_name
+from pipetrain.rundir import EVENTS_DIR, JOB_FILE, METRICS_FILE, event_file_name
 from pipetrain.schedule.builders import build_schedule
 from pipetrain.schedule.simulator import simulate
 
@@ -32,7 +35,7 @@ def write_synthetic_run(run_dir: Path, *, name: str = "1f1b", stages: int = 4, m
     """
     schedule = build_schedule(name, num_stages=stages, microbatches=microbatches, steps=steps, accumulate=accumulate)
     report = simulate(schedule, forward_cost=forward, backward_cost=backward, send_cost=send)
-    (run_dir / "events").mkdir(parents=True)
+    (run_dir / EVENTS_DIR).mkdir(parents=True)
     for s, timeline in enumerate(report.timeline):
         rows, clock = [], 0.0
         for a, start, end in timeline:
@@ -41,34 +44,38 @@ def write_synthetic_run(run_dir: Path, *, name: str = "1f1b", stages: int = 4, m
             rows.append((a.kind.value, -1 if a.k is None else a.k, -1 if a.version is None else a.version,
                          T0 + start, T0 + end))
             clock = end
-        np.save(run_dir / "events" / f"stage-{s}.npy", np.array(rows, dtype=EVENT_DTYPE))
+        np.save(run_dir / EVENTS_DIR / event_file_name(s), np.array(rows, dtype=EVENT_DTYPE))
     makespan, step_time = report.makespan, report.makespan / steps
     samples = microbatches * samples_per_microbatch
-    lines = [{"type": "start", "schedule": name, "stages": stages, "steps": steps, "microbatches": microbatches,
-              "heldout_loss": 2.5, "executor": "dask", "time": T0}]
+    lines = [StartRecord(schedule=name, stages=stages, steps=steps, microbatches=microbatches, heldout_loss=2.5,
+                         executor="dask", time=T0)]
     # a recovery after step `after` rolls back to step `back`: the driver logs those steps again
     replay = dict(recoveries)
     t, now, generation = 0, T0, 0
     while t < steps:
         now += step_time
-        lines.append({"type": "step", "step": t, "loss": 2.3 * 0.8 ** t, "busy": [b / makespan for b in report.busy],
-                      "samples_per_s": samples / step_time, "time": now})
+        lines.append(StepRecord(step=t, loss=2.3 * 0.8 ** t, busy=[b / makespan for b in report.busy],
+                                samples_per_s=samples / step_time, stage0_done=now, time=now))
         if t in replay:
             back = replay.pop(t)
             generation += 1
             now += 0.5
-            lines.append({"type": "recovery", "generation": generation, "stage": 1, "worker": "tcp://127.0.0.1:4000",
-                          "reason": "worker left the cluster", "rollback_to": back * microbatches,
-                          "stop_seconds": 0.5, "time": now})
+            lines.append(RecoveryRecord(generation=generation, stage=1, worker="tcp://127.0.0.1:4000", stages=[1],
+                                        workers=["tcp://127.0.0.1:4000"], reason="worker left the cluster",
+                                        worker_died=True, rollback_to=back * microbatches,
+                                        checkpoint=f"/ckpt/step-{back * microbatches:010d}", skipped_checkpoints=[],
+                                        detected_at=now - 0.5, stop_seconds=0.5, time=now))
             t = back
             continue
         t += 1
-    lines.append({"type": "end", "heldout_loss": 1.1, "wall_seconds": makespan, "samples_per_s": samples * steps /
-                  makespan, "time": T0 + makespan})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    lines.append(EndRecord(heldout_loss=1.1, wall_seconds=makespan, samples_per_s=samples * steps / makespan,
+                           samples=samples * steps, steps=steps, steps_run=steps, time=T0 + makespan))
+    log = MetricsLog(run_dir / METRICS_FILE)
+    for record in lines:
+        log.write(record)
     if job_json:
         config = {"schedule": {"name": name, "microbatches": microbatches, "steps": steps, "accumulate": accumulate}}
-        (run_dir / "job.json").write_text(json.dumps({"config": config, "job_id": "synthetic"}))
+        (run_dir / JOB_FILE).write_text(json.dumps({"config": config, "job_id": "synthetic"}))
     return report
 
 

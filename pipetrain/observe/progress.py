@@ -39,13 +39,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class Progress:
     def __init__(self, total_steps: int, *, enabled: bool = True, stream: IO[str] | None = None, every: int = 0):
         self.total = total_steps

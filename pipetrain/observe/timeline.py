@@ -2,15 +2,21 @@
 
 Shared by ``trace.py`` (timeline trace, Gantt chart, measured vs simulated
 bubble) and ``report.py`` (loss and throughput plots). Nothing here imports
-matplotlib or a framework.
+matplotlib or a framework; the directory's names come from ``pipetrain.rundir``.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+from pipetrain.observe.records import Record, StartRecord, read_records, records_of
+from pipetrain.rundir import EVENTS_DIR, JOB_FILE, METRICS_FILE
+
+R = TypeVar("R", bound=Record)
 
 EVENT_DTYPE = np.dtype([("kind", "U6"), ("k", "i8"), ("version", "i8"), ("start", "f8"), ("end", "f8")])
 # "W": the weight gradients of a split backward, after its SEND_B (runtime/interpreter.py);
@@ -48,7 +54,7 @@ def require_run_dir(run_dir: str | Path) -> Path:
 def load_events(run_dir: str | Path) -> list[np.ndarray]:
     """``RUN_DIR/events/stage-{s}.npy`` for s = 0, 1, ... (no pickle); a clear error when absent or malformed."""
     path = require_run_dir(run_dir)
-    folder = path / "events"
+    folder = path / EVENTS_DIR
     files = sorted(folder.glob("stage-*.npy"), key=lambda f: _stage_number(f))
     if not files:
         raise FileNotFoundError(f"{folder}: no stage-*.npy event files (did the run finish on the dask executor?)")
@@ -75,28 +81,28 @@ def _stage_number(f: Path) -> int:
         raise ValueError(f"{f}: event files are named stage-<index>.npy") from None
 
 
-def load_metrics(run_dir: str | Path) -> list[dict]:
-    from pipetrain.observe.progress import read_metrics
-
-    return read_metrics(Path(run_dir) / "metrics.jsonl")
-
-
-def records(metrics: list[dict], kind: str) -> list[dict]:
-    return [r for r in metrics if r.get("type") == kind]
+def load_metrics(run_dir: str | Path) -> list[Record]:
+    """The run's metrics log, typed (``observe/records.py``); [] when it has none."""
+    return read_records(Path(run_dir) / METRICS_FILE)
 
 
-def run_info(run_dir: str | Path, events: list[np.ndarray], metrics: list[dict]) -> RunInfo:
+def first_of(metrics: list[Record], kind: type[R]) -> R | None:
+    """The first record of a type (the start, the end), or None."""
+    return next(iter(records_of(metrics, kind)), None)
+
+
+def run_info(run_dir: str | Path, events: list[np.ndarray], metrics: list[Record]) -> RunInfo:
     """job.json's schedule section if present, else the metrics' start record, with gaps filled from the events."""
     config: dict = {}
-    job_file = Path(run_dir) / "job.json"
+    job_file = Path(run_dir) / JOB_FILE
     if job_file.exists():
         try:
             config = json.loads(job_file.read_text()).get("config", {}) or {}
         except json.JSONDecodeError as e:
             raise ValueError(f"{job_file}: not valid JSON ({e})") from e
     sched = dict(config.get("schedule", {}) or {})
-    start = next(iter(records(metrics, "start")), {})
-    name = sched.get("name") or start.get("schedule")
+    start = first_of(metrics, StartRecord)
+    name = sched.get("name") or (start.schedule if start else None)
     every = (config.get("checkpoint", {}) or {}).get("every") or None
     stage0 = events[0] if events else np.zeros(0, EVENT_DTYPE)
     forwards = stage0["k"][stage0["kind"] == "F"]
@@ -106,8 +112,8 @@ def run_info(run_dir: str | Path, events: list[np.ndarray], metrics: list[dict])
         updates = int(np.sum(stage0["kind"] == "U"))
         accumulate = max(1, round(int(np.sum(stage0["kind"] == "B")) / updates)) if updates else 1
     return RunInfo(schedule=name, num_stages=len(events),
-                   microbatches=sched.get("microbatches") or start.get("microbatches"),
-                   steps=sched.get("steps") or start.get("steps"), accumulate=accumulate or 1,
+                   microbatches=sched.get("microbatches") or (start.microbatches if start else None),
+                   steps=sched.get("steps") or (start.steps if start else None), accumulate=accumulate or 1,
                    checkpoint_every=every, first_microbatch=int(forwards.min()) if forwards.size else 0)
 
 

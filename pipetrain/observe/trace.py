@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipetrain.observe.records import CheckpointRecord, RecoveryRecord, StepRecord, records_of
 from pipetrain.observe.timeline import (
     BUSY_KINDS,
     RunInfo,
     event_name,
     load_events,
     load_metrics,
-    records,
     require_run_dir,
     run_end,
     run_info,
@@ -32,6 +32,7 @@ from pipetrain.observe.timeline import (
     save_figure,
     time_unit,
 )
+from pipetrain.rundir import GANTT_PLOT, TRACE_FILE
 
 KIND_STYLE = {  # kind: (legend label, colour, hatch)
     "F": ("forward", "#4C72B0", None),
@@ -66,7 +67,8 @@ def write_chrome_trace(run_dir: str | Path, *, path: str | Path | None = None) -
     run = require_run_dir(run_dir)
     events, metrics = load_events(run), load_metrics(run)
     info = run_info(run, events, metrics)
-    origin = min([run_start(events)] + [float(r["time"]) for r in metrics if "time" in r])
+    timed = [r for r in metrics if isinstance(r.time, (int, float))]  # every line MetricsLog wrote
+    origin = min([run_start(events)] + [float(r.time) for r in timed])
     driver = info.num_stages
 
     def us(t: float) -> float:
@@ -84,24 +86,24 @@ def write_chrome_trace(run_dir: str | Path, *, path: str | Path | None = None) -
             out.append({"ph": "X", "pid": 0, "tid": s, "name": event_name(kind, k, version), "cat": kind,
                         "ts": us(float(e["start"])), "dur": round(max(0.0, float(e["end"] - e["start"])) * 1e6, 3),
                         "args": {"k": k, "version": version}})
-    for r in records(metrics, "recovery"):
-        out.append({"ph": "i", "s": "g", "pid": 0, "tid": driver, "ts": us(float(r["time"])), "cat": "recovery",
-                    "name": f"recovery: stage {r.get('stage')} lost, rollback to micro-batch {r.get('rollback_to')}",
-                    "args": {key: r.get(key) for key in ("generation", "stage", "worker", "reason", "rollback_to",
-                                                         "stop_seconds")}})
-    for r in records(metrics, "checkpoint"):
-        out.append({"ph": "i", "s": "t", "pid": 0, "tid": driver, "ts": us(float(r["time"])), "cat": "checkpoint",
-                    "name": f"checkpoint committed at cut {r.get('cut')}",
-                    "args": {"cut": r.get("cut"), "generation": r.get("generation")}})
-    for r in records(metrics, "step"):
+    for r in records_of(timed, RecoveryRecord):
+        out.append({"ph": "i", "s": "g", "pid": 0, "tid": driver, "ts": us(float(r.time)), "cat": "recovery",
+                    "name": f"recovery: stage {r.stage} lost, rollback to micro-batch {r.rollback_to}",
+                    "args": {key: getattr(r, key) for key in ("generation", "stage", "worker", "reason",
+                                                              "rollback_to", "stop_seconds")}})
+    for r in records_of(timed, CheckpointRecord):
+        out.append({"ph": "i", "s": "t", "pid": 0, "tid": driver, "ts": us(float(r.time)), "cat": "checkpoint",
+                    "name": f"checkpoint committed at cut {r.cut}", "args": {"cut": r.cut, "generation": r.generation}})
+    for r in records_of(timed, StepRecord):
         for key in ("loss", "samples_per_s"):
-            if isinstance(r.get(key), (int, float)):
-                out.append({"ph": "C", "pid": 0, "tid": driver, "ts": us(float(r["time"])), "name": key,
-                            "args": {key: r[key]}})
+            value = getattr(r, key)
+            if isinstance(value, (int, float)):
+                out.append({"ph": "C", "pid": 0, "tid": driver, "ts": us(float(r.time)), "name": key,
+                            "args": {key: value}})
     trace = {"traceEvents": out, "displayTimeUnit": "ms",
              "otherData": {"schedule": info.schedule or "", "stages": info.num_stages,
                            "microbatches": info.microbatches or 0, "origin_unix_seconds": origin}}
-    target = Path(path) if path else run / "trace.json"
+    target = Path(path) if path else run / TRACE_FILE
     target.write_text(json.dumps(trace, separators=(",", ":")))
     return target
 
@@ -326,14 +328,15 @@ def plot_gantt(run_dir: str | Path, path: str | Path, *, window: tuple[float, fl
                     if w * px_per_second >= 7 * len(text) + 4:
                         ax.text((a + w / 2 - origin) * scale, s, text, ha="center", va="center", fontsize=8,
                                 color="white")
-    for r in records(metrics, "recovery"):
-        t = float(r["time"])
+    recoveries = [r for r in records_of(metrics, RecoveryRecord) if isinstance(r.time, (int, float))]
+    for r in recoveries:
+        t = float(r.time)
         if lo <= t <= hi:
             ax.axvline((t - origin) * scale, color="#C44E52", linewidth=1.5, linestyle="--")
-            ax.text((t - origin) * scale, -0.6, f" recovery: stage {r.get('stage')} lost", color="#C44E52",
+            ax.text((t - origin) * scale, -0.6, f" recovery: stage {r.stage} lost", color="#C44E52",
                     fontsize=8, va="bottom")
     ax.set_xlim((lo - origin) * scale, (hi - origin) * scale)
-    ax.set_ylim(p - 0.5, -0.5 - (0.4 if records(metrics, "recovery") else 0))
+    ax.set_ylim(p - 0.5, -0.5 - (0.4 if recoveries else 0))
     ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
     ax.set_xlabel(f"time since the run's first event ({unit})")
     ax.set_ylabel("pipeline stage")
@@ -353,7 +356,7 @@ def trace_command(run_dir: str | Path) -> int:
     """Write RUN_DIR/trace.json and RUN_DIR/gantt.png; print the per-stage table. Returns 0."""
     run = require_run_dir(run_dir)
     trace = write_chrome_trace(run)
-    gantt = plot_gantt(run, run / "gantt.png")
+    gantt = plot_gantt(run, run / GANTT_PLOT)
     print(measured_figures(run).render())
     print(f"\nwrote {trace} (open in ui.perfetto.dev or chrome://tracing) and {gantt}")
     return 0
