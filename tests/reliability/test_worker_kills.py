@@ -60,11 +60,12 @@ def _generation_on_record_at_each_recovery(monkeypatch, checkpoints):
 
     from pipetrain.checkpoint.manifest import GENERATION
     from pipetrain.observe.progress import MetricsLog
+    from pipetrain.observe.records import RecoveryRecord
 
     seen, write = [], MetricsLog.write
 
     def spying_write(self, record):
-        if record.get("type") == "recovery":
+        if isinstance(record, RecoveryRecord):
             seen.append(json.loads((checkpoints / GENERATION).read_text())["generation"])
         write(self, record)
 
