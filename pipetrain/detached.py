@@ -58,7 +58,7 @@ from pipetrain import config as cfgmod
 from pipetrain import job, rundir
 from pipetrain.config import ConfigError
 from pipetrain.detached_driver import DRIVER_RESOURCE, cancel_key, job_key
-from pipetrain.driver_log import FINAL_STATES, SUBMITTED, DriverLog, last_state
+from pipetrain.driver_log import FINAL_STATES, SUBMITTED, DriverLog, attempts, last_state
 from pipetrain.errors import PipetrainError, short_error
 
 DRIVER_RETRIES = 3  # retryable failures; a dead worker is the scheduler's allowed-failures
@@ -77,13 +77,19 @@ class Submitted:
     on_driver_worker: bool  # the cluster has a worker declaring pipetrain-driver
     task_state: str | None
     worker: str | None
-    workers: int = 0  # the cluster's, at submission
-    stages: int = 0
+    workers: int  # the cluster's, at submission
+    stages: int
+    started: bool  # the driver said so within a few seconds
 
 
 def describe(s: Submitted, at: str) -> str:
     """What `pipetrain submit` prints: the job, where its driver went, how to follow it."""
-    where = (f"on worker {s.worker}" if s.worker else f"its task is {s.task_state}, waiting for a worker")
+    if s.started:
+        where = f"started on worker {s.worker}"
+    elif s.worker:  # assigned, but not yet running: a busy thread, or another driver holds the resource
+        where = f"assigned to worker {s.worker}, not started yet"
+    else:
+        where = f"its task is {s.task_state}, waiting for a worker"
     if s.on_driver_worker:
         where += f" (a driver worker: it declares {DRIVER_RESOURCE})"
     else:
@@ -164,14 +170,16 @@ def _submit_driver(client: Any, job_id: str, run_dir: str, *, stages: int) -> Su
     key = f"pipetrain-{job_id}-driver-{uuid.uuid4().hex[:6]}"  # a fresh key each submission
     # A new record: it also withdraws the cancel request of an earlier submission.
     client.set_metadata(job_key(job_id), {"run_dir": run_dir, "task": key, "submitted": time.time()})
+    before = attempts(run_dir)
     future = client.submit(drive, run_dir, job_id, key=key, pure=False, retries=DRIVER_RETRIES,
                            resources={DRIVER_RESOURCE: 1} if on_driver_worker else None)
     fire_and_forget(future)
-    # Until the scheduler has it: a client closed straight after submitting may not have sent it yet.
-    _wait(lambda: task_state(client, key)[0] == "processing", timeout=10.0)
+    # A while for the driver to say it started (and, at least, for the scheduler to have the
+    # task: a client closed straight after submitting may not have sent it yet).
+    started = _wait(lambda: attempts(run_dir) > before, timeout=10.0)
     state, worker = task_state(client, key)
     return Submitted(job_id, run_dir, client.scheduler.address, on_driver_worker, state, worker,
-                     workers=len(workers), stages=stages)
+                     workers=len(workers), stages=stages, started=started)
 
 
 def _refuse_if_running(client: Any, run_dir: str) -> None:

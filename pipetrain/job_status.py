@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from pipetrain import rundir
 from pipetrain.detached import ACTIVE
-from pipetrain.driver_log import CANCELLED, FAILED, FINAL_STATES, FINISHED, attempts, last_state, read_lines
+from pipetrain.driver_log import (CANCELLED, FAILED, FINAL_STATES, FINISHED, SUBMITTED, attempts, last_state,
+                                  read_lines)
 
 _PROGRESS_LINE = re.compile(r"^\[[#.]+\] step \d+/\d+")  # observe.progress's; the step records say it all
 _ENDED = ("end", "failed", "interrupted")
@@ -80,6 +81,9 @@ def resume_hint(run_dir: str, at: str = "--scheduler ADDR") -> str:
 def _state(run_dir: str, records: list[dict], task: tuple | None, hint: str) -> str:
     task_state, worker = task or (None, None)
     driver = last_state(run_dir)
+    if task_state == "processing" and driver and driver[0] == SUBMITTED:
+        return (f"starting: its driver task is assigned to worker {worker} (a driver worker runs one driver per "
+                f"unit of pipetrain-driver it declares)")
     if task_state == "processing":
         return f"running: its driver is on worker {worker}"
     if task_state in ACTIVE:
