@@ -3,7 +3,7 @@
 The flagship GPT of models/configs/demo.toml, 4-stage pipedream, on one
 embedded local cluster (one worker process per stage). Runs alternate
 between no checkpoints and checkpoints at the default interval
-(pipetrain.api.DEFAULT_CHECKPOINT_EVERY micro-batches, to a local
+(pipetrain.jobspec.DEFAULT_CHECKPOINT_EVERY micro-batches, to a local
 directory: safetensors shards, fsync, sha256, manifest, commit marker), so
 drift of the machine hits both alike. Throughput is measured over the steady
 state (from the end of step 1, after the JIT compiles, to the last step).
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distributed import Client  # noqa: E402
 
 from pipetrain import config as cfgmod  # noqa: E402
-from pipetrain.api import default_checkpoint_every, fit  # noqa: E402
+from pipetrain.api import fit  # noqa: E402
+from pipetrain.jobspec import default_checkpoint_every  # noqa: E402
 from pipetrain.config import resolve  # noqa: E402
 from pipetrain.partitioning import partition  # noqa: E402
 from pipetrain.runtime.local import start_local_cluster  # noqa: E402

@@ -9,10 +9,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipetrain.optim import Optimizer, with_correction
+from pipetrain.jobspec import JobSpec
+from pipetrain.optim import Optimizer
 from pipetrain.observe.progress import MetricsLog, Progress
 from pipetrain.observe.records import EndRecord, Record, ResumeRecord, StartRecord, StepRecord
-from pipetrain.rundir import CHECKPOINTS_DIR, EVENTS_DIR, METRICS_FILE, event_file_name
+from pipetrain.rundir import EVENTS_DIR, METRICS_FILE, event_file_name
 
 
 @dataclass
@@ -73,31 +74,18 @@ class FitResult:
         return self.samples / self.wall_seconds if self.wall_seconds else 0.0
 
 
-# Micro-batches between checkpoints when a checkpoint_dir is given without an
-# interval (rounded up to what the schedule allows). For the flagship GPT on
-# 2 CPU cores (~0.15 s per micro-batch) that is one checkpoint every ~10 s:
-# at most ~10 s of work to redo after a failure (as long as the recovery
-# itself takes, bench/recovery.py), while the snapshot on the compute thread
-# costs a few ms against those 10 s (bench/checkpoint_overhead.py measures it).
-DEFAULT_CHECKPOINT_EVERY = 64
-
-
-def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: int = 1) -> int:
-    from pipetrain.schedule.builders import microbatches_per_update
-
-    unit = microbatches_per_update(schedule, microbatches, accumulate)
-    return -(-DEFAULT_CHECKPOINT_EVERY // unit) * unit
-
-
-def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_method: str = "params",
-        boundaries: list[int] | None = None, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10,
-        accumulate: int = 1, optimizer: Any = None, client: Any = None, checkpoint_dir: str | None = None,
-        checkpoint_every: int | None = None, keep_checkpoints: int = 3, resume: bool = False,
-        run_dir: str | None = None, heldout: Any = None, eval_microbatches: int = 8, resource: str = "GPU",
-        placement_timeout: float = 60.0, max_restarts: int = 3, spare_workers: int = 0, credits: int = 0,
-        executor: str = "dask", progress: bool = True, job_id: str | None = None, record_events: bool = True,
-        stop_timeout: float = 10.0, checkpoint_seconds: float = 0.0, correction: str | None = None) -> FitResult:
-    """Train ``model`` (a model or a ``Partition``) on ``data`` (a MicrobatchSource).
+def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = None, client: Any = None,
+        executor: str = "dask", resume: bool = False, progress: bool = True, job_id: str | None = None,
+        num_stages: int | None = None, partition_method: str = "params", boundaries: list[int] | None = None,
+        loss: Any = None, supervisor: Any = None, **settings: Any) -> FitResult:
+    """Train ``model`` (a model, a list of JAX layers, or a ``Partition``) on ``data``
+    (a MicrobatchSource), as the job ``spec`` describes (``pipetrain.JobSpec``) or,
+    without one, as keyword ``settings`` describe it (``JobSpec.from_settings``:
+    ``schedule``, ``microbatches``, ``steps``, ``accumulate``, ``correction``,
+    ``optimizer``, ``checkpoint_dir``, ``checkpoint_every``, ``checkpoint_seconds``,
+    ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``resource``,
+    ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
+    ``spare_workers``, ``record_events``).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
     embedded ``LocalCluster`` with one worker process per stage (plus
@@ -116,62 +104,57 @@ def fit(model: Any, data: Any, *, num_stages: int | None = None, partition_metho
     ``resume=True`` continues a job stopped earlier from its checkpoints.
     ``correction``: a delay compensation for pipedream and 2bw ("predict",
     "dcasgd", "dcasgd-a"; ``pipetrain.stages.corrections``), carried to the
-    stages by the optimizer.
+    stages by the optimizer. ``loss``: the loss of a model given as a list of
+    JAX layers. ``supervisor``: a ``runtime.plan.Supervisor`` (a detached job's
+    driver task: workers to spare, a stop request).
     """
     from pipetrain.data import check_numeric
     from pipetrain.partitioning import Partition, partition as make_partition
-    from pipetrain.schedule.builders import ScheduleSpec
 
-    optimizer = with_correction(optimizer or Optimizer(), correction, schedule=schedule)
+    if spec is None:
+        spec = JobSpec.from_settings(**settings)
+    elif settings:
+        raise TypeError(f"fit: give the job as spec= or as keyword settings, not both ({', '.join(settings)})")
     if isinstance(model, Partition):
         part = model
     else:
         if num_stages is None:
             raise ValueError("fit: num_stages is required when model is not already a Partition")
         part = make_partition(model, num_stages, method=partition_method, example_input=data.inputs(0),
-                              boundaries=boundaries)
-    if checkpoint_every is None:
-        checkpoint_every = (default_checkpoint_every(schedule=schedule, microbatches=microbatches,
-                                                     accumulate=accumulate) if checkpoint_dir else 0)
+                              boundaries=boundaries, **({"loss": loss} if loss is not None else {}))
     check_numeric(data.inputs(0), "data.inputs(0)")
     check_numeric(data.targets(0), "data.targets(0)")
-    checkpoint_url = checkpoint_dir or (str(Path(run_dir) / CHECKPOINTS_DIR)
-                                        if run_dir and (checkpoint_every or checkpoint_seconds) else None)
     # Validated here, before any worker starts; the workers build their own from it.
-    schedule_spec = ScheduleSpec(schedule, num_stages=len(part.stages), microbatches=microbatches, steps=steps,
-                                 accumulate=accumulate, checkpoint_every=checkpoint_every or None)
-    run_path = Path(run_dir) if run_dir else None
+    schedule = spec.schedule_spec(len(part.stages))
+    run_path = Path(spec.run_dir) if spec.run_dir else None
     metrics = _Metrics(run_path / METRICS_FILE if run_path else None)
-    bar = Progress(steps, enabled=progress)
-    eval_ids = list(range(eval_microbatches))
-    heldout_before = _heldout_loss(part, optimizer, heldout, eval_ids, states=None)
-    metrics.write(StartRecord(schedule=schedule, stages=len(part.stages), steps=steps, microbatches=microbatches,
-                              heldout_loss=heldout_before, executor=executor))
+    bar = Progress(schedule.steps, enabled=progress)
+    eval_ids = list(range(spec.eval_microbatches))
+    heldout_before = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=None)
+    metrics.write(StartRecord(schedule=schedule.name, stages=len(part.stages), steps=schedule.steps,
+                              microbatches=schedule.microbatches, heldout_loss=heldout_before, executor=executor))
 
     if executor == "reference":
-        outcome = _run_reference(part, optimizer, schedule_spec, data, bar, metrics)
+        outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics)
     elif executor == "dask":
         from pipetrain.runtime.driver import Driver, JobPlan
 
-        plan = JobPlan(partition=part, source=data, optimizer=optimizer, schedule=schedule_spec,
-                       checkpoint_url=checkpoint_url, keep_checkpoints=keep_checkpoints, resource=resource,
-                       placement_timeout=placement_timeout, max_restarts=max_restarts, credits=credits,
-                       resume=resume, record_events=record_events, stop_timeout=stop_timeout,
-                       checkpoint_seconds=checkpoint_seconds, run_dir=run_dir,
+        plan = JobPlan(partition=part, source=data, spec=spec, schedule=schedule, resume=resume, supervisor=supervisor,
                        **({"job_id": job_id} if job_id else {}))
-        with _client(client, len(part.stages) + spare_workers) as dask_client:
+        with _client(client, len(part.stages) + spec.cluster.spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()
     else:
         raise ValueError(f"fit: executor must be 'dask' or 'reference', got {executor!r}")
 
-    result = FitResult(partition=part, schedule=schedule, history=outcome.history, losses=outcome.losses,
+    steps, microbatches = schedule.steps, schedule.microbatches
+    result = FitResult(partition=part, schedule=schedule.name, history=outcome.history, losses=outcome.losses,
                        states=outcome.states, recoveries=outcome.recoveries, events=outcome.events,
                        run_dir=run_path, wall_seconds=outcome.wall_seconds,
                        samples=(steps * microbatches - metrics.resumed_from) * data.microbatch_size,
                        executor=executor, steps=steps, resumed_from=metrics.resumed_from,
                        microbatches=microbatches, ledgers=outcome.ledgers)
     result.heldout_before = heldout_before
-    result.heldout_after = _heldout_loss(part, optimizer, heldout, eval_ids, states=outcome.states)
+    result.heldout_after = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=outcome.states)
     metrics.write(EndRecord(heldout_loss=result.heldout_after, wall_seconds=result.wall_seconds,
                             samples_per_s=result.samples_per_s, samples=result.samples, steps=steps,
                             steps_run=result.steps_run))

@@ -72,6 +72,8 @@ class ClusterConfig:
     placement_timeout: float = 60.0
     max_restarts: int = 3
     credits: int = 0  # per-edge flow-control window; 0 = the schedule's bound
+    stop_timeout: float = 10.0  # a stage still running this long after the stop is cancelled, its worker avoided
+    spare_workers: int = 0  # an embedded local cluster starts this many workers beyond one per stage
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ class JobConfig:
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         _check(self.checkpoint.seconds >= 0, "checkpoint.seconds", "must be >= 0 (0 turns time-based checkpoints off)")
         _check(self.cluster.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
+        _check(self.cluster.stop_timeout > 0, "cluster.stop_timeout", "must be > 0 (seconds)")
+        _check(self.cluster.spare_workers >= 0, "cluster.spare_workers", "must be >= 0")
+        _check(not (self.cluster.scheduler and self.cluster.scheduler_file), "cluster.scheduler",
+               "give cluster.scheduler or cluster.scheduler_file, not both")
         _check(self.data.eval_microbatches >= 0, "data.eval_microbatches", "must be >= 0")
         return self
 

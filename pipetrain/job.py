@@ -13,6 +13,7 @@ from typing import Any
 from pipetrain import config as cfgmod
 from pipetrain import rundir
 from pipetrain.config import ConfigError, JobConfig, resolve
+from pipetrain.jobspec import JobSpec
 
 
 def train_from_config(path: str, *, scheduler: str | None = None, scheduler_file: str | None = None,
@@ -40,11 +41,12 @@ def prepare_run(path: str, *, overrides: dict | None = None, overwrite: bool = F
     return cfg, job_id
 
 
-def start_prepared(run_dir: str, *, client: Any = None, progress: bool = True) -> Any:
+def start_prepared(run_dir: str, *, client: Any = None, progress: bool = True, supervisor: Any = None) -> Any:
     """Train the job ``prepare_run`` recorded in ``run_dir`` from its beginning, on ``client``
     (a detached job's first driver, ``pipetrain.detached_driver``)."""
     return _run(recorded_config(run_dir), job_id=rundir.load_job(run_dir)["job_id"], scheduler=None,
-                scheduler_file=None, executor="dask", progress=progress, resume=False, client=client)
+                scheduler_file=None, executor="dask", progress=progress, resume=False, client=client,
+                supervisor=supervisor)
 
 
 def recorded_config(run_dir: str) -> JobConfig:
@@ -54,7 +56,7 @@ def recorded_config(run_dir: str) -> JobConfig:
 
 
 def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: str | None = None,
-               progress: bool = True, steps: int | None = None, client: Any = None) -> Any:
+               progress: bool = True, steps: int | None = None, client: Any = None, supervisor: Any = None) -> Any:
     """Continue the job of ``run_dir`` from its last committed checkpoint. A run that
     already trained all its steps is left alone (returns None) unless ``steps``
     asks for more, which is recorded in its job.json first. ``client``: a
@@ -79,7 +81,7 @@ def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: st
         rundir.write_job(run_dir, {**saved, "config": raw})
     rundir.forget_summary(run_dir)
     return _run(cfg, job_id=saved["job_id"], scheduler=scheduler, scheduler_file=scheduler_file, executor="dask",
-                progress=progress, resume=True, client=client)
+                progress=progress, resume=True, client=client, supervisor=supervisor)
 
 
 def _check_resumable(cfg: JobConfig, steps: int | None) -> None:
@@ -114,7 +116,7 @@ def _new_job_id() -> str:
 
 
 def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: str | None, executor: str,
-         progress: bool, resume: bool, client: Any = None) -> Any:
+         progress: bool, resume: bool, client: Any = None, supervisor: Any = None) -> Any:
     from pipetrain.api import fit
     from pipetrain.partitioning import partition
 
@@ -126,22 +128,17 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     part = partition(model, cfg.partition.stages, method=cfg.partition.method, example_input=train.inputs(0),
                      boundaries=list(cfg.partition.boundaries) or None)
     say = print  # -q (progress=False) hides the progress line only, never what ran and how it went
+    # The command line's --scheduler/--scheduler-file win over the config's [cluster] ones.
+    if not (scheduler or scheduler_file):
+        scheduler, scheduler_file = cfg.cluster.scheduler or None, cfg.cluster.scheduler_file or None
     where = scheduler or scheduler_file or (client.scheduler.address if client else "an embedded local Dask cluster")
     runner = "the reference executor (one process)" if executor == "reference" else f"Dask ({where})"
     say(f"pipetrain: training {cfg.model.entry} as a {len(part.stages)}-stage '{cfg.schedule.name}' pipeline "
         f"on {runner}")
     say(str(part))
     client = client or _client_arg(scheduler, scheduler_file)
-    result = fit(part, train, schedule=cfg.schedule.name, microbatches=cfg.schedule.microbatches,
-                 steps=cfg.schedule.steps, accumulate=cfg.schedule.accumulate, optimizer=cfg.optimizer,
-                 client=client,
-                 checkpoint_dir=cfg.checkpoint_url() if cfg.checkpoint.enabled else None,
-                 checkpoint_every=cfg.checkpoint.every, checkpoint_seconds=cfg.checkpoint.seconds,
-                 keep_checkpoints=cfg.checkpoint.keep, resume=resume,
-                 run_dir=cfg.run_dir, heldout=heldout, eval_microbatches=cfg.data.eval_microbatches,
-                 resource=cfg.cluster.resource, placement_timeout=cfg.cluster.placement_timeout,
-                 max_restarts=cfg.cluster.max_restarts, credits=cfg.cluster.credits, executor=executor,
-                 progress=progress, job_id=job_id)
+    result = fit(part, train, spec=JobSpec.from_config(cfg), heldout=heldout, client=client, executor=executor,
+                 resume=resume, progress=progress, job_id=job_id, supervisor=supervisor)
     summary = summarize(result, cfg)
     rundir.write_summary(cfg.run_dir, summary)
     say(render_summary(summary))

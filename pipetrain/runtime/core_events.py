@@ -48,11 +48,11 @@ class JobSettings:
     @classmethod
     def from_plan(cls, plan: Any, store_root: str | None) -> JobSettings:
         """From a ``JobPlan``; ``store_root``: ``CheckpointStore.root``, None without checkpoints."""
+        spec = plan.spec
         return cls(num_stages=plan.num_stages, microbatches=plan.microbatches, steps=plan.steps,
                    microbatch_size=plan.source.microbatch_size, job_id=plan.job_id, store=store_root,
-                   run_dir=getattr(plan, "run_dir", None),
-                   max_restarts=plan.max_restarts, stop_timeout=plan.stop_timeout,
-                   checkpoint_seconds=plan.checkpoint_seconds,
+                   run_dir=spec.run_dir, max_restarts=spec.cluster.max_restarts,
+                   stop_timeout=spec.cluster.stop_timeout, checkpoint_seconds=spec.checkpoint.seconds,
                    manifest={"schedule": plan.schedule.to_dict(),
                              "partition": {"boundaries": list(plan.partition.boundaries),
                                            "method": plan.partition.method}})

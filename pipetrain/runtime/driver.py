@@ -46,13 +46,14 @@ class Driver:
         if plan.checkpoint_url:
             from pipetrain.checkpoint.store import CheckpointStore
 
-            self.store = CheckpointStore(plan.checkpoint_url, keep=plan.keep_checkpoints)
+            self.store = CheckpointStore(plan.checkpoint_url, keep=plan.spec.checkpoint.keep)
         self.core = JobCore(ev.JobSettings.from_plan(plan, self.store.root if self.store else None))
         self.futures: dict[int, list[Any]] = {}  # generation -> its stage tasks
         self.placements: dict[int, dict[int, str]] = {}
         self._ended: set[tuple[int, int]] = set()  # (generation, stage) whose TaskEnded went in
         self._unreachable_since: float | None = None
         self._controls: dict[ControlNames, DriverControl] = {}
+        self._stop_asked = False  # the supervisor's stop request, heard once
 
     # -- the loop -----------------------------------------------------------
     def run(self) -> RunOutcome:
@@ -119,6 +120,10 @@ class Driver:
                                            result=future.result() if future.status == "finished" else None))
         if include_members:
             events.append(ev.WorkersChanged(frozenset(self._alive()), now=time.time()))
+            if self.plan.supervisor is not None and not self._stop_asked and self.plan.supervisor.stop_requested():
+                self._stop_asked = True
+                self.progress.note("stop requested (`pipetrain cancel`): stopping the stages")
+                events.append(ev.Interrupted(now=time.time()))
         return events + [ev.Tick(now=time.time())]
 
     # -- instructions ---------------------------------------------------------
@@ -166,9 +171,11 @@ class Driver:
 
         needs = [StageNeed(stage=s.index, memory_bytes=getattr(s, "memory_bytes", 0) or 0)
                  for s in self.plan.partition.stages]
+        exclude = set(i.exclude) | (self.plan.supervisor.reserved_workers() if self.plan.supervisor else set())
         try:
-            placement = wait_for_placement(self.client, needs, resource=self.plan.resource,
-                                           timeout=self.plan.placement_timeout, exclude=tuple(sorted(i.exclude)))
+            cluster = self.plan.spec.cluster
+            placement = wait_for_placement(self.client, needs, resource=cluster.resource,
+                                           timeout=cluster.placement_timeout, exclude=tuple(sorted(exclude)))
         except PlacementError as error:
             return ev.PlacementFailed(str(error), now=time.time())
         return ev.Placed(dict(placement.stage_workers), tuple(placement.spares), now=time.time())
@@ -180,8 +187,8 @@ class Driver:
             job = StageJob(job_id=plan.job_id, generation=i.generation, spec=spec, model=plan.partition.model,
                            optimizer=plan.optimizer, schedule=plan.schedule.resumed_at(i.cut),
                            source=plan.source, checkpoint_url=plan.checkpoint_url, resume_cut=i.cut or None,
-                           credits=plan.credits, security=plan.security,
-                           max_events=StageJob.max_events if plan.record_events else 0,
+                           credits=plan.spec.cluster.credits,
+                           max_events=StageJob.max_events if plan.spec.record_events else 0,
                            resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
                            input_specs=boundary_specs(plan.partition, spec.index),
                            output_specs=boundary_specs(plan.partition, spec.index + 1))

@@ -5,40 +5,43 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 
 @dataclass
 class JobPlan:
-    """A job as the driver sees it; built by ``pipetrain.fit``."""
+    """A job as the driver runs it: the job's spec (``pipetrain.JobSpec``, the one
+    description of it) with what ``fit`` made of it: the partitioned model, the
+    data, the schedule for that many stages, the job's id; built by ``pipetrain.fit``."""
 
     partition: Any
     source: Any
-    optimizer: Any
-    schedule: Any  # ScheduleSpec: what every stage builds its actions from
-    checkpoint_url: str | None = None
-    keep_checkpoints: int = 3
-    checkpoint_seconds: float = 0.0  # also checkpoint when this long passed since the last commit
-    resource: str = "GPU"
-    placement_timeout: float = 60.0
-    max_restarts: int = 3
-    credits: int = 0
+    spec: Any  # JobSpec
+    schedule: Any  # ScheduleSpec: what every stage builds its actions from (spec.schedule_spec)
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     resume: bool = False
-    security: Any = None
-    record_events: bool = True
-    stop_timeout: float = 10.0
     poll: float = 0.2
     # How long the scheduler may stay unreachable before the job stops: a Dask
     # scheduler that comes back has lost every task, so there is no point in
     # waiting for it as long as the client's own 30 s reconnect.
     scheduler_timeout: float = 5.0
-    run_dir: str | None = None  # for the `pipetrain resume RUN_DIR` hints
     # Per-job key the stages prove themselves to each other with (transport
     # handshake): handed to them through Dask, never sent on a stage port.
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    # Who else has a say in a running job (a detached job's driver task): the
+    # workers no stage may use, and whether the job is asked to stop.
+    supervisor: Supervisor | None = None
+
+    @property
+    def checkpoint_url(self) -> str | None:
+        return self.spec.checkpoint_url
+
+    @property
+    def optimizer(self) -> Any:
+        return self.spec.optimizer
 
     @property
     def num_stages(self) -> int:
@@ -51,6 +54,16 @@ class JobPlan:
     @property
     def steps(self) -> int:
         return self.schedule.steps
+
+
+class Supervisor(Protocol):
+    """What a driver running on the cluster tells the driver loop (``pipetrain.detached_driver``)."""
+
+    def reserved_workers(self) -> frozenset[str]:
+        """Workers placement must leave to drivers."""
+
+    def stop_requested(self) -> bool:
+        """Whether the job is asked to stop (`pipetrain cancel`): it ends as Ctrl-C ends it."""
 
 
 @dataclass

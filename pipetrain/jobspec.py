@@ -1,0 +1,100 @@
+"""One description of a training job, whatever starts it.
+
+Everything about a job but its model, its data and where it runs: the
+schedule, the optimizer, checkpoints, the cluster settings, the run
+directory, evaluation. `pipetrain train` reads it from the TOML
+(``JobSpec.from_config``: the config's own sections), ``pipetrain.fit``
+builds it from its keyword arguments (``JobSpec.from_settings``), and the
+driver runs what it says (``runtime/plan.JobPlan`` holds it). The defaults
+that depend on other fields (the checkpoint interval when only a directory
+is given, where checkpoints go) are decided here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipetrain.config import CheckpointConfig, ClusterConfig, JobConfig, ScheduleConfig
+from pipetrain.optim import Optimizer, with_correction
+from pipetrain.rundir import CHECKPOINTS_DIR
+
+# Micro-batches between checkpoints when a checkpoint directory is given
+# without an interval (rounded up to what the schedule allows). For the
+# flagship GPT on 2 CPU cores (~0.15 s per micro-batch) that is one checkpoint
+# every ~10 s: at most ~10 s of work to redo after a failure (as long as the
+# recovery itself takes, bench/recovery.py), while the snapshot on the compute
+# thread costs a few ms against those 10 s (bench/checkpoint_overhead.py).
+DEFAULT_CHECKPOINT_EVERY = 64
+
+
+def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: int = 1) -> int:
+    from pipetrain.schedule.builders import microbatches_per_update
+
+    unit = microbatches_per_update(schedule, microbatches, accumulate)
+    return -(-DEFAULT_CHECKPOINT_EVERY // unit) * unit
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: Any = field(default_factory=Optimizer)  # a pipetrain.Optimizer (or an optax one, JAX stages)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run_dir: str | None = None
+    eval_microbatches: int = 8  # held-out micro-batches evaluated before and after training
+    record_events: bool = True  # the stages' timelines (pipetrain trace)
+
+    def __post_init__(self) -> None:
+        # The optimizer carries the schedule's delay correction to the stages.
+        object.__setattr__(self, "optimizer", with_correction(self.optimizer, self.schedule.correction,
+                                                              schedule=self.schedule.name))
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> JobSpec:
+        return cls(schedule=cfg.schedule, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, cluster=cfg.cluster,
+                   run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches)
+
+    @classmethod
+    def from_settings(cls, *, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10, accumulate: int = 1,
+                      correction: str | None = None, optimizer: Any = None, checkpoint_dir: str | None = None,
+                      checkpoint_every: int | None = None, checkpoint_seconds: float = 0.0,
+                      keep_checkpoints: int = 3, run_dir: str | None = None, eval_microbatches: int = 8,
+                      resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
+                      credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0,
+                      record_events: bool = True) -> JobSpec:
+        """``fit``'s keyword arguments, as one spec. ``checkpoint_every=None``: every
+        ``DEFAULT_CHECKPOINT_EVERY`` micro-batches when ``checkpoint_dir`` is given, else none."""
+        optimizer = optimizer or Optimizer()
+        if correction is None:
+            correction = getattr(optimizer, "correction", "none")
+        if checkpoint_every is None:
+            checkpoint_every = (default_checkpoint_every(schedule=schedule, microbatches=microbatches,
+                                                         accumulate=accumulate) if checkpoint_dir else 0)
+        return cls(schedule=ScheduleConfig(name=schedule, microbatches=microbatches, steps=steps,
+                                           accumulate=accumulate, correction=correction),
+                   optimizer=optimizer,
+                   checkpoint=CheckpointConfig(every=checkpoint_every, seconds=checkpoint_seconds,
+                                               keep=keep_checkpoints, dir=checkpoint_dir or ""),
+                   cluster=ClusterConfig(resource=resource, placement_timeout=placement_timeout,
+                                         max_restarts=max_restarts, credits=credits, stop_timeout=stop_timeout,
+                                         spare_workers=spare_workers),
+                   run_dir=run_dir, eval_microbatches=eval_microbatches, record_events=record_events)
+
+    @property
+    def checkpoint_url(self) -> str | None:
+        """Where the checkpoints go: ``checkpoint.dir``, else RUN_DIR/checkpoints when the
+        job writes any, else nowhere (None)."""
+        if self.checkpoint.dir:
+            return self.checkpoint.dir
+        if self.run_dir and self.checkpoint.enabled:
+            return str(Path(self.run_dir) / CHECKPOINTS_DIR)
+        return None
+
+    def schedule_spec(self, num_stages: int) -> Any:
+        """The ``ScheduleSpec`` this job's stages build their actions from (checked now)."""
+        from pipetrain.schedule.builders import ScheduleSpec
+
+        s = self.schedule
+        return ScheduleSpec(s.name, num_stages=num_stages, microbatches=s.microbatches, steps=s.steps,
+                            accumulate=s.accumulate, checkpoint_every=self.checkpoint.every or None)
