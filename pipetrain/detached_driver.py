@@ -12,30 +12,24 @@ The task secedes from its worker's thread pool at once: it runs for the whole
 job, talks to the scheduler through the worker's client (``get_client``), and
 must not hold a thread that another task is waiting for.
 
-Two things the driver in ``pipetrain.runtime.driver`` cannot be told yet, so
-this module gives its Driver class a subclass for as long as a detached driver
-runs in the process: placement leaves out the workers reserved for drivers
-(this task's own and any that declares the ``pipetrain-driver`` resource), and a
-cancel request (`pipetrain cancel`) reaches the core as the ``Interrupted``
-event a Ctrl-C would give, so the job ends as an interrupted one does: stages
-stopped, the run resumable.
+The driver loop hears two things from this task (its ``Supervisor``):
+placement leaves out the workers reserved for drivers (this task's own and
+any that declares the ``pipetrain-driver`` resource), and a cancel request
+(`pipetrain cancel`) reaches the core as the ``Interrupted`` event a Ctrl-C
+would give, so the job ends as an interrupted one does: stages stopped, the
+run resumable.
 """
 from __future__ import annotations
 
-import functools
-import threading
-import time
 import traceback
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipetrain import job, rundir
 from pipetrain.driver_log import CANCELLED, FAILED, FINISHED, RETRYING, STARTED, DriverLog, attempts
+from pipetrain.runtime.placement import DRIVER_RESOURCE  # noqa: F401 - where detached.py and tests find it
 from pipetrain.errors import JobInterrupted, PipetrainError, is_retryable, short_error
 
-DRIVER_RESOURCE = "pipetrain-driver"
 CANCEL_POLL = 1.0  # seconds between the driver's looks at the cancel request
 
 
@@ -69,11 +63,12 @@ def drive(run_dir: str, job_id: str) -> dict:
     how = "resuming from the last committed checkpoint" if resuming else "training from the beginning"
     log.state(STARTED, f"attempt {attempts(run_dir) + 1} on worker {worker}, {how}")
     try:
-        with log.capture(), _detached_driver_class():
+        supervisor = _DriverTaskSupervisor(client, job_id)
+        with log.capture():
             if resuming:
-                job.resume_run(run_dir, client=client)
+                job.resume_run(run_dir, client=client, supervisor=supervisor)
             else:
-                job.start_prepared(run_dir, client=client)
+                job.start_prepared(run_dir, client=client, supervisor=supervisor)
     except JobInterrupted as e:  # the cancel request, carried out
         log.state(CANCELLED, str(e))
         return {"state": CANCELLED}
@@ -106,53 +101,15 @@ def reserved_workers(client: Any) -> frozenset[str]:
     return frozenset(declared | {get_worker().address})
 
 
-@functools.cache
-def _driver_subclass() -> type:
-    from pipetrain.runtime import core_events as ev
-    from pipetrain.runtime.driver import Driver
+class _DriverTaskSupervisor:
+    """What this driver task tells the driver loop (``runtime.plan.Supervisor``): spare the
+    drivers' workers, and stop when `pipetrain cancel` asks."""
 
-    class DetachedDriver(Driver):
-        """The driver, sparing the drivers' workers and listening for `pipetrain cancel`."""
+    def __init__(self, client: Any, job_id: str):
+        self.client, self.job_id = client, job_id
 
-        _cancel_seen = False
-        _cancel_checked = 0.0
+    def reserved_workers(self) -> frozenset[str]:
+        return reserved_workers(self.client)
 
-        def _place(self, i: Any) -> Any:
-            reserved = reserved_workers(self.client)
-            return super()._place(replace(i, exclude=i.exclude | reserved))
-
-        def _poll(self, *, include_members: bool) -> list:
-            events = super()._poll(include_members=include_members)
-            if not self._cancel_seen and time.time() - self._cancel_checked > CANCEL_POLL:
-                self._cancel_checked = time.time()
-                if cancel_requested(self.client, self.plan.job_id):
-                    self._cancel_seen = True
-                    self.progress.note("cancel requested (`pipetrain cancel`): stopping the stages")
-                    events.append(ev.Interrupted(now=time.time()))
-            return events
-
-    return DetachedDriver
-
-
-_installed = 0
-_install_lock = threading.Lock()
-
-
-@contextmanager
-def _detached_driver_class() -> Iterator[None]:
-    """``fit`` builds ``pipetrain.runtime.driver.Driver``: make that the subclass while any
-    detached driver runs in this process (a worker may host several)."""
-    global _installed
-    from pipetrain.runtime import driver as driver_module
-
-    with _install_lock:
-        if _installed == 0:
-            driver_module.Driver = _driver_subclass()
-        _installed += 1
-    try:
-        yield
-    finally:
-        with _install_lock:
-            _installed -= 1
-            if _installed == 0:
-                driver_module.Driver = _driver_subclass().__mro__[1]
+    def stop_requested(self) -> bool:
+        return cancel_requested(self.client, self.job_id)

@@ -90,7 +90,8 @@ def test_excluded_and_not_running_workers_are_never_used():
     assert placement.stage_workers == {0: "tcp://b:1"} and placement.spares == ()
     with pytest.raises(PlacementError) as error:
         place(workers, needs(2), exclude=["tcp://a:1"])
-    assert "excluded (known dead)" in str(error.value) and "not running (closing_gracefully)" in str(error.value)
+    assert "excluded (known dead, or a driver's own)" in str(error.value)
+    assert "not running (closing_gracefully)" in str(error.value)
 
 
 def test_placement_is_deterministic_whatever_the_order_of_the_worker_list():
@@ -205,3 +206,15 @@ def test_real_local_cluster_with_gpu_resources_and_an_async_client():
 
 def test_placement_records_compare_by_value():
     assert Placement({0: "a"}, ("b",), None) == Placement({0: "a"}, ("b",), None)
+
+
+def test_a_worker_kept_for_drivers_never_gets_a_stage_and_the_error_says_why():
+    from pipetrain.runtime.placement import DRIVER_RESOURCE
+
+    workers = [WorkerInfo("tcp://a:1", "a"), WorkerInfo("tcp://b:1", "b", resources={DRIVER_RESOURCE: 1})]
+    placement = place(workers, [StageNeed(0)], resource=None)
+    assert placement.stage_workers == {0: "tcp://a:1"} and placement.spares == ()
+    line = (f"tcp://b:1 (name , host b, resources {DRIVER_RESOURCE}=1, memory unlimited, running) -- reserved for "
+            f"drivers ({DRIVER_RESOURCE})")
+    with pytest.raises(PlacementError, match=re.escape(line)):
+        place(workers, [StageNeed(0), StageNeed(1)], resource=None)

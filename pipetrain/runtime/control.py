@@ -64,6 +64,7 @@ class StageControl:
         self._stop_seen = threading.Event()
         self.requested_cut: int | None = None  # a time-based checkpoint the driver asked for
         self._closed = threading.Event()
+        self._task = _current_task()  # (worker, key) when this runs as a Dask task
         self._watcher = threading.Thread(target=self._watch_stop, name="pipetrain-stop-watch", daemon=True)
         self._watcher.start()
 
@@ -115,6 +116,10 @@ class StageControl:
         # cancelled there and logged as an error.
         unreachable_since: float | None = None
         while not self._closed.wait(0.25):
+            if self._task_released():
+                self.lost_reason = "its Dask task was released (its driver is gone and Dask forgot it)"
+                self._stop_seen.set()
+                return
             try:
                 client = self._metadata_client()
                 if str(getattr(client, "status", "running")) != "running":
@@ -134,6 +139,16 @@ class StageControl:
                     return
 
     lost_reason: str | None = None  # set when the stop came from losing the scheduler, not from the driver
+
+    def _task_released(self) -> bool:
+        """Whether the worker no longer runs this stage's task for anyone: its driver's
+        client went away and Dask cancelled or forgot it, while this thread, which
+        Dask cannot kill, trains on. A stage that notices stops, as on its stop flag."""
+        if self._task is None:
+            return False
+        worker, key = self._task
+        state = worker.state.tasks.get(key)
+        return state is None or state.state in ("cancelled", "released", "forgotten")
 
     def report(self, message: Report) -> None:
         """Send ``message`` (a ``runtime.messages`` report) from the courier thread."""
@@ -169,6 +184,17 @@ class StageControl:
                     self._reports.put(CourierError(self.names.generation, None, error=repr(e)).to_wire())
                 except Exception:
                     pass
+
+
+def _current_task() -> tuple[Any, str] | None:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        key = worker.get_current_task()
+    except (ImportError, ValueError, AttributeError):
+        return None
+    return (worker, key) if key is not None else None
 
 
 class DriverControl:

@@ -7,7 +7,9 @@ workers have joined.
 
 The rules, in order of strength:
 
-1. A worker listed in `exclude` (known dead) or not `running` is never used.
+1. A worker listed in `exclude` (known dead, or a driver's own), one not
+   `running`, or one declaring the `pipetrain-driver` resource (kept for the
+   drivers of detached jobs, `pipetrain submit`) is never used.
 2. If any worker declares the resource (`dask worker --resources GPU=1`), only
    such workers are candidates; a cluster where none declares it (a laptop, a
    CPU cluster) uses all of its workers. `require_resource=True` turns the
@@ -45,6 +47,10 @@ __all__ = [
     "wait_for_placement_async",
     "workers_from_scheduler_info",
 ]
+
+
+# A worker declaring this resource runs the drivers of detached jobs, never a stage.
+DRIVER_RESOURCE = "pipetrain-driver"
 
 
 class PlacementError(RuntimeError):
@@ -125,7 +131,7 @@ def place(
     stages = [need.stage for need in needs]
     if len(set(stages)) != len(stages):
         raise ValueError(f"stage ids repeat in the needs: {stages}")
-    excluded = set(exclude)
+    excluded = set(exclude) | {w.address for w in workers if w.resources.get(DRIVER_RESOURCE, 0) > 0}
     declares = [w for w in workers if resource and w.resources.get(resource, 0) > 0]
     by_resource = bool(resource) and (bool(declares) or require_resource)
     candidates = sorted(
@@ -217,8 +223,10 @@ def _explain(workers, needs, *, resource, by_resource, excluded, placed, stuck) 
 
 
 def _why_unused(worker, resource, by_resource, excluded, placed) -> str:
+    if worker.resources.get(DRIVER_RESOURCE, 0) > 0:
+        return f" -- reserved for drivers ({DRIVER_RESOURCE})"
     if worker.address in excluded:
-        return " -- excluded (known dead)"
+        return " -- excluded (known dead, or a driver's own)"
     if worker.status != "running":
         return f" -- not running ({worker.status})"
     if by_resource and worker.resources.get(resource, 0) <= 0:

@@ -219,35 +219,53 @@ class _FakeClient:
         return self.cancel if keys[-1] == "cancel" else default
 
 
-def _detached_driver(monkeypatch, client):
+def _supervisor(monkeypatch, client):
     import distributed
 
-    from pipetrain.detached_driver import _driver_subclass
+    from pipetrain.detached_driver import _DriverTaskSupervisor
 
     monkeypatch.setattr(distributed, "get_worker", lambda: SimpleNamespace(address="tcp://me:1"))
-    driver = object.__new__(_driver_subclass())  # no cluster: only the overridden calls are exercised
-    driver.client, driver.plan, driver.progress = client, SimpleNamespace(job_id="j1"), SimpleNamespace(
-        note=lambda text: None)
+    return _DriverTaskSupervisor(client, "j1")
+
+
+def _driver_with(supervisor):
+    from pipetrain.runtime.driver import Driver
+
+    driver = object.__new__(Driver)  # no cluster: only placement and the poll's stop check are exercised
+    driver.plan = SimpleNamespace(job_id="j1", supervisor=supervisor, partition=SimpleNamespace(stages=[]), poll=0.0,
+                                  scheduler_timeout=1.0,
+                                  spec=SimpleNamespace(cluster=SimpleNamespace(resource="GPU", placement_timeout=1)))
+    driver.client, driver.progress, driver._stop_asked = None, SimpleNamespace(note=lambda text: None), False
     return driver
 
 
 def test_the_detached_drivers_placement_spares_its_own_worker_and_every_driver_worker(monkeypatch):
     from pipetrain.runtime import core_events as ev
-    from pipetrain.runtime.driver import Driver
+    from pipetrain.runtime import placement
 
     asked = []
-    monkeypatch.setattr(Driver, "_place", lambda self, i: asked.append(i.exclude))
-    _detached_driver(monkeypatch, _FakeClient())._place(ev.Place(exclude=frozenset({"tcp://dead:4"}), previous={}))
+
+    def wait_for_placement(client, needs, *, resource, timeout, exclude):
+        asked.append(frozenset(exclude))
+        return SimpleNamespace(stage_workers={}, spares=())
+
+    monkeypatch.setattr(placement, "wait_for_placement", wait_for_placement)
+    supervisor = _supervisor(monkeypatch, _FakeClient())
+    assert supervisor.reserved_workers() == {"tcp://me:1", "tcp://drivers:2"}
+    _driver_with(supervisor)._place(ev.Place(exclude=frozenset({"tcp://dead:4"}), previous={}))
     assert asked == [frozenset({"tcp://dead:4", "tcp://me:1", "tcp://drivers:2"})]
 
 
 def test_a_cancel_request_reaches_the_core_once_as_an_interrupt(monkeypatch):
     from pipetrain.runtime import core_events as ev
-    from pipetrain.runtime.driver import Driver
 
-    monkeypatch.setattr(Driver, "_poll", lambda self, include_members: [ev.Tick(now=0.0)])
-    driver = _detached_driver(monkeypatch, _FakeClient(cancel=True))
-    first = driver._poll(include_members=False)
-    driver._cancel_checked = 0.0  # as if a second had passed
-    assert [type(e) for e in first] == [ev.Tick, ev.Interrupted]
-    assert [type(e) for e in driver._poll(include_members=False)] == [ev.Tick]
+    assert not _supervisor(monkeypatch, _FakeClient()).stop_requested()
+    driver = _driver_with(_supervisor(monkeypatch, _FakeClient(cancel=True)))
+    driver.futures, driver._ended, driver._unreachable_since = {}, set(), None
+    driver.core = SimpleNamespace(generation=0)
+    monkeypatch.setattr(driver, "_check_scheduler", lambda: None, raising=False)
+    monkeypatch.setattr(driver, "_control", lambda g: SimpleNamespace(drain=lambda **kw: []), raising=False)
+    monkeypatch.setattr(driver, "_alive", lambda: set(), raising=False)
+    first = driver._poll(include_members=True)
+    assert [type(e) for e in first] == [ev.WorkersChanged, ev.Interrupted, ev.Tick]
+    assert [type(e) for e in driver._poll(include_members=True)] == [ev.WorkersChanged, ev.Tick]
