@@ -148,3 +148,16 @@ def test_train_submits_to_a_running_scheduler(tmp_path):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_the_configs_cluster_scheduler_is_where_the_job_runs(client, tmp_path, capsys):
+    """[cluster] scheduler in the TOML (it used to be read by nothing): no --scheduler needed."""
+    from pipetrain.cli import main
+
+    run_dir, config = tmp_path / "run", tmp_path / "job.toml"
+    config.write_text(SLEEP_CONFIG.format(run_dir=run_dir).replace(
+        "[cluster]\n", f'[cluster]\nscheduler = "{client.scheduler.address}"\n'))
+    assert main(["train", str(config), "-q"]) == 0
+    assert f"on Dask ({client.scheduler.address})" in capsys.readouterr().out
+    placed = [r for r in _metrics(run_dir) if r["type"] == "placement"]
+    assert placed and set(placed[0]["workers"].values()) <= set(client.scheduler_info()["workers"])
