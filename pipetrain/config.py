@@ -12,11 +12,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from pipetrain.errors import PipetrainError
 from pipetrain.optim import ASYNC_SCHEDULES, CORRECTIONS, Optimizer
 from pipetrain.schedule.schedule import SCHEDULES
 
 
-class ConfigError(ValueError):
+class ConfigError(PipetrainError, ValueError):
     pass
 
 

@@ -6,10 +6,13 @@ and work the next time; a stage's own computation on its data fails the same
 way every time, and so does a checkpoint that cannot be written. The job core
 (``runtime/core.py``) asks ``is_retryable`` and never looks at class names.
 
-Classes outside this module still derive from ``RuntimeError``/``ValueError``
-alone (the transport's, the checkpoint store's, ``links.Stopped``):
-``is_retryable`` recognises them by ``isinstance`` until they derive from the
-bases here (see ``_machinery_types``).
+Every error pipetrain raises derives from ``PipetrainError`` (and from the
+builtin a caller would expect: ``ValueError`` for bad input, ``RuntimeError``
+otherwise): the transport's and ``links.Stopped`` are ``RetryableError``s,
+``StaleGenerationError`` says it is retryable, the config's, the schedule's,
+placement's, the checkpoint store's and a stage's boundary check are not.
+Errors from outside (Python's, Dask's) are judged by their type
+(``_machinery_types``).
 """
 from __future__ import annotations
 
@@ -119,16 +122,8 @@ def is_worker_death(error: BaseException | None) -> bool:
 
 @functools.cache
 def _machinery_types() -> tuple[type[BaseException], ...]:
-    """The errors of the machinery that do not derive from ``RetryableError`` (yet).
-
-    Imported lazily: the transport and the checkpoint store import nothing
-    from here, and distributed may be absent where the core is tested.
-    Should later derive from ``RetryableError``: ``transport_errors.TransportError``
-    (and so ``PeerLost``, ``TransportTimeout``), ``links.Stopped``,
-    ``stage_hooks.StopRequested``, ``manifest.StaleGenerationError`` (whose base
-    ``CheckpointError`` should derive from ``PipetrainError``, not retryable,
-    as should ``worker.CheckpointUnwritable``).
-    """
+    """The errors from outside pipetrain that a restart may cure (distributed's imported
+    lazily: it may be absent where the core is tested)."""
     found: list[type[BaseException]] = [
         asyncio.CancelledError,  # a BaseException: a cancelled task or wait, not the stage's maths
         TimeoutError,
@@ -136,9 +131,6 @@ def _machinery_types() -> tuple[type[BaseException], ...]:
         MemoryError,  # the worker's memory, not the data: another worker may have enough
     ]
     for module, name in [
-        ("pipetrain.runtime.transport_errors", "TransportError"),
-        ("pipetrain.runtime.links", "Stopped"),
-        ("pipetrain.checkpoint.manifest", "StaleGenerationError"),
         ("distributed", "KilledWorker"),
         ("distributed.comm.core", "CommClosedError"),
     ]:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from pipetrain.errors import PipetrainError
+
 # What safetensors.numpy can store natively (its _TYPES table).
 _NATIVE = frozenset(
     ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
@@ -24,7 +26,7 @@ _DTYPES_KEY = "pipetrain.dtypes"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(PipetrainError, ValueError):
     """Bytes that are not a shard pipetrain wrote (or a tensor it cannot store)."""
 
 

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pipetrain.errors import PipetrainError
+
 FORMAT = "pipetrain-checkpoint/1"
 MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
@@ -32,12 +34,14 @@ RESERVED_KEYS = frozenset(
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PipetrainError, RuntimeError):
     """A checkpoint operation that cannot proceed; the message names the file."""
 
 
 class StaleGenerationError(CheckpointError):
     """A writer from an older generation tried to write into a newer run."""
+
+    retryable = True  # a stage of an old generation: the new one writes there instead
 
 
 class CheckpointCorruptError(CheckpointError):

@@ -22,6 +22,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from pipetrain.errors import PipetrainError
+
 __all__ = ["CheckpointMissedRecord", "CheckpointRecord", "CheckpointRequestRecord", "EndRecord", "ErrorRecord",
            "FailedRecord", "InterruptedRecord", "MetricsFormatError", "PlacementRecord", "Record",
            "RecoveredRecord", "RecoveryRecord", "ResumeRecord", "StartRecord", "StepRecord", "UnknownRecord",
@@ -30,7 +32,7 @@ __all__ = ["CheckpointMissedRecord", "CheckpointRecord", "CheckpointRequestRecor
 R = TypeVar("R", bound="Record")
 
 
-class MetricsFormatError(ValueError):
+class MetricsFormatError(PipetrainError, ValueError):
     """A line of a metrics log that is not a record (the message names the file and the line)."""
 
 

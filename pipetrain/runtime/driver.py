@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, short_error
+from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, RetryableError, StageLost, short_error
 from pipetrain.observe.progress import MetricsLog, Progress
 from pipetrain.runtime import core_events as ev
 from pipetrain.runtime.control import ControlNames, DriverControl
@@ -34,7 +34,7 @@ from pipetrain.runtime.worker import StageJob, run_stage
 __all__ = ["CheckpointDirInUse", "Driver", "JobFailed", "JobInterrupted", "JobPlan", "RunOutcome", "StageLost"]
 
 
-class SchedulerUnreachable(RuntimeError):
+class SchedulerUnreachable(RetryableError, RuntimeError):
     """A call to the scheduler failed, or the client has been cut off from it too long."""
 
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from pipetrain.runtime import wire
+from pipetrain.errors import RetryableError
 from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD, Endpoint, Kind as Wire, TransportTimeout
 from pipetrain.schedule.actions import Kind
 from pipetrain.stages.tensors import to_numpy
@@ -29,7 +30,7 @@ _WIRE_KIND = {Kind.RECV_ACT: Wire.ACTIVATION, Kind.SEND_ACT: Wire.ACTIVATION,
               Kind.RECV_GRAD: Wire.GRADIENT, Kind.SEND_GRAD: Wire.GRADIENT}
 
 
-class Stopped(RuntimeError):
+class Stopped(RetryableError, RuntimeError):
     """The driver stopped this generation (a recovery is under way)."""
 
 

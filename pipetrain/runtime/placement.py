@@ -36,6 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipetrain.errors import PipetrainError
+
 __all__ = [
     "Placement",
     "PlacementError",
@@ -53,7 +55,7 @@ __all__ = [
 DRIVER_RESOURCE = "pipetrain-driver"
 
 
-class PlacementError(RuntimeError):
+class PlacementError(PipetrainError, RuntimeError):
     """Not enough suitable workers; the message lists what was found and needed."""
 
 

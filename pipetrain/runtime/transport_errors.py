@@ -8,11 +8,14 @@ them without importing the others. Users import them from
 """
 from __future__ import annotations
 
+from pipetrain.errors import RetryableError
+
 __all__ = ["PeerLost", "Rejected", "TransportError", "TransportTimeout"]
 
 
-class TransportError(RuntimeError):
-    """The transport cannot deliver: closed endpoint, bad address, protocol error."""
+class TransportError(RetryableError, RuntimeError):
+    """The transport cannot deliver: closed endpoint, bad address, protocol error.
+    Retryable: the machinery around the stage failed, not its computation."""
 
 
 class PeerLost(TransportError):

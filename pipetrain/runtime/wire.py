@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipetrain.runtime.transport_errors import Rejected
+from pipetrain.errors import PipetrainError
 from pipetrain.tree import Tree, dtype_name, flatten, paths, unflatten
 
 MAGIC = b"PTW1"
@@ -73,7 +74,7 @@ class Message:
     nbytes: int = field(default=0, compare=False)
 
 
-class BoundaryMismatch(ValueError):
+class BoundaryMismatch(PipetrainError, ValueError):
     """A tree crossing a stage boundary does not match the receiver's spec."""
 
 

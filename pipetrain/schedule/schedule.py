@@ -42,10 +42,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from pipetrain.errors import PipetrainError
 from pipetrain.schedule.actions import COMPUTE, Action, Kind
 
 
-class ScheduleError(ValueError):
+class ScheduleError(PipetrainError, ValueError):
     """A schedule request or a schedule that breaks the rules; the message names the field or action."""
 
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "2bw")

@@ -36,6 +36,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from pipetrain.errors import PipetrainError
+
 Tree = Any  # a pytree of arrays: see pipetrain.tree
 
 
@@ -129,7 +131,7 @@ class SequentialModel(Protocol):
     def build_stage(self, spec: StageSpec, *, optimizer: Any) -> Stage: ...
 
 
-class PartitionError(ValueError):
+class PartitionError(PipetrainError, ValueError):
     """A partition request that cannot be met; the message names the stage/layer."""
 
 
