@@ -109,7 +109,7 @@ def prepare_new_run(cfg: JobConfig, *, config_path: str, overwrite: bool) -> Non
     _refuse_foreign(run_dir, stores, job_problem=problem)
     for store in stores:
         cuts = store.cuts()
-        if cuts and not overwrite:
+        if cuts and not overwrite:  # claim_checkpoints' rule, told in terms of the run directory
             raise ConfigError(_earlier_run(cfg, store, cuts, job, problem, config_path))
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
@@ -122,6 +122,24 @@ def prepare_new_run(cfg: JobConfig, *, config_path: str, overwrite: bool) -> Non
         events.rmdir()
     for store in stores:
         store.clear()
+
+
+def claim_checkpoints(store: Any) -> None:
+    """Let a new run start in checkpoint store ``store`` (``pipetrain.fit``'s driver asks
+    here), or refuse: the one rule for whether a checkpoint directory is in use. One
+    holding another run's step directories is, whatever they hold: the new run's
+    first checkpoint would collide with them after the work up to it was done. One
+    holding at most the generation record of a run that never checkpointed is not,
+    and is emptied (``clear`` deletes only what the store wrote)."""
+    from pipetrain.errors import CheckpointDirInUse
+
+    cuts = store.cuts()
+    if cuts:
+        raise CheckpointDirInUse(
+            f"{store.root} already belongs to a run (generation {store.current_generation()}, checkpoints up to "
+            f"micro-batch {cuts[-1]}): continue it with resume=True (`pipetrain resume RUN_DIR`), or start this "
+            f"one in an empty directory (`pipetrain train CONFIG --overwrite` empties the run directory first)")
+    store.clear()
 
 
 def _stores(cfg: JobConfig) -> list[Any]:

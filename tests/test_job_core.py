@@ -12,10 +12,10 @@ import pytest
 from pipetrain.observe.records import (CheckpointMissedRecord, CheckpointRecord, CheckpointRequestRecord, ErrorRecord,
                                        FailedRecord, InterruptedRecord, PlacementRecord, RecoveredRecord,
                                        RecoveryRecord, ResumeRecord, StepRecord)
-from pipetrain.errors import CheckpointDirInUse, JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death
+from pipetrain.errors import JobFailed, JobInterrupted, StageLost, is_retryable, is_worker_death
 from pipetrain.runtime.core import PEER_LOST_GRACE, JobCore
 from pipetrain.runtime.placement import merge_placement
-from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
+from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, Commit, CommitDone,
                                            CommitFailed, CourierError, CutMissed, Fail, Finish, FirstBackward,
                                            Interrupted, JobSettings, LatestCheckpoint, PeerLostReport, Placed,
                                            Place, PlacementFailed, ReadLatestCheckpoint, RequestCut, SchedulerLost,
@@ -45,7 +45,7 @@ class Job:
         return self.core.generation
 
     def start(self, placement=W, spares=(SPARE,)) -> list:
-        assert kinds(self(Started)) == ["ClearStore", "BeginGeneration", "Place"]
+        assert kinds(self(Started)) == ["BeginGeneration", "Place"]
         return self.place(placement, spares)
 
     def place(self, placement, spares=()) -> Submit:
@@ -411,10 +411,6 @@ def test_resume_starts_after_the_checkpoint_and_stops_the_old_run():
 
 
 def test_what_a_run_refuses_to_start_on():
-    out = Job()(Started, existing_cuts=(4, 8), previous_generation=0)
-    assert kinds(out) == ["Fail"] and out[0].kind is CheckpointDirInUse
-    assert "/ckpt already belongs to a run (generation 0, checkpoints up to micro-batch 8)" in out[0].reason
-    assert Job()(Started, existing_cuts=())[:1] == [ClearStore()]
     assert Job(store=None)(Started, resume=True) == [Fail("resume needs a checkpoint directory")]
     # A resume whose checkpoints all fail verification keeps them and stops.
     out = Job()(Started, resume=True, previous_generation=0, unusable=(("/ckpt/step-0000000008", "sha256 ..."),))

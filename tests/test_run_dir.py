@@ -268,3 +268,22 @@ def test_resume_steps_must_reach_past_the_last_checkpoint(job, capsys):
     store.commit(4, records=[record], generation=0, num_stages=1)
     assert main(["resume", str(run_dir), "--steps", "1"]) == 2
     assert "--steps 1: the run's last checkpoint" in one_error_line(capsys)
+
+
+def test_claim_checkpoints_is_the_one_rule_for_a_store_in_use(tmp_path):
+    """A new run may not start over another's step directories; a lone generation record is cleared."""
+    import numpy as np
+
+    from pipetrain.checkpoint.store import CheckpointStore
+    from pipetrain.errors import CheckpointDirInUse
+    from pipetrain.rundir import claim_checkpoints
+
+    store = CheckpointStore(str(tmp_path / "ck"))
+    store.begin_generation(0)
+    claim_checkpoints(store)
+    assert store.current_generation() is None, "a run that never checkpointed is not in use"
+    store.begin_generation(0)
+    store.write_shard(8, 0, {"w": np.zeros(2, np.float32)}, generation=0)
+    with pytest.raises(CheckpointDirInUse, match="already belongs to a run .*checkpoints up to micro-batch 8"):
+        claim_checkpoints(store)
+    assert store.cuts() == [8], "a refusal touches nothing"

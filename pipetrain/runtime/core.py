@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pipetrain.observe.records import (CheckpointRecord, ErrorRecord, FailedRecord, InterruptedRecord,
                                        PlacementRecord, RecoveredRecord, RecoveryRecord, ResumeRecord)
 from pipetrain.runtime.placement import merge_placement
-from pipetrain.errors import (CheckpointDirInUse, JobInterrupted, StageLost, cannot_write_checkpoints,
+from pipetrain.errors import (JobInterrupted, StageLost, cannot_write_checkpoints,
                               is_retryable, is_worker_death, short_error)
 from pipetrain.runtime.bookkeeping import CutTimer, StepBook
-from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, ClearStore, Commit, CommitDone,
+from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, Commit, CommitDone,
                                            CommitFailed, CourierError, CutMissed, Event, Fail, Finish,
                                            FirstBackward, Instruction, Interrupted, JobSettings, LatestCheckpoint,
                                            Note, PeerLostReport, Place, Placed, PlacementFailed,
@@ -109,14 +109,9 @@ class JobCore:
             return self._resume(ev)
         if s.store is None:
             return self._place(ev.now)
-        if ev.existing_cuts:
-            return self._end(Fail(
-                f"{s.store} already belongs to a run (generation {ev.previous_generation}, checkpoints up to "
-                f"micro-batch {ev.existing_cuts[-1]}): continue it with resume=True (`pipetrain resume RUN_DIR`), "
-                f"or start this one in an empty directory (`pipetrain train CONFIG --overwrite` empties the run "
-                f"directory first)", kind=CheckpointDirInUse))
-        # At most the generation record of a run that never checkpointed: nothing to lose.
-        return [ClearStore(), BeginGeneration(0, 0)] + self._place(ev.now)
+        # Whether a new run may start in this store was decided before it got here
+        # (rundir.claim_checkpoints): it holds no step directory of another run.
+        return [BeginGeneration(0, 0)] + self._place(ev.now)
 
     def _resume(self, ev: Started) -> list[Instruction]:
         s, latest, out = self.settings, ev.latest, []

@@ -95,7 +95,6 @@ class Started(Event):
     """The job begins, with what the checkpoint store says (nothing when there is no store)."""
 
     resume: bool = False
-    existing_cuts: tuple[int, ...] = ()  # store.cuts(): a new run may not start over another's
     previous_generation: int | None = None  # store.current_generation()
     latest: CheckpointView | None = None  # store.latest(), asked on resume
     # On a resume that found no latest: (path, reason) of each step directory
@@ -181,11 +180,6 @@ class Interrupted(Event):
 @dataclass(frozen=True)
 class Instruction:
     pass
-
-
-@dataclass(frozen=True)
-class ClearStore(Instruction):
-    """Empty the checkpoint directory (a new run; it holds at most a generation record)."""
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,11 @@ class Driver:
         unusable = ()
         if resume and latest is None:
             unusable = tuple((c.path, c.reason) for c in store.list() if c.status != "uncommitted")
-        return [ev.Started(resume=resume, existing_cuts=() if resume else tuple(store.cuts()),
+        if not resume:
+            from pipetrain.rundir import claim_checkpoints
+
+            claim_checkpoints(store)
+        return [ev.Started(resume=resume,
                            previous_generation=store.current_generation(), latest=latest, unusable=unusable,
                            now=time.time())]
 
@@ -135,8 +139,6 @@ class Driver:
             self.progress.note(i.text)
         elif isinstance(i, ev.ShowStep):
             self.progress.step(i.step, loss=i.loss, samples_per_s=i.samples_per_s, busy=i.busy)
-        elif isinstance(i, ev.ClearStore):
-            self.store.clear()
         elif isinstance(i, ev.BeginGeneration):
             self.store.begin_generation(i.generation)
             self.store.discard_after(i.cut, generation=i.generation)
