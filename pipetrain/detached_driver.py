@@ -30,7 +30,6 @@ from pipetrain.driver_log import CANCELLED, FAILED, FINISHED, RETRYING, STARTED,
 from pipetrain.runtime.placement import DRIVER_RESOURCE  # noqa: F401 - where detached.py and tests find it
 from pipetrain.errors import JobInterrupted, PipetrainError, is_retryable, short_error
 
-CANCEL_POLL = 1.0  # seconds between the driver's looks at the cancel request
 
 
 def job_key(job_id: str) -> list[str]:

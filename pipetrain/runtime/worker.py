@@ -89,7 +89,9 @@ def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseExceptio
             return None
     elif not (isinstance(error, TransportError) and control.stopped()):
         return None
-    log.info("stage %d of generation %d ended by the driver's stop (%s)", stage, job.generation, text)
+    # Stopped by its driver, or by losing it (the scheduler gone, or its task released).
+    why = control.lost_reason or "the driver's stop"
+    log.info("stage %d of generation %d ended by %s (%s)", stage, job.generation, why, text)
     return {"ended": "stopped", "stage": stage, "generation": job.generation, "reason": text}
 
 
