@@ -22,7 +22,7 @@ from pipetrain.checkpoint.store import CheckpointStore
 from pipetrain.detached import running_tasks, task_state
 from pipetrain.detached_driver import DRIVER_RESOURCE
 from pipetrain.runtime.local import single_thread_env
-from reliability.jobs import EVERY, M, N, STEPS, uninterrupted
+from reliability.jobs import N, job_toml, uninterrupted
 from reliability.processes import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
@@ -30,38 +30,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-CONFIG = """
-run_dir = "{run_dir}"
-
-[model]
-entry = "models.synthetic:SleepSequential"
-kwargs = {{ num_layers = 3, forward_ms = {forward_ms}, backward_ms = {backward_ms}, seed = 7 }}
-
-[data]
-train = "models.synthetic:SleepData"
-kwargs = {{ nbytes = 4096 }}
-eval_microbatches = 0
-
-[partition]
-stages = 3
-method = "uniform"
-
-[schedule]
-name = "pipedream"
-microbatches = {m}
-steps = {steps}
-
-[optimizer]
-name = "sgd"
-lr = 0.05
-
-[checkpoint]
-every = {every}
-keep = 8
-
-[cluster]
-placement_timeout = 30
-"""
 
 
 def _cluster(n_workers: int, *, driver_worker: bool) -> LocalCluster:
@@ -97,8 +65,7 @@ def _pipetrain(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def _submit(client, tmp_path: Path, *, forward_ms: int = 40, backward_ms: int = 80) -> tuple[str, Path]:
     run_dir, config = tmp_path / "run", tmp_path / "job.toml"
-    config.write_text(CONFIG.format(run_dir=run_dir, m=M, steps=STEPS, every=EVERY, forward_ms=forward_ms,
-                                    backward_ms=backward_ms))
+    config.write_text(job_toml(run_dir, forward_ms=forward_ms, backward_ms=backward_ms, keep=8))
     proc = _pipetrain("submit", str(config), "--scheduler", client.scheduler.address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = re.search(r"^job (\w+) submitted", proc.stdout, re.M).group(1)

@@ -20,60 +20,17 @@ import pytest
 
 from pipetrain.detached import running_tasks
 from pipetrain.job import resume_run
-from reliability.jobs import EVERY, M, STEPS, assert_bit_identical, assert_exactly_once
+from reliability.jobs import STEPS, assert_bit_identical, assert_exactly_once, job_toml
 from reliability.processes import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG = """
-run_dir = "{run_dir}"
-
-[model]
-entry = "models.synthetic:SleepSequential"
-kwargs = {{ num_layers = 3, forward_ms = 20, backward_ms = 40, seed = 7 }}
-
-[data]
-train = "models.synthetic:SleepData"
-kwargs = {{ nbytes = 4096 }}
-eval_microbatches = 0
-
-[partition]
-stages = 3
-method = "uniform"
-
-[schedule]
-name = "pipedream"
-microbatches = {m}
-steps = {steps}
-
-[optimizer]
-name = "sgd"
-lr = 0.05
-
-[checkpoint]
-every = {every}
-keep = 3
-
-[cluster]
-placement_timeout = 30
-"""
-
 
 def test_driver_killed_then_resumed(client, tmp_path):
     run_dir = tmp_path / "run"
-    config = tmp_path / "job.toml"
-    config.write_text(CONFIG.format(run_dir=run_dir, m=M, steps=STEPS, every=EVERY))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "pipetrain", "train", str(config), "--scheduler",
-                               client.scheduler.address, "-q"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    committed = run_dir / "checkpoints" / "step-0000000016" / "COMMITTED"
-    deadline = time.time() + 120
-    while not committed.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert driver.poll() is None, f"the driver ended before it could be killed: {driver.stderr.read().decode()}"
+    driver = start_driver_until_committed(client, tmp_path, cut=16)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert not (run_dir / "summary.json").exists()
@@ -115,3 +72,20 @@ def test_a_stage_whose_driver_client_is_gone_stops_on_its_own(client, tmp_path):
         del future
     wait_until(lambda: marker.read_text() != "started", timeout=15, what="the orphaned task to notice")
     assert marker.read_text().startswith("True: its Dask task was released"), marker.read_text()
+
+
+def start_driver_until_committed(client, tmp_path, *, cut: int) -> subprocess.Popen:
+    """`pipetrain train` of the reliability job against ``client``'s cluster, as a
+    subprocess, returned once its checkpoint at ``cut`` is committed."""
+    run_dir, config = tmp_path / "run", tmp_path / "job.toml"
+    config.write_text(job_toml(run_dir))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipetrain", "train", str(config), "--scheduler",
+                               client.scheduler.address, "-q"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    committed = run_dir / "checkpoints" / f"step-{cut:010d}" / "COMMITTED"
+    deadline = time.time() + 120
+    while not committed.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert driver.poll() is None, f"the driver ended before checkpoint {cut}: {driver.stderr.read().decode()}"
+    return driver

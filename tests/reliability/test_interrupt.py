@@ -6,18 +6,14 @@ stderr that says it was interrupted and how to resume, no traceback, no
 stage task left running on the cluster, and a resume that ends exactly
 where the uninterrupted run ends.
 """
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from pipetrain.job import resume_run
-from reliability.jobs import EVERY, M, STEPS, assert_bit_identical, assert_exactly_once
+from reliability.jobs import assert_bit_identical, assert_exactly_once
 from reliability.processes import wait_until
-from reliability.test_driver_kill import CONFIG, ROOT
+from reliability.test_driver_kill import start_driver_until_committed
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 
@@ -28,17 +24,7 @@ def _stage_tasks(client) -> list:
 
 def test_ctrl_c_stops_the_stages_and_says_how_to_resume(client, tmp_path):
     run_dir = tmp_path / "run"
-    config = tmp_path / "job.toml"
-    config.write_text(CONFIG.format(run_dir=run_dir, m=M, steps=STEPS, every=EVERY))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "pipetrain", "train", str(config), "--scheduler",
-                               client.scheduler.address, "-q"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    committed = run_dir / "checkpoints" / "step-0000000016" / "COMMITTED"
-    deadline = time.time() + 120
-    while not committed.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert driver.poll() is None, f"the driver ended before it could be interrupted: {driver.stderr.read().decode()}"
+    driver = start_driver_until_committed(client, tmp_path, cut=16)
     assert _stage_tasks(client), "no stage task is running"
     driver.send_signal(signal.SIGINT)
     stderr = driver.communicate(timeout=60)[1].decode()
