@@ -1,4 +1,4 @@
-"""`pipetrain train | resume | submit | status | logs | cancel | simulate | partition | trace | report`.
+"""`pipetrain train | resume | submit | status | logs | cancel | simulate | partition | trace | report | export`.
 
 Each subcommand parses its arguments and hands over to the module that does
 the work; errors the user can fix (a bad config field, an unknown schedule)
@@ -140,6 +140,14 @@ def _report(args: argparse.Namespace) -> int:
     return report_command(args.run_dir)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipetrain.export import describe, export
+
+    print(describe(export(args.run_dir, args.out, fmt=args.format, step=args.step,
+                          with_optimizer=args.with_optimizer, overwrite=args.overwrite)))
+    return 0
+
+
 def _call_with_accepted(fn, kwargs: dict):
     """Call ``fn`` with those of the builder's keyword arguments it accepts
     (``example_input(context=...)`` shares some with ``build``, not all)."""
@@ -239,6 +247,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="loss and throughput plots of a run")
     p.add_argument("run_dir")
     p.set_defaults(run=_report)
+
+    p = sub.add_parser("export", help="merge a committed checkpoint's stage shards into one artifact")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="the file to write")
+    p.add_argument("--format", required=True, choices=("safetensors", "torch", "flax", "keras"))
+    p.add_argument("--step", type=int, default=None, metavar="K",
+                   help="the checkpoint at step K (default: the newest that verifies)")
+    p.add_argument("--with-optimizer", action="store_true", help="add the optimizer state (safetensors only)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=_export)
     return ap
 
 
