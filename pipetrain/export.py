@@ -128,8 +128,10 @@ def merge(run_dir: str, *, step: int | None = None, with_optimizer: bool = False
         for name, array in _latest_weights(state, s, path).items():
             name = prefix + name
             if name in owner:
-                raise ExportError(f"{path}: stages {owner[name]} and {s} both hold a parameter {name!r}; cannot "
-                                  f"merge them into one artifact")
+                if np.array_equal(weights[name], array):  # one tied parameter, kept by both stages
+                    continue
+                raise ExportError(f"{path}: stages {owner[name]} and {s} both hold a parameter {name!r}, with "
+                                  f"different values; cannot merge them into one artifact")
             owner[name] = s
             weights[name] = array
         if with_optimizer:

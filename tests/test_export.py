@@ -91,7 +91,7 @@ def jax_apply(model, params, x):
 
 
 @pytest.mark.slow
-def test_safetensors_of_a_jax_model_holds_its_layer_paths_and_the_newest_weights(tmp_path):
+def test_safetensors_of_a_jax_model_holds_its_layer_paths_and_the_newest_weights(tmp_path, capsys):
     from safetensors.numpy import load_file
 
     from pipetrain.export_formats import nested
@@ -116,6 +116,13 @@ def test_safetensors_of_a_jax_model_holds_its_layer_paths_and_the_newest_weights
     opt = sorted(n for n in t1 if n.startswith("optimizer/"))
     assert opt and {n.split("/")[1] for n in opt} == {"stage0", "stage1"}
     assert any(n.endswith("mu/dense0/w") for n in opt)
+
+    # the CLI: the same export, one line saying what it wrote
+    from pipetrain.cli import main
+
+    assert main(["export", str(run), str(tmp_path / "cli.safetensors"), "--format", "safetensors"]) == 0
+    assert "wrote " in capsys.readouterr().out
+    assert load_file(str(tmp_path / "cli.safetensors")).keys() == tensors.keys()
 
 
 @pytest.mark.slow
@@ -217,3 +224,42 @@ def test_mixed_models_export_only_as_safetensors(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"mixed-framework model \(jax, torch\): a mixed model exports only as "
                                           r"--format safetensors"):
         export_module.export(str(tmp_path), str(tmp_path / "m.pt"), fmt="torch")
+
+
+@pytest.mark.slow
+def test_safetensors_of_a_mixed_model_loads_part_by_part(tmp_path):
+    """JAX -> torch -> Keras (models/mixed.py): each part's tensors under part{i}/, in that
+    part's own names; loaded into each part's unpartitioned model and chained, the loss
+    is the pipeline's."""
+    pytest.importorskip("tensorflow")
+    import torch
+    from safetensors.numpy import load_file
+
+    from pipetrain.export_formats import nested, unpartitioned_torch
+    from pipetrain.stages.tf_stage import _variable_names
+
+    run, model, stages, x = make_run(tmp_path, "models.mixed:build", {}, [2, 4])
+    y = np.arange(len(x)) % 4
+    out = tmp_path / "mixed.safetensors"
+    with pytest.raises(ExportError, match="mixed-framework model .*only as --format safetensors"):
+        export(str(run), str(tmp_path / "m.weights.h5"), fmt="keras")
+    assert export(str(run), str(out), fmt="safetensors").framework == "mixed"
+    tensors = load_file(str(out))
+    parts = {}
+    for name, a in tensors.items():
+        part, _, local = name.partition("/")
+        parts.setdefault(part, {})[local] = a
+    assert sorted(parts) == ["part0", "part1", "part2"]
+    jax_part, torch_part, keras_part = model.parts
+    h = jax_apply(jax_part, nested(parts["part0"]), x)
+    whole = unpartitioned_torch(torch_part)
+    whole.load_state_dict({k: torch.from_numpy(v) for k, v in parts["part1"].items()}, strict=True)
+    with torch.no_grad():
+        h = whole(torch.from_numpy(h)).numpy()
+    for i in range(len(keras_part)):
+        layer, _ = keras_part.make_layer(i, h)
+        for name, variable in zip(_variable_names(i, layer), layer.trainable_variables):
+            variable.assign(parts["part2"][name])
+        h = np.asarray(layer(h))
+    loss = float(keras_part.loss(h, y))
+    assert loss == pytest.approx(pipeline_output(stages, x, y), rel=1e-5)
