@@ -263,3 +263,10 @@ def test_safetensors_of_a_mixed_model_loads_part_by_part(tmp_path):
         h = np.asarray(layer(h))
     loss = float(keras_part.loss(h, y))
     assert loss == pytest.approx(pipeline_output(stages, x, y), rel=1e-5)
+
+
+def test_export_imports_no_framework():
+    code = ("import sys, pipetrain.export, pipetrain.export_formats; "
+            "print([m for m in ('jax', 'torch', 'tensorflow', 'keras', 'flax') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
