@@ -113,20 +113,20 @@ def _security(tls_dir: str | None):
 
 def pipetrain_echo(to_client: mp.Queue, from_client: mp.Queue, backend: str, tls_dir: str | None,
                    secret: bytes) -> None:
-    from pipetrain.runtime.transport import Endpoint, Kind
+    from pipetrain.runtime.transport import Endpoint, MessageKind
 
     with Endpoint.start(stage=1, secret=secret, backend=backend, security=_security(tls_dir),
                         credits=CREDITS) as endpoint:
         to_client.put(endpoint.address)
         back = endpoint.connect(queue_get(from_client), peer_stage=0)
         while True:
-            message = endpoint.get(Kind.ACTIVATION, None, timeout=120)
+            message = endpoint.get(MessageKind.ACTIVATION, None, timeout=120)
             if message.tree is None:
                 break
             if message.info == "last":
-                back.put(Kind.CONTROL, message.k, timeout=120)
+                back.put(MessageKind.CONTROL, message.k, timeout=120)
             elif message.info != "no-echo":
-                back.put(Kind.GRADIENT, message.k, message.tree, timeout=120)
+                back.put(MessageKind.GRADIENT, message.k, message.tree, timeout=120)
         back.wait_acked(timeout=30)
 
 
@@ -136,9 +136,9 @@ def queue_get(queue: mp.Queue) -> str:
 
 class PipetrainClient:
     def __init__(self, address: str, to_echo: mp.Queue, backend: str, tls_dir: str | None, secret: bytes):
-        from pipetrain.runtime.transport import Endpoint, Kind
+        from pipetrain.runtime.transport import Endpoint, MessageKind
 
-        self.kind = Kind
+        self.kind = MessageKind
         self.endpoint = Endpoint.start(stage=0, secret=secret, backend=backend, security=_security(tls_dir),
                                        credits=CREDITS)
         self.channel = self.endpoint.connect(address, peer_stage=1)  # the handshake, once per connection

@@ -30,8 +30,8 @@ def test_retryable_is_what_a_restart_could_cure():
     from pipetrain.checkpoint.manifest import CheckpointCorruptError, StaleGenerationError
     from pipetrain.config import ConfigError
     from pipetrain.runtime.links import Stopped
-    from pipetrain.runtime.transport_errors import PeerLost, Rejected, TransportTimeout
-    from pipetrain.runtime.wire import BoundaryMismatch
+    from pipetrain.runtime.transport import PeerLost, Rejected, TransportTimeout
+    from pipetrain.runtime.transport.wire import BoundaryMismatch
     from pipetrain.runtime.worker import CheckpointUnwritable
 
     for error in (PeerLost("x"), TransportTimeout("x"), Rejected("x"), Stopped("x"), StaleGenerationError("x"),

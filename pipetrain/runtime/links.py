@@ -19,15 +19,15 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from pipetrain.runtime import wire
 from pipetrain.errors import RetryableError
-from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD, Endpoint, Kind as Wire, TransportTimeout
+from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD, Endpoint, MessageKind, TransportTimeout, wire
 from pipetrain.schedule.actions import Kind
 from pipetrain.stages.tensors import to_numpy
 from pipetrain.tree import flatten
 
-_WIRE_KIND = {Kind.RECV_ACT: Wire.ACTIVATION, Kind.SEND_ACT: Wire.ACTIVATION,
-              Kind.RECV_GRAD: Wire.GRADIENT, Kind.SEND_GRAD: Wire.GRADIENT}
+# What each of the schedule's transfer actions moves on the wire.
+_WIRE_KIND = {Kind.RECV_ACT: MessageKind.ACTIVATION, Kind.SEND_ACT: MessageKind.ACTIVATION,
+              Kind.RECV_GRAD: MessageKind.GRADIENT, Kind.SEND_GRAD: MessageKind.GRADIENT}
 
 
 class Stopped(RetryableError, RuntimeError):

@@ -29,8 +29,8 @@ from models.synthetic import SleepData, SleepSequential
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
-from pipetrain.runtime import wire
-from pipetrain.runtime.handshake import Credentials, offer
+from pipetrain.runtime.transport import wire
+from pipetrain.runtime.transport.handshake import Credentials, offer
 from pipetrain.runtime.links import payload_bound
 from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD
 from pipetrain.stages.base import TensorSpec
@@ -79,7 +79,7 @@ class _BlockingIO:  # the real handshake's connector side, over an attacker's bl
 
 def _forged_gradient() -> bytes:
     """A GRADIENT for micro-batch 20, from "stage 1", well-formed per wire.py."""
-    message = wire.Message(kind=wire.Kind.GRADIENT, k=20, tree=np.full(DATA.shape, 1e6, np.float32), stage=1)
+    message = wire.Message(kind=wire.MessageKind.GRADIENT, k=20, tree=np.full(DATA.shape, 1e6, np.float32), stage=1)
     return b"".join(bytes(frame) for frame in wire.frames(*wire.encode(message, 0)))
 
 

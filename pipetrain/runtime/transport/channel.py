@@ -1,7 +1,7 @@
 """The sending side of one edge: ``Channel``, with its credits and unacknowledged trees.
 
-``transport.Endpoint.connect`` makes one per peer (after the handshake) and
-is where users get it; see ``transport.py`` for flow control and fencing.
+``Endpoint.connect`` makes one per peer (after the handshake) and is where
+users get it; see the package's docstring for flow control and fencing.
 A channel belongs to the generation it shook hands for and stamps it on
 every message, whatever its endpoint's generation later becomes.
 """
@@ -12,9 +12,9 @@ import itertools
 import threading
 from typing import Any
 
-from pipetrain.runtime import wire
-from pipetrain.runtime.transport_errors import PeerLost, TransportError, TransportTimeout
-from pipetrain.runtime.wire import Kind, Message
+from pipetrain.runtime.transport import wire
+from pipetrain.runtime.transport.errors import PeerLost, TransportError, TransportTimeout
+from pipetrain.runtime.transport.wire import Message, MessageKind
 
 __all__ = ["Channel"]
 
@@ -40,7 +40,7 @@ class Channel:
 
     def put(
         self,
-        kind: Kind,
+        kind: MessageKind,
         k: int,
         tree: Any = None,
         *,
@@ -54,8 +54,8 @@ class Channel:
         (its ``get`` returned); the channel keeps ``tree`` alive until then.
         """
         ep = self._endpoint
-        message = Message(kind=kind if type(kind) is Kind else Kind(kind), k=k, tree=tree, version=version,
-                          stage=ep.stage, generation=self.generation, info=info)
+        message = Message(kind=kind if type(kind) is MessageKind else MessageKind(kind), k=k, tree=tree,
+                          version=version, stage=ep.stage, generation=self.generation, info=info)
         with self._cond:
             ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
             if self._error:
@@ -98,11 +98,11 @@ class Channel:
         if self._closing:
             return
         self._closing = True
-        self._link.write(wire.control_meta(Kind.BYE, -1, self.generation, self._endpoint.stage), [])
+        self._link.write(wire.control_meta(MessageKind.BYE, -1, self.generation, self._endpoint.stage), [])
         self._link.close()
 
     def _on_message(self, link: Any, meta: dict, payload: Any) -> None:
-        if meta["kind"] == Kind.ACK:
+        if meta["kind"] == MessageKind.ACK:
             self._acked(meta["seq"])
 
     def _on_closed(self, link: Any, error: Exception | None) -> None:

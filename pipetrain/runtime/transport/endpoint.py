@@ -1,101 +1,8 @@
-"""Stage-to-stage transport: authenticated, bounded stage ports with credit flow control, over tcp:// or tls://.
+"""``Endpoint``: a stage process's transport, and the choice of its backend.
 
-One ``Endpoint`` per stage process listens on an address and opens one
-outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
-``(generation, stage, kind, k, version)`` and a pytree of host arrays.
-The API faces the stage's compute thread and blocks there; an asyncio event
-loop in a background thread of the endpoint only moves bytes::
-
-    ep = Endpoint.start(stage=1, secret=job.secret, job_id=job.job_id)  # ep.address -> peers
-    to_next = ep.connect(address_of_stage_2, peer_stage=2)   # once per peer: the handshake
-    x = ep.get(Kind.ACTIVATION, k, timeout=60).tree      # blocks, any arrival order
-    to_next.put(Kind.ACTIVATION, k, y, version=v)        # blocks while out of credit
-
-Who may talk to a stage port: a connection is admitted only after the
-handshake (``handshake.py``) proved, with an HMAC on the job's secret, that
-it comes from this job, this generation and a neighbouring stage; nothing
-else is read from it before. Then it may carry only what its edge carries:
-stage s takes ACTIVATION only from stage s - 1's connection and GRADIENT only
-from s + 1's (CONTROL from either); every frame's declared sizes are checked
-before anything is allocated (``wire.MAX_META`` for the meta,
-``max_payload`` for the payload, per sending stage; the runtime derives it
-from the partition's boundary specs, see ``links.py``). A second message for
-a (kind, k) that is buffered, or for one already taken in this generation,
-is a protocol violation. Whatever fails a check is dropped, logged (a
-warning naming the peer and why, rate-limited) and counted
-(``stats["rejected_connections"]``, ``stats["rejected_frames"]``); it never
-becomes a peer loss and never displaces a real message. Only an admitted
-peer whose connection drops without a goodbye is lost.
-
-Flow control: a channel has ``credits`` messages in flight at most; ``put``
-blocks in the compute thread until the receiver's ``get`` of an earlier one
-returns a credit (an ACK frame). The channel keeps every sent tree until its
-ACK, so no send buffer is reused early; ``put`` returns a future that
-resolves on that ACK for callers that recycle buffers. A dropped frame is
-acknowledged too, so a sender's credit never leaks.
-
-Fencing: the owner sets the generation (``set_generation``, bumped by the
-runtime on recovery). A connection belongs to the generation it shook hands
-for; messages older than the endpoint's are dropped, counted in
-``stats["dropped_stale"]``, and acknowledged at once so the old sender's
-credit still comes back. New connections for another generation are refused.
-
-Failures never hang: a peer whose connection drops without a goodbye makes
-``get`` (when its message is not already there) and ``put`` raise
-``PeerLost``; every wait takes a timeout and raises ``TransportTimeout``
-naming the stage and what it waited for.
-
-Backends (same interface, ``backend=``):
-
-- ``"stream"`` (default): the wire framing (``wire.py``). Plain tcp:// runs
-  on a non-blocking socket: the calling thread sends what the kernel takes
-  at once (a memoryview of the caller's arrays, under a lock), the loop
-  thread sends any remainder and reads straight into pooled buffers; leaves
-  are numpy views on them. tls:// runs on asyncio's SSL transport with the
-  cluster's ``Security`` contexts (``get_listen_args("worker")`` /
-  ``get_connection_args("worker")``), mutual TLS first, then the handshake
-  inside it; same framing and receive path.
-- ``"dask"``: ``distributed.comm`` connect/listen (its tcp/tls framing and
-  serialization); the baseline, and a way to distributed's other comms. It
-  runs the same handshake, but distributed.comm reads a whole message (and
-  allocates what its prefix declares, and unpickles what it says is pickled)
-  before any code of ours can refuse it, so no check on top can protect it.
-  It therefore listens on loopback only, for benchmarks; the runtime always
-  uses "stream".
-
-Why "stream" is the default: ``bench/transport.py``, two processes on
-loopback, 2-core VM under other load, two runs (ratio = GB/s over a plain
-blocking socket pair's in the same run):
-
-    payload   streaming, credits=4        ping-pong (2 x payload / RTT)
-              stream      dask comm       stream      dask comm
-    1 MiB     0.78-0.87   0.52-0.58       0.43-0.56   0.31-0.34
-    16 MiB    1.03-1.25   0.54-0.83       0.80-1.02   0.38-0.88
-    64 MiB    1.34-1.48   0.85-1.11       1.23-1.35   0.20-0.40
-    4 KiB RTT 0.17-0.25 ms (socket pair 0.03 ms; dask comm 0.57-0.59 ms)
-
-The stream transport clears the 0.7 bar from 1 MiB up in streaming, the
-way a pipeline uses an edge; distributed.comm does not at 1 MiB. A lone
-1 MiB ping-pong stays below 0.7: each message costs a fixed ~0.1 ms more
-than a bare socket, the wake-up of the thread that waits in ``get``, which
-credits overlap in a pipeline. (Ratios above 1: the blocking socket pair
-wakes per arriving segment; it is a reference, not a ceiling.) tls:// moves
-0.5-0.7 GB/s at 16-64 MiB, bound by encryption in asyncio's SSL layer. The
-handshake costs one round trip per connection, never per message.
-
-Why a loop thread of our own rather than the Dask worker's loop: the worker's
-loop carries heartbeats and the scheduler stream; reading a 64 MiB activation
-or encrypting it on that loop would stall both, and a private loop lets the
-same code run in tests, benchmarks and the reference executor with no worker.
-The cost is the thread wake-up above.
-
-Layout: this module holds ``Endpoint`` (fencing, the rules a frame must
-pass, losses) and is the one to import; ``Channel`` (credits) is in
-``transport_channel.py``, the inbox in ``transport_inbox.py``, opening
-connections (listen, connect, per backend) in ``transport_open.py``, the
-handshake in ``handshake.py``, the loop thread and the links that move bytes
-in ``transport_links.py``, the errors in ``transport_errors.py`` (re-exported
-here).
+What an endpoint guarantees (who may talk to its port, flow control,
+fencing, losses) is told in the package's docstring (``__init__.py``); how
+its backends open connections, in ``backend.py``.
 """
 from __future__ import annotations
 
@@ -108,33 +15,19 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from pipetrain.runtime import wire
-from pipetrain.runtime.handshake import TIMEOUT as HANDSHAKE_TIMEOUT, Admitted, Credentials
-from pipetrain.runtime.transport_errors import (
-    PeerLost,
-    Rejected,
-    TransportError,
-    TransportTimeout,
-)
-from pipetrain.runtime.transport_channel import Channel
-from pipetrain.runtime.transport_inbox import Inbox
-from pipetrain.runtime.transport_links import LoopThread
-from pipetrain.runtime.transport_open import Listener, connect as open_link
-from pipetrain.runtime.wire import BoundaryMismatch, Kind, Message, check_boundary
+from pipetrain.runtime.transport import wire
+from pipetrain.runtime.transport.backend import Backend, Inbound, Outbound, check_address, ssl_context
+from pipetrain.runtime.transport.channel import Channel
+from pipetrain.runtime.transport.dask_comm import DaskCommBackend
+from pipetrain.runtime.transport.errors import PeerLost, Rejected, TransportError, TransportTimeout
+from pipetrain.runtime.transport.handshake import TIMEOUT as HANDSHAKE_TIMEOUT, Admitted, Credentials, Gate, offer
+from pipetrain.runtime.transport.inbox import Inbox
+from pipetrain.runtime.transport.loop import LoopThread
+from pipetrain.runtime.transport.stream import StreamBackend
+from pipetrain.runtime.transport.tls import TlsBackend
+from pipetrain.runtime.transport.wire import Message, MessageKind, check_boundary
 
-__all__ = [
-    "DEFAULT_MAX_PAYLOAD",
-    "BoundaryMismatch",
-    "Channel",
-    "Endpoint",
-    "Kind",
-    "Message",
-    "PeerLost",
-    "Rejected",
-    "TransportError",
-    "TransportTimeout",
-    "check_boundary",
-]
+__all__ = ["BACKENDS", "DEFAULT_MAX_PAYLOAD", "Endpoint", "choose_backend"]
 
 log = logging.getLogger("pipetrain.transport")
 
@@ -142,6 +35,24 @@ log = logging.getLogger("pipetrain.transport")
 # without boundary specs): large enough for any one micro-batch's tensors we
 # have met, small enough that a corrupt length is refused, not allocated.
 DEFAULT_MAX_PAYLOAD = 1 << 30
+
+
+def _stream(security: Any) -> Backend:
+    """tls:// when the cluster's Security has TLS settings for the worker role, else plain tcp://."""
+    context = ssl_context(security, "listen")
+    return StreamBackend() if context is None else TlsBackend(context, ssl_context(security, "connect"))
+
+
+BACKENDS = {"stream": _stream, "dask": DaskCommBackend}
+
+
+def choose_backend(name: str, security: Any) -> Backend:
+    """The backend object for ``backend=name`` with this Security (chosen once, per endpoint)."""
+    if name not in BACKENDS:
+        raise ValueError(f"transport backend must be one of {sorted(BACKENDS)}, got {name!r}")
+    if security is not None and security.require_encryption and ssl_context(security, "listen") is None:
+        raise TransportError("security requires encryption but has no TLS certificate for the 'worker' role")
+    return BACKENDS[name](security)
 
 
 class _WarningBudget:
@@ -176,10 +87,8 @@ class Endpoint:
 
     def __init__(self, *, stage: int, secret: bytes, job_id: str, security: Any, backend: str, credits: int,
                  generation: int, max_payload: int | Mapping[int, int], handshake_timeout: float):
-        if backend not in ("stream", "dask"):
-            raise ValueError(f"transport backend must be 'stream' or 'dask', got {backend!r}")
+        self.backend = choose_backend(backend, security)
         self.stage = stage
-        self.backend = backend
         self.credits = credits
         self.security = security
         self.credentials = Credentials(secret, job_id)
@@ -193,7 +102,8 @@ class Endpoint:
         self._inbox = Inbox()
         self._lost: list[str] = []
         self._closed = False
-        self._listener: Listener | None = None
+        self._gate: Gate | None = None
+        self._server: Any = None  # the backend's, once listening
         self._links: set = set()  # admitted inbound connections
         self._channels: list[Channel] = []
         self._warnings = _WarningBudget()
@@ -222,6 +132,7 @@ class Endpoint:
         """Start the loop thread and listen. ``secret``: the job's key (at least 16 bytes),
         which every peer must prove it holds; ``security`` is a
         ``distributed.security.Security`` (tls:// when it has TLS settings, else tcp://);
+        ``backend``: a name in ``BACKENDS`` ("stream", or "dask" on loopback for benchmarks);
         ``max_payload``: the most bytes one message's arrays may take, for every
         sender or per sending stage (a mapping; stages it omits get DEFAULT_MAX_PAYLOAD)."""
         endpoint = cls(stage=stage, secret=secret, job_id=job_id, security=security, backend=backend,
@@ -288,12 +199,10 @@ class Endpoint:
     def connect(self, address: str, *, peer_stage: int, credits: int | None = None, timeout: float = 30) -> Channel:
         """Open a channel to stage ``peer_stage``'s endpoint listening at ``address``
         (the handshake proves both sides hold the job's secret)."""
+        check_address(address, scheme=self.backend.scheme, security=self.security, stage=self.stage)
         channel = Channel(self, address, credits or self.credits, self._generation)
         try:
-            channel._link = self._io.run(
-                open_link(self, address, peer_stage=peer_stage, generation=channel.generation, timeout=timeout,
-                          on_message=channel._on_message, on_closed=channel._on_closed),
-                timeout + 1)
+            channel._link = self._io.run(self._open(address, peer_stage, channel, timeout), timeout + 1)
         except (TimeoutError, OSError, concurrent.futures.TimeoutError, Rejected) as error:
             raise TransportError(f"stage {self.stage}: cannot connect to {address}: {error!r}") from error
         self._channels.append(channel)
@@ -301,7 +210,7 @@ class Endpoint:
 
     def get(
         self,
-        kind: Kind,
+        kind: MessageKind,
         k: int | None = None,
         *,
         timeout: float | None = None,
@@ -310,8 +219,8 @@ class Endpoint:
         """The message of ``kind`` for micro-batch ``k`` (or the earliest of that kind when
         k is None); others arriving meanwhile stay buffered. Taking it returns the sender a
         credit. ``expect``: a pytree of TensorSpec the tree must match (see check_boundary)."""
-        if type(kind) is not Kind:  # (Kind(kind) costs half a microsecond even when it is one)
-            kind = Kind(kind)
+        if type(kind) is not MessageKind:  # (MessageKind(kind) costs half a microsecond even when it is one)
+            kind = MessageKind(kind)
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -338,10 +247,10 @@ class Endpoint:
             check_boundary(expect, message.tree, sender_stage=message.stage, receiver_stage=self.stage)
         return message
 
-    def has(self, kind: Kind, k: int) -> bool:
+    def has(self, kind: MessageKind, k: int) -> bool:
         """Whether ``get(kind, k)`` would return at once (never blocks)."""
         with self._cond:
-            return (kind if type(kind) is Kind else Kind(kind), k) in self._inbox
+            return (kind if type(kind) is MessageKind else MessageKind(kind), k) in self._inbox
 
     def _count(self, name: str, amount: int) -> None:
         with self._cond:
@@ -350,13 +259,30 @@ class Endpoint:
     # -- loop thread
 
     async def _listen(self, host: str, port: int) -> None:
-        self._listener = Listener(self)
-        self.address = await self._listener.start(host, port)
+        self._gate = Gate(self.credentials, stage=self.stage, generation=lambda: self.generation,
+                          timeout=self.handshake_timeout, on_rejected=self._reject_connection)
+        inbound = Inbound(gate=self._gate, pool=self._pool, on_message=self._on_message, on_closed=self._on_closed,
+                          bound=self.payload_bound, adopt=self._adopt, refuse=self._reject_connection)
+        self._server, self.address = await self.backend.listen(host, port, inbound)
+
+    async def _open(self, address: str, peer_stage: int, channel: Channel, timeout: float) -> Any:
+        """A link to the endpoint at ``address`` (stage ``peer_stage``), handshake done."""
+        async def handshake(io: Any) -> None:
+            try:
+                await asyncio.wait_for(offer(io, self.credentials, stage=self.stage, peer_stage=peer_stage,
+                                             generation=channel.generation), timeout)
+            except BaseException:
+                io.close()
+                raise
+
+        outbound = Outbound(pool=self._pool, on_message=channel._on_message, on_closed=channel._on_closed)
+        return await self.backend.connect(address, handshake, outbound, timeout=timeout)
 
     def _adopt(self, link: Any, admitted: Admitted) -> None:
         link.admitted = admitted
         # What this edge carries: activations from s - 1, gradients from s + 1 (CONTROL from either).
-        link.carries = (Kind.ACTIVATION if admitted.sender == self.stage - 1 else Kind.GRADIENT, Kind.CONTROL)
+        link.carries = (MessageKind.ACTIVATION if admitted.sender == self.stage - 1 else MessageKind.GRADIENT,
+                         MessageKind.CONTROL)
         self._links.add(link)
 
     def _reject_connection(self, peer: str, reason: str) -> None:
@@ -371,7 +297,7 @@ class Endpoint:
         if kind in link.carries and meta["s"] == sender and meta["g"] == admitted.generation:
             return None  # the common case, in one test
         if kind not in link.carries:
-            return (f"{Kind(kind).name} on the connection from stage {sender}, which carries "
+            return (f"{MessageKind(kind).name} on the connection from stage {sender}, which carries "
                     f"{link.carries[0].name} (and CONTROL) only")
         if meta["s"] != sender:
             return f"it claims to come from stage {meta['s']}"
@@ -379,10 +305,10 @@ class Endpoint:
 
     def _on_message(self, link: Any, meta: dict, payload: Any) -> None:
         kind = meta["kind"]
-        if kind == Kind.BYE:
+        if kind == MessageKind.BYE:
             link.bye_seen = True
             return
-        if kind == Kind.ACK:
+        if kind == MessageKind.ACK:
             return  # acks only travel on outbound channels
         problem = self._edge_problem(link, meta)
         message = stale = None
@@ -404,7 +330,7 @@ class Endpoint:
                     self._cond.notify_all()
         if problem is not None:
             self._warnings.warn("stage %d: dropped a frame (%s k=%s) from %s: %s", self.stage,
-                                Kind(kind).name, meta["k"], link.peer, problem)
+                                MessageKind(kind).name, meta["k"], link.peer, problem)
             self._count("rejected_frames", 1)
         if problem is not None or stale:
             self._send_ack(link, meta["seq"])  # the sender's credit comes back all the same
@@ -422,7 +348,7 @@ class Endpoint:
             self._cond.notify_all()
 
     def _send_ack(self, link: Any, seq: int) -> None:
-        link.write(wire.control_meta(Kind.ACK, seq, self._generation, self.stage), [])
+        link.write(wire.control_meta(MessageKind.ACK, seq, self._generation, self.stage), [])
 
     async def _shutdown(self) -> None:
         links = [channel._link for channel in self._channels] + list(self._links)
@@ -430,8 +356,10 @@ class Endpoint:
             channel._goodbye()
         for link in list(self._links):  # inbound
             link.close()
-        if self._listener is not None:
-            self._listener.close()
+        if self._gate is not None:
+            self._gate.close()
+        if self._server is not None:
+            self.backend.close(self._server)
         deadline = time.monotonic() + 2
         while not all(link.finished for link in links) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # goodbyes and queued frames flush

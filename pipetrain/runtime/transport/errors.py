@@ -1,9 +1,8 @@
 """The transport's errors, in a module of their own.
 
-The links that move bytes (``transport_links``), the handshake
-(``handshake``), the framing (``wire``) and the channel and endpoint built on
-them (``transport``) all raise these; keeping them apart lets each import
-them without importing the others. Users import them from
+The backends and their links, the handshake, the framing (``wire``) and the
+channel and endpoint built on them all raise these; keeping them apart lets
+each import them without importing the others. Users import them from
 ``pipetrain.runtime.transport``.
 """
 from __future__ import annotations

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipetrain.runtime.transport_errors import Rejected
+from pipetrain.runtime.transport.errors import Rejected
 
 __all__ = ["Admitted", "CommIO", "Credentials", "Gate", "HandshakeProtocol", "SocketIO", "accept", "offer"]
 

@@ -1,6 +1,6 @@
 """A stage's inbox: what it received and has not taken yet, at most one per (kind, k).
 
-``transport.Endpoint`` files every admitted, current-generation message
+``Endpoint`` (``endpoint.py``) files every admitted, current-generation message
 here and ``get`` takes from it. The inbox also remembers which ids were
 taken in this generation, so that a second message for a (kind, k) that is
 buffered, or for one already taken, is refused (``file``) instead of
@@ -13,7 +13,7 @@ import bisect
 import itertools
 from typing import Any
 
-from pipetrain.runtime.wire import Kind, Message
+from pipetrain.runtime.transport.wire import Message, MessageKind
 
 __all__ = ["Inbox"]
 
@@ -53,14 +53,14 @@ class Inbox:
     """Buffered messages by (kind, k), each as (arrival, message, link, seq)."""
 
     def __init__(self) -> None:
-        self._items: dict[tuple[Kind, int], tuple] = {}
-        self._taken: dict[Kind, _Taken] = {}
+        self._items: dict[tuple[MessageKind, int], tuple] = {}
+        self._taken: dict[MessageKind, _Taken] = {}
         self._arrivals = itertools.count()
 
-    def __contains__(self, key: tuple[Kind, int]) -> bool:
+    def __contains__(self, key: tuple[MessageKind, int]) -> bool:
         return key in self._items
 
-    def keys(self) -> list[tuple[Kind, int]]:
+    def keys(self) -> list[tuple[MessageKind, int]]:
         return list(self._items)
 
     def file(self, message: Message, link: Any, seq: int) -> str | None:
@@ -74,7 +74,7 @@ class Inbox:
         self._items[key] = (next(self._arrivals), message, link, seq)
         return None
 
-    def take(self, kind: Kind, k: int | None) -> tuple | None:
+    def take(self, kind: MessageKind, k: int | None) -> tuple | None:
         """The item for (kind, k), or the earliest of ``kind`` when k is None; None if not there."""
         if k is None:
             keys = [key for key in self._items if key[0] == kind]

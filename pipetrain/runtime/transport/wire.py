@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from pipetrain.runtime.transport_errors import Rejected
 from pipetrain.errors import PipetrainError
+from pipetrain.runtime.transport.errors import Rejected
 from pipetrain.tree import Tree, dtype_name, flatten, paths, unflatten
 
 MAGIC = b"PTW1"
@@ -52,7 +52,10 @@ _PADDING = bytes(ALIGN)
 MAX_META = 64 << 10
 
 
-class Kind(enum.IntEnum):
+class MessageKind(enum.IntEnum):
+    """What a message on the wire is (not to be confused with the schedule's action kinds,
+    ``pipetrain.schedule.actions.Kind``: SEND_ACT and RECV_ACT both move an ACTIVATION)."""
+
     ACTIVATION = 1  # forward: stage i -> i+1
     GRADIENT = 2  # backward: stage i+1 -> i
     CONTROL = 3  # runtime's own messages (stop, checkpoint, ...); tree may be None
@@ -64,7 +67,7 @@ class Kind(enum.IntEnum):
 class Message:
     """One message as the runtime sees it. ``stage`` is the sender's index."""
 
-    kind: Kind
+    kind: MessageKind
     k: int
     tree: Tree = None
     version: int = 0
@@ -109,7 +112,7 @@ def _dtype(name: Any) -> np.dtype:
     return dtype
 
 
-_KIND_OF = {int(kind): kind for kind in Kind}
+_KIND_OF = {int(kind): kind for kind in MessageKind}
 
 
 def check_meta(meta: Any) -> int:
@@ -168,7 +171,7 @@ def encode(message: Message, seq: int) -> tuple[dict, list[np.ndarray]]:
     return meta, [a.reshape(-1).view(np.uint8) for a in arrays]
 
 
-def control_meta(kind: Kind, seq: int, generation: int = 0, stage: int = -1) -> dict:
+def control_meta(kind: MessageKind, seq: int, generation: int = 0, stage: int = -1) -> dict:
     """Meta of a transport-internal message without payload (ACK, BYE)."""
     return {"g": generation, "s": stage, "kind": int(kind), "k": -1, "v": 0, "seq": seq, "tree": None, "leaves": []}
 
