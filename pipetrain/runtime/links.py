@@ -167,11 +167,9 @@ def _listen_host() -> str:
         return "127.0.0.1"
 
 
-def _security(job: Any) -> Any:
-    # The cluster's own Security: stage-to-stage traffic is TLS exactly when
+def _security() -> Any:
+    # The worker's own Security: stage-to-stage traffic is TLS exactly when
     # the worker's connections to the scheduler are.
-    if job.security is not None:
-        return job.security
     try:
         from distributed import get_worker
 
@@ -227,7 +225,7 @@ def _credits(job: Any) -> int:
 def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
     spec = job.spec
     endpoint = Endpoint.start(stage=spec.index, secret=job.secret, job_id=job.job_id, host=_listen_host(),
-                              security=_security(job), credits=_credits(job), generation=job.generation,
+                              security=_security(), credits=_credits(job), generation=job.generation,
                               max_payload=edge_bounds(job))
     to_next = to_prev = links = None
     try:

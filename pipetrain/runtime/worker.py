@@ -47,7 +47,6 @@ class StageJob:
     connect_timeout: float = 60.0
     input_specs: Any = None  # expected boundary specs from the partition, if known
     output_specs: Any = None  # what it sends (so the gradients it receives): bounds that edge
-    security: Any = None
     max_events: int = 200_000
     resume_ledger: dict | None = None  # the ledger at resume_cut, from the checkpoint manifest
     # How long a stage whose neighbour vanished waits for the driver's stop
