@@ -13,7 +13,7 @@ from pipetrain.jobspec import JobSpec
 from pipetrain.optim import Optimizer
 from pipetrain.observe.progress import MetricsLog, Progress
 from pipetrain.observe.records import EndRecord, Record, ResumeRecord, StartRecord, StepRecord
-from pipetrain.rundir import EVENTS_DIR, METRICS_FILE, event_file_name
+from pipetrain.rundir import EVENTS_DIR, METRICS_FILE, TENSORBOARD_DIR, event_file_name
 
 
 @dataclass
@@ -77,7 +77,7 @@ class FitResult:
 def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = None, client: Any = None,
         executor: str = "dask", resume: bool = False, progress: bool = True, job_id: str | None = None,
         num_stages: int | None = None, partition_method: str = "params", boundaries: list[int] | None = None,
-        loss: Any = None, supervisor: Any = None, **settings: Any) -> FitResult:
+        loss: Any = None, supervisor: Any = None, callbacks: Any = (), **settings: Any) -> FitResult:
     """Train ``model`` (a model, a list of JAX layers, or a ``Partition``) on ``data``
     (a MicrobatchSource), as the job ``spec`` describes (``pipetrain.JobSpec``) or,
     without one, as keyword ``settings`` describe it (``JobSpec.from_settings``:
@@ -85,7 +85,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     ``optimizer``, ``checkpoint_dir``, ``checkpoint_every``, ``checkpoint_seconds``,
     ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``resource``,
     ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
-    ``spare_workers``, ``record_events``).
+    ``spare_workers``, ``record_events``, ``tensorboard``).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
     embedded ``LocalCluster`` with one worker process per stage (plus
@@ -107,6 +107,15 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     stages by the optimizer. ``loss``: the loss of a model given as a list of
     JAX layers. ``supervisor``: a ``runtime.plan.Supervisor`` (a detached job's
     driver task: workers to spare, a stop request).
+
+    Metrics: every record (``pipetrain.observe.records``: start, each step,
+    checkpoints, recoveries, end) goes to RUN_DIR/metrics.jsonl, with
+    ``tensorboard=True`` also to TensorBoard event files in RUN_DIR/tensorboard/
+    (the tensorboardX package), and to each of ``callbacks``: functions called
+    with every ``Record`` as it is written, in order (for MLflow, W&B, ...). A
+    callback that raises does not stop the job: a warning naming the callback
+    and the record's type is logged (once per callback) and the job goes on,
+    still calling it with the records that follow.
     """
     from pipetrain.data import check_numeric
     from pipetrain.partitioning import Partition, partition as make_partition
@@ -127,7 +136,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     # Validated here, before any worker starts; the workers build their own from it.
     schedule = spec.schedule_spec(len(part.stages))
     run_path = Path(spec.run_dir) if spec.run_dir else None
-    metrics = _Metrics(run_path / METRICS_FILE if run_path else None)
+    metrics = _Metrics(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
     bar = Progress(schedule.steps, enabled=progress)
     eval_ids = list(range(spec.eval_microbatches))
     heldout_before = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=None)
@@ -158,6 +167,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     metrics.write(EndRecord(heldout_loss=result.heldout_after, wall_seconds=result.wall_seconds,
                             samples_per_s=result.samples_per_s, samples=result.samples, steps=steps,
                             steps_run=result.steps_run))
+    metrics.close()
     if run_path and outcome.events:
         _save_events(run_path, outcome.events)
     return result
@@ -173,6 +183,19 @@ class _Metrics(MetricsLog):
         if isinstance(record, ResumeRecord):
             self.resumed_from = int(record.rollback_to)
         super().write(record)
+
+
+def _sinks(spec: JobSpec, run_path: Path | None, callbacks: Any) -> list[Any]:
+    from pipetrain.observe.sinks import CallbackSink, TensorBoardSink
+
+    if callable(callbacks):
+        raise TypeError("fit: callbacks is a list of callables; give callbacks=[fn]")
+    sinks: list[Any] = [CallbackSink(fn) for fn in (callbacks or ())]
+    if spec.observe.tensorboard:
+        if run_path is None:
+            raise ValueError("fit: tensorboard=True writes its event files to RUN_DIR/tensorboard/: give run_dir")
+        sinks.insert(0, TensorBoardSink(run_path / TENSORBOARD_DIR))
+    return sinks
 
 
 def _heldout_loss(part: Any, optimizer: Any, heldout: Any, ids: list[int], *, states: Any) -> float | None:

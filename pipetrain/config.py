@@ -78,6 +78,11 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ObserveConfig:
+    tensorboard: bool = False  # also TensorBoard event files in RUN_DIR/tensorboard/ (the tensorboardX package)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -86,6 +91,7 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
     run_dir: str = "runs/job"
     # No job-wide seed: nothing would read it. A model's or a data source's
     # seed is one of its own kwargs (model.kwargs, data.kwargs), where it acts.
@@ -114,6 +120,8 @@ class JobConfig:
         _check(not (self.cluster.scheduler and self.cluster.scheduler_file), "cluster.scheduler",
                "give cluster.scheduler or cluster.scheduler_file, not both")
         _check(self.data.eval_microbatches >= 0, "data.eval_microbatches", "must be >= 0")
+        _check(isinstance(self.observe.tensorboard, bool), "observe.tensorboard",
+               f"must be true or false, got {self.observe.tensorboard!r}")
         return self
 
     def checkpoint_url(self) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipetrain.config import CheckpointConfig, ClusterConfig, JobConfig, ScheduleConfig
+from pipetrain.config import CheckpointConfig, ClusterConfig, JobConfig, ObserveConfig, ScheduleConfig
 from pipetrain.optim import Optimizer, with_correction
 from pipetrain.rundir import CHECKPOINTS_DIR
 
@@ -44,6 +44,7 @@ class JobSpec:
     run_dir: str | None = None
     eval_microbatches: int = 8  # held-out micro-batches evaluated before and after training
     record_events: bool = True  # the stages' timelines (pipetrain trace)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)  # metrics sinks besides metrics.jsonl
 
     def __post_init__(self) -> None:
         # The optimizer carries the schedule's delay correction to the stages.
@@ -53,7 +54,7 @@ class JobSpec:
     @classmethod
     def from_config(cls, cfg: JobConfig) -> JobSpec:
         return cls(schedule=cfg.schedule, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, cluster=cfg.cluster,
-                   run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches)
+                   run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches, observe=cfg.observe)
 
     @classmethod
     def from_settings(cls, *, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10, accumulate: int = 1,
@@ -62,7 +63,7 @@ class JobSpec:
                       keep_checkpoints: int = 3, run_dir: str | None = None, eval_microbatches: int = 8,
                       resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
                       credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0,
-                      record_events: bool = True) -> JobSpec:
+                      record_events: bool = True, tensorboard: bool = False) -> JobSpec:
         """``fit``'s keyword arguments, as one spec. ``checkpoint_every=None``: every
         ``DEFAULT_CHECKPOINT_EVERY`` micro-batches when ``checkpoint_dir`` is given, else none."""
         optimizer = optimizer or Optimizer()
@@ -79,7 +80,8 @@ class JobSpec:
                    cluster=ClusterConfig(resource=resource, placement_timeout=placement_timeout,
                                          max_restarts=max_restarts, credits=credits, stop_timeout=stop_timeout,
                                          spare_workers=spare_workers),
-                   run_dir=run_dir, eval_microbatches=eval_microbatches, record_events=record_events)
+                   run_dir=run_dir, eval_microbatches=eval_microbatches, record_events=record_events,
+                   observe=ObserveConfig(tensorboard=tensorboard))
 
     @property
     def checkpoint_url(self) -> str | None:

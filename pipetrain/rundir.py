@@ -6,6 +6,7 @@
       summary.json    written once the job has trained all its steps
       driver.log      a detached job's driver (`pipetrain submit`): its progress lines and notes
       events/         stage-N.npy: each stage's timeline
+      tensorboard/    events.out.tfevents.*: TensorBoard event files, with [observe] tensorboard = true
       checkpoints/    the checkpoint store, unless checkpoint.dir points elsewhere
       trace.json gantt.png loss.png throughput.png    written by `pipetrain trace` and `report`
 
@@ -39,12 +40,15 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 DRIVER_LOG = "driver.log"
 EVENTS_DIR = "events"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 TRACE_FILE, GANTT_PLOT = "trace.json", "gantt.png"  # written by `pipetrain trace`
 LOSS_PLOT, THROUGHPUT_PLOT = "loss.png", "throughput.png"  # written by `pipetrain report`
 OUTPUT_FILES = (TRACE_FILE, GANTT_PLOT, LOSS_PLOT, THROUGHPUT_PLOT)
 RUN_FILES = (JOB_FILE, METRICS_FILE, SUMMARY_FILE, DRIVER_LOG, *OUTPUT_FILES)
 _EVENT_FILE = re.compile(r"^stage-\d+\.npy$")
+_TENSORBOARD_FILE = re.compile(r"^events\.out\.tfevents\.\d+\.[^/]+$")  # tensorboardX's: TIME.HOST[SUFFIX]
+_RUN_DIRS = {EVENTS_DIR: _EVENT_FILE, TENSORBOARD_DIR: _TENSORBOARD_FILE}  # what each may hold
 _JOB_TEMP = re.compile(r"^\.job\.json\.tmp-\d+$")  # write_job's, left by a crash mid-write
 
 
@@ -115,11 +119,12 @@ def prepare_new_run(cfg: JobConfig, *, config_path: str, overwrite: bool) -> Non
         (run_dir / name).unlink(missing_ok=True)
     for leftover in run_dir.glob(".job.json.tmp-*"):
         leftover.unlink()
-    events = run_dir / EVENTS_DIR
-    if events.is_dir():
-        for f in events.iterdir():  # each a stage-N.npy: _refuse_foreign checked
-            f.unlink()
-        events.rmdir()
+    for name in _RUN_DIRS:
+        directory = run_dir / name
+        if directory.is_dir():
+            for f in directory.iterdir():  # each a file of its kind: _refuse_foreign checked
+                f.unlink()
+            directory.rmdir()
     for store in stores:
         store.clear()
 
@@ -174,9 +179,9 @@ def _refuse_foreign(run_dir: Path, stores: list[Any], *, job_problem: str | None
                 unknown.append(name + "/" * entry.is_dir())
             elif job_problem:
                 unproven.append(name + "/" * entry.is_dir())
-            elif entry.name == EVENTS_DIR:
+            elif entry.name in _RUN_DIRS:
                 unknown.extend(f"{name}/{e.name}" for e in sorted(entry.iterdir())
-                               if e.is_symlink() or not e.is_file() or not _EVENT_FILE.match(e.name))
+                               if e.is_symlink() or not e.is_file() or not _RUN_DIRS[entry.name].match(e.name))
 
     if run_dir.is_dir():
         walk(run_dir, "")
@@ -201,7 +206,7 @@ def _refuse_foreign(run_dir: Path, stores: list[Any], *, job_problem: str | None
 def _is_run_entry(entry: Path) -> bool:
     if entry.is_symlink():
         return False
-    if entry.name == EVENTS_DIR:
+    if entry.name in _RUN_DIRS:
         return entry.is_dir()
     return (entry.name in RUN_FILES or bool(_JOB_TEMP.match(entry.name))) and entry.is_file()
 

@@ -3,34 +3,65 @@
 On a terminal the line redraws in place (step, loss, samples/s, per-stage
 busy share); elsewhere (CI logs, pipes) it prints a plain line every few
 steps so logs stay short. Every record also goes to the metrics log
-(``RUN_DIR/metrics.jsonl``), one typed record (``observe/records.py``) a line.
+(``RUN_DIR/metrics.jsonl``), one typed record (``observe/records.py``) a line,
+and to the log's sinks (``observe/sinks.py``: TensorBoard, callbacks).
 """
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from pipetrain.observe.records import Record
 
+log = logging.getLogger("pipetrain.observe")
+
 
 class MetricsLog:
-    def __init__(self, path: str | Path | None):
+    """The JSON-lines file at ``path`` (None: no file) and ``sinks`` (``observe/sinks.py``), each
+    handed every record written, in order. A sink that raises is logged once (naming it and the
+    record's type) and the run goes on; it still gets the records that follow."""
+
+    def __init__(self, path: str | Path | None, *, sinks: Iterable[Any] = ()):
         self.path = Path(path) if path else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sinks = list(sinks)
+        self._failed: set[int] = set()  # indices of the sinks whose failure was logged
 
     def write(self, record: Record) -> None:
-        """Append ``record`` as one line, stamped with the time now unless it carries its own."""
-        if self.path is None:
+        """Append ``record`` as one line, stamped with the time now unless it carries its own; then the sinks get it."""
+        if record.time is None and (self.path is not None or self.sinks):
+            record = replace(record, time=time.time())
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record.to_json(), default=_jsonable) + "\n")
+        for i, sink in enumerate(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as e:  # a sink's failure is not the job's
+                self._warn(i, sink, f"raised on a {record.as_dict()['type']!r} record: "
+                                    f"{type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        """Close the sinks (the file is opened per record and needs nothing)."""
+        for i, sink in enumerate(self.sinks):
+            try:
+                sink.close()
+            except Exception as e:
+                self._warn(i, sink, f"raised on close: {type(e).__name__}: {e}")
+
+    def _warn(self, i: int, sink: Any, what: str) -> None:
+        if i in self._failed:
             return
-        line = record.to_json()
-        if line["time"] is None:
-            line["time"] = time.time()
-        with self.path.open("a") as f:
-            f.write(json.dumps(line, default=_jsonable) + "\n")
+        self._failed.add(i)
+        log.warning("metrics sink %s %s; the run goes on (further failures of this sink are not logged)",
+                    getattr(sink, "name", repr(sink)), what)
 
 
 def _jsonable(value: Any) -> Any:
