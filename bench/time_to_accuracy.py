@@ -1,0 +1,302 @@
+"""Time to accuracy: held-out loss against samples, times samples per second.
+
+For 1f1b, gpipe and each asynchronous schedule with its best correction
+(the lowest mean held-out loss in bench/convergence.py's p=4 runs), this
+combines
+
+- the held-out-loss-versus-samples curve (mean over seeds) at each pipeline
+  depth p: p=4 from ``--convergence`` (convergence.py ``--out``); p=2 (the
+  flagship GPT in 2 stages) and p=8 (the GPT with 6 blocks, one layer per
+  stage: the 4-block flagship has only 6 layers) trained here with the
+  reference executor, since an asynchronous schedule's delays grow with p.
+  gpipe and 1f1b compute the same numbers as the unpartitioned model at any
+  p, so their p=2 curve is the p=4 one;
+- the steady-state samples per second at that p: at p=2 measured on a Dask
+  run (embedded local cluster, one worker process per stage, best of
+  ``--repeats`` rotated rounds); at p=4 and p=8 simulated
+  (pipetrain.schedule.simulator.simulate) with each stage's median F, B and
+  U measured in this process for that configuration (a correction's extra
+  work included) and the message latency measured on the p=2 Dask run;
+
+into the time to reach a fixed held-out loss: by default the loss 1f1b
+reaches at ``--target-at`` (75%) of its samples (mean curve over seeds; one
+target for the flagship at p=2 and p=4, one for the 6-block model at p=8),
+or ``--target``. 75%, not 100%: a configuration slightly worse per sample
+still gets a time, and one that cannot reach 1f1b's quality inside the
+budget shows as "not reached". Samples to target are interpolated linearly
+between evaluations. Step times and runs are cached in ``--cache``.
+
+    nice -n 10 .venv/bin/python bench/time_to_accuracy.py --convergence bench/results/convergence_adam.json \\
+        [--seeds 0 1 2] [--cache FILE]
+
+Last line: {"time_to_target_ratio_vs_1f1b": {"p2": ..., "p4": ..., "p8": ...}, "heldout_at_equal_samples": {...}}
+(the ratios are the best asynchronous configuration's: 1f1b's time over its time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipetrain.runtime.local import single_thread_env  # noqa: E402
+
+os.environ.update(single_thread_env())  # as in the stage workers, set before JAX loads
+
+import numpy as np  # noqa: E402
+
+from convergence import M, MICROBATCH, parse_config, summarize, train  # noqa: E402
+from models import gpt, text  # noqa: E402
+from pipetrain.optim import Optimizer  # noqa: E402
+from pipetrain.runtime.interpreter import Hooks  # noqa: E402
+from pipetrain.schedule.builders import build_schedule  # noqa: E402
+from pipetrain.schedule.simulator import simulate  # noqa: E402
+
+MODEL_AT = {2: {}, 4: {}, 8: {"n_layers": 6}}  # gpt.build kwargs per depth
+ASYNC = ("pipedream", "pipedream/acc8", "2bw")
+
+
+def best_configs(summary: dict) -> list[str]:
+    """1f1b, gpipe, and each async schedule with the correction of lowest mean held-out loss."""
+    best = []
+    for family in ASYNC:
+        members = [c for c in summary if c.split("+")[0] == family]
+        if members:
+            best.append(min(members, key=lambda c: summary[c]["mean"]))
+    return ["1f1b", "gpipe", *best]
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    points = defaultdict(list)
+    for r in runs:
+        for samples, loss in r["curve"]:
+            points[samples].append(loss)
+    return [(s, float(np.mean(v))) for s, v in sorted(points.items()) if len(v) == len(runs)]
+
+
+def samples_to(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First crossing of ``target``, linear between evaluations (None: not reached)."""
+    previous = (0, float("inf"))
+    for samples, loss in curve:
+        if loss <= target:
+            s0, l0 = previous
+            if not np.isfinite(l0):
+                return float(samples)
+            return s0 + (samples - s0) * (l0 - target) / (l0 - loss)
+        previous = (samples, loss)
+    return None
+
+
+# -------------------------------------------------------------- step times
+
+class _Timings(Hooks):
+    """Milliseconds of every F, B and U by (stage, kind), but each one's first (it compiles)."""
+
+    def __init__(self, ms: dict):
+        self.ms, self.seen = ms, set()
+
+    def on_action(self, action, start, end):
+        key = action.stage, action.kind.value
+        if key[1] in ("F", "B", "U"):
+            if key in self.seen:
+                self.ms[key].append((end - start) * 1e3)
+            self.seen.add(key)
+
+
+def measured_costs(configs: list[str], p: int, *, steps: int, rounds: int, optimizer: Optimizer) -> dict:
+    """Each stage's median F, B and U (ms) of every config at depth ``p``, in this process,
+    over ``rounds`` rotated rounds (the machine is shared: load comes and goes)."""
+    samples = {c: defaultdict(list) for c in configs}
+    for _ in range(rounds):
+        for config in configs:
+            train(config, seed=0, steps=steps, stages=p, optimizer=optimizer, eval_every=steps, eval_microbatches=1,
+                  model_kwargs=MODEL_AT[p], hooks=_Timings(samples[config]))
+    return {c: {kind: [statistics.median(ms[s, kind]) for s in range(p)] for kind in ("F", "B", "U")}
+            for c, ms in samples.items()}
+
+
+def simulated_rate(config: str, p: int, costs: dict, send_ms: float) -> float:
+    """Steady-state samples/s of ``config`` at depth p with these costs (fill and drain cancel out)."""
+    schedule, accumulate, _ = parse_config(config)
+
+    def makespan(steps: int) -> float:
+        built = build_schedule(schedule, num_stages=p, microbatches=M, steps=steps, accumulate=accumulate)
+        return simulate(built, forward_cost=costs["F"], backward_cost=costs["B"], update_cost=costs["U"],
+                        send_cost=send_ms).makespan
+
+    return M * MICROBATCH / ((makespan(8) - makespan(4)) / 4) * 1e3
+
+
+def dask_rates(configs: list[str], *, steps: int, warmup: int, repeats: int, optimizer: Optimizer) -> tuple:
+    """Samples/s of each config at p=2 on the embedded cluster (best round), and the
+    median message latency (ms): a RECV's end after the matching SEND's start, over
+    the messages whose receiver was already waiting."""
+    from distributed import Client
+
+    from pipetrain.api import fit
+    from pipetrain.partitioning import partition
+    from pipetrain.runtime.local import start_local_cluster
+
+    data = text.CharWindows(split="train", microbatch_size=MICROBATCH)
+    part = partition(gpt.build(), 2, method="params", example_input=data.inputs(0))
+    rates, latencies = defaultdict(list), []
+    cluster = start_local_cluster(2)
+    try:
+        with Client(cluster) as client:
+            for _ in range(repeats):
+                for config in configs:
+                    schedule, accumulate, correction = parse_config(config)
+                    result = fit(part, data, client=client, schedule=schedule, microbatches=M,
+                                 steps=warmup + steps, accumulate=accumulate, correction=correction,
+                                 optimizer=optimizer, progress=False)
+                    done = [h["stage0_done"] for h in sorted(result.history, key=lambda h: h["step"])]
+                    rates[config].append(steps * M * MICROBATCH / (done[-1] - done[warmup - 1]))
+                    latencies += _latencies(result.events)
+    finally:
+        cluster.close()
+    return {c: max(v) for c, v in rates.items()}, {c: v for c, v in rates.items()}, statistics.median(latencies)
+
+
+def _latencies(events: list[np.ndarray]) -> list[float]:
+    out = []
+    for sender, receiver, send, recv in ((0, 1, "SEND_F", "RECV_F"), (1, 0, "SEND_B", "RECV_B")):
+        sent = {int(e["k"]): e for e in events[sender] if e["kind"] == send}
+        for e in events[receiver]:
+            if e["kind"] == recv and int(e["k"]) in sent and e["start"] < sent[int(e["k"])]["start"]:
+                out.append((e["end"] - sent[int(e["k"])]["start"]) * 1e3)
+    return out
+
+
+def step_times(configs: list[str], args: argparse.Namespace, optimizer: Optimizer) -> dict:
+    """Samples/s per depth: measured on Dask at p=2, simulated at p=4 and 8 (and at 2, to compare)."""
+    print("measuring step times: Dask at p=2 ...", file=sys.stderr, flush=True)
+    rates2, rounds2, send_ms = dask_rates(configs, steps=args.dask_steps, warmup=args.dask_warmup,
+                                          repeats=args.repeats, optimizer=optimizer)
+    out = {"rates": {2: rates2}, "rounds2": rounds2, "send_ms": send_ms, "simulated2": {}, "costs": {}}
+    for p in (2, 4, 8):
+        out["costs"][p] = measured_costs(configs, p, steps=args.cost_steps, rounds=args.repeats, optimizer=optimizer)
+        for config in configs:
+            rate = simulated_rate(config, p, out["costs"][p][config], send_ms)
+            (out["simulated2"] if p == 2 else out["rates"].setdefault(p, {}))[config] = rate
+    return json.loads(json.dumps(out))  # int keys as the cache will hold them
+
+
+def loss_at(curve: list[tuple[int, float]], samples: float) -> float:
+    """The curve's loss at ``samples``, linear between evaluations."""
+    xs, ys = zip(*curve)
+    return float(np.interp(samples, xs, ys))
+
+
+# -------------------------------------------------------------- curves
+
+def curves_at(p: int, configs: list[str], *, seeds, steps, optimizer, cache: dict) -> dict[str, list]:
+    runs = defaultdict(list)
+    for seed in seeds:
+        for config in configs:
+            key = f"p{p}/{config}/seed{seed}/steps{steps}"
+            if key not in cache["runs"]:
+                cache["runs"][key] = train(config, seed=seed, steps=steps, stages=p, optimizer=optimizer,
+                                           eval_every=2, eval_microbatches=16, model_kwargs=MODEL_AT[p])
+                print(f"  p={p} seed {seed} {config}: held-out {cache['runs'][key]['heldout']:.4f}", file=sys.stderr,
+                      flush=True)
+                cache["save"]()
+            runs[config].append(cache["runs"][key])
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--convergence", required=True, help="convergence.py --out JSON (p=4)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--target", type=float, default=None, help="the flagship's (p=2, 4) target loss")
+    ap.add_argument("--target-at", type=float, default=0.75,
+                    help="otherwise: 1f1b's held-out loss at this share of its samples (per model)")
+    ap.add_argument("--dask-steps", type=int, default=10)
+    ap.add_argument("--dask-warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cost-steps", type=int, default=4)
+    ap.add_argument("--cache", default=None, help="keep the p=2 / p=8 runs here and reuse them")
+    args = ap.parse_args()
+
+    conv = json.loads(Path(args.convergence).read_text())
+    conv_args = conv["args"]
+    optimizer = Optimizer(conv_args["optimizer"], lr=conv_args["lr"], dc_lambda=conv_args.get("dc_lambda"))
+    steps = conv_args["steps"]
+    p4_runs = defaultdict(list)
+    for r in conv["runs"]:
+        p4_runs[r["config"]].append(r)
+    summary4 = summarize(conv["runs"])
+    configs = best_configs(summary4)
+    cache = {"runs": {}}
+    if args.cache and Path(args.cache).exists():
+        cache["runs"] = json.loads(Path(args.cache).read_text())
+    cache["save"] = lambda: args.cache and Path(args.cache).write_text(json.dumps(cache["runs"]))
+
+    async_configs = [c for c in configs if c not in ("1f1b", "gpipe")]
+    curves = {4: {c: mean_curve(p4_runs[c]) for c in configs}}
+    p2 = curves_at(2, async_configs, seeds=args.seeds, steps=steps, optimizer=optimizer, cache=cache)
+    curves[2] = {"1f1b": curves[4]["1f1b"], "gpipe": curves[4]["gpipe"], **{c: mean_curve(v) for c, v in p2.items()}}
+    p8 = curves_at(8, ["1f1b", *async_configs], seeds=args.seeds, steps=steps, optimizer=optimizer, cache=cache)
+    curves[8] = {"gpipe": mean_curve(p8["1f1b"]), **{c: mean_curve(v) for c, v in p8.items()}}
+    # One target per model: the flagship's (p=2, p=4) and the 6-block GPT's (p=8).
+    budget = steps * M * MICROBATCH
+    flagship = args.target if args.target is not None else loss_at(curves[4]["1f1b"], args.target_at * budget)
+    targets = {2: flagship, 4: flagship, 8: loss_at(curves[8]["1f1b"], args.target_at * budget)}
+
+    key = f"timing/{optimizer.name}/{optimizer.lr}/{'|'.join(configs)}"
+    if key not in cache["runs"]:
+        cache["runs"][key] = step_times(configs, args, optimizer)
+        cache["save"]()
+    timing = cache["runs"][key]
+    rates = {int(p): v for p, v in timing["rates"].items()}
+    simulated2, rounds2, send_ms = timing["simulated2"], timing["rounds2"], timing["send_ms"]
+    for p, per_config in timing["costs"].items():
+        for config, costs in per_config.items():
+            print(f"  p={p} {config}: F {np.round(costs['F'], 2)} B {np.round(costs['B'], 2)} "
+                  f"U {np.round(costs['U'], 2)} ms", file=sys.stderr)
+
+    print(f"GPT, {steps} steps x {M} x {MICROBATCH} samples per run, {optimizer.name} lr {optimizer.lr}, "
+          f"seeds {args.seeds}; target held-out loss {targets[4]:.4f} at p=2 and 4, {targets[8]:.4f} at p=8 "
+          f"(1f1b's at {args.target_at:.0%} of its samples); message latency {send_ms:.2f} ms (p=2 Dask run)")
+    print("| configuration | p | held-out at equal samples | samples to target | samples/s | time to target (s) "
+          "| vs 1f1b |")
+    print("|---|---|---|---|---|---|---|")
+    ratios: dict[int, dict[str, float | None]] = {}
+    for p in (2, 4, 8):
+        times = {}
+        for config in configs:
+            needed = samples_to(curves[p][config], targets[p])
+            times[config] = None if needed is None else needed / rates[p][config]
+        ratios[p] = {c: None if t is None or times["1f1b"] is None else times["1f1b"] / t for c, t in times.items()}
+        for config in configs:
+            needed = samples_to(curves[p][config], targets[p])
+            how = "measured (Dask)" if p == 2 else "simulated"
+            t, r = times[config], ratios[p][config]
+            reached = "not reached" if needed is None else round(needed)
+            print(f"| {config} | {p} | {curves[p][config][-1][1]:.4f} | {reached} "
+                  f"| {rates[p][config]:.0f} ({how}) | {'-' if t is None else f'{t:.1f}'} "
+                  f"| {'-' if r is None else f'{r:.2f}x'} |")
+    print("p=2 simulated samples/s with the measured costs, against the Dask run: "
+          + ", ".join(f"{c} {simulated2[c]:.0f} / {rates[2][c]:.0f}" for c in configs)
+          + "; Dask rounds: " + ", ".join(f"{c} {[round(x) for x in v]}" for c, v in rounds2.items()))
+
+    def best(p):
+        candidates = {c: r for c, r in ratios[p].items() if c in async_configs and r is not None}
+        return max(candidates.items(), key=lambda kv: kv[1]) if candidates else (None, None)
+
+    print(json.dumps({
+        "time_to_target_ratio_vs_1f1b": {f"p{p}": None if best(p)[1] is None else round(best(p)[1], 3)
+                                         for p in (2, 4, 8)},
+        "best_async": {f"p{p}": best(p)[0] for p in (2, 4, 8)},
+        "heldout_at_equal_samples": {f"p{p}": {c: round(curves[p][c][-1][1], 4) for c in configs} for p in (2, 4, 8)},
+        "ratios": {f"p{p}": {c: None if r is None else round(r, 3) for c, r in ratios[p].items()} for p in (2, 4, 8)},
+        "samples_per_s": {f"p{p}": {c: round(v, 1) for c, v in rates[p].items()} for p in (2, 4, 8)},
+        "target": {f"p{p}": round(t, 4) for p, t in targets.items()}, "message_latency_ms": round(send_ms, 3)}))
+
+
+if __name__ == "__main__":
+    main()
