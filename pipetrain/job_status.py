@@ -17,15 +17,17 @@ from typing import Any, Callable
 
 from pipetrain import rundir
 from pipetrain.detached import ACTIVE
+from pipetrain.observe import records as rec
 from pipetrain.driver_log import (CANCELLED, FAILED, FINAL_STATES, FINISHED, SUBMITTED, attempts, last_state,
                                   read_lines)
 
 _PROGRESS_LINE = re.compile(r"^\[[#.]+\] step \d+/\d+")  # observe.progress's; the step records say it all
-_ENDED = ("end", "failed", "interrupted")
+_ENDED = (rec.EndRecord, rec.FailedRecord, rec.InterruptedRecord)
 
 
-def read_metrics(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]:
-    """The records of RUN_DIR/metrics.jsonl from byte ``offset`` on (whole lines only), and the offset after."""
+def read_metrics(run_dir: str | Path, offset: int = 0) -> tuple[list[rec.Record], int]:
+    """The typed records of RUN_DIR/metrics.jsonl from byte ``offset`` on (whole lines only), and the
+    offset after: ``observe.records``' reader, from where ``logs -f`` left off."""
     try:
         with (Path(run_dir) / rundir.METRICS_FILE).open("rb") as f:
             f.seek(offset)
@@ -36,11 +38,9 @@ def read_metrics(run_dir: str | Path, offset: int = 0) -> tuple[list[dict], int]
     records = []
     for line in complete.decode(errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            records.append(rec.record_from_json(json.loads(line)))
         except ValueError:  # a line cut short by a killed driver
             continue
-        if isinstance(record, dict):
-            records.append(record)
     return records, offset + len(complete)
 
 
@@ -55,15 +55,16 @@ def status_lines(run_dir: str, job_id: str, *, task: tuple[str | None, str | Non
     hint = resume_hint(run_dir, at)
     rows = [("job", f"{job_id} (from {job.get('source') or 'an unrecorded config'})"), ("run directory", run_dir),
             ("state", _state(run_dir, records, task, hint))]
-    steps = next((r.get("steps") for r in reversed(records) if r.get("type") == "start"), None)
-    last_step = next((r for r in reversed(records) if r.get("type") == "step"), None)
-    if last_step:
-        rows.append(("progress", f"step {last_step['step'] + 1} of {steps or '?'}, loss {_num(last_step.get('loss'))}"))
-    checkpoint = next((r for r in reversed(records) if r.get("type") == "checkpoint"), None)
-    if checkpoint:
-        rows.append(("checkpoint", f"latest at micro-batch {checkpoint.get('cut')} "
-                                   f"(generation {checkpoint.get('generation')})"))
-    recoveries = sum(r.get("type") == "recovery" for r in records)
+    starts, steps_done = rec.records_of(records, rec.StartRecord), rec.records_of(records, rec.StepRecord)
+    steps = starts[-1].steps if starts else None
+    if steps_done:
+        last = steps_done[-1]
+        rows.append(("progress", f"step {last.step + 1} of {steps or '?'}, loss {_num(last.loss)}"))
+    checkpoints = rec.records_of(records, rec.CheckpointRecord)
+    if checkpoints:
+        rows.append(("checkpoint", f"latest at micro-batch {checkpoints[-1].cut} "
+                                   f"(generation {checkpoints[-1].generation})"))
+    recoveries = len(rec.records_of(records, rec.RecoveryRecord))
     driver_runs = attempts(run_dir)
     rows.append(("restarts", f"{recoveries} recover{'y' if recoveries == 1 else 'ies'} of stages"
                              + (f", {driver_runs - 1} of the driver" if driver_runs else "")))
@@ -78,7 +79,7 @@ def resume_hint(run_dir: str, at: str = "--scheduler ADDR") -> str:
     return f"`pipetrain resume {run_dir}`"
 
 
-def _state(run_dir: str, records: list[dict], task: tuple | None, hint: str) -> str:
+def _state(run_dir: str, records: list[rec.Record], task: tuple | None, hint: str) -> str:
     task_state, worker = task or (None, None)
     driver = last_state(run_dir)
     if task_state == "processing" and driver and driver[0] == SUBMITTED:
@@ -92,11 +93,11 @@ def _state(run_dir: str, records: list[dict], task: tuple | None, hint: str) -> 
     if (Path(run_dir) / rundir.SUMMARY_FILE).exists() and (driver is None or driver[0] == FINISHED):
         return "finished"
     if driver is None:  # an attached run (`pipetrain train`): its metrics log says how far it got
-        last = records[-1].get("type") if records else None
-        if last == "end":
+        last = records[-1] if records else None
+        if isinstance(last, rec.EndRecord):
             return "finished"
-        if last in ("failed", "interrupted"):
-            return f"{last}; resumable from its last checkpoint: {hint}"
+        if isinstance(last, (rec.FailedRecord, rec.InterruptedRecord)):
+            return f"{last.TYPE}; resumable from its last checkpoint: {hint}"
         return "not a detached job; unless its `pipetrain train` still runs, it stopped: " + hint
     name, detail, _ = driver
     if name == CANCELLED:
@@ -114,40 +115,40 @@ def _num(x: Any) -> str:
 
 # -- logs -----------------------------------------------------------------------
 
-def render_record(r: dict, steps: int | None = None) -> str:
+def render_record(r: rec.Record, steps: int | None = None) -> str:
     """One metrics record as a line of text."""
-    kind, get = r.get("type"), r.get
-    if kind == "start":
-        heldout = f"; held-out loss {_num(get('heldout_loss'))}" if get("heldout_loss") is not None else ""
-        return (f"start: {get('stages')}-stage '{get('schedule')}' pipeline, {get('steps')} steps of "
-                f"{get('microbatches')} micro-batches{heldout}")
-    if kind == "step":
-        parts = [f"step {get('step', 0) + 1}{f'/{steps}' if steps else ''}", f"loss {_num(get('loss'))}"]
-        if get("samples_per_s"):
-            parts.append(f"{get('samples_per_s'):,.0f} samples/s")
-        if get("busy"):
-            parts.append("busy " + " ".join(f"{b:.0%}" for b in get("busy")))
+    if isinstance(r, rec.StartRecord):
+        heldout = f"; held-out loss {_num(r.heldout_loss)}" if r.heldout_loss is not None else ""
+        return (f"start: {r.stages}-stage '{r.schedule}' pipeline, {r.steps} steps of "
+                f"{r.microbatches} micro-batches{heldout}")
+    if isinstance(r, rec.StepRecord):
+        parts = [f"step {(r.step or 0) + 1}{f'/{steps}' if steps else ''}", f"loss {_num(r.loss)}"]
+        if r.samples_per_s:
+            parts.append(f"{r.samples_per_s:,.0f} samples/s")
+        if r.busy:
+            parts.append("busy " + " ".join(f"{b:.0%}" for b in r.busy))
         return "  ".join(parts)
-    if kind == "placement":
-        where = ", ".join(f"stage {s} on {w}" for s, w in (get("workers") or {}).items())
-        return f"placement (generation {get('generation')}): {where}"
-    if kind == "checkpoint":
-        return f"checkpoint committed at micro-batch {get('cut')} (generation {get('generation')})"
-    if kind == "resume":
-        return f"resumed as generation {get('generation')} from the checkpoint at micro-batch {get('rollback_to')}"
-    if kind == "recovery":
-        return (f"recovery: {get('reason')} (stages {get('stages')}); generation {get('generation')} rolls back to "
-                f"micro-batch {get('rollback_to')}")
-    if kind == "recovered":
-        return f"recovered: {_num(get('total_seconds'))} s from the loss to the first micro-batch"
-    if kind == "failed":
-        return f"failed: {get('reason')}; {get('why')}"
-    if kind == "interrupted":
-        return f"interrupted (generation {get('generation')}); last checkpoint {get('checkpoint')}"
-    if kind == "end":
-        heldout = f"; held-out loss {_num(get('heldout_loss'))}" if get("heldout_loss") is not None else ""
-        return f"end: {get('steps_run')} steps, {get('samples')} samples in {_num(get('wall_seconds'))} s{heldout}"
-    rest = {k: v for k, v in r.items() if k not in ("time", "type")}
+    if isinstance(r, rec.PlacementRecord):
+        where = ", ".join(f"stage {s} on {w}" for s, w in (r.workers or {}).items())
+        return f"placement (generation {r.generation}): {where}"
+    if isinstance(r, rec.CheckpointRecord):
+        return f"checkpoint committed at micro-batch {r.cut} (generation {r.generation})"
+    if isinstance(r, rec.ResumeRecord):
+        return f"resumed as generation {r.generation} from the checkpoint at micro-batch {r.rollback_to}"
+    if isinstance(r, rec.RecoveryRecord):
+        return (f"recovery: {r.reason} (stages {r.stages}); generation {r.generation} rolls back to "
+                f"micro-batch {r.rollback_to}")
+    if isinstance(r, rec.RecoveredRecord):
+        return f"recovered: {_num(r.total_seconds)} s from the loss to the first micro-batch"
+    if isinstance(r, rec.FailedRecord):
+        return f"failed: {r.reason}; {r.why}"
+    if isinstance(r, rec.InterruptedRecord):
+        return f"interrupted (generation {r.generation}); last checkpoint {r.checkpoint}"
+    if isinstance(r, rec.EndRecord):
+        heldout = f"; held-out loss {_num(r.heldout_loss)}" if r.heldout_loss is not None else ""
+        return f"end: {r.steps_run} steps, {r.samples} samples in {_num(r.wall_seconds)} s{heldout}"
+    rest = {k: v for k, v in r.to_json().items() if k not in ("time", "type")}
+    kind = r.kind if isinstance(r, rec.UnknownRecord) else r.TYPE
     return f"{kind}: {json.dumps(rest, default=str)}"
 
 
@@ -158,7 +159,7 @@ def show_logs(run_dir: str, *, follow: bool = False, say: Callable[[str], None] 
     metrics_at = driver_at = 0
     steps: int | None = None
     driver_state: str | None = None
-    last_type: str | None = None
+    last: rec.Record | None = None
     while True:
         records, metrics_at = read_metrics(run_dir, metrics_at)
         lines, driver_at = read_lines(run_dir, driver_at)
@@ -166,17 +167,17 @@ def show_logs(run_dir: str, *, follow: bool = False, say: Callable[[str], None] 
         # A detached driver's notes already name the placement, in the same words.
         detached = (Path(run_dir) / rundir.DRIVER_LOG).exists()
         for r in records:
-            steps = r.get("steps", steps) if r.get("type") == "start" else steps
-            last_type = r.get("type")
-            if not (detached and last_type == "placement"):
-                entries.append((r.get("time") or 0.0, 0, render_record(r, steps)))
+            steps = r.steps if isinstance(r, rec.StartRecord) else steps
+            last = r
+            if not (detached and isinstance(r, rec.PlacementRecord)):
+                entries.append((r.time or 0.0, 0, render_record(r, steps)))
         for line in lines:
             driver_state = line.state[0] if line.state else driver_state
             if not _PROGRESS_LINE.match(line.text):
                 entries.append((line.time, 1, line.text))
         for t, _, text in sorted(entries, key=lambda e: e[:2]):
             say(f"{datetime.fromtimestamp(t).strftime('%H:%M:%S')}  {text}")
-        ended = driver_state in FINAL_STATES if driver_state else last_type in _ENDED
+        ended = driver_state in FINAL_STATES if driver_state else isinstance(last, _ENDED)
         if not follow or ended:
             return
         time.sleep(poll)
