@@ -16,6 +16,7 @@ import pytest
 
 from pipetrain.runtime.transport import Endpoint, MessageKind, Rejected, TransportError, TransportTimeout, wire
 from pipetrain.stages.base import TensorSpec
+from port_attacker import BlockingIO, connect_raw, frame_bytes
 
 BACKENDS = ["stream", "dask"]
 SECRET = secrets.token_bytes(32)  # a job's StageJob.secret
@@ -64,48 +65,20 @@ def assert_healthy(receiver, channel, k: int = 100) -> None:
     assert receiver._lost == []
 
 
-def raw(address: str):
-    import socket
-
-    host, port = address.split("://")[1].rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
-class BlockingIO:  # handshake.offer over a plain blocking socket, as an attacker's script would run it
-    def __init__(self, sock, sent: list | None = None):
-        self.sock, self.sent = sock, sent if sent is not None else []
-
-    async def recv(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    async def send(self, data: bytes) -> None:
-        self.sent.append(data)
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def authenticated(address: str, *, stage: int = 0, peer_stage: int = 1, sent: list | None = None):
     """A raw socket past the handshake, as stage ``stage`` of this job (it holds the secret)."""
     import asyncio
 
     from pipetrain.runtime.transport.handshake import Credentials, offer
 
-    sock = raw(address)
+    sock = connect_raw(address)
     asyncio.run(offer(BlockingIO(sock, sent), Credentials(SECRET), stage=stage, peer_stage=peer_stage, generation=0))
     return sock
 
 
 def forged_gradient_frame() -> bytes:
-    message = wire.Message(kind=MessageKind.GRADIENT, k=7, tree=np.ones(4, np.float32), stage=2, generation=0)
-    return b"".join(bytes(frame) for frame in wire.frames(*wire.encode(message, 0)))
+    return frame_bytes(wire.Message(kind=MessageKind.GRADIENT, k=7, tree=np.ones(4, np.float32), stage=2,
+                                    generation=0))
 
 
 def _replayed_offer(address: str) -> bytes:
@@ -132,7 +105,7 @@ def test_unauthenticated_connections_are_refused_never_lost(guarded, bounded_mem
     before = receiver.stats["rejected_connections"]
     payload = PRE_AUTH[attack](receiver.address)
     for _ in range(5):  # more than the 3 restarts a job allows
-        with raw(receiver.address) as sock:
+        with connect_raw(receiver.address) as sock:
             sock.sendall(payload)
     wait_until(lambda: receiver.stats["rejected_connections"] == before + 5)
     assert_healthy(receiver, channel)
@@ -226,7 +199,7 @@ def test_frames_outside_the_edge_or_repeated_are_dropped_and_acknowledged(guarde
 def test_a_stalled_client_is_dropped_without_blocking_anyone(caplog):
     stall = 2.0
     with start(1, handshake_timeout=stall) as receiver, start(0) as sender:
-        with raw(receiver.address) as silent, raw(receiver.address) as slow:
+        with connect_raw(receiver.address) as silent, connect_raw(receiver.address) as slow:
             slow.sendall(b"PT")  # half a magic, then nothing
             started = time.monotonic()
             channel = sender.connect(receiver.address, peer_stage=1)  # while both stall
@@ -245,7 +218,7 @@ def test_the_oldest_pending_handshake_makes_room(guarded, monkeypatch):
 
     sender, receiver, channel = guarded
     monkeypatch.setattr(Gate, "MAX_PENDING", 3)
-    sockets = [raw(receiver.address) for _ in range(5)]
+    sockets = [connect_raw(receiver.address) for _ in range(5)]
     wait_until(lambda: receiver.stats["rejected_connections"] >= 2)
     assert_healthy(receiver, channel)
     for sock in sockets:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import threading
 import time
 
@@ -34,6 +33,7 @@ from pipetrain.runtime.transport.handshake import Credentials, offer
 from pipetrain.runtime.links import payload_bound
 from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD
 from pipetrain.stages.base import TensorSpec
+from port_attacker import BlockingIO, connect_raw, frame_bytes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 
@@ -52,39 +52,14 @@ def job_kwargs() -> dict:
     return dict(schedule="1f1b", microbatches=M, steps=STEPS, optimizer=Optimizer("sgd", lr=0.05), progress=False)
 
 
-def _connect(address: str) -> socket.socket:
-    host, port = address.split("://")[1].rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
-class _BlockingIO:  # the real handshake's connector side, over an attacker's blocking socket
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    async def recv(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    async def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _forged_gradient() -> bytes:
     """A GRADIENT for micro-batch 20, from "stage 1", well-formed per wire.py."""
-    message = wire.Message(kind=wire.MessageKind.GRADIENT, k=20, tree=np.full(DATA.shape, 1e6, np.float32), stage=1)
-    return b"".join(bytes(frame) for frame in wire.frames(*wire.encode(message, 0)))
+    return frame_bytes(wire.Message(kind=wire.MessageKind.GRADIENT, k=20, tree=np.full(DATA.shape, 1e6, np.float32),
+                                    stage=1))
 
 
 def _send_and_close(address: str, data: bytes) -> None:
-    with _connect(address) as sock:
+    with connect_raw(address) as sock:
         try:
             sock.sendall(data)
         except OSError:
@@ -92,9 +67,9 @@ def _send_and_close(address: str, data: bytes) -> None:
 
 
 def _guessed_secret_then_frame(address: str) -> None:
-    with _connect(address) as sock:
+    with connect_raw(address) as sock:
         try:
-            asyncio.run(offer(_BlockingIO(sock), Credentials(secrets.token_bytes(32), JOB_ID),
+            asyncio.run(offer(BlockingIO(sock), Credentials(secrets.token_bytes(32), JOB_ID),
                               stage=1, peer_stage=0, generation=0))
             sock.sendall(_forged_gradient())  # not reached: the port refuses the handshake
         except (OSError, Exception):  # noqa: BLE001 - refused, as it must be
@@ -159,7 +134,7 @@ class Attacker(threading.Thread):
         report = self.report
         addresses = self.addresses()
         report["rss_before"] = _peak_rss(self.client)
-        stalled = [_connect(address) for address in addresses for _ in range(3)]  # connect, then nothing
+        stalled = [connect_raw(address) for address in addresses for _ in range(3)]  # connect, then nothing
         stalled[0].sendall(b"PTA")  # and one that stops mid-magic
         report["started_while_running"] = not self.run_done.is_set()
         for _ in range(ROUNDS):
