@@ -11,25 +11,8 @@ import pytest
 
 from pipetrain.checkpoint.store import CheckpointStore
 from pipetrain.cli import main
+from job_configs import sleep_job_toml
 
-CONFIG = """
-run_dir = "{run_dir}"
-[model]
-entry = "{model}"
-kwargs = {{ num_layers = 2, forward_ms = 0, backward_ms = 0 }}
-[data]
-train = "models.synthetic:SleepData"
-kwargs = {{ nbytes = 64 }}
-eval_microbatches = 0
-[partition]
-stages = 2
-method = "uniform"
-[schedule]
-microbatches = 2
-steps = 3
-[checkpoint]
-every = {every}
-"""
 
 # A model builder that leaves a trace when it is called: "before any work"
 # means before this runs.
@@ -59,7 +42,7 @@ def job(tmp_path, monkeypatch):
     def make(*, every: int = 2, model: str = "watched:build", run_dir=None):
         run_dir = run_dir or tmp_path / "run"
         config = tmp_path / "job.toml"
-        config.write_text(CONFIG.format(run_dir=run_dir, model=model, every=every))
+        config.write_text(sleep_job_toml(run_dir, model=model, extra=f"[checkpoint]\nevery = {every}"))
         return config, run_dir
 
     return make

@@ -11,6 +11,7 @@ import pytest
 
 import pipetrain
 from pipetrain.cli import main
+from job_configs import sleep_job_toml
 from pipetrain.config import ConfigError, from_dict
 from pipetrain.jobspec import JobSpec
 from pipetrain.observe.progress import MetricsLog
@@ -229,31 +230,13 @@ def test_a_tensorboard_value_that_is_not_a_boolean_names_the_field():
         from_dict({**BASE, "observe": {"tensorbord": True}})
 
 
-CONFIG = """
-run_dir = "{run_dir}"
-[model]
-entry = "models.synthetic:SleepSequential"
-kwargs = {{ num_layers = 2, forward_ms = 0, backward_ms = 0 }}
-[data]
-train = "models.synthetic:SleepData"
-kwargs = {{ nbytes = 64 }}
-eval_microbatches = 0
-[partition]
-stages = 2
-method = "uniform"
-[schedule]
-microbatches = 2
-steps = 3
-[observe]
-tensorboard = true
-"""
 
 
 def test_train_writes_tensorboard_files_that_overwrite_replaces_and_a_foreign_file_among_them_stops(tmp_path,
                                                                                                    capsys):
     run_dir = tmp_path / "run"
     config = tmp_path / "job.toml"
-    config.write_text(CONFIG.format(run_dir=run_dir))
+    config.write_text(sleep_job_toml(run_dir, extra="[observe]\ntensorboard = true"))
 
     def train(*extra):
         return main(["train", str(config), "--executor", "reference", "-q", *extra])

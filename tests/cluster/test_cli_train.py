@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from job_configs import sleep_job_toml
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -30,29 +32,13 @@ def test_mixed_framework_config_trains_on_the_embedded_cluster(tmp_path):
     assert [r["step"] for r in steps if r["type"] == "step"] == list(range(6))
 
 
-SLEEP_CONFIG = """
-run_dir = "{run_dir}"
-[model]
-entry = "models.synthetic:SleepSequential"
-kwargs = {{ num_layers = 2, forward_ms = 1, backward_ms = 2, seed = 3 }}
-[data]
-train = "models.synthetic:SleepData"
-kwargs = {{ nbytes = 256 }}
-eval_microbatches = 0
-[partition]
-stages = 2
-method = "uniform"
-[schedule]
-microbatches = 2
-steps = 3
-[optimizer]
-name = "sgd"
-lr = 0.05
-[checkpoint]
-every = 2
-[cluster]
-placement_timeout = 30
-"""
+
+
+def _sleep_config(run_dir: Path) -> str:
+    return sleep_job_toml(run_dir, model_kwargs="num_layers = 2, forward_ms = 1, backward_ms = 2, seed = 3",
+                          nbytes=256, extra=(
+                              '[optimizer]\nname = "sgd"\nlr = 0.05\n[checkpoint]\nevery = 2\n'
+                              "[cluster]\nplacement_timeout = 30\n"))
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -63,7 +49,7 @@ def test_resume_of_a_finished_run_does_nothing_and_steps_trains_it_further(clien
     from pipetrain.cli import main
 
     run_dir, config = tmp_path / "run", tmp_path / "job.toml"
-    config.write_text(SLEEP_CONFIG.format(run_dir=run_dir))
+    config.write_text(_sleep_config(run_dir))
     at = ["--scheduler", client.scheduler.address, "-q"]
     assert main(["train", str(config), *at]) == 0
     capsys.readouterr()
@@ -155,7 +141,7 @@ def test_the_configs_cluster_scheduler_is_where_the_job_runs(client, tmp_path, c
     from pipetrain.cli import main
 
     run_dir, config = tmp_path / "run", tmp_path / "job.toml"
-    config.write_text(SLEEP_CONFIG.format(run_dir=run_dir).replace(
+    config.write_text(_sleep_config(run_dir).replace(
         "[cluster]\n", f'[cluster]\nscheduler = "{client.scheduler.address}"\n'))
     assert main(["train", str(config), "-q"]) == 0
     assert f"on Dask ({client.scheduler.address})" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from job_configs import sleep_job_toml
 from models.synthetic import SleepData, SleepSequential
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
@@ -73,42 +74,11 @@ def assert_exactly_once(result) -> None:
         assert result.ledgers[s]["pending"] == [], f"stage {s}: gradients left unapplied"
 
 
-_TOML = """
-run_dir = "{run_dir}"
-
-[model]
-entry = "models.synthetic:SleepSequential"
-kwargs = {{ num_layers = 3, forward_ms = {forward_ms}, backward_ms = {backward_ms}, seed = 7 }}
-
-[data]
-train = "models.synthetic:SleepData"
-kwargs = {{ nbytes = 4096 }}
-eval_microbatches = 0
-
-[partition]
-stages = 3
-method = "uniform"
-
-[schedule]
-name = "pipedream"
-microbatches = {m}
-steps = {steps}
-
-[optimizer]
-name = "sgd"
-lr = 0.05
-
-[checkpoint]
-every = {every}
-keep = {keep}
-
-[cluster]
-placement_timeout = 30
-"""
-
-
 def job_toml(run_dir, *, forward_ms: float = 20, backward_ms: float = 40, keep: int = 3) -> str:
     """This job (pipedream, the same model and data) as a `pipetrain train` config: what
     ``uninterrupted("pipedream")`` computes, whatever the sleeps."""
-    return _TOML.format(run_dir=run_dir, m=M, steps=STEPS, every=EVERY, forward_ms=forward_ms,
-                        backward_ms=backward_ms, keep=keep)
+    return sleep_job_toml(
+        run_dir, model_kwargs=f"num_layers = 3, forward_ms = {forward_ms}, backward_ms = {backward_ms}, seed = 7",
+        nbytes=4096, stages=STAGES, schedule="pipedream", microbatches=M, steps=STEPS,
+        extra=(f'[optimizer]\nname = "sgd"\nlr = 0.05\n[checkpoint]\nevery = {EVERY}\nkeep = {keep}\n'
+               "[cluster]\nplacement_timeout = 30\n"))
