@@ -12,7 +12,7 @@ import numpy as np
 from pipetrain.jobspec import JobSpec
 from pipetrain.optim import Optimizer
 from pipetrain.observe.progress import MetricsLog, Progress
-from pipetrain.observe.records import EndRecord, Record, ResumeRecord, StartRecord, StepRecord
+from pipetrain.observe.records import EndRecord, StartRecord, StepRecord
 from pipetrain.rundir import EVENTS_DIR, METRICS_FILE, TENSORBOARD_DIR, event_file_name
 
 
@@ -136,7 +136,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     # Validated here, before any worker starts; the workers build their own from it.
     schedule = spec.schedule_spec(len(part.stages))
     run_path = Path(spec.run_dir) if spec.run_dir else None
-    metrics = _Metrics(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
+    metrics = MetricsLog(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
     bar = Progress(schedule.steps, enabled=progress)
     eval_ids = list(range(spec.eval_microbatches))
     heldout_before = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=None)
@@ -159,8 +159,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     result = FitResult(partition=part, schedule=schedule.name, history=outcome.history, losses=outcome.losses,
                        states=outcome.states, recoveries=outcome.recoveries, events=outcome.events,
                        run_dir=run_path, wall_seconds=outcome.wall_seconds,
-                       samples=(steps * microbatches - metrics.resumed_from) * data.microbatch_size,
-                       executor=executor, steps=steps, resumed_from=metrics.resumed_from,
+                       samples=(steps * microbatches - outcome.resumed_from) * data.microbatch_size,
+                       executor=executor, steps=steps, resumed_from=outcome.resumed_from,
                        microbatches=microbatches, ledgers=outcome.ledgers)
     result.heldout_before = heldout_before
     result.heldout_after = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=outcome.states)
@@ -171,18 +171,6 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     if run_path and outcome.events:
         _save_events(run_path, outcome.events)
     return result
-
-
-class _Metrics(MetricsLog):
-    """The run's metrics log, which also notes the cut a resume started from: the
-    driver's "resume" record is the one place that says so."""
-
-    resumed_from = 0
-
-    def write(self, record: Record) -> None:
-        if isinstance(record, ResumeRecord):
-            self.resumed_from = int(record.rollback_to)
-        super().write(record)
 
 
 def _sinks(spec: JobSpec, run_path: Path | None, callbacks: Any) -> list[Any]:
@@ -210,19 +198,9 @@ def _heldout_loss(part: Any, optimizer: Any, heldout: Any, ids: list[int], *, st
     return evaluate(stages, heldout, ids)
 
 
-@dataclass
-class _Outcome:
-    losses: dict
-    states: list
-    history: list
-    recoveries: list
-    events: list
-    wall_seconds: float
-    ledgers: list = field(default_factory=list)
-
-
 def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progress,
-                   metrics: MetricsLog) -> _Outcome:
+                   metrics: MetricsLog) -> Any:
+    from pipetrain.runtime.plan import RunOutcome
     from pipetrain.runtime.reference import build_stages, run_reference
 
     started = time.time()
@@ -236,7 +214,8 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
         history.append(record)
         metrics.write(StepRecord.from_json(record))
         bar.step(t, loss=loss, samples_per_s=None, busy=[])
-    return _Outcome(result.losses, result.state_dicts(), history, [], [], wall)
+    return RunOutcome(losses=result.losses, states=result.state_dicts(), events=[], history=history, recoveries=[],
+                      generation=0, wall_seconds=wall)
 
 
 @contextmanager

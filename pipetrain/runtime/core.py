@@ -73,6 +73,7 @@ class JobCore:
         self.settings = settings
         self.phase = "new"  # new | placing | running | stopping | finding | over
         self.generation, self.cut, self.ledgers = 0, 0, {}
+        self.resumed_from = 0  # the cut this run's first generation started at
         self.placement: dict[int, str] = {}
         self.alive: set[str] = set()
         self.dead: set[str] = set()
@@ -140,6 +141,7 @@ class JobCore:
             out.append(WriteRecord(ResumeRecord(generation=self.generation, rollback_to=latest.cut,
                                                 checkpoint=latest.path)))
         self._start_from(latest)
+        self.resumed_from = self.cut
         return out + [BeginGeneration(self.generation, self.cut)] + self._place(ev.now)
 
     def _start_from(self, latest: CheckpointView | None) -> None:
@@ -324,7 +326,7 @@ class JobCore:
             return []  # reports sent before the tasks returned may still be on their way
         return self._end(Finish(losses=dict(sorted(self.book.losses.items())), history=list(self.history),
                                 recoveries=[dict(r) for r in self.recoveries], generation=self.generation,
-                                wall_seconds=now - self.started_at,
+                                wall_seconds=now - self.started_at, resumed_from=self.resumed_from,
                                 results=tuple(run.results[s] for s in range(self.settings.num_stages))))
 
     # -- checkpoints ----------------------------------------------------------

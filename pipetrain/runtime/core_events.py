@@ -286,6 +286,7 @@ class Finish(Instruction):
     generation: int
     wall_seconds: float
     results: tuple[dict, ...]  # each stage's task result, in stage order
+    resumed_from: int = 0  # the cut a resume started at (0: a new run)
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ class Driver:
         elif isinstance(i, ev.Finish):
             return RunOutcome(losses=i.losses, states=[r["state"] for r in i.results],
                               events=[r["events"] for r in i.results], history=i.history, recoveries=i.recoveries,
-                              generation=i.generation, wall_seconds=i.wall_seconds,
+                              generation=i.generation, wall_seconds=i.wall_seconds, resumed_from=i.resumed_from,
                               ledgers=[r["ledger"] for r in i.results])
         elif isinstance(i, ev.Fail):
             raise i.exception() from i.cause

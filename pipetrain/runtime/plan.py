@@ -76,6 +76,7 @@ class RunOutcome:
     generation: int
     wall_seconds: float
     ledgers: list[dict] = field(default_factory=list)
+    resumed_from: int = 0  # the micro-batch this run started at: a resume's checkpoint cut, else 0
 
 
 def boundary_specs(partition: Any, stage: int) -> Any:
