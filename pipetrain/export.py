@@ -161,7 +161,7 @@ def _pick(store: Any, cfg: Any, step: int | None) -> tuple[int, str, dict]:
                           f"micro-batches); the checkpoints there are: {there}")
     if info.status != "committed":
         raise ExportError(f"--step {step}: the checkpoint {info.path} is {info.status}: {info.reason}")
-    checkpoint, problem = store._verify(cut)
+    checkpoint, problem = store.verify(cut)
     if checkpoint is None:  # it changed since list()
         raise ExportError(f"--step {step}: the checkpoint {info.path} does not verify: {problem}")
     return cut, checkpoint.path, checkpoint.manifest
@@ -178,10 +178,10 @@ def _stage_ranges(model: Any, cfg: Any, manifest: dict, path: str) -> list[tuple
     if boundaries is None and cfg.partition.boundaries:
         boundaries = list(cfg.partition.boundaries)
     if boundaries is None:
-        from pipetrain.job import _source
+        from pipetrain.job import build_source
         from pipetrain.partitioning import partition
 
-        example = _source(cfg.data.train, "data.train", cfg.data.kwargs).inputs(0)
+        example = build_source(cfg.data.train, "data.train", cfg.data.kwargs).inputs(0)
         boundaries = list(partition(model, num_stages, method=cfg.partition.method, example_input=example).boundaries)
     if len(boundaries) != num_stages - 1 or (boundaries and not 0 < boundaries[0] <= boundaries[-1] < n):
         raise ExportError(f"{path}: its {num_stages} stages with boundaries {list(boundaries)} do not fit "

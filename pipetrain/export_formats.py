@@ -191,10 +191,10 @@ def _example_input(merged: Any) -> Any:
     model = merged.model
     if getattr(model, "input_spec", None) is not None:
         return model.input_spec
-    from pipetrain.job import _source
+    from pipetrain.job import build_source
 
     cfg = merged.cfg
-    return _source(cfg.data.train, "data.train", cfg.data.kwargs).inputs(0)
+    return build_source(cfg.data.train, "data.train", cfg.data.kwargs).inputs(0)
 
 
 def write_keras(merged: Any, out: str) -> None:

@@ -121,10 +121,10 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     from pipetrain.partitioning import partition
 
     model = resolve(cfg.model.entry, "model.entry")(**cfg.model.kwargs)
-    train = _source(cfg.data.train, "data.train", cfg.data.kwargs)
+    train = build_source(cfg.data.train, "data.train", cfg.data.kwargs)
     heldout = None
     if cfg.data.heldout:
-        heldout = _source(cfg.data.heldout, "data.heldout", {**cfg.data.kwargs, **cfg.data.heldout_kwargs})
+        heldout = build_source(cfg.data.heldout, "data.heldout", {**cfg.data.kwargs, **cfg.data.heldout_kwargs})
     part = partition(model, cfg.partition.stages, method=cfg.partition.method, example_input=train.inputs(0),
                      boundaries=list(cfg.partition.boundaries) or None)
     say = print  # -q (progress=False) hides the progress line only, never what ran and how it went
@@ -145,7 +145,7 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     return result
 
 
-def _source(entry: str, field: str, kwargs: dict) -> Any:
+def build_source(entry: str, field: str, kwargs: dict) -> Any:
     """The micro-batch source ``entry`` builds, refused (naming ``field``) if it cannot be built
     or its micro-batches hold what no stage can take (strings, objects)."""
     from pipetrain.data import check_numeric

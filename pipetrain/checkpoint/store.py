@@ -244,7 +244,7 @@ class CheckpointStore:
         """The newest committed checkpoint that verifies, None if there is none."""
         skipped: list[tuple[int, str]] = []
         for cut in reversed(self._cuts()):
-            checkpoint, problem = self._verify(cut)
+            checkpoint, problem = self.verify(cut)
             if checkpoint is not None:
                 if skipped:
                     log.warning("falling back to checkpoint %s", checkpoint.path)
@@ -280,7 +280,7 @@ class CheckpointStore:
         """Every step directory, oldest first, with whether it is usable and why not."""
         out = []
         for cut in self._cuts():
-            checkpoint, problem = self._verify(cut)
+            checkpoint, problem = self.verify(cut)
             status = "committed" if checkpoint else (
                 "uncommitted" if problem.startswith("not committed") else "corrupt")
             out.append(CheckpointInfo(cut=cut, path=self._step_path(cut), status=status, reason=problem))
@@ -309,7 +309,7 @@ class CheckpointStore:
         problem = manifest_problem(manifest, cut=cut)
         return (None, problem) if problem else (manifest, None)
 
-    def _verify(self, cut: int) -> tuple[CommittedCheckpoint | None, str | None]:
+    def verify(self, cut: int) -> tuple[CommittedCheckpoint | None, str | None]:
         manifest, problem = self._read_manifest(cut)
         if manifest is None:
             return None, problem
