@@ -32,9 +32,9 @@ driver runs on: the detached driver's placement excludes both. Without a
 driver worker the task runs where Dask puts it and placement leaves that worker
 out, which costs the job a worker; and if that worker dies, the new attempt
 may land on a worker whose only thread an orphaned stage of the dead driver
-still holds (Dask forgot that stage's task, not its thread), and then starts
-only when that stage has run to its end. A driver worker avoids both: it is the
-set-up docs/cluster.md recommends.
+still holds for a moment (Dask forgot that stage's task, not its thread; the
+stage notices within a second and stops, ``StageControl._task_released``).
+A driver worker avoids both: it is the set-up docs/cluster.md recommends.
 
 **Cancel** sets ["pipetrain", "jobs", JOB_ID, "cancel"]. The driver polls it
 and ends as Ctrl-C ends `pipetrain train`: every stage stopped through its
