@@ -145,3 +145,56 @@ def corrected_async_weights(grad_fn, params0: list[dict], *, schedule: str, micr
                 W[s].append(optimizers[s].step(W[s][-1], {n: a / np.float32(g) for n, a in acc[s].items()}))
             acc = [{} for _ in range(p)]
     return W
+
+
+# --- LR schedules and global-norm clipping (pipetrain.optim), from their definitions ----------------
+
+def scheduled_lr(count: int, *, schedule: str, lr: float, warmup: int = 0, decay_steps: int | None = None,
+                 min_lr: float = 0.0) -> float:
+    """The LR of update number ``count`` (0: the first): a linear ramp from 0 over
+    ``warmup`` updates, then ``lr`` (constant), or from ``lr`` down to ``min_lr`` at
+    update ``decay_steps`` along half a cosine period (cosine) or a line (linear)."""
+    if count < warmup:
+        return lr * count / warmup
+    if schedule == "constant":
+        return lr
+    done = min(1.0, (count - warmup) / (decay_steps - warmup))
+    if schedule == "linear":
+        return lr + (min_lr - lr) * done
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + np.cos(np.pi * done))
+
+
+class ScheduledNumpyOptimizer(NumpyOptimizer):
+    """NumpyOptimizer whose update number t (0: the first) uses the LR ``lr_of(t)``."""
+
+    def __init__(self, name: str, lr_of, **kw):
+        super().__init__(name, lr_of(0), **kw)
+        self.lr_of = lr_of
+
+    def step(self, w: dict, g: dict) -> dict:
+        self.lr = self.lr_of(self.t)
+        return super().step(w, g)
+
+
+def global_norm(grads: list[dict]) -> float:
+    """sqrt of the sum of every squared gradient entry of every stage, in float64."""
+    return float(np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for stage in grads for a in stage.values())))
+
+
+def sync_weights(grad_fn, params0: list[dict], *, microbatches: int, steps: int, optimizers: list,
+                 clip_norm: float | None = None) -> list[dict]:
+    """Every stage's weights after ``steps`` flush steps (gpipe / 1f1b): each step
+    averages ``grad_fn(k, weights per stage)`` over its micro-batches at the step's
+    weights; with ``clip_norm``, the mean gradients of all stages together are scaled
+    by min(1, clip_norm / their global norm) (optax.clip_by_global_norm); then each
+    stage's optimizer steps."""
+    W = [{n: np.asarray(a, np.float32) for n, a in stage.items()} for stage in params0]
+    for t in range(steps):
+        ks = range(t * microbatches, (t + 1) * microbatches)
+        per_k = [[{n: np.asarray(a, np.float32) for n, a in stage.items()} for stage in grad_fn(k, W)] for k in ks]
+        mean = [{n: sum(g[s][n] for g in per_k) / np.float32(microbatches) for n in W[s]} for s in range(len(W))]
+        if clip_norm:
+            scale = np.float32(min(1.0, clip_norm / global_norm(mean)))
+            mean = [{n: a * scale for n, a in stage.items()} for stage in mean]
+        W = [optimizers[s].step(W[s], mean[s]) for s in range(len(W))]
+    return W

@@ -53,10 +53,13 @@ def assert_state_round_trip(a, b, saved):
 
 def optimizer_and_optax_twin(name):
     """A pipetrain Optimizer and the optax transformation it must match step for step."""
+    import jax
     import optax
 
     opt = Optimizer(name, lr=1e-2, weight_decay=0.05 if name == "adamw" else 0.0)
     tx = {"sgd": optax.sgd(opt.lr), "momentum": optax.sgd(opt.lr, momentum=opt.momentum),
           "adam": optax.adam(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps),
-          "adamw": optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)}[name]
+          # decay_mask "auto": biases and other rank <= 1 parameters are not decayed
+          "adamw": optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                               mask=lambda ps: jax.tree_util.tree_map(lambda q: q.ndim >= 2, ps))}[name]
     return opt, tx

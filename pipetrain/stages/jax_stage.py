@@ -45,6 +45,7 @@ from pipetrain.stages import corrections
 from pipetrain.stages.base import PartitionError, StageSpec
 from pipetrain.stages import jax_trees as trees
 from pipetrain.stages.jax_layers import Layer
+from pipetrain.stages.jax_optim import as_optax
 from pipetrain.stages.jax_trees import LayerLike
 from pipetrain.stages.tensors import to_jax
 from pipetrain.stages.versions import VersionedParams
@@ -183,25 +184,6 @@ class JaxSequential:
         names = self.layer_names()[spec.start:spec.end]
         return JaxStage(spec, layers=list(zip(names, self._layers[spec.start:spec.end])),
                         params=self.init_params(spec.start, spec.end), loss=self.loss, optimizer=optimizer)
-
-
-# ---------------------------------------------------------------- optimizers
-
-def as_optax(optimizer: Optimizer | optax.GradientTransformation) -> optax.GradientTransformation:
-    """A ``pipetrain.optim.Optimizer`` as the optax transformation it names."""
-    if isinstance(optimizer, optax.GradientTransformation):
-        return optimizer
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"jax stage: optimizer must be a pipetrain.optim.Optimizer or an "
-                        f"optax.GradientTransformation, got {type(optimizer).__name__}")
-    o = optimizer
-    if o.name == "sgd":
-        return optax.sgd(o.lr)
-    if o.name == "momentum":
-        return optax.sgd(o.lr, momentum=o.momentum)
-    if o.name == "adam":
-        return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    return optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
 # ---------------------------------------------------------------- the stage

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipetrain.optim import Optimizer, tensor_state, tensor_step
+from pipetrain.optim import Optimizer, lr_at, tensor_state, tensor_step
 
 
 class TensorOptimizer:
@@ -30,7 +30,7 @@ class TensorOptimizer:
             # step size (a separate division would be a second pass over every
             # gradient, a third of an update's time on the benchmark MLP).
             updated = torch._foreach_add([params[n] for n in names], [grads[n] for n in names],
-                                         alpha=-o.lr / summed)
+                                         alpha=-lr_at(o, int(state["count"])) / summed)
             return dict(zip(names, updated)), {"count": state["count"] + 1}
         if summed != 1:
             torch._foreach_div_([grads[n] for n in names], float(summed))
