@@ -28,10 +28,25 @@ def _simulate(args: argparse.Namespace) -> int:
                       update_cost=args.update_cost, send_cost=args.send_cost, weight_cost=args.weight_cost,
                       split_backward=args.split_backward)
     print(report.render())
+    if args.model:
+        print()
+        print(_memory_table(_partition_of(args), schedule, args))
     return 0
 
 
 def _partition(args: argparse.Namespace) -> int:
+    from pipetrain.schedule.builders import build_schedule
+
+    part = _partition_of(args)
+    print(part)
+    schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches, steps=2,
+                              accumulate=args.accumulate)
+    print()
+    print(_memory_table(part, schedule, args))
+    return 0
+
+
+def _partition_of(args: argparse.Namespace):
     from pipetrain.config import resolve
     from pipetrain.partitioning import partition
 
@@ -40,8 +55,34 @@ def _partition(args: argparse.Namespace) -> int:
     example_entry = args.example or args.model.split(":")[0] + ":example_input"
     example = _call_with_accepted(resolve(example_entry, "--example"), kwargs)
     boundaries = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
-    print(partition(model, args.stages, method=args.method, example_input=example, boundaries=boundaries))
-    return 0
+    return partition(model, args.stages, method=args.method, example_input=example, boundaries=boundaries)
+
+
+def _memory_table(part, schedule, args: argparse.Namespace) -> str:
+    from pipetrain.memory import estimate_memory, format_estimates, partition_layer_bytes
+    from pipetrain.optim import Optimizer
+
+    estimates = estimate_memory(partition_layer_bytes(part), schedule, optimizer=Optimizer(args.optimizer),
+                                remat=args.remat)
+    return (f"{schedule.name}, {schedule.microbatches_per_step} micro-batches per step, optimizer "
+            f"{args.optimizer}:\n" + format_estimates(estimates))
+
+
+def _model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    if required:
+        p.add_argument("model", help="import path of a model builder, e.g. models.gpt:build")
+    else:
+        p.add_argument("--model", default="", help="import path of a model builder: adds its per-stage peak "
+                       "memory in bytes under this schedule")
+    p.add_argument("--method", default="params", choices=("uniform", "params", "flops", "profile"))
+    p.add_argument("--boundaries", default="", help="explicit interior cut points, e.g. 2,4,6")
+    p.add_argument("--kwargs", default="", help="JSON keyword arguments for the builder")
+    p.add_argument("--example", default="", help="import path of an example-input function "
+                   "(default: example_input in the model's module)")
+    p.add_argument("--optimizer", default="adam", choices=("sgd", "momentum", "adam", "adamw"),
+                   help="for the memory estimate: the optimizer's state (default adam)")
+    p.add_argument("--remat", default="none", choices=("none", "stage", "layer"),
+                   help="for the memory estimate: activation rematerialization (default none)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -228,16 +269,15 @@ def parser() -> argparse.ArgumentParser:
                         "(as TorchSequential's split_backward; default never)")
     p.add_argument("--weight-cost", type=float, default=0.0,
                    help="the weight-gradient part of --backward-cost, run after the send when split (default 0)")
+    _model_args(p, required=False)
     p.set_defaults(run=_simulate)
 
-    p = sub.add_parser("partition", help="show how a model is cut into stages")
-    p.add_argument("model", help="import path of a model builder, e.g. models.gpt:build")
+    p = sub.add_parser("partition", help="show how a model is cut into stages, and each stage's peak memory")
+    _model_args(p, required=True)
     p.add_argument("--stages", type=int, required=True)
-    p.add_argument("--method", default="params", choices=("uniform", "params", "flops", "profile"))
-    p.add_argument("--boundaries", default="", help="explicit interior cut points, e.g. 2,4,6")
-    p.add_argument("--kwargs", default="", help="JSON keyword arguments for the builder")
-    p.add_argument("--example", default="", help="import path of an example-input function "
-                   "(default: example_input in the model's module)")
+    p.add_argument("--schedule", default="1f1b", help="for the memory estimate (default 1f1b)")
+    p.add_argument("--microbatches", type=int, default=8, help="for the memory estimate (default 8)")
+    p.add_argument("--accumulate", type=int, default=1)
     p.set_defaults(run=_partition)
 
     p = sub.add_parser("trace", help="Chrome/Perfetto trace and Gantt chart of a run")

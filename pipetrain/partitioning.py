@@ -32,6 +32,7 @@ from typing import Any
 
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec, stage_ranges
 from pipetrain.tree import Tree, flatten
+from pipetrain.stages.saved_bytes import input_bytes, layer_saved_bytes
 
 METHODS = ("uniform", "params", "flops", "profile", "explicit")
 DEFAULT_BANDWIDTH = 10e9  # bytes per unit of cost: ~a 100 Gb/s link when costs are seconds
@@ -51,7 +52,11 @@ class StagePlan:
     input_specs: Tree  # pytree of TensorSpec the stage receives
     output_specs: Tree  # pytree of TensorSpec it sends (the model output on the last stage)
     output_bytes: int
-    memory_bytes: int  # parameter bytes + one micro-batch's kept activations
+    memory_bytes: int  # parameter bytes + what one micro-batch keeps for its backward
+    # per layer, for pipetrain.memory's schedule-aware estimate (bytes; one micro-batch)
+    layer_param_bytes: tuple[int, ...] = ()
+    layer_saved_bytes: tuple[int, ...] = ()
+    layer_input_bytes: tuple[int, ...] = ()
 
     @property
     def total_cost(self) -> float:
@@ -130,13 +135,17 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     cuts = list(boundaries) if boundaries is not None else balanced_boundaries(costs, num_stages, transfer=transfer,
                                                                       required=getattr(model, "required_cuts", ()))
     param_bytes = _param_bytes(model, params)
+    saved = _saved_bytes(model, example_input, out_bytes)
+    inputs = input_bytes(_specs_of(example_input), out_specs)
     plans = []
     for s, (a, b) in enumerate(stage_ranges(cuts, n)):
         plans.append(StagePlan(
             index=s, start=a, end=b, layer_names=tuple(names[a:b]), params=sum(params[a:b]),
             cost=float(sum(costs[a:b])), transfer_cost=transfer[b - 1],
             input_specs=out_specs[a - 1] if a else _specs_of(example_input), output_specs=out_specs[b - 1],
-            output_bytes=out_bytes[b - 1], memory_bytes=sum(param_bytes[a:b]) + sum(out_bytes[a:b])))
+            output_bytes=out_bytes[b - 1], memory_bytes=sum(param_bytes[a:b]) + sum(saved[a:b]),
+            layer_param_bytes=tuple(param_bytes[a:b]), layer_saved_bytes=tuple(saved[a:b]),
+            layer_input_bytes=tuple(inputs[a:b])))
     return Partition(model=model, method="explicit" if boundaries is not None else method,
                      cost_method=cost_method, stages=tuple(plans), count_transfer=count_transfer,
                      bandwidth=bandwidth)
@@ -267,6 +276,17 @@ def _param_bytes(model: Any, params: list[int]) -> list[int]:
     if hasattr(model, "layer_param_bytes"):
         return [int(b) for b in model.layer_param_bytes()]
     return [4 * p for p in params]
+
+
+def _saved_bytes(model: Any, example_input: Tree, out_bytes: list[int]) -> list[int]:
+    """Per layer: what one micro-batch keeps for its backward (``stages/saved_bytes.py``);
+    a model of another kind counts its outputs."""
+    if getattr(model, "framework", None) not in ("jax", "torch", "mixed"):
+        return list(out_bytes)
+    saved = layer_saved_bytes(model, example_input, out_bytes)
+    if len(saved) != len(out_bytes):
+        raise PartitionError(f"partition: saved bytes for {len(saved)} layers of {len(out_bytes)}")
+    return saved
 
 
 def _bytes(specs: Tree) -> int:

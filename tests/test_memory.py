@@ -1,0 +1,111 @@
+"""Per-stage peak memory in bytes: the estimate's arithmetic, what each framework's
+autodiff keeps (against the tensors its rules save), and the command line."""
+import numpy as np
+import pytest
+
+from pipetrain.memory import LayerBytes, MemoryEstimateError, estimate_memory, partition_layer_bytes
+from pipetrain.optim import Optimizer
+from pipetrain.partitioning import partition
+from pipetrain.schedule.builders import build_schedule
+
+MB, IN, HIDDEN, OUT = 8, 16, 32, 4
+
+
+def two_layer_stages(p):
+    # stage s: one layer of 1000 parameter bytes keeping 300 bytes, with a 100-byte input
+    return [[LayerBytes(params=1000, saved=300, input=100), LayerBytes(params=1000, saved=200, input=50)]
+            for _ in range(p)]
+
+
+def test_1f1b_holds_one_version_and_p_minus_s_microbatches():
+    p, m = 4, 8
+    est = estimate_memory(two_layer_stages(p), build_schedule("1f1b", num_stages=p, microbatches=m, steps=2),
+                          optimizer=Optimizer("adam"))
+    for s, e in enumerate(est):
+        assert (e.weight_versions, e.live_microbatches) == (1, p - s)
+        # one version + adam's two slots + the accumulator, and (p - s) micro-batches' 500 bytes
+        assert e.total == 2000 * (1 + 2 + 1) + (p - s) * 500
+
+
+def test_gpipe_holds_the_whole_step_and_sgd_has_no_state():
+    est = estimate_memory(two_layer_stages(2), build_schedule("gpipe", num_stages=2, microbatches=6, steps=1),
+                          optimizer=Optimizer("sgd", lr=0.1))
+    assert [e.live_microbatches for e in est] == [6, 6]
+    assert [e.optimizer for e in est] == [0, 0]
+    assert est[0].total == 2000 * 2 + 6 * 500
+
+
+def test_pipedream_stashes_versions_and_a_correction_adds_its_state():
+    p = 4
+    schedule = build_schedule("pipedream", num_stages=p, microbatches=8, steps=2)
+    plain = estimate_memory(two_layer_stages(p), schedule, optimizer=Optimizer("momentum", lr=0.1))
+    # weight stashing: stage s holds a version for each of its p - s micro-batches in flight
+    assert [e.weight_versions for e in plain] == [p - s for s in range(p)]
+    assert [e.weights for e in plain] == [2000 * (p - s) for s in range(p)]
+    ms = estimate_memory(two_layer_stages(p), schedule, optimizer=Optimizer("momentum", lr=0.1, correction="dcasgd-a"))
+    assert [e.correction for e in ms] == [2000] * p
+    pred = estimate_memory(two_layer_stages(p), schedule, optimizer=Optimizer("momentum", lr=0.1, correction="predict"))
+    assert [e.correction for e in pred] == [e.weights for e in plain]
+
+
+def test_remat_keeps_inputs_and_recomputes_one_microbatch():
+    schedule = build_schedule("1f1b", num_stages=2, microbatches=8, steps=1)
+    none, stage, layer = (estimate_memory(two_layer_stages(2), schedule, remat=r) for r in ("none", "stage", "layer"))
+    assert none[0].activations == 2 * 500
+    assert stage[0].activations == 2 * 100 + 500  # two stage inputs kept, one micro-batch recomputed
+    assert layer[0].activations == 2 * 150 + 300  # every layer's input kept, the largest layer recomputed
+    with pytest.raises(MemoryEstimateError, match="remat"):
+        estimate_memory(two_layer_stages(2), schedule, remat="full")
+    with pytest.raises(MemoryEstimateError, match="1 stages of layers for a schedule of 2"):
+        estimate_memory(two_layer_stages(1), schedule)
+
+
+def test_jax_layers_keep_what_their_vjp_holds():
+    import jax
+
+    from models.layers import activation, cross_entropy, dense
+    from pipetrain.stages.jax_stage import JaxSequential
+
+    model = JaxSequential([dense(HIDDEN, name="d0"), activation("tanh", name="t0"), dense(OUT, name="d1")],
+                          loss=cross_entropy)
+    x = np.ones((MB, IN), np.float32)
+    part = partition(model, 3, method="uniform", example_input=x)
+    # The oracle: each layer's VJP computed for real under jit, as the JAX stage's
+    # forward returns it; what it holds is what a micro-batch in flight keeps
+    # (jit outputs are buffers of their own, the weights included).
+    expected, params = [], model.init_params()
+    for i, (layer, name) in enumerate(zip(model.layers, model.layer_names())):
+        vjp_of = (lambda p, x, f=layer.apply: jax.vjp(f, p, x)[1]) if i else (
+            lambda p, x, f=layer.apply: jax.vjp(lambda q: f(q, x), p)[1])
+        expected.append(sum(a.nbytes for a in jax.tree_util.tree_leaves(jax.jit(vjp_of)(params[name], x))))
+        x = layer.apply(params[name], x)
+    assert [s.layer_saved_bytes[0] for s in part.stages] == expected
+    assert expected[0] == MB * IN * 4  # the first dense layer's weight gradient reads its input
+    assert expected[2] == MB * HIDDEN * 4 + HIDDEN * OUT * 4  # the second also its weight, for the input gradient
+    assert [s.layer_input_bytes[0] for s in part.stages] == [MB * IN * 4, MB * HIDDEN * 4, MB * HIDDEN * 4]
+    assert partition_layer_bytes(part)[0][0].params == (IN * HIDDEN + HIDDEN) * 4
+
+
+def test_torch_layers_keep_what_autograd_saves_but_not_their_parameters():
+    from torch import nn
+
+    from pipetrain.stages.torch_stage import TorchSequential
+
+    model = TorchSequential([lambda: nn.Linear(IN, HIDDEN), nn.ReLU, lambda: nn.Linear(HIDDEN, OUT)],
+                            loss=nn.functional.cross_entropy, device="cpu")
+    part = partition(model, 3, method="uniform", example_input=np.zeros((MB, IN), np.float32))
+    saved = [s.layer_saved_bytes[0] for s in part.stages]
+    # Linear saves its input (the weight it also saves is a parameter); ReLU saves its output
+    assert saved == [MB * IN * 4, MB * HIDDEN * 4, MB * HIDDEN * 4]
+    assert part.stages[0].memory_bytes == (IN * HIDDEN + HIDDEN) * 4 + MB * IN * 4
+
+
+def test_partition_command_prints_each_stages_peak_bytes(capsys):
+    from pipetrain.cli import main
+
+    assert main(["partition", "models.gpt:build", "--stages", "2", "--schedule", "pipedream", "--remat",
+                 "stage"]) == 0
+    out = capsys.readouterr().out
+    assert "Peak memory per stage (tensors only; remat 'stage')" in out and "pipedream, 8 micro-batches" in out
+    rows = [line.split() for line in out.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert [r[1] for r in rows[-2:]] == ["2", "1"]  # versions held: stage 0 stashes one per micro-batch in flight
