@@ -12,7 +12,7 @@ import numpy as np
 from pipetrain.jobspec import JobSpec
 from pipetrain.optim import Optimizer
 from pipetrain.observe.progress import MetricsLog, Progress
-from pipetrain.observe.records import EndRecord, StartRecord, StepRecord
+from pipetrain.observe.records import EndRecord, EvalRecord, StartRecord, StepRecord
 from pipetrain.rundir import EVENTS_DIR, METRICS_FILE, TENSORBOARD_DIR, event_file_name
 
 
@@ -21,13 +21,20 @@ class FitResult:
     """What a run produced. ``history`` has one record per step (those before a
     resume's checkpoint restored from it, marked ``restored``); ``samples``,
     ``wall_seconds`` and ``samples_per_s`` count what this call trained:
-    ``steps_run`` of the job's ``steps``, from micro-batch ``resumed_from`` on."""
+    ``steps_run`` of the job's ``steps``, from micro-batch ``resumed_from`` on.
+
+    ``states``: each stage's final state (flat name -> numpy array), one per stage. On
+    Dask, when the run checkpoints every N micro-batches, it reads each stage's shard of
+    the run's last checkpoint when indexed (``runtime.plan.StoredStates``): the driver
+    never holds the whole model. ``evals``: step -> the held-out loss the stages computed
+    after it (0: before training); ``heldout_before``/``heldout_after`` are its first and
+    last steps' (``evals[0]`` and ``evals[steps]``)."""
 
     partition: Any
     schedule: str
     history: list[dict]
     losses: dict[int, float]  # micro-batch id -> training loss
-    states: list[dict[str, np.ndarray]]
+    states: Any  # a sequence of per-stage dicts: a list, or StoredStates read from the checkpoint store
     recoveries: list[dict] = field(default_factory=list)
     events: list[np.ndarray] = field(default_factory=list)
     run_dir: Path | None = None
@@ -43,6 +50,7 @@ class FitResult:
     # runs [first, last + 1] of micro-batch ids each update folded into the
     # weights, in order; "pending", ids accumulated but not yet applied.
     ledgers: list[dict] = field(default_factory=list)
+    evals: dict[int, float] = field(default_factory=dict)
 
     def applied_ids(self, stage: int) -> list[int]:
         """Every micro-batch id stage ``stage``'s updates applied, in order, repeats kept."""
@@ -52,7 +60,8 @@ class FitResult:
         return self.states[stage]
 
     def build_stages(self, optimizer: Any = None) -> list[Any]:
-        """Stages rebuilt in this process with the final weights."""
+        """Every stage rebuilt in this process with the final weights (the whole model: for
+        a model that fits one process; ``fit`` itself never does this)."""
         stages = [self.partition.model.build_stage(spec, optimizer=optimizer or Optimizer())
                   for spec in self.partition.specs()]
         for stage, state in zip(stages, self.states):
@@ -83,9 +92,16 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     without one, as keyword ``settings`` describe it (``JobSpec.from_settings``:
     ``schedule``, ``microbatches``, ``steps``, ``accumulate``, ``correction``,
     ``optimizer``, ``checkpoint_dir``, ``checkpoint_every``, ``checkpoint_seconds``,
-    ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``resource``,
+    ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``eval_every``, ``resource``,
     ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
     ``spare_workers``, ``record_events``, ``tensorboard``).
+
+    Evaluation: with ``heldout`` (a MicrobatchSource), the stages run a forward-only
+    pass over its micro-batches ``0 .. eval_microbatches - 1`` on their workers
+    before the first step, after the last, and every ``eval_every`` steps
+    (``pipetrain.schedule.evaluation``): each one's mean loss is an ``EvalRecord``
+    in the metrics log and on the progress line, and ``FitResult.evals``. This
+    process builds no stage of the model (on Dask).
 
     ``client``: a ``distributed.Client``, a scheduler address, or None for an
     embedded ``LocalCluster`` with one worker process per stage (plus
@@ -133,22 +149,26 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
                               boundaries=boundaries, **({"loss": loss} if loss is not None else {}))
     check_numeric(data.inputs(0), "data.inputs(0)")
     check_numeric(data.targets(0), "data.targets(0)")
+    if heldout is not None:
+        check_numeric(heldout.inputs(0), "heldout.inputs(0)")
+        check_numeric(heldout.targets(0), "heldout.targets(0)")
     # Validated here, before any worker starts; the workers build their own from it.
     schedule = spec.schedule_spec(len(part.stages))
+    evaluation = spec.evaluation(heldout)
     run_path = Path(spec.run_dir) if spec.run_dir else None
     metrics = MetricsLog(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
     bar = Progress(schedule.steps, enabled=progress)
-    eval_ids = list(range(spec.eval_microbatches))
-    heldout_before = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=None)
+    # The held-out loss before training comes from the stages' first eval block (an EvalRecord).
     metrics.write(StartRecord(schedule=schedule.name, stages=len(part.stages), steps=schedule.steps,
-                              microbatches=schedule.microbatches, heldout_loss=heldout_before, executor=executor))
+                              microbatches=schedule.microbatches, heldout_loss=None, executor=executor))
 
     if executor == "reference":
-        outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics)
+        outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics, heldout, evaluation)
     elif executor == "dask":
         from pipetrain.runtime.driver import Driver, JobPlan
 
         plan = JobPlan(partition=part, source=data, spec=spec, schedule=schedule, resume=resume, supervisor=supervisor,
+                       heldout=heldout if evaluation else None, evaluation=evaluation,
                        **({"job_id": job_id} if job_id else {}))
         with _client(client, len(part.stages) + spec.cluster.spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()
@@ -161,9 +181,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
                        run_dir=run_path, wall_seconds=outcome.wall_seconds,
                        samples=(steps * microbatches - outcome.resumed_from) * data.microbatch_size,
                        executor=executor, steps=steps, resumed_from=outcome.resumed_from,
-                       microbatches=microbatches, ledgers=outcome.ledgers)
-    result.heldout_before = heldout_before
-    result.heldout_after = _heldout_loss(part, spec.optimizer, heldout, eval_ids, states=outcome.states)
+                       microbatches=microbatches, ledgers=outcome.ledgers, evals=dict(outcome.evals),
+                       heldout_before=outcome.evals.get(0), heldout_after=outcome.evals.get(steps))
     metrics.write(EndRecord(heldout_loss=result.heldout_after, wall_seconds=result.wall_seconds,
                             samples_per_s=result.samples_per_s, samples=result.samples, steps=steps,
                             steps_run=result.steps_run))
@@ -186,36 +205,34 @@ def _sinks(spec: JobSpec, run_path: Path | None, callbacks: Any) -> list[Any]:
     return sinks
 
 
-def _heldout_loss(part: Any, optimizer: Any, heldout: Any, ids: list[int], *, states: Any) -> float | None:
-    if heldout is None or not ids:
-        return None
-    from pipetrain.runtime.reference import evaluate
-
-    stages = [part.model.build_stage(spec, optimizer=optimizer) for spec in part.specs()]
-    if states is not None:
-        for stage, state in zip(stages, states):
-            stage.load_state_dict(state)
-    return evaluate(stages, heldout, ids)
-
-
-def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progress,
-                   metrics: MetricsLog) -> Any:
+def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progress, metrics: MetricsLog,
+                   heldout: Any, evaluation: Any) -> Any:
+    """Every stage in this process (the numerics oracle; one process by design), eval blocks included."""
     from pipetrain.runtime.plan import RunOutcome
     from pipetrain.runtime.reference import build_stages, run_reference
 
     started = time.time()
     schedule = replace(spec, checkpoint_every=None).build()
-    result = run_reference(schedule, stages=build_stages(part, optimizer), source=data)
+    result = run_reference(schedule, stages=build_stages(part, optimizer), source=data, heldout=heldout,
+                           evaluation=evaluation)
     wall = time.time() - started
     m = spec.microbatches
     history = []
+
+    def log_eval(step: int) -> None:
+        if step in result.evals:
+            metrics.write(EvalRecord(step=step, heldout_loss=result.evals[step]))
+            bar.eval(step, result.evals[step])
+
+    log_eval(0)
     for t, loss in enumerate(result.loss_history(m)):
         record = {"type": "step", "step": t, "loss": loss, "samples_per_s": None, "busy": []}
         history.append(record)
         metrics.write(StepRecord.from_json(record))
         bar.step(t, loss=loss, samples_per_s=None, busy=[])
+        log_eval(t + 1)
     return RunOutcome(losses=result.losses, states=result.state_dicts(), events=[], history=history, recoveries=[],
-                      generation=0, wall_seconds=wall)
+                      generation=0, wall_seconds=wall, evals=dict(sorted(result.evals.items())))
 
 
 @contextmanager

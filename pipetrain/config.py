@@ -33,7 +33,8 @@ class DataConfig:
     heldout: str = ""  # optional, same kwargs plus split-specific ones below
     kwargs: dict = field(default_factory=dict)
     heldout_kwargs: dict = field(default_factory=dict)
-    eval_microbatches: int = 8
+    eval_microbatches: int = 8  # held-out micro-batches (ids 0..n-1) each evaluation reads
+    eval_every: int = 0  # steps between evaluations on the stages; 0: only before and after training
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,11 @@ class JobConfig:
         _check(not (self.cluster.scheduler and self.cluster.scheduler_file), "cluster.scheduler",
                "give cluster.scheduler or cluster.scheduler_file, not both")
         _check(self.data.eval_microbatches >= 0, "data.eval_microbatches", "must be >= 0")
+        _check(self.data.eval_every >= 0, "data.eval_every", "must be >= 0 (steps; 0: only before and after training)")
+        _check(not self.data.eval_every or bool(self.data.heldout), "data.eval_every",
+               "evaluates on held-out data: give data.heldout")
+        _check(not self.data.eval_every or self.data.eval_microbatches >= 1, "data.eval_every",
+               "needs data.eval_microbatches >= 1")
         _check(isinstance(self.observe.tensorboard, bool), "observe.tensorboard",
                f"must be true or false, got {self.observe.tensorboard!r}")
         return self

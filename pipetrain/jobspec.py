@@ -42,11 +42,16 @@ class JobSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run_dir: str | None = None
-    eval_microbatches: int = 8  # held-out micro-batches evaluated before and after training
+    eval_microbatches: int = 8  # held-out micro-batches each evaluation on the stages reads
+    eval_every: int = 0  # steps between evaluations (schedule/evaluation.py); 0: only before and after training
     record_events: bool = True  # the stages' timelines (pipetrain trace)
     observe: ObserveConfig = field(default_factory=ObserveConfig)  # metrics sinks besides metrics.jsonl
 
     def __post_init__(self) -> None:
+        for name in ("eval_microbatches", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
         # The optimizer carries the schedule's delay correction to the stages.
         object.__setattr__(self, "optimizer", with_correction(self.optimizer, self.schedule.correction,
                                                               schedule=self.schedule.name))
@@ -54,13 +59,15 @@ class JobSpec:
     @classmethod
     def from_config(cls, cfg: JobConfig) -> JobSpec:
         return cls(schedule=cfg.schedule, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, cluster=cfg.cluster,
-                   run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches, observe=cfg.observe)
+                   run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches,
+                   eval_every=cfg.data.eval_every, observe=cfg.observe)
 
     @classmethod
     def from_settings(cls, *, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10, accumulate: int = 1,
                       correction: str | None = None, optimizer: Any = None, checkpoint_dir: str | None = None,
                       checkpoint_every: int | None = None, checkpoint_seconds: float = 0.0,
                       keep_checkpoints: int = 3, run_dir: str | None = None, eval_microbatches: int = 8,
+                      eval_every: int | None = 0,
                       resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
                       credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0,
                       record_events: bool = True, tensorboard: bool = False) -> JobSpec:
@@ -80,7 +87,8 @@ class JobSpec:
                    cluster=ClusterConfig(resource=resource, placement_timeout=placement_timeout,
                                          max_restarts=max_restarts, credits=credits, stop_timeout=stop_timeout,
                                          spare_workers=spare_workers),
-                   run_dir=run_dir, eval_microbatches=eval_microbatches, record_events=record_events,
+                   run_dir=run_dir, eval_microbatches=eval_microbatches, eval_every=eval_every or 0,
+                   record_events=record_events,
                    observe=ObserveConfig(tensorboard=tensorboard))
 
     @property
@@ -92,6 +100,24 @@ class JobSpec:
         if self.run_dir and self.checkpoint.enabled:
             return str(Path(self.run_dir) / CHECKPOINTS_DIR)
         return None
+
+    def evaluation(self, heldout: Any) -> Any:
+        """The ``EvalSpec`` the stages evaluate by with ``heldout`` (None: no held-out set or
+        no eval micro-batches, so no evaluation); a bad combination is refused, naming the field."""
+        from pipetrain.schedule.evaluation import EvalSpec
+        from pipetrain.schedule.schedule import FLUSH_SCHEDULES
+
+        if heldout is None or not self.eval_microbatches:
+            if self.eval_every:
+                raise ValueError(f"eval_every={self.eval_every}: evaluation reads held-out data: give heldout= "
+                                 f"(the config's data.heldout) and eval_microbatches >= 1")
+            return None
+        if self.cluster.credits == 1 and self.schedule.name not in FLUSH_SCHEDULES:
+            # An async stage has one training activation in flight to its neighbour when its
+            # eval block starts: with one credit its first eval send would wait forever.
+            raise ValueError(f"credits: {self.schedule.name} with evaluation needs credits >= 2 (or 0: the "
+                             f"default), got 1")
+        return EvalSpec(self.eval_microbatches, every=self.eval_every)
 
     def schedule_spec(self, num_stages: int) -> Any:
         """The ``ScheduleSpec`` this job's stages build their actions from (checked now)."""

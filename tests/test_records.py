@@ -18,6 +18,7 @@ from pipetrain.observe.records import (
     CheckpointRequestRecord,
     EndRecord,
     ErrorRecord,
+    EvalRecord,
     FailedRecord,
     InterruptedRecord,
     MetricsFormatError,
@@ -56,6 +57,7 @@ ONE_OF_EACH = [
     FailedRecord(stages=[], workers=[], reason="gone", why="lost the Dask scheduler", checkpoint=None),
     InterruptedRecord(generation=0, checkpoint="/ckpt/step-0000000004"),
     EndRecord(heldout_loss=None, wall_seconds=12.5, samples_per_s=160.0, samples=2000, steps=4, steps_run=4),
+    EvalRecord(step=2, heldout_loss=1.75),
     UnknownRecord(kind="from-a-newer-version", values={"answer": 42}),
 ]
 
@@ -74,7 +76,7 @@ def test_every_record_type_round_trips_through_a_metrics_log(tmp_path):
     assert [line["type"] for line in lines[:3]] == ["start", "placement", "step"]
     assert lines[11] == {"time": got[11].time, "type": "error", "stage": None, "worker": None, "cut": None,
                          "error": "the courier could not report"}  # every field written, None where unknown
-    assert lines[15] == {"time": got[15].time, "type": "from-a-newer-version", "answer": 42}
+    assert lines[16] == {"time": got[16].time, "type": "from-a-newer-version", "answer": 42}
 
 
 # A metrics.jsonl as the driver wrote it before the records were typed: a courier error

@@ -186,7 +186,8 @@ def test_fit_with_tensorboard_and_callbacks_writes_both_and_a_raising_callback_d
                                executor="reference", progress=False, run_dir=str(tmp_path), tensorboard=True,
                                callbacks=[seen.append, broken])
     written = read_records(tmp_path / "metrics.jsonl")
-    assert seen == written and [r.TYPE for r in seen] == ["start", "step", "step", "step", "end"]
+    # The held-out losses before and after come from the stages' eval blocks (eval records).
+    assert seen == written and [r.TYPE for r in seen] == ["start", "eval", "step", "step", "step", "eval", "end"]
     history = [h["loss"] for h in result.history]
     assert [r.loss for r in records_of(written, StepRecord)] == history
     got = scalars(tmp_path / "tensorboard")

@@ -1,8 +1,9 @@
 """The live progress line and the JSON-lines metrics log of a run.
 
 On a terminal the line redraws in place (step, loss, samples/s, per-stage
-busy share); elsewhere (CI logs, pipes) it prints a plain line every few
-steps so logs stay short. Every record also goes to the metrics log
+busy share, the latest held-out loss and the step it was evaluated after);
+elsewhere (CI logs, pipes) it prints a plain line every few steps so logs
+stay short. Every record also goes to the metrics log
 (``RUN_DIR/metrics.jsonl``), one typed record (``observe/records.py``) a line,
 and to the log's sinks (``observe/sinks.py``: TensorBoard, callbacks).
 """
@@ -78,6 +79,14 @@ class Progress:
         self.tty = self.stream.isatty()
         self.every = every or max(1, total_steps // 10)
         self._last_width = 0
+        self.heldout: tuple[int, float] | None = None  # (step, loss) of the latest evaluation
+
+    def eval(self, step: int, loss: float) -> None:
+        """The held-out loss after ``step`` steps: shown on the step lines that follow; the ones
+        before and after training (no step line follows the last) also as a line of their own."""
+        self.heldout = (step, loss)
+        if step == 0 or step >= self.total:
+            self.note(f"held-out loss {loss:.4f} {'before training' if step == 0 else f'after step {step}'}")
 
     def step(self, step: int, *, loss: float | None, samples_per_s: float | None, busy: list[float]) -> None:
         if not self.enabled:
@@ -93,6 +102,8 @@ class Progress:
             parts.append(f"{samples_per_s:,.0f} samples/s")
         if busy:
             parts.append("busy " + " ".join(f"{b:.0%}" for b in busy))
+        if self.heldout is not None:
+            parts.append(f"held-out {self.heldout[1]:.4f} (step {self.heldout[0]})")
         line = "  ".join(parts)
         if self.tty:
             pad = max(0, self._last_width - len(line))

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, TypeVar
 from pipetrain.errors import PipetrainError
 
 __all__ = ["CheckpointMissedRecord", "CheckpointRecord", "CheckpointRequestRecord", "EndRecord", "ErrorRecord",
+           "EvalRecord",
            "FailedRecord", "InterruptedRecord", "MetricsFormatError", "PlacementRecord", "Record",
            "RecoveredRecord", "RecoveryRecord", "ResumeRecord", "StartRecord", "StepRecord", "UnknownRecord",
            "read_records", "record_from_json", "records_of"]
@@ -67,7 +68,8 @@ class Record:
 
 @dataclass(frozen=True, kw_only=True)
 class StartRecord(Record):
-    """``fit`` began: what it runs, and the held-out loss before training."""
+    """``fit`` began: what it runs. ``heldout_loss``: None since the stages evaluate on the workers (the
+    ``EvalRecord`` of step 0 holds the loss before training); logs of earlier versions hold it here."""
 
     TYPE: ClassVar[str] = "start"
     schedule: str
@@ -88,6 +90,16 @@ class StepRecord(Record):
     samples_per_s: float | None
     busy: list[float]
     stage0_done: float | None = None  # when stage 0 reported the step (the dask executor's; None: the reference)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalRecord(Record):
+    """The stages' forward-only pass over the held-out micro-batches after ``step`` steps (0: before
+    training; schedule/evaluation.py says which weights each stage used): their mean loss."""
+
+    TYPE: ClassVar[str] = "eval"
+    step: int
+    heldout_loss: float | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,7 +256,8 @@ class UnknownRecord(Record):
 
 
 _TYPES: dict[str, type[Record]] = {cls.TYPE: cls for cls in (
-    StartRecord, StepRecord, EndRecord, CheckpointRecord, CheckpointRequestRecord, CheckpointMissedRecord,
+    StartRecord, StepRecord, EvalRecord, EndRecord, CheckpointRecord, CheckpointRequestRecord,
+    CheckpointMissedRecord,
     PlacementRecord, RecoveryRecord, RecoveredRecord, ResumeRecord, ErrorRecord, FailedRecord,
     InterruptedRecord)}
 

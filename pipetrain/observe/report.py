@@ -17,6 +17,7 @@ from pipetrain.observe.records import (
     CheckpointRecord,
     EndRecord,
     ErrorRecord,
+    EvalRecord,
     Record,
     RecoveryRecord,
     StartRecord,
@@ -65,6 +66,22 @@ def _segments(metrics: list[Record]) -> list[list[StepRecord]]:
     return out
 
 
+def _heldout(metrics: list[Record], total_steps: int) -> list[tuple[int, float]]:
+    """(step, held-out loss) of each step evaluated, in step order: the eval records (the
+    first of each step), else, in a log written before the stages evaluated on the workers,
+    the start record's (step 0) and the end record's (the last step)."""
+    found: dict[int, float] = {}
+    for r in records_of(metrics, EvalRecord):
+        if isinstance(r.step, int) and _number(r.heldout_loss):
+            found.setdefault(r.step, r.heldout_loss)
+    if not found:
+        start, end = first_of(metrics, StartRecord), first_of(metrics, EndRecord)
+        for step, r in ((0, start), (total_steps, end)):
+            if r is not None and _number(r.heldout_loss):
+                found[step] = r.heldout_loss
+    return sorted(found.items())
+
+
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -77,7 +94,7 @@ def _figure(plt):
 
 
 def plot_loss(run_dir: str | Path, path: str | Path) -> Path:
-    """Training loss per step against samples seen; held-out loss at start and end; recoveries marked."""
+    """Training loss per step against samples seen; held-out loss at every evaluation; recoveries marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,13 +113,12 @@ def plot_loss(run_dir: str | Path, path: str | Path) -> Path:
             label = "training loss (mean over the step's micro-batches)" if g == 0 else None
             ax.plot(xs, ys, color="#4C72B0", marker="o" if len(xs) <= 40 else None, markersize=3, label=label,
                     alpha=1.0 if g == len(segments) - 1 else 0.55)
-    start, end = first_of(metrics, StartRecord), first_of(metrics, EndRecord)
     total_steps = facts.get("steps") or max((r.step + 1 for seg in segments for r in seg), default=0)
-    held = [(0.0, start.heldout_loss if start else None), (total_steps * per_step, end.heldout_loss if end else None)]
-    held = [(x, y) for x, y in held if _number(y)]
+    held = [(step * per_step, y) for step, y in _heldout(metrics, total_steps)]
     if held:
-        ax.plot(*zip(*held), linestyle="none", marker="D", markersize=8, color="#DD8452", label="held-out loss")
-        for x, y in held:
+        ax.plot(*zip(*held), linestyle="-" if len(held) > 2 else "none", marker="D", markersize=6,
+                color="#DD8452", label="held-out loss (evaluated on the stages)")
+        for x, y in (held[0], held[-1]):
             ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(6, 6), color="#DD8452", fontsize=9)
     seen_before = [max((r.step + 1 for r in seg), default=0) * per_step for seg in segments]
     for i, r in enumerate(records_of(metrics, RecoveryRecord)):
@@ -187,9 +203,10 @@ def summary(run_dir: str | Path) -> str:
              + ("" if end else " - not finished (no end record)")]
     if losses:
         lines.append(f"training loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(steps)} step records")
-    held = [start.heldout_loss if start else None, end.heldout_loss if end else None]
-    if any(_number(h) for h in held):
-        lines.append("held-out loss " + " -> ".join(f"{h:.4g}" if _number(h) else "?" for h in held))
+    held = _heldout(metrics, facts.get("steps") or len(steps))
+    if held:
+        lines.append(f"held-out loss {held[0][1]:.4g} -> {held[-1][1]:.4g}"
+                     + (f" ({len(held)} evaluations, after steps {held[0][0]}-{held[-1][0]})" if len(held) > 2 else ""))
     rates = [r.samples_per_s for r in steps if _number(r.samples_per_s)]
     if end and _number(end.samples_per_s):
         rate = f"throughput {end.samples_per_s:,.0f} samples/s over {end.wall_seconds or 0:.3g} s"

@@ -10,8 +10,9 @@ the records that follow.
   ``tensorboardX`` (``pip install pipetrain[observe]``), with the step number
   as the global step: per step record the loss, samples/s, each stage's busy
   share (``busy/stage0`` ...) and any other numeric field a step record
-  carries (a list of numbers as ``FIELD/stageN``); the held-out loss of the
-  start record (at step 0) and of the end record (at the steps trained); the
+  carries (a list of numbers as ``FIELD/stageN``); the held-out loss of each
+  eval record (``heldout_loss`` at its step; a start or end record's, from
+  logs that carry it there, where no eval record gave that step's); the
   count of recoveries so far (``recoveries``) and a text line for each
   recovery, resume, failure or interruption.
 - ``CallbackSink(fn)``: calls ``fn(record)`` with every ``Record``
@@ -25,7 +26,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipetrain.observe.records import (CheckpointRecord, EndRecord, FailedRecord, InterruptedRecord,
+from pipetrain.observe.records import (CheckpointRecord, EndRecord, EvalRecord, FailedRecord, InterruptedRecord,
                                        RecoveredRecord, RecoveryRecord, Record, ResumeRecord, StartRecord,
                                        StepRecord)
 
@@ -75,6 +76,7 @@ class TensorBoardSink:
         self._flush = flush_every_record  # a job killed mid-run keeps what it logged
         self._recoveries = 0
         self._step = 0  # the newest step logged: where an event between steps is drawn
+        self._heldout_steps: set[int] = set()  # steps whose held-out loss an eval record gave
 
     def write(self, record: Record) -> None:
         w, t = self._writer, record.time
@@ -88,11 +90,15 @@ class TensorBoardSink:
                 elif isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
                     for stage, v in enumerate(value):
                         w.add_scalar(f"{name}/stage{stage}", float(v), self._step, walltime=t)
+        elif isinstance(record, EvalRecord):
+            if _is_number(record.heldout_loss) and int(record.step) not in self._heldout_steps:
+                self._heldout_steps.add(int(record.step))
+                w.add_scalar("heldout_loss", float(record.heldout_loss), int(record.step), walltime=t)
         elif isinstance(record, StartRecord):
             if _is_number(record.heldout_loss):
                 w.add_scalar("heldout_loss", float(record.heldout_loss), 0, walltime=t)
         elif isinstance(record, EndRecord):
-            if _is_number(record.heldout_loss):
+            if _is_number(record.heldout_loss) and int(record.steps) not in self._heldout_steps:
                 w.add_scalar("heldout_loss", float(record.heldout_loss), int(record.steps), walltime=t)
             w.add_scalar("run/samples_per_s", float(record.samples_per_s), int(record.steps), walltime=t)
             w.add_scalar("run/wall_seconds", float(record.wall_seconds), int(record.steps), walltime=t)

@@ -14,6 +14,14 @@ error, an unwritable checkpoint, the restart bound, no workers, Ctrl-C, a lost
 scheduler) takes the same road up to ``LatestCheckpoint``, which names the
 place to resume from, and ends in ``Fail``.
 
+Evaluation (``schedule/evaluation.py``): the last stage reports each eval
+block's loss (``EvalReport``); the core logs the first report of each step
+(an ``EvalRecord`` and the progress line) and keeps it across rollbacks. A
+block re-run after a rollback (every eval after the cut, and the one at the
+cut itself) reports the same value, bit for bit, and is not logged again.
+A checkpoint's manifest carries the evals known at its commit, so a resumed
+job neither logs them again nor loses the loss before training.
+
 Blame: a worker that left is the cause; its neighbours' lost peers or
 failures are effects. A neighbour usually notices before the scheduler drops
 the dead worker, so a failure or lost peer is blamed only once
@@ -25,18 +33,19 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipetrain.observe.records import (CheckpointRecord, ErrorRecord, FailedRecord, InterruptedRecord,
+from pipetrain.observe.records import (CheckpointRecord, ErrorRecord, EvalRecord, FailedRecord, InterruptedRecord,
                                        PlacementRecord, RecoveredRecord, RecoveryRecord, ResumeRecord)
 from pipetrain.runtime.placement import merge_placement
 from pipetrain.errors import (JobInterrupted, StageLost, cannot_write_checkpoints,
                               is_retryable, is_worker_death, short_error)
 from pipetrain.runtime.bookkeeping import CutTimer, StepBook
 from pipetrain.runtime.core_events import (BeginGeneration, CheckpointView, Commit, CommitDone,
-                                           CommitFailed, CourierError, CutMissed, Event, Fail, Finish,
+                                           CommitFailed, CourierError, CutMissed, EvalReport, Event, Fail, Finish,
                                            FirstBackward, Instruction, Interrupted, JobSettings, LatestCheckpoint,
                                            Note, PeerLostReport, Place, Placed, PlacementFailed,
                                            ReadLatestCheckpoint, Report, SchedulerLost,
-                                           ShardWritten, ShowStep, StageDone, StageReady, Started, StepReport,
+                                           ShardWritten, ShowEval, ShowStep, StageDone, StageReady, Started,
+                                           StepReport,
                                            StopFinished, StopGeneration, StopOldRun, Submit, TaskEnded, Tick,
                                            WorkersChanged, WriteRecord)
 
@@ -81,6 +90,7 @@ class JobCore:
         self.restarts = 0
         self.book = StepBook(settings.num_stages, settings.microbatches, settings.microbatch_size)
         self.history: list[dict] = []
+        self.evals: dict[int, float] = {}  # step -> held-out loss after it, as first reported
         self.recoveries: list[dict] = []
         self.committed: CheckpointView | None = None  # the newest checkpoint known good, for a hurried end
         self.loss: StageLost | None = None
@@ -138,6 +148,7 @@ class JobCore:
         else:
             out.append(Note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})"))
             self.history += self.book.restore(dict(latest.losses), latest.cut)
+            self.evals.update(latest.evals)
             out.append(WriteRecord(ResumeRecord(generation=self.generation, rollback_to=latest.cut,
                                                 checkpoint=latest.path)))
         self._start_from(latest)
@@ -205,6 +216,13 @@ class JobCore:
         return out
 
     @_on_report.register
+    def _eval(self, ev: EvalReport) -> list[Instruction]:
+        if ev.stage != self.settings.num_stages - 1 or ev.step in self.evals:
+            return []  # only the last stage computes the loss; a re-run's block is logged once
+        self.evals[ev.step] = ev.loss
+        return [WriteRecord(EvalRecord(step=ev.step, heldout_loss=ev.loss)), ShowEval(ev.step, ev.loss)]
+
+    @_on_report.register
     def _shard(self, ev: ShardWritten) -> list[Instruction]:
         self.run.timer.heard_shard(ev)
         shards = self.run.shards.setdefault(ev.cut, {})
@@ -215,7 +233,8 @@ class JobCore:
         self.run.committing.add(ev.cut)
         # repr-exact floats: a resumed job reports the same loss history
         losses = {str(k): v for k, v in sorted(self.book.losses.items()) if k < ev.cut}
-        manifest = {**self.settings.manifest, "job_id": self.settings.job_id, "losses": losses}
+        evals = {str(t): v for t, v in sorted(self.evals.items()) if t * self.settings.microbatches <= ev.cut}
+        manifest = {**self.settings.manifest, "job_id": self.settings.job_id, "losses": losses, "evals": evals}
         return [Commit(ev.cut, tuple(records[s] for s in sorted(records)), self.generation, manifest)]
 
     @_on_report.register
@@ -327,7 +346,8 @@ class JobCore:
         return self._end(Finish(losses=dict(sorted(self.book.losses.items())), history=list(self.history),
                                 recoveries=[dict(r) for r in self.recoveries], generation=self.generation,
                                 wall_seconds=now - self.started_at, resumed_from=self.resumed_from,
-                                results=tuple(run.results[s] for s in range(self.settings.num_stages))))
+                                results=tuple(run.results[s] for s in range(self.settings.num_stages)),
+                                evals=dict(sorted(self.evals.items()))))
 
     # -- checkpoints ----------------------------------------------------------
     @_handle.register

@@ -18,6 +18,7 @@ from pipetrain.observe.records import Record
 from pipetrain.runtime.messages import (  # noqa: F401 - the stages' reports are events of the core too
     CourierError,
     CutMissed,
+    EvalReport,
     FirstBackward,
     PeerLostReport,
     Report,
@@ -75,6 +76,7 @@ class CheckpointView:
     ledgers: dict[int, dict] = field(default_factory=dict)  # stage -> its ledger at the cut
     losses: dict[int, float] = field(default_factory=dict)  # micro-batch -> loss, before the cut
     job_id: str | None = None
+    evals: dict[int, float] = field(default_factory=dict)  # step -> held-out loss, known when it was committed
     skipped: tuple[tuple[int, str], ...] = ()  # newer step directories passed over: (cut, why)
 
     @classmethod
@@ -87,7 +89,8 @@ class CheckpointView:
                    ledgers={s: checkpoint.shard(s).get("meta", {}).get("ledger", {})
                             for s in range(checkpoint.num_stages)},
                    losses={int(k): float(v) for k, v in manifest.get("losses", {}).items()},
-                   job_id=manifest.get("job_id"), skipped=tuple(checkpoint.skipped))
+                   job_id=manifest.get("job_id"), skipped=tuple(checkpoint.skipped),
+                   evals={int(k): float(v) for k, v in manifest.get("evals", {}).items()})
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,14 @@ class ShowStep(Instruction):
 
 
 @dataclass(frozen=True)
+class ShowEval(Instruction):
+    """``Progress.eval``: the held-out loss after ``step`` steps."""
+
+    step: int
+    loss: float
+
+
+@dataclass(frozen=True)
 class Note(Instruction):
     """``Progress.note``."""
 
@@ -287,6 +298,7 @@ class Finish(Instruction):
     wall_seconds: float
     results: tuple[dict, ...]  # each stage's task result, in stage order
     resumed_from: int = 0  # the cut a resume started at (0: a new run)
+    evals: dict[int, float] = field(default_factory=dict)  # step -> held-out loss after it
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pipetrain.observe.progress import MetricsLog, Progress
 from pipetrain.runtime import core_events as ev
 from pipetrain.runtime.control import ControlNames, DriverControl
 from pipetrain.runtime.core import JobCore
-from pipetrain.runtime.plan import JobPlan, RunOutcome, boundary_specs
+from pipetrain.runtime.plan import JobPlan, RunOutcome, StoredStates, boundary_specs
 from pipetrain.runtime.worker import StageJob, run_stage
 
 __all__ = ["CheckpointDirInUse", "Driver", "JobFailed", "JobInterrupted", "JobPlan", "RunOutcome", "StageLost"]
@@ -139,6 +139,8 @@ class Driver:
             self.progress.note(i.text)
         elif isinstance(i, ev.ShowStep):
             self.progress.step(i.step, loss=i.loss, samples_per_s=i.samples_per_s, busy=i.busy)
+        elif isinstance(i, ev.ShowEval):
+            self.progress.eval(i.step, i.loss)
         elif isinstance(i, ev.BeginGeneration):
             self.store.begin_generation(i.generation)
             self.store.discard_after(i.cut, generation=i.generation)
@@ -158,15 +160,22 @@ class Driver:
         elif isinstance(i, ev.RequestCut):
             self._control(i.generation).request_checkpoint(self.client, i.cut)
         elif isinstance(i, ev.Finish):
-            return RunOutcome(losses=i.losses, states=[r["state"] for r in i.results],
+            return RunOutcome(losses=i.losses, states=self._final_states(i.results),
                               events=[r["events"] for r in i.results], history=i.history, recoveries=i.recoveries,
                               generation=i.generation, wall_seconds=i.wall_seconds, resumed_from=i.resumed_from,
-                              ledgers=[r["ledger"] for r in i.results])
+                              ledgers=[r["ledger"] for r in i.results], evals=i.evals)
         elif isinstance(i, ev.Fail):
             raise i.exception() from i.cause
         else:
             raise TypeError(f"the driver cannot carry out {i!r}")
         return None
+
+    def _final_states(self, results: tuple[dict, ...]) -> Any:
+        """The stages' final states: read from the run's last checkpoint, stage by stage, when
+        asked (a stage whose schedule ends with one returns none), else as the tasks returned them."""
+        if all(r.get("state") is not None for r in results):
+            return [r["state"] for r in results]
+        return StoredStates(self.plan.checkpoint_url, self.plan.schedule.total_microbatches, len(results))
 
     def _place(self, i: ev.Place) -> ev.Event:
         from pipetrain.runtime.placement import PlacementError, StageNeed, wait_for_placement
@@ -193,7 +202,8 @@ class Driver:
                            max_events=StageJob.max_events if plan.spec.record_events else 0,
                            resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
                            input_specs=boundary_specs(plan.partition, spec.index),
-                           output_specs=boundary_specs(plan.partition, spec.index + 1))
+                           output_specs=boundary_specs(plan.partition, spec.index + 1),
+                           heldout=plan.heldout, evaluation=plan.evaluation)
             futures.append(self.client.submit(run_stage, job, workers=[i.placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
                                               key=f"pipetrain-{plan.job_id}-g{i.generation}-stage{spec.index}"))

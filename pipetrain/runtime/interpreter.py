@@ -17,11 +17,19 @@ the steady state it has work of its own and a split would only cost.
 A stage with a delay correction (``stage.correction`` other than "none",
 ``pipetrain.stages.corrections``) gets each forward's delay from the
 schedule (``Schedule.delays``): ``forward(k, x, version=v, delay=d)``.
+
+Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
+latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
+last stage the held-out targets, from ``heldout``, and once it has every
+held-out micro-batch of a block it reports their mean loss
+(``Hooks.on_eval``), in held-out id order, as ``reference.evaluate`` means it.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Callable, Protocol
+
+import numpy as np
 
 from pipetrain.schedule.actions import Action, Kind
 from pipetrain.schedule.schedule import Schedule
@@ -47,6 +55,9 @@ class Hooks:
 
     def on_loss(self, k: int, loss: float) -> None: ...
 
+    def on_eval(self, step: int, loss: float) -> None:
+        """The last stage's mean held-out loss of the eval block after ``step`` steps."""
+
     def on_checkpoint(self, cut: int, stage: Any) -> None: ...
 
     def on_action(self, action: Action, start: float, end: float) -> None: ...
@@ -58,7 +69,7 @@ class Hooks:
 
 class StageProgram:
     def __init__(self, stage: Any, schedule: Schedule, *, source: Any, links: Links, hooks: Hooks | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, heldout: Any = None, evaluation: Any = None):
         self.stage = stage
         self.index = stage.spec.index
         self.actions = schedule.stage_actions(self.index)
@@ -75,6 +86,14 @@ class StageProgram:
         self._split_at = schedule.split_positions(self.index, getattr(stage, "split_backward", "never"))
         corrected = getattr(stage, "correction", "none") != "none"
         self._delays = schedule.delays(self.index) if corrected else None
+        # Evaluation: the held-out source and the EvalSpec that numbered the eval messages.
+        self.heldout, self.evaluation = heldout, evaluation
+        self._eval_inputs: dict[int, Tree] = {}
+        self._eval_outputs: dict[int, Tree] = {}
+        self._eval_losses: dict[int, dict[int, float]] = {}  # step -> held-out id -> loss
+        if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
+            raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
+                             f"were given")
 
     @property
     def done(self) -> bool:
@@ -87,7 +106,7 @@ class StageProgram:
         a = self.next_action()
         if a is None:
             return False
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL):
             return self.links.ready(a.kind, a.k)
         return True
 
@@ -147,8 +166,28 @@ class StageProgram:
             self.stage.update(new_version=a.version)
         elif a.kind is Kind.CHECKPOINT:
             self.hooks.on_checkpoint(a.k, self.stage)
+        elif a.kind is Kind.RECV_EVAL:
+            self._eval_inputs[a.k] = self.links.recv(a.kind, a.k)
+        elif a.kind is Kind.EVAL_F:
+            self._evaluate(a)
+        elif a.kind is Kind.SEND_EVAL:
+            self.links.send(a.kind, a.k, a.version, self._eval_outputs.pop(a.k), wait_follows=self._wait_follows())
         else:  # pragma: no cover - Kind is closed
             raise ValueError(f"stage {self.index}: unknown action {a!r}")
+
+    def _evaluate(self, a: Action) -> None:
+        spec = self.stage.spec
+        step, j = self.evaluation.decode(a.k)
+        x = self.heldout.inputs(j) if spec.is_first else self._eval_inputs.pop(a.k)
+        out = self.stage.evaluate(x, targets=self.heldout.targets(j) if spec.is_last else None)
+        if not spec.is_last:
+            self._eval_outputs[a.k] = out
+            return
+        losses = self._eval_losses.setdefault(step, {})
+        losses[j] = float(out)
+        if len(losses) == self.evaluation.microbatches:
+            del self._eval_losses[step]
+            self.hooks.on_eval(step, float(np.mean([losses[i] for i in range(self.evaluation.microbatches)])))
 
     def _after(self) -> Action | None:
         """The action after the one running."""
@@ -157,7 +196,7 @@ class StageProgram:
     def _wait_follows(self) -> bool:
         """Whether the action after this one waits for a message not yet here."""
         after = self._after()
-        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD)
+        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL)
                 and not self.links.ready(after.kind, after.k))
 
     def _release_unread_versions(self) -> None:

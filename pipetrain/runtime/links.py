@@ -28,6 +28,9 @@ from pipetrain.tree import flatten
 # What each of the schedule's transfer actions moves on the wire.
 _WIRE_KIND = {Kind.RECV_ACT: MessageKind.ACTIVATION, Kind.SEND_ACT: MessageKind.ACTIVATION,
               Kind.RECV_GRAD: MessageKind.GRADIENT, Kind.SEND_GRAD: MessageKind.GRADIENT}
+_WIRE_KIND.update({Kind.RECV_EVAL: MessageKind.EVAL_ACTIVATION, Kind.SEND_EVAL: MessageKind.EVAL_ACTIVATION})
+# The channel each send goes out on: eval activations share the forward one (its order and credits).
+_CHANNEL_OF = {Kind.SEND_ACT: Kind.SEND_ACT, Kind.SEND_GRAD: Kind.SEND_GRAD, Kind.SEND_EVAL: Kind.SEND_ACT}
 
 
 class Stopped(RetryableError, RuntimeError):
@@ -122,7 +125,7 @@ class TransportLinks:
         return self.endpoint.has(_WIRE_KIND[kind], k)
 
     def recv(self, kind: Kind, k: int) -> Any:
-        expect = self.expect_input if kind is Kind.RECV_ACT else None
+        expect = self.expect_input if kind in (Kind.RECV_ACT, Kind.RECV_EVAL) else None
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -138,7 +141,8 @@ class TransportLinks:
         of a few hundred KiB takes the writer 0.1-0.5 ms on 2 busy cores."""
         # The host copy is made here, in the compute thread, so the stage's
         # arrays are never read while its next action runs.
-        self.senders[kind].submit((_WIRE_KIND[kind], k, to_numpy(tree), version or 0), inline=wait_follows)
+        self.senders[_CHANNEL_OF[kind]].submit((_WIRE_KIND[kind], k, to_numpy(tree), version or 0),
+                                               inline=wait_follows)
 
     def _check_stop_or_deadline(self, deadline: float, what: str) -> None:
         if self.control.stopped():

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
-__all__ = ["CourierError", "CutMissed", "FirstBackward", "PeerLostReport", "Report", "ShardWritten",
+__all__ = ["CourierError", "CutMissed", "EvalReport", "FirstBackward", "PeerLostReport", "Report", "ShardWritten",
            "StageDone", "StageReady", "StepReport", "report_from_message"]
 
 
@@ -44,6 +44,15 @@ class StepReport(Report):
     wall: float
     time: float
     losses: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalReport(Report):
+    """The last stage's mean held-out loss of the eval block after ``step`` steps (schedule/evaluation.py)."""
+
+    KIND: ClassVar[str] = "eval"
+    step: int
+    loss: float
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,7 @@ class StageDone(Report):
 
 _KINDS: dict[str, type[Report]] = {cls.KIND: cls for cls in
                                    (StepReport, ShardWritten, StageReady, PeerLostReport, FirstBackward, CutMissed,
-                                    CourierError, StageDone)}
+                                    CourierError, StageDone, EvalReport)}
 _NUMBER = (int, float)
 # What each annotated field may hold on the wire (bool is an int in Python: refused where a number is meant).
 _ACCEPTS: dict[str, tuple[type, ...]] = {"int": (int,), "float": _NUMBER, "str": (str,), "dict": (dict,),

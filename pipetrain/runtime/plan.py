@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +35,10 @@ class JobPlan:
     # Who else has a say in a running job (a detached job's driver task): the
     # workers no stage may use, and whether the job is asked to stop.
     supervisor: Supervisor | None = None
+    # Evaluation on the stages (schedule/evaluation.py): the held-out source they read
+    # (shipped to them like ``source``) and the EvalSpec; None: the stages never evaluate.
+    heldout: Any = None
+    evaluation: Any = None
 
     @property
     def checkpoint_url(self) -> str | None:
@@ -77,6 +82,31 @@ class RunOutcome:
     wall_seconds: float
     ledgers: list[dict] = field(default_factory=list)
     resumed_from: int = 0  # the micro-batch this run started at: a resume's checkpoint cut, else 0
+    evals: dict[int, float] = field(default_factory=dict)  # step -> held-out loss after it (0: before training)
+
+
+class StoredStates(Sequence):
+    """Each stage's final state, read from the checkpoint store's committed checkpoint at
+    ``cut`` (the end of the run) when asked for, one stage at a time: the driver never
+    holds the whole model's weights (a run that writes its last checkpoint there)."""
+
+    def __init__(self, url: str, cut: int, num_stages: int):
+        self.url, self.cut, self.num_stages = url, cut, num_stages
+
+    def __len__(self) -> int:
+        return self.num_stages
+
+    def __getitem__(self, stage: Any) -> Any:
+        if isinstance(stage, slice):
+            return [self[s] for s in range(*stage.indices(self.num_stages))]
+        if not -self.num_stages <= stage < self.num_stages:
+            raise IndexError(f"stage {stage}: the run has {self.num_stages} stages")
+        from pipetrain.checkpoint.store import CheckpointStore
+
+        return CheckpointStore(self.url).load_shard(self.cut, stage % self.num_stages)
+
+    def __repr__(self) -> str:
+        return f"StoredStates({self.url!r}, cut={self.cut}, stages={self.num_stages})"
 
 
 def boundary_specs(partition: Any, stage: int) -> Any:

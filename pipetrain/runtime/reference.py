@@ -5,6 +5,9 @@ runtime, stepping the stages round-robin and passing boundary values through
 in-memory mailboxes. Async schedules have no closed form to compare with, so
 this executor (checked against an independent implementation of the
 published update rules in the tests) is what the distributed runs must match.
+Given a held-out source and an ``EvalSpec`` it runs the schedule's eval blocks
+(``schedule/evaluation.py``) as the Dask stages do; ``evaluate`` is the
+unpipelined held-out loss of a set of stages (one process, by design).
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ class _Links:
     def send(self, kind: Kind, k: int, version: int | None, tree: Tree, *, wait_follows: bool = False) -> None:
         if kind is Kind.SEND_ACT:
             self.mail.boxes[self.stage + 1][(Kind.RECV_ACT, k)] = tree
+        elif kind is Kind.SEND_EVAL:
+            self.mail.boxes[self.stage + 1][(Kind.RECV_EVAL, k)] = tree
         else:
             self.mail.boxes[self.stage - 1][(Kind.RECV_GRAD, k)] = tree
 
@@ -54,10 +59,15 @@ class _Recorder(Hooks):
     checkpoints: dict[int, dict[int, dict[str, np.ndarray]]] = field(default_factory=dict)
     keep_checkpoints: bool = False
     also: Hooks = field(default_factory=Hooks)  # the caller's own hooks
+    evals: dict[int, float] = field(default_factory=dict)
 
     def on_loss(self, k: int, loss: float) -> None:
         self.losses[k] = loss
         self.also.on_loss(k, loss)
+
+    def on_eval(self, step: int, loss: float) -> None:
+        self.evals[step] = loss
+        self.also.on_eval(step, loss)
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
         if self.keep_checkpoints:
@@ -76,6 +86,7 @@ class ReferenceResult:
     losses: dict[int, float]  # micro-batch id -> loss of its forward
     stages: list[Any]
     checkpoints: dict[int, dict[int, dict[str, np.ndarray]]]
+    evals: dict[int, float] = field(default_factory=dict)  # step -> mean held-out loss after it
 
     def loss_history(self, microbatches_per_step: int) -> list[float]:
         """Mean loss per step, in step order."""
@@ -94,14 +105,20 @@ def build_stages(partition: Any, optimizer: Any) -> list[Any]:
 
 
 def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
-                  keep_checkpoints: bool = False, hooks: Hooks | None = None) -> ReferenceResult:
+                  keep_checkpoints: bool = False, hooks: Hooks | None = None, heldout: Any = None,
+                  evaluation: Any = None) -> ReferenceResult:
     """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``); ``hooks``
-    hear every stage's losses, checkpoints and action times as well."""
+    hear every stage's losses, checkpoints and action times as well. With
+    ``evaluation`` (an ``EvalSpec``) and ``heldout``, the schedule gets its eval
+    blocks (``EvalSpec.apply``) and the result's ``evals`` their losses."""
     if len(stages) != schedule.num_stages:
         raise ValueError(f"schedule has {schedule.num_stages} stages but {len(stages)} were given")
+    if evaluation is not None:
+        schedule = evaluation.apply(schedule)
     mail = _Mailboxes(len(stages))
     recorder = _Recorder(keep_checkpoints=keep_checkpoints, also=hooks or Hooks())
-    programs = [StageProgram(st, schedule, source=source, links=mail.links(i), hooks=recorder)
+    programs = [StageProgram(st, schedule, source=source, links=mail.links(i), hooks=recorder, heldout=heldout,
+                             evaluation=evaluation)
                 for i, st in enumerate(stages)]
     while not all(p.done for p in programs):
         progressed = False
@@ -112,7 +129,7 @@ def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
         if not progressed:
             blocked = ", ".join(f"stage {p.index} at {p.next_action()!r}" for p in programs if not p.done)
             raise RuntimeError(f"reference executor: schedule {schedule.name!r} deadlocked ({blocked})")
-    return ReferenceResult(recorder.losses, list(stages), recorder.checkpoints)
+    return ReferenceResult(recorder.losses, list(stages), recorder.checkpoints, recorder.evals)
 
 
 def evaluate(stages: Sequence[Any], source: Any, microbatch_ids: Sequence[int]) -> float:

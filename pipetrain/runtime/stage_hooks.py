@@ -175,6 +175,9 @@ class StageHooks(Hooks):
     def on_loss(self, k: int, loss: float) -> None:
         self.meter.losses[k] = loss
 
+    def on_eval(self, step: int, loss: float) -> None:
+        self.control.report(msg.EvalReport(self.generation, self.stage, step=step, loss=loss))
+
     def on_weights(self, k: int, version: int, start: float, end: float) -> None:
         # Work, not an action of the schedule: an event and busy time, but no
         # move of the action cursor (checkpoint cuts are positions in the list).
@@ -183,7 +186,7 @@ class StageHooks(Hooks):
 
     def on_action(self, action: Action, start: float, end: float) -> None:
         kind, meter = action.kind, self.meter
-        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE):
+        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE, Kind.EVAL_F):
             meter.busy += end - start
         self.timeline.record(kind.value, action.k, action.version, start, end)
         if kind is Kind.FORWARD:
@@ -198,7 +201,7 @@ class StageHooks(Hooks):
         elif kind is Kind.UPDATE:
             self.ledger.update()
             meter.latest_version = action.version
-        elif kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+        elif kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL):
             meter.received += 1
         due = self.cuts.advance(self.control.requested_cut if self.writer is not None else None)
         if due is not None:

@@ -7,6 +7,10 @@ never waits on the scheduler or the disk. The task returns the stage's final
 state, its timeline events and its ledger; or, when a recovery's stop ended
 it, a small ``{"ended": "stopped"}`` result instead of an error (an expected
 ending, which Dask would otherwise log as a failed task with a traceback).
+A stage whose schedule ends with a checkpoint returns no state: the run's
+result reads it from that checkpoint (``plan.StoredStates``), so the driver
+never receives the whole model. With an ``EvalSpec`` the stage's schedule gets
+its eval blocks (``schedule/evaluation.py``) and it reads ``heldout``.
 
 What the stage does around each action (reports, events, the ledger, the
 checkpoints) is ``stage_hooks.StageHooks``; this module starts the stage,
@@ -55,6 +59,8 @@ class StageJob:
     # The job's transport key (JobPlan.secret): a stage port accepts only
     # connections that prove they hold it, for this job, edge and generation.
     secret: bytes = field(default=b"", repr=False)
+    heldout: Any = None  # the held-out source the eval blocks read (JobPlan.heldout)
+    evaluation: Any = None  # EvalSpec, or None: no eval blocks
 
 
 def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseException) -> dict | None:
@@ -193,6 +199,8 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     from pipetrain.runtime.links import open_links
 
     schedule = job.schedule.build()
+    if job.evaluation is not None:
+        schedule = job.evaluation.apply(schedule)
     stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
     built = time.time()
     if job.resume_cut:
@@ -205,7 +213,11 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
         control.report(msg.StageReady(job.generation, job.spec.index, time=time.time(), seconds=time.time() - started,
                                       build_seconds=built - started, load_seconds=loaded - built,
                                       connect_seconds=time.time() - loaded))
-        StageProgram(stage, schedule, source=job.source, links=links, hooks=hooks, clock=time.time).run_all()
+        StageProgram(stage, schedule, source=job.source, links=links, hooks=hooks, clock=time.time,
+                     heldout=job.heldout, evaluation=job.evaluation).run_all()
         hooks.meter.flush_losses()
     control.report(msg.StageDone(job.generation, job.spec.index, seconds=time.time() - started))
-    return {"state": stage.state_dict(), "events": hooks.timeline.array(), "ledger": hooks.ledger.to_dict()}
+    # The last action of a schedule with checkpoints is the one at its end (or an eval block after it).
+    final_in_store = store is not None and job.schedule.checkpoint_every is not None
+    return {"state": None if final_in_store else stage.state_dict(), "events": hooks.timeline.array(),
+            "ledger": hooks.ledger.to_dict()}

@@ -5,7 +5,9 @@ A schedule is data. Builders (``builders.py``) produce, per stage, a tuple of
 Actions print compactly, like torch.distributed.pipelining's: ``1F3`` is stage 1
 running the forward of micro-batch 3, ``2B0`` stage 2 the backward of 0,
 ``0U4`` stage 0 producing weight version 4, ``3C16`` stage 3 checkpointing at the
-cut before micro-batch 16, ``1RECV_F3`` stage 1 receiving the activation of 3.
+cut before micro-batch 16, ``1RECV_F3`` stage 1 receiving the activation of 3,
+``2E9`` stage 2 running the forward-only evaluation of held-out message 9
+(``schedule/evaluation.py``: an eval block's messages are numbered by the pass).
 """
 from __future__ import annotations
 
@@ -22,10 +24,15 @@ class Kind(str, Enum):
     RECV_ACT = "RECV_F"   # receive the activation of k from stage - 1
     SEND_GRAD = "SEND_B"  # send the input gradient of k to stage - 1
     RECV_GRAD = "RECV_B"  # receive the output gradient of k from stage + 1
+    # Evaluation (schedule/evaluation.py): k is the eval message's number, not a training micro-batch.
+    EVAL_F = "E"           # forward-only pass of a held-out micro-batch with the latest weights
+    SEND_EVAL = "SEND_E"   # send its activation to stage + 1
+    RECV_EVAL = "RECV_E"   # receive it from stage - 1
 
 
 COMPUTE = (Kind.FORWARD, Kind.BACKWARD)
 COMMUNICATION = (Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
+EVALUATION = (Kind.EVAL_F, Kind.SEND_EVAL, Kind.RECV_EVAL)
 
 
 @dataclass(frozen=True, slots=True)

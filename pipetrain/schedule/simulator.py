@@ -12,6 +12,12 @@ unacknowledged micro-batches of its edge. The run
 either finishes (deadlock-free, with a timeline) or stops with a
 ``ScheduleError`` that prints the stage x time grid so far and what each stage
 is blocked on.
+
+Eval blocks (``schedule/evaluation.py``) are checked too: every ``E`` has
+its ``RECV_E`` before it (s > 0) and its ``SEND_E`` after it (s < p - 1),
+reads the stage's latest version, and runs once; an ``E`` costs what the
+stage's forward costs, and eval messages share the activations' edge and
+its credits (one connection carries both).
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipetrain.schedule.actions import COMPUTE, Action, Kind
+from pipetrain.schedule.actions import COMPUTE, EVALUATION, Action, Kind
+from pipetrain.schedule.evaluation import check_eval_action
 from pipetrain.schedule.schedule import Schedule, ScheduleError, bubble_fraction_formula
 
 __all__ = ["ScheduleError", "SimulationReport", "TimedAction", "activation_bound", "check_schedule",
@@ -118,7 +125,7 @@ def simulate(schedule: Schedule, *, forward_cost: float | Sequence[float] = 1.0,
     memory = check_schedule(schedule)
     timeline, weights = _run(schedule, fwd, bwd, upd, float(send_cost), credits, wgt, split)
     makespan = max((e.end for t in (*timeline, *weights) for e in t), default=0.0)
-    busy = tuple(sum(e.end - e.start for e in t if e.action.kind in (*COMPUTE, Kind.UPDATE))
+    busy = tuple(sum(e.end - e.start for e in t if e.action.kind in (*COMPUTE, Kind.UPDATE, Kind.EVAL_F))
                  + sum(e.end - e.start for e in w) for t, w in zip(timeline, weights))
     return SimulationReport(
         schedule=schedule, forward_cost=fwd, backward_cost=bwd, update_cost=upd, send_cost=float(send_cost),
@@ -168,6 +175,9 @@ def _check_order(schedule: Schedule, s: int) -> None:
         if a.kind in (Kind.UPDATE, Kind.CHECKPOINT):
             if a.kind is Kind.CHECKPOINT:
                 _check_cut(where, a.k, backwards, first, total)
+            continue
+        if a.kind in EVALUATION:
+            check_eval_action(where, a, s, p, seen)
             continue
         if a.k is None or not first <= a.k < total:
             raise ScheduleError(f"{where}: micro-batch {a.k} is outside this schedule's range [{first}, {total})")
@@ -219,7 +229,8 @@ def _check_pairs(schedule: Schedule) -> None:
 
     for s in range(schedule.num_stages - 1):
         for send, recv, src, dst in ((Kind.SEND_ACT, Kind.RECV_ACT, s, s + 1),
-                                     (Kind.SEND_GRAD, Kind.RECV_GRAD, s + 1, s)):
+                                     (Kind.SEND_GRAD, Kind.RECV_GRAD, s + 1, s),
+                                     (Kind.SEND_EVAL, Kind.RECV_EVAL, s, s + 1)):
             sent, received = ks(src, send), ks(dst, recv)
             for k in sorted(received - sent)[:1]:
                 raise ScheduleError(f"stage {dst}: {dst}{recv.value}{k} has no matching {src}{send.value}{k} "
@@ -269,6 +280,9 @@ def _stage_memory(schedule: Schedule, s: int) -> StageMemory:
             latest = a.version
         elif a.kind is Kind.CHECKPOINT:
             at_cuts[a.k] = tuple(sorted(held))
+        elif a.kind is Kind.EVAL_F and a.version != latest:
+            raise ScheduleError(f"stage {s}: {a!r} (position {i}) evaluates with version {a.version}, but an "
+                                f"evaluation uses the stage's latest version, {latest}")
         peak_versions = max(peak_versions, len(held))
     return StageMemory(peak_live, peak_versions, at_cuts)
 
@@ -276,12 +290,19 @@ def _stage_memory(schedule: Schedule, s: int) -> StageMemory:
 # --- timing ------------------------------------------------------------------------------------
 
 def _message(a: Action) -> tuple[str, int, int]:
-    """(direction, sending stage, micro-batch) of the message a SEND or RECV moves."""
-    if a.kind is Kind.SEND_ACT or a.kind is Kind.SEND_GRAD:
-        return ("F" if a.kind is Kind.SEND_ACT else "B"), a.stage, a.k
-    if a.kind is Kind.RECV_ACT:
-        return "F", a.stage - 1, a.k
+    """(direction, sending stage, micro-batch) of the message a SEND or RECV moves
+    ("E": an eval activation, on the forward edge)."""
+    if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL):
+        return {Kind.SEND_ACT: "F", Kind.SEND_GRAD: "B", Kind.SEND_EVAL: "E"}[a.kind], a.stage, a.k
+    if a.kind in (Kind.RECV_ACT, Kind.RECV_EVAL):
+        return ("F" if a.kind is Kind.RECV_ACT else "E"), a.stage - 1, a.k
     return "B", a.stage + 1, a.k
+
+
+def _edge(a: Action) -> tuple[str, int]:
+    """The connection a message travels on, whose credits it takes: eval activations share the forward one."""
+    direction, sender, _ = _message(a)
+    return ("F" if direction == "E" else direction), sender
 
 
 def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd: tuple[float, ...],
@@ -300,11 +321,11 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
     def start_time(a: Action) -> float | None:
         """When ``a`` can start on its stage, or None while it waits on another stage."""
         now = clock[a.stage]
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL):
             message = _message(a)
             return None if message not in arrival else max(now, arrival[message])
-        if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD) and credits is not None:
-            edge = _message(a)[:2]
+        if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL) and credits is not None:
+            edge = _edge(a)
             n = sent[edge]
             if n >= credits:  # the (n - credits)-th receipt frees the credit this send needs
                 acks = received[edge]
@@ -319,15 +340,15 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
                 start = start_time(a)
                 if start is None:
                     break
-                cost = {Kind.FORWARD: fwd, Kind.BACKWARD: bwd, Kind.UPDATE: upd}.get(a.kind, _FREE)[s]
+                cost = {Kind.FORWARD: fwd, Kind.BACKWARD: bwd, Kind.UPDATE: upd, Kind.EVAL_F: fwd}.get(a.kind, _FREE)[s]
                 if a.kind is Kind.BACKWARD and position[s] in split[s]:
                     cost -= wgt[s]  # the input gradient only; the rest after the send
                     owed[s] = a
-                if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
+                if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL):
                     arrival[_message(a)] = start + send_cost
-                    sent[_message(a)[:2]] += 1
-                elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-                    received[_message(a)[:2]].append(start)
+                    sent[_edge(a)] += 1
+                elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL):
+                    received[_edge(a)].append(start)
                 timeline[s].append(TimedAction(a, start, start + cost))
                 clock[s] = start + cost
                 if a.kind is Kind.SEND_GRAD and owed[s] is not None:
@@ -351,11 +372,11 @@ def _deadlock(schedule: Schedule, timeline: list[list[TimedAction]], position: l
             continue
         a = acts[position[s]]
         direction, sender, k = _message(a)
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-            send = Kind.SEND_ACT if direction == "F" else Kind.SEND_GRAD
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL):
+            send = {"F": Kind.SEND_ACT, "B": Kind.SEND_GRAD, "E": Kind.SEND_EVAL}[direction]
             why = f"waits for {sender}{send.value}{k}, which stage {sender} has not run"
         else:
-            receiver = sender + 1 if direction == "F" else sender - 1
+            receiver = sender + 1 if direction in ("F", "E") else sender - 1
             why = f"waits for a credit: {credits} sent on edge {sender}->{receiver} not yet received"
         lines.append(f"  stage {s}: blocked at {a!r} (position {position[s]}), {why}")
     end = max((t[-1].end for t in timeline if t), default=0.0)

@@ -280,9 +280,12 @@ class Endpoint:
 
     def _adopt(self, link: Any, admitted: Admitted) -> None:
         link.admitted = admitted
-        # What this edge carries: activations from s - 1, gradients from s + 1 (CONTROL from either).
+        # What this edge carries: activations from s - 1, gradients from s + 1 (CONTROL from either);
+        # eval activations (forward-only evaluation) from s - 1 only.
         link.carries = (MessageKind.ACTIVATION if admitted.sender == self.stage - 1 else MessageKind.GRADIENT,
                          MessageKind.CONTROL)
+        if admitted.sender == self.stage - 1:
+            link.carries += (MessageKind.EVAL_ACTIVATION,)
         self._links.add(link)
 
     def _reject_connection(self, peer: str, reason: str) -> None:

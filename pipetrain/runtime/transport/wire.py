@@ -61,6 +61,7 @@ class MessageKind(enum.IntEnum):
     CONTROL = 3  # runtime's own messages (stop, checkpoint, ...); tree may be None
     ACK = 4  # credit return; sent by the transport itself
     BYE = 5  # the sender closes cleanly; sent by the transport itself
+    EVAL_ACTIVATION = 8  # forward-only evaluation (schedule/evaluation.py): stage i -> i+1
 
 
 @dataclass
