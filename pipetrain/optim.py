@@ -25,13 +25,19 @@ under 2bw an update closes a window of ``microbatches`` (one per step).
 ``decay_mask`` chooses which parameters adamw's weight decay touches: "auto"
 (the default, like the usual optax mask) decays only parameters of rank >= 2,
 so biases and normalization scales are left alone; "all" decays every one.
+
+``clip_norm`` clips the mean gradients of an update by their global norm:
+the whole model's under gpipe, 1f1b and 2bw, each stage's own under pipedream
+(``pipetrain.schedule.norms`` says why and how the stages reduce it).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+import numpy as np
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 CORRECTIONS = ("none", "predict", "dcasgd", "dcasgd-a")
@@ -57,6 +63,7 @@ class Optimizer:
     decay_steps: int | None = None  # cosine/linear: the schedule's length in updates, warm-up included
     min_lr: float = 0.0  # cosine/linear: the LR from update decay_steps on
     decay_mask: str = "auto"  # one of DECAY_MASKS: which parameters adamw decays
+    clip_norm: float | None = None  # clip the mean gradients by global norm (schedule/norms.py); None/0: off
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -70,6 +77,9 @@ class Optimizer:
         if not 0 <= self.dc_mean_square < 1:
             raise ValueError(f"optimizer.dc_mean_square: must be in [0, 1), got {self.dc_mean_square}")
         self._check_schedule()
+        if self.clip_norm is not None and (isinstance(self.clip_norm, bool) or not self.clip_norm >= 0):
+            raise ValueError(f"optimizer.clip_norm: must be None (off) or a number >= 0 (0: off), got "
+                             f"{self.clip_norm!r}")
         if self.decay_mask not in DECAY_MASKS:
             raise ValueError(f"optimizer.decay_mask: {self.decay_mask!r} is not one of {', '.join(DECAY_MASKS)}")
 
@@ -120,6 +130,17 @@ def lr_at(opt: Optimizer, count: int) -> float:
 def decays(opt: Optimizer, ndim: int) -> bool:
     """Whether adamw's weight decay applies to a parameter of rank ``ndim``."""
     return opt.decay_mask == "all" or ndim >= 2
+
+
+def squared_norm(arrays: Iterable[Any]) -> float:
+    """The sum of every squared entry of ``arrays`` (host arrays, in the caller's fixed
+    order), in float64: each stage's share of the global gradient norm, computed the
+    same way in every framework so that a clipped update is a function of the
+    gradients alone."""
+    total = 0.0
+    for a in arrays:
+        total += float(np.square(np.asarray(a, dtype=np.float64)).sum())
+    return total
 
 
 def with_correction(optimizer: Any, correction: str | None, *, schedule: str) -> Any:

@@ -198,3 +198,32 @@ def sync_weights(grad_fn, params0: list[dict], *, microbatches: int, steps: int,
             mean = [{n: a * scale for n, a in stage.items()} for stage in mean]
         W = [optimizers[s].step(W[s], mean[s]) for s in range(len(W))]
     return W
+
+
+def clipped_async_weights(grad_fn, params0: list[dict], *, schedule: str, microbatches: int, steps: int,
+                          optimizers: list, clip_norm: float, accumulate: int = 1) -> list[dict]:
+    """Every stage's last weights under pipedream or 2bw (the read versions of
+    ``corrected_async_weights``, no correction) with clipping: 2bw scales each update's
+    mean gradients of all stages by min(1, clip_norm / their global norm); pipedream
+    scales each stage's by min(1, clip_norm / the norm of that stage's own)."""
+    p, m = len(params0), microbatches
+    g = accumulate if schedule == "pipedream" else m
+    W = [[{n: np.asarray(a, np.float32) for n, a in stage.items()}] for stage in params0]
+    acc: list[dict] = [{} for _ in range(p)]
+    for k in range(steps * m):
+        read = ([max(0, k - (p - s) + 1) // g for s in range(p)] if schedule == "pipedream"
+                else [max(0, k // m - 1)] * p)
+        grads = grad_fn(k, [W[s][read[s]] for s in range(p)])
+        for s in range(p):
+            for n, gr in grads[s].items():
+                acc[s][n] = acc[s].get(n, 0) + np.asarray(gr, np.float32)
+        if (k + 1) % g == 0:
+            mean = [{n: a / np.float32(g) for n, a in stage.items()} for stage in acc]
+            if schedule == "pipedream":
+                scales = [min(1.0, clip_norm / global_norm([stage])) for stage in mean]
+            else:
+                scales = [min(1.0, clip_norm / global_norm(mean))] * p
+            for s in range(p):
+                W[s].append(optimizers[s].step(W[s][-1], {n: a * np.float32(scales[s]) for n, a in mean[s].items()}))
+            acc = [{} for _ in range(p)]
+    return [versions[-1] for versions in W]

@@ -91,14 +91,14 @@ class Batches:
         return batch(k)[1]
 
 
-def _case(framework):
+def _case(framework, opt=None, **model_kw):
     """(stages, source, the twin's layers as ((stage, weight name, transposed), (stage, bias name)))."""
     from models import mixed
     from pipetrain.partitioning import partition
     from pipetrain.runtime.reference import build_stages
     from stage_helpers import stages
 
-    opt = OPT
+    opt = opt or OPT
     if framework in ("jax", "mixed"):
         source = mixed.train_source(n=512, microbatch_size=16)
         if framework == "jax":
@@ -112,7 +112,7 @@ def _case(framework):
         return build_stages(part, opt), source, layout
     from test_corrections_frameworks import keras_model, torch_model
 
-    model = torch_model() if framework == "torch" else keras_model()
+    model = torch_model(**model_kw) if framework == "torch" else keras_model()
     weight, transposed = ("weight", True) if framework == "torch" else ("kernel", False)
     layout = [((s, f"{i}.{weight}", transposed), (s, f"{i}.bias")) for s, i in ((0, 0), (1, 2), (1, 4))]
     return stages(model, [2], opt), Batches(), layout

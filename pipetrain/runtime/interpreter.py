@@ -18,6 +18,14 @@ A stage with a delay correction (``stage.correction`` other than "none",
 ``pipetrain.stages.corrections``) gets each forward's delay from the
 schedule (``Schedule.delays``): ``forward(k, x, version=v, delay=d)``.
 
+Norm actions (``schedule/norms.py``, clipping by global norm): ``N v`` adds
+the stage's ``grad_sq_norm()`` to the partial sum received from stage + 1
+(RECV_N), SEND_N passes it down and SEND_T / RECV_T carry the total back up,
+all as float64 scalars; ``UPDATE v`` then runs ``update(new_version=v,
+grad_scale=min(1, clip_norm / sqrt(total)))`` with the stage's ``clip_norm``
+(and reports ``Hooks.on_grad_norm``). Without a RECV_T (stage 0, or pipedream's
+per-stage rule) the stage's own sum is the total.
+
 Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
 latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
 last stage the held-out targets, from ``heldout``, and once it has every
@@ -26,12 +34,13 @@ held-out micro-batch of a block it reports their mean loss
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from pipetrain.schedule.actions import Action, Kind
+from pipetrain.schedule.actions import NORMS, Action, Kind
 from pipetrain.schedule.schedule import Schedule
 
 Tree = Any
@@ -59,6 +68,9 @@ class Hooks:
         """The last stage's mean held-out loss of the eval block after ``step`` steps."""
 
     def on_checkpoint(self, cut: int, stage: Any) -> None: ...
+
+    def on_grad_norm(self, version: int, norm: float) -> None:
+        """The gradient norm the update to ``version`` clipped by (schedule/norms.py)."""
 
     def on_action(self, action: Action, start: float, end: float) -> None: ...
 
@@ -91,6 +103,14 @@ class StageProgram:
         self._eval_inputs: dict[int, Tree] = {}
         self._eval_outputs: dict[int, Tree] = {}
         self._eval_losses: dict[int, dict[int, float]] = {}  # step -> held-out id -> loss
+        # Clipping: the partial squared-norm sums and totals by update version, float64 scalars.
+        self.clip_norm = getattr(stage, "clip_norm", None)
+        self._norm_in: dict[int, float] = {}
+        self._norm_sum: dict[int, float] = {}
+        self._norm_total: dict[int, float] = {}
+        if self.clip_norm and not any(a.kind is Kind.NORM for a in self.actions):
+            raise ValueError(f"stage {self.index}: the optimizer clips by norm (clip_norm = {self.clip_norm}) but "
+                             f"the schedule has no norm actions: build it with clip=True (ScheduleSpec.clip)")
         if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
             raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
                              f"were given")
@@ -106,7 +126,7 @@ class StageProgram:
         a = self.next_action()
         if a is None:
             return False
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL):
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RECV_TOTAL):
             return self.links.ready(a.kind, a.k)
         return True
 
@@ -163,7 +183,9 @@ class StageProgram:
             wait_follows = self._weights_due != a.k and self._wait_follows()
             self.links.send(a.kind, a.k, a.version, self._input_grads.pop(a.k), wait_follows=wait_follows)
         elif a.kind is Kind.UPDATE:
-            self.stage.update(new_version=a.version)
+            self._update(a.version)
+        elif a.kind in NORMS:
+            self._norm(a)
         elif a.kind is Kind.CHECKPOINT:
             self.hooks.on_checkpoint(a.k, self.stage)
         elif a.kind is Kind.RECV_EVAL:
@@ -174,6 +196,30 @@ class StageProgram:
             self.links.send(a.kind, a.k, a.version, self._eval_outputs.pop(a.k), wait_follows=self._wait_follows())
         else:  # pragma: no cover - Kind is closed
             raise ValueError(f"stage {self.index}: unknown action {a!r}")
+
+    def _norm(self, a: Action) -> None:
+        v = a.k
+        if a.kind is Kind.RECV_NORM:
+            self._norm_in[v] = float(np.asarray(self.links.recv(a.kind, v)))
+        elif a.kind is Kind.NORM:  # stages p-1, ..., s in that order: the same sum on every run
+            self._norm_total[v] = self._norm_sum[v] = self._norm_in.pop(v, 0.0) + self.stage.grad_sq_norm()
+        elif a.kind is Kind.SEND_NORM:
+            self.links.send(a.kind, v, v, np.float64(self._norm_sum.pop(v)), wait_follows=self._wait_follows())
+        elif a.kind is Kind.RECV_TOTAL:
+            self._norm_total[v] = float(np.asarray(self.links.recv(a.kind, v)))
+        else:  # SEND_TOTAL
+            self.links.send(a.kind, v, v, np.float64(self._norm_total[v]), wait_follows=self._wait_follows())
+
+    def _update(self, version: int) -> None:
+        self._norm_sum.pop(version, None)
+        total = self._norm_total.pop(version, None)
+        if total is None:
+            self.stage.update(new_version=version)
+            return
+        norm = math.sqrt(total)
+        scale = min(1.0, self.clip_norm / norm) if self.clip_norm and norm > 0 else 1.0
+        self.stage.update(new_version=version, grad_scale=scale)
+        self.hooks.on_grad_norm(version, norm)
 
     def _evaluate(self, a: Action) -> None:
         spec = self.stage.spec
@@ -196,7 +242,8 @@ class StageProgram:
     def _wait_follows(self) -> bool:
         """Whether the action after this one waits for a message not yet here."""
         after = self._after()
-        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL)
+        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM,
+                                                     Kind.RECV_TOTAL)
                 and not self.links.ready(after.kind, after.k))
 
     def _release_unread_versions(self) -> None:

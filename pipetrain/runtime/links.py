@@ -31,6 +31,10 @@ _WIRE_KIND = {Kind.RECV_ACT: MessageKind.ACTIVATION, Kind.SEND_ACT: MessageKind.
 _WIRE_KIND.update({Kind.RECV_EVAL: MessageKind.EVAL_ACTIVATION, Kind.SEND_EVAL: MessageKind.EVAL_ACTIVATION})
 # The channel each send goes out on: eval activations share the forward one (its order and credits).
 _CHANNEL_OF = {Kind.SEND_ACT: Kind.SEND_ACT, Kind.SEND_GRAD: Kind.SEND_GRAD, Kind.SEND_EVAL: Kind.SEND_ACT}
+# Clipping's scalars (schedule/norms.py): partial sums go down with the gradients, the total up.
+_WIRE_KIND.update({Kind.RECV_NORM: MessageKind.NORM_PARTIAL, Kind.SEND_NORM: MessageKind.NORM_PARTIAL,
+                   Kind.RECV_TOTAL: MessageKind.NORM_TOTAL, Kind.SEND_TOTAL: MessageKind.NORM_TOTAL})
+_CHANNEL_OF.update({Kind.SEND_NORM: Kind.SEND_GRAD, Kind.SEND_TOTAL: Kind.SEND_ACT})
 
 
 class Stopped(RetryableError, RuntimeError):

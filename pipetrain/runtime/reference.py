@@ -49,6 +49,10 @@ class _Links:
             self.mail.boxes[self.stage + 1][(Kind.RECV_ACT, k)] = tree
         elif kind is Kind.SEND_EVAL:
             self.mail.boxes[self.stage + 1][(Kind.RECV_EVAL, k)] = tree
+        elif kind is Kind.SEND_NORM:  # clipping (schedule/norms.py): partial sums go down, the total up
+            self.mail.boxes[self.stage - 1][(Kind.RECV_NORM, k)] = tree
+        elif kind is Kind.SEND_TOTAL:
+            self.mail.boxes[self.stage + 1][(Kind.RECV_TOTAL, k)] = tree
         else:
             self.mail.boxes[self.stage - 1][(Kind.RECV_GRAD, k)] = tree
 
@@ -68,6 +72,9 @@ class _Recorder(Hooks):
     def on_eval(self, step: int, loss: float) -> None:
         self.evals[step] = loss
         self.also.on_eval(step, loss)
+
+    def on_grad_norm(self, version: int, norm: float) -> None:
+        self.also.on_grad_norm(version, norm)
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
         if self.keep_checkpoints:

@@ -7,7 +7,9 @@ running the forward of micro-batch 3, ``2B0`` stage 2 the backward of 0,
 ``0U4`` stage 0 producing weight version 4, ``3C16`` stage 3 checkpointing at the
 cut before micro-batch 16, ``1RECV_F3`` stage 1 receiving the activation of 3,
 ``2E9`` stage 2 running the forward-only evaluation of held-out message 9
-(``schedule/evaluation.py``: an eval block's messages are numbered by the pass).
+(``schedule/evaluation.py``: an eval block's messages are numbered by the pass),
+``1N4`` stage 1 adding its squared gradient norm for the update to version 4
+(``schedule/norms.py``).
 """
 from __future__ import annotations
 
@@ -28,11 +30,18 @@ class Kind(str, Enum):
     EVAL_F = "E"           # forward-only pass of a held-out micro-batch with the latest weights
     SEND_EVAL = "SEND_E"   # send its activation to stage + 1
     RECV_EVAL = "RECV_E"   # receive it from stage - 1
+    # Global-norm clipping (schedule/norms.py): k is the version the next UPDATE produces.
+    NORM = "N"               # the stage's squared gradient norm, added to the partial sum from stage + 1
+    SEND_NORM = "SEND_N"     # send that partial sum to stage - 1
+    RECV_NORM = "RECV_N"     # receive the partial sum of stages > s from stage + 1
+    SEND_TOTAL = "SEND_T"    # send the whole model's squared norm to stage + 1
+    RECV_TOTAL = "RECV_T"    # receive it from stage - 1
 
 
 COMPUTE = (Kind.FORWARD, Kind.BACKWARD)
 COMMUNICATION = (Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
 EVALUATION = (Kind.EVAL_F, Kind.SEND_EVAL, Kind.RECV_EVAL)
+NORMS = (Kind.NORM, Kind.SEND_NORM, Kind.RECV_NORM, Kind.SEND_TOTAL, Kind.RECV_TOTAL)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from pipetrain.schedule.actions import Action, B, C, F, Kind, U
+from pipetrain.schedule.norms import with_norms
 from pipetrain.schedule.schedule import (  # noqa: F401 - ScheduleError, bubble_fraction_formula re-exported
     FLUSH_SCHEDULES, SCHEDULES, Schedule, ScheduleError, bubble_fraction_formula)
 
@@ -157,6 +158,7 @@ class ScheduleSpec:
     accumulate: int = 1
     checkpoint_every: int | None = None
     first_microbatch: int = 0
+    clip: bool = False  # gradient-norm actions before every UPDATE (schedule/norms.py): clip_norm is set
 
     def __post_init__(self) -> None:
         _validate(self.name, self.num_stages, self.microbatches, self.steps, self.accumulate,
@@ -176,7 +178,10 @@ class ScheduleSpec:
         return replace(self, first_microbatch=cut)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.clip:  # (the manifests written before clipping existed stay what they were)
+            del d["clip"]
+        return d
 
     def build(self) -> Schedule:
         total, first = self.total_microbatches, self.first_microbatch
@@ -187,19 +192,20 @@ class ScheduleSpec:
             compute = BUILDERS[self.name](s, shape)
             actions.append(tuple(lower_communication(insert_checkpoints(compute, cuts), num_stages=self.num_stages)))
         latest = first // self.microbatches_per_update
-        return Schedule(
+        schedule = Schedule(
             name=self.name, num_stages=self.num_stages, microbatches_per_step=self.microbatches, steps=self.steps,
             accumulate=self.accumulate, checkpoint_every=self.checkpoint_every, first_microbatch=first,
             actions=tuple(actions),
             initial_versions=tuple(initial_versions(acts, latest=latest) for acts in actions),
         )
+        return with_norms(schedule) if self.clip else schedule
 
 
 def build_schedule(name: str, *, num_stages: int, microbatches: int, steps: int, accumulate: int = 1,
-                   checkpoint_every: int | None = None, first_microbatch: int = 0) -> Schedule:
+                   checkpoint_every: int | None = None, first_microbatch: int = 0, clip: bool = False) -> Schedule:
     """``ScheduleSpec(...).build()``, for callers with the fields at hand."""
     return ScheduleSpec(name, num_stages=num_stages, microbatches=microbatches, steps=steps, accumulate=accumulate,
-                        checkpoint_every=checkpoint_every, first_microbatch=first_microbatch).build()
+                        checkpoint_every=checkpoint_every, first_microbatch=first_microbatch, clip=clip).build()
 
 
 def microbatches_per_update(name: str, microbatches: int, accumulate: int = 1) -> int:

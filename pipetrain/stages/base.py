@@ -96,7 +96,16 @@ class Stage(Protocol):
         ``backward_input(k, grad_outputs)`` then ``backward_weights(k)``, which
         the interpreter runs around the SEND_GRAD (runtime/interpreter.py)."""
 
-    def update(self, *, new_version: int) -> None: ...
+    def update(self, *, new_version: int, grad_scale: float = 1.0) -> None:
+        """Apply the mean of the gradients accumulated since the last update, times
+        ``grad_scale`` (clipping by norm: ``pipetrain.schedule.norms``), to the latest
+        version, as version ``new_version``."""
+
+    def grad_sq_norm(self) -> float:
+        """The sum of the squares of the mean gradients the next update applies (a
+        float computed in float64 over host copies in a fixed order,
+        ``pipetrain.optim.squared_norm``; 0.0 with nothing accumulated). A stage
+        with ``clip_norm`` set needs it; a split backward's weight halves are done."""
 
     def release(self, version: int) -> None: ...
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pipetrain.optim import Optimizer
+from pipetrain.optim import Optimizer, squared_norm
 from pipetrain.stages import corrections
 from pipetrain.stages.base import PartitionError, StageSpec
 from pipetrain.stages import jax_trees as trees
@@ -204,6 +204,7 @@ class JaxStage(VersionedParams):
         self._layers = layers
         self._loss = loss
         self._tx = as_optax(optimizer)
+        self.clip_norm = getattr(optimizer, "clip_norm", None) or None  # (the interpreter's grad_scale)
         leaves = jax.tree_util.tree_leaves(params)
         self.device = next(iter(leaves[0].devices())) if leaves else jax.devices()[0]
         # Everything lives committed on one device, so every jitted call sees the same
@@ -223,6 +224,7 @@ class JaxStage(VersionedParams):
         self._forward_jit = jax.jit(self._forward_fn)
         self._backward_jit = jax.jit(self._backward_fn)
         self._update_jit = jax.jit(self._update_fn)
+        self._mean_jit = jax.jit(self._mean_fn)
         self._evaluate_jit = jax.jit(self._evaluate_fn)
 
     def _here(self, tree: Tree) -> Tree:
@@ -269,9 +271,14 @@ class JaxStage(VersionedParams):
         acc = jax.tree_util.tree_map(jnp.add, acc, weights)
         return acc, (None if self.spec.is_first else grads[1]), mean_square
 
-    def _update_fn(self, params, opt_state, acc, count):
+    def _mean_fn(self, acc, count):
+        return jax.tree_util.tree_map(lambda g: (g / count).astype(g.dtype), acc)
+
+    def _update_fn(self, params, opt_state, acc, count, scale):
         self.trace_counts["update"] += 1
-        mean = jax.tree_util.tree_map(lambda g: (g / count).astype(g.dtype), acc)
+        mean = self._mean_fn(acc, count)
+        if scale is not None:  # clipping (None: not clipped, and the same compiled update as without it)
+            mean = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), mean)
         updates, opt_state = self._tx.update(mean, opt_state, params)
         # The fresh accumulator comes out of the same compiled call: one
         # dispatch instead of one zeros_like per parameter after every update.
@@ -347,7 +354,14 @@ class JaxStage(VersionedParams):
             raise ValueError(f"{self._where(k)}: output gradient does not match the outputs "
                              f"{trees.show(out_spec)}: {err}") from err
 
-    def update(self, *, new_version: int) -> None:
+    def grad_sq_norm(self) -> float:
+        """The squared norm of the mean gradients the next update applies (float64, leaf order)."""
+        if self._count == 0:
+            return 0.0
+        mean = self._mean_jit(self._acc, jnp.asarray(self._count, jnp.float32))
+        return squared_norm(jax.device_get(jax.tree_util.tree_leaves(mean)))
+
+    def update(self, *, new_version: int, grad_scale: float = 1.0) -> None:
         if new_version in self._versions:
             raise ValueError(f"{self._where()}: weight version {new_version} exists already")
         latest = self._versions[self._latest]
@@ -356,7 +370,8 @@ class JaxStage(VersionedParams):
             self._corr.after_update(self._latest, new_version, latest, None)
         else:
             self._versions[new_version], self._opt_state, self._acc = jax.block_until_ready(self._update_jit(
-                latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32)))
+                latest, self._opt_state, self._acc, jnp.asarray(self._count, jnp.float32),
+                None if grad_scale == 1.0 else jnp.asarray(grad_scale, jnp.float32)))
             self._corr.after_update(self._latest, new_version, latest, self._versions[new_version])
         self._latest = new_version  # (with nothing accumulated, the accumulator is still zeros)
         self._count = 0

@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipetrain.optim import Optimizer, tensor_state, tensor_step
+from pipetrain.optim import Optimizer, squared_norm, tensor_state, tensor_step
 from pipetrain.stages import corrections, flat_state
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
@@ -236,6 +236,7 @@ class KerasStage(VersionedParams):
         self._versions: dict[int, dict[str, tf.Tensor]] = {0: initial}
         self._latest = 0
         self._opt = _TensorOptimizer(optimizer)
+        self.clip_norm = optimizer.clip_norm or None  # (the interpreter's grad_scale)
         self._opt_state = self._opt.init(initial)
         self._acc = {n: tf.zeros_like(p) for n, p in initial.items()}
         self._accumulated = 0
@@ -298,7 +299,14 @@ class KerasStage(VersionedParams):
         x_leaves, structure = flatten(x)
         return unflatten(structure, [next(input_grads) if t.dtype.is_floating else None for t in x_leaves])
 
-    def update(self, *, new_version: int) -> None:
+    def grad_sq_norm(self) -> float:
+        """The squared norm of the mean gradients the next update applies (float64, variable order)."""
+        if self._accumulated == 0:
+            return 0.0
+        with self._device():
+            return squared_norm(to_numpy(self._acc[n] / self._accumulated) for n in self._all_names)
+
+    def update(self, *, new_version: int, grad_scale: float = 1.0) -> None:
         if new_version in self._versions:
             raise ValueError(f"stage {self.spec.index}: weight version {new_version} exists already")
         latest = self._params(self._latest)
@@ -308,6 +316,8 @@ class KerasStage(VersionedParams):
         else:
             with self._device():
                 mean = {n: g / self._accumulated for n, g in self._acc.items()}
+                if grad_scale != 1.0:  # clipping
+                    mean = {n: g * tf.cast(grad_scale, g.dtype) for n, g in mean.items()}
                 self._versions[new_version], self._opt_state = self._opt.step(latest, mean, self._opt_state)
                 self._corr.after_update(self._latest, new_version, latest, self._versions[new_version])
         self._latest = new_version

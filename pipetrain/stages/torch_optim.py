@@ -20,9 +20,10 @@ class TensorOptimizer:
     def init(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensor_state(self.opt, params, zeros_like=torch.zeros_like, count=torch.zeros((), dtype=torch.int64))
 
-    def step(self, params, grads, state, *, summed: int = 1):
+    def step(self, params, grads, state, *, summed: int = 1, scale: float = 1.0):
         """``grads`` is the sum of ``summed`` micro-batches' gradients: the step
-        uses their mean. May overwrite ``grads`` (the caller's accumulator)."""
+        uses their mean, times ``scale`` (clipping). May overwrite ``grads`` (the
+        caller's accumulator)."""
         o = self.opt
         names = list(params)
         if o.name == "sgd":
@@ -30,9 +31,11 @@ class TensorOptimizer:
             # step size (a separate division would be a second pass over every
             # gradient, a third of an update's time on the benchmark MLP).
             updated = torch._foreach_add([params[n] for n in names], [grads[n] for n in names],
-                                         alpha=-lr_at(o, int(state["count"])) / summed)
+                                         alpha=-lr_at(o, int(state["count"])) * scale / summed)
             return dict(zip(names, updated)), {"count": state["count"] + 1}
         if summed != 1:
             torch._foreach_div_([grads[n] for n in names], float(summed))
+        if scale != 1.0:
+            torch._foreach_mul_([grads[n] for n in names], float(scale))
         return tensor_step(o, params, grads, state, square=torch.square, sqrt=torch.sqrt,
                            power=lambda b, count, like: torch.tensor(b, dtype=like.dtype) ** count.to(like.dtype))

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipetrain.optim import Optimizer
+from pipetrain.optim import Optimizer, squared_norm
 from pipetrain.stages import corrections, flat_state, torch_split_backward
 from pipetrain.stages.torch_optim import TensorOptimizer as _TensorOptimizer
 from pipetrain.stages.versions import VersionedParams
@@ -225,6 +225,7 @@ class TorchStage(VersionedParams):
         self.loss = loss
         self._chain = chain
         self._opt = _TensorOptimizer(optimizer)
+        self.clip_norm = optimizer.clip_norm or None  # (the interpreter's grad_scale)
         initial = {name: p.detach().clone() for name, p in chain.named_parameters()}
         self._names = sorted(initial)
         self._versions: dict[int, dict[str, torch.Tensor]] = {0: initial}
@@ -341,10 +342,20 @@ class TorchStage(VersionedParams):
                 self._acc[name] += g
         self._accumulated += 1
 
-    def update(self, *, new_version: int) -> None:
+    def grad_sq_norm(self) -> float:
+        """The squared norm of the mean gradients the next update applies (float64, name order)."""
+        self._check_weights_done("the gradient norm")
+        if self._accumulated == 0:
+            return 0.0
+        return squared_norm((self._acc[n] / self._accumulated).to(torch.float64).cpu().numpy() for n in self._names)
+
+    def _check_weights_done(self, what: str) -> None:
         if self._weights_pending:
-            raise RuntimeError(f"stage {self.spec.index}: update with the weight gradients of micro-batches "
+            raise RuntimeError(f"stage {self.spec.index}: {what} with the weight gradients of micro-batches "
                                f"{sorted(self._weights_pending)} not computed (call backward_weights first)")
+
+    def update(self, *, new_version: int, grad_scale: float = 1.0) -> None:
+        self._check_weights_done("update")
         if new_version in self._versions:
             raise ValueError(f"stage {self.spec.index}: weight version {new_version} exists already")
         latest = self._params(self._latest)
@@ -357,7 +368,8 @@ class TorchStage(VersionedParams):
             # averages it (folded into its first pass where it can). The next
             # backward replaces it (see backward), so it needs no zeroing.
             self._versions[new_version], self._opt_state = self._opt.step(latest, self._acc, self._opt_state,
-                                                                          summed=self._accumulated)
+                                                                          summed=self._accumulated,
+                                                                          scale=grad_scale)
             self._corr.after_update(self._latest, new_version, latest, self._versions[new_version])
         self._latest = new_version
         self._accumulated = 0

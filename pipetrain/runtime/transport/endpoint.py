@@ -286,6 +286,8 @@ class Endpoint:
                          MessageKind.CONTROL)
         if admitted.sender == self.stage - 1:
             link.carries += (MessageKind.EVAL_ACTIVATION,)
+        # Clipping's scalars (schedule/norms.py): the total from s - 1, partial sums from s + 1.
+        link.carries += (MessageKind.NORM_TOTAL,) if admitted.sender == self.stage - 1 else (MessageKind.NORM_PARTIAL,)
         self._links.add(link)
 
     def _reject_connection(self, peer: str, reason: str) -> None:

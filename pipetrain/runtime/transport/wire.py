@@ -61,6 +61,8 @@ class MessageKind(enum.IntEnum):
     CONTROL = 3  # runtime's own messages (stop, checkpoint, ...); tree may be None
     ACK = 4  # credit return; sent by the transport itself
     BYE = 5  # the sender closes cleanly; sent by the transport itself
+    NORM_PARTIAL = 6  # clipping (schedule/norms.py): a float64 partial squared norm, stage i -> i-1
+    NORM_TOTAL = 7  # the whole model's squared norm, stage i -> i+1
     EVAL_ACTIVATION = 8  # forward-only evaluation (schedule/evaluation.py): stage i -> i+1
 
 
@@ -114,6 +116,9 @@ def _dtype(name: Any) -> np.dtype:
 
 
 _KIND_OF = {int(kind): kind for kind in MessageKind}
+# Clipping's norm messages are one float64 scalar each: anything else is refused before any allocation.
+_SCALAR_KINDS = (int(MessageKind.NORM_PARTIAL), int(MessageKind.NORM_TOTAL))
+_ONE_FLOAT64 = [["float64", [], 8]]
 
 
 def check_meta(meta: Any) -> int:
@@ -134,6 +139,9 @@ def check_meta(meta: Any) -> int:
             if nbytes != size:
                 raise Rejected(f"a leaf declares {str(nbytes)[:20]} bytes, but {dtype}{list(shape)} takes {size}")
             end += -end % ALIGN + size
+        if meta["kind"] in _SCALAR_KINDS and meta["leaves"] != _ONE_FLOAT64:
+            raise Rejected(f"a {_KIND_OF[meta['kind']].name} frame must hold one float64 scalar, not "
+                           f"{str(meta['leaves'])[:60]}")
         return end
     except (KeyError, TypeError, ValueError):  # not a dict, a field missing, a leaf not [dtype, shape, nbytes]
         raise Rejected("the frame's meta is not a header: {g, s, kind, k, v, seq, leaves: [[dtype, shape, "
