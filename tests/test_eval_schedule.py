@@ -89,13 +89,13 @@ def test_the_pass_adds_eval_blocks_reading_the_documented_version(name, accumula
         simulate(evaluated, credits=credits)  # checks the eval actions and runs them without deadlock
 
 
-def test_eval_blocks_sit_after_the_step_update_and_checkpoint():
+def test_eval_blocks_sit_after_the_step_update_before_its_checkpoint():
     schedule = EvalSpec(1, every=1).apply(build_schedule("1f1b", num_stages=2, microbatches=2, steps=2,
                                                          checkpoint_every=2))
     assert [repr(a) for a in schedule.actions[1][:9]] == [
         "1RECV_E0@v0", "1E0@v0", "1RECV_F0@v0", "1F0@v0", "1B0@v0", "1SEND_B0@v0", "1RECV_F1@v0", "1F1@v0",
         "1B1@v0"]
-    assert [repr(a) for a in schedule.actions[1][9:14]] == ["1SEND_B1@v0", "1U1", "1C2", "1RECV_E1@v1", "1E1@v1"]
+    assert [repr(a) for a in schedule.actions[1][9:14]] == ["1SEND_B1@v0", "1U1", "1RECV_E1@v1", "1E1@v1", "1C2"]
 
 
 def test_one_credit_deadlocks_an_async_eval_and_the_spec_refuses_it():

@@ -19,8 +19,10 @@ block's loss (``EvalReport``); the core logs the first report of each step
 (an ``EvalRecord`` and the progress line) and keeps it across rollbacks. A
 block re-run after a rollback (every eval after the cut, and the one at the
 cut itself) reports the same value, bit for bit, and is not logged again.
-A checkpoint's manifest carries the evals known at its commit, so a resumed
-job neither logs them again nor loses the loss before training.
+A checkpoint's manifest carries the evals known at its commit (a scheduled
+checkpoint's own cut's included: its eval block runs before the shard), so a
+resumed job does not log them again and keeps the loss before training; one
+it did not know (a time-based cut's) it logs again, with the same value.
 
 Blame: a worker that left is the cause; its neighbours' lost peers or
 failures are effects. A neighbour usually notices before the scheduler drops
@@ -88,7 +90,8 @@ class JobCore:
         self.dead: set[str] = set()
         self.avoid: set[str] = set()
         self.restarts = 0
-        self.book = StepBook(settings.num_stages, settings.microbatches, settings.microbatch_size)
+        self.book = StepBook(settings.num_stages, settings.microbatches, settings.microbatch_size,
+                             metrics=settings.step_metrics())
         self.history: list[dict] = []
         self.evals: dict[int, float] = {}  # step -> held-out loss after it, as first reported
         self.recoveries: list[dict] = []
@@ -208,7 +211,7 @@ class JobCore:
     def _step(self, ev: StepReport) -> list[Instruction]:
         self.run.timer.heard_step(ev)
         message = {"stage": ev.stage, "step": ev.step, "busy": ev.busy, "wall": ev.wall, "time": ev.time,
-                   "losses": ev.losses}
+                   "losses": ev.losses, "grad_norms": ev.grad_norms}
         out: list[Instruction] = []
         for record in self.book.add(message):
             self.history.append(record.as_dict())

@@ -10,8 +10,10 @@ schedule without evaluation, so training numbers are the same with it or without
 Evaluation points are step boundaries: before the first step (step 0), after
 the last (step ``steps``), and after every ``every``-th step. The block of
 step t sits on each stage right after the B of micro-batch ``t * m - 1`` and
-what follows it there (its SEND_B, the U of that step, a CHECKPOINT), so it
-evaluates with the stage's latest version at that point of its program:
+what follows it there (its SEND_B, the U of that step), before a CHECKPOINT
+at that cut (so the last stage reports the eval before its shard, and the
+checkpoint's manifest holds it), and evaluates with the stage's latest
+version at that point of its program:
 
 - gpipe and 1f1b: version t on every stage, the weights after t steps, so the
   eval loss is the unpartitioned model's held-out loss after t steps.
@@ -26,8 +28,11 @@ and the same in the reference executor and on Dask.
 
 A schedule resumed at cut K (a recovery, a resume) holds the eval points ``>= K``;
 the one at K, if K is one, runs first, from the checkpoint's state, which is
-the state the full run evaluated there: it is re-run after every rollback to K
-(the job core logs each step's eval once; the re-run's value is the same).
+the state the full run evaluated there: it is re-run after every rollback to K.
+The job core logs each step's eval once (a re-run reports the same bits); a
+job resumed in a new driver knows the evals its checkpoint's manifest holds
+(those of a scheduled checkpoint's own cut included), and logs an eval it
+did not know, such as a time-based cut's, again, with the same value.
 
 Eval messages are numbered ``step * microbatches + j`` (``tag``): unique within
 a run, so the transport's once-per-(kind, id) rule holds across blocks.
@@ -103,12 +108,12 @@ class EvalSpec:
 
 def _after_backward(actions: list[Action], k: int, s: int, *, start: int) -> int:
     """The position right after stage ``s``'s B of micro-batch ``k`` and what belongs to it
-    (its SEND_B, the U and CHECKPOINT that follow), looking from ``start`` on."""
+    (its SEND_B, the U that follows; not a CHECKPOINT), looking from ``start`` on."""
     for i in range(start, len(actions)):
         a = actions[i]
         if a.kind is Kind.BACKWARD and a.k == k:
             i += 1
-            while i < len(actions) and actions[i].kind in (Kind.SEND_GRAD, Kind.UPDATE, Kind.CHECKPOINT):
+            while i < len(actions) and actions[i].kind in (Kind.SEND_GRAD, Kind.UPDATE):
                 i += 1
             return i
     raise ScheduleError(f"stage {s}: no B of micro-batch {k} to place an evaluation after")
