@@ -210,6 +210,7 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
     """Every stage in this process (the numerics oracle; one process by design), eval blocks included."""
     from pipetrain.runtime.plan import RunOutcome
     from pipetrain.runtime.reference import build_stages, run_reference
+    from pipetrain.runtime.step_metrics import StepOptimizerMetrics
 
     started = time.time()
     schedule = replace(spec, checkpoint_every=None).build()
@@ -225,8 +226,11 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
             bar.eval(step, result.evals[step])
 
     log_eval(0)
+    figures = StepOptimizerMetrics(optimizer=optimizer, schedule=spec, num_stages=len(result.stages))
+    for s, norms in result.grad_norms.items():
+        figures.add_norms(s, norms)
     for t, loss in enumerate(result.loss_history(m)):
-        record = {"type": "step", "step": t, "loss": loss, "samples_per_s": None, "busy": []}
+        record = {"type": "step", "step": t, "loss": loss, "samples_per_s": None, "busy": [], **figures.fields(t)}
         history.append(record)
         metrics.write(StepRecord.from_json(record))
         bar.step(t, loss=loss, samples_per_s=None, busy=[])

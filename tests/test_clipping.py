@@ -94,7 +94,7 @@ class NormLog(Hooks):
     def __init__(self):
         self.norms = {}
 
-    def on_grad_norm(self, version, norm):
+    def on_grad_norm(self, version, norm, *, stage):
         self.norms.setdefault(version, []).append(norm)
 
 
@@ -248,3 +248,42 @@ def test_norm_messages_travel_only_their_own_direction(caplog):
         assert "NORM_PARTIAL on the connection from stage 0" in caplog.text
         assert "NORM_TOTAL on the connection from stage 2" in caplog.text
         assert_healthy(middle, from_up)
+
+
+# ---------------------------------------------------------------- the step records' lr and grad_norm
+
+def _book(schedule, *, p=2, m=2, accumulate=1, clip=True):
+    from pipetrain.runtime.bookkeeping import StepBook
+    from pipetrain.runtime.step_metrics import StepOptimizerMetrics
+
+    spec = ScheduleSpec(schedule, num_stages=p, microbatches=m, steps=3, accumulate=accumulate, clip=clip)
+    opt = Optimizer("sgd", lr=1.0, schedule="linear", decay_steps=10, min_lr=0.0, clip_norm=1.0 if clip else None)
+    return StepBook(p, m, 4, metrics=StepOptimizerMetrics(optimizer=opt, schedule=spec, num_stages=p))
+
+
+def _report(stage, step, norms=None, losses=None):
+    return {"stage": stage, "step": step, "busy": 0.0, "wall": 1.0, "time": float(step), "losses": losses or {},
+            "grad_norms": norms or {}}
+
+
+def test_a_step_record_waits_for_its_updates_norm_and_logs_the_lr_it_used():
+    book = _book("1f1b")
+    assert book.add(_report(0, 0, losses={0: 1.0, 1: 3.0})) == []
+    assert book.add(_report(1, 0)) == []  # every stage reported step 0, but not the norm of update 1 yet
+    (record,) = book.add(_report(1, 1, norms={1: 0.5}))  # the last stage's next report carries it
+    assert (record.step, record.loss, record.grad_norm, record.lr) == (0, 2.0, 0.5, 1.0)  # update 1 ran at count 0
+    book.add(_report(0, 1))
+    (record,) = book.add(_report(1, -1, norms={2: 0.25}))  # a flush
+    assert (record.step, record.grad_norm, record.lr) == (1, 0.25, pytest.approx(0.9))
+    unclipped = _book("1f1b", clip=False)
+    unclipped.add(_report(0, 0))
+    (record,) = unclipped.add(_report(1, 0))
+    assert (record.grad_norm, record.lr) == (None, 1.0)
+
+
+def test_pipedreams_logged_norm_combines_each_stages_own():
+    book = _book("pipedream")  # an update per micro-batch: step 0 closes with update 2
+    book.add(_report(0, 0, norms={1: 9.0, 2: 3.0}))
+    assert book.add(_report(1, 0, norms={1: 1.0})) == []  # stage 1's norm of update 2 still missing
+    (record,) = book.add(_report(1, -1, norms={2: 4.0}))
+    assert record.grad_norm == pytest.approx(5.0) and record.lr == pytest.approx(0.9)  # update 2 ran at count 1

@@ -90,6 +90,8 @@ class StepRecord(Record):
     samples_per_s: float | None
     busy: list[float]
     stage0_done: float | None = None  # when stage 0 reported the step (the dask executor's; None: the reference)
+    lr: float | None = None  # the LR of the update that closed the step (runtime/step_metrics.py)
+    grad_norm: float | None = None  # the gradient norm that update clipped by (clip_norm set; else None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,6 +4,8 @@ clock, no I/O (the core hands in the times its events carry)."""
 from __future__ import annotations
 
 
+from typing import Any
+
 import numpy as np
 
 from pipetrain.observe.records import CheckpointMissedRecord, CheckpointRequestRecord, StepRecord
@@ -13,8 +15,9 @@ from pipetrain.runtime.core_events import CutMissed, Instruction, RequestCut, Sh
 class StepBook:
     """Collects per-stage step reports into one record per step."""
 
-    def __init__(self, num_stages: int, microbatches: int, microbatch_size: int):
+    def __init__(self, num_stages: int, microbatches: int, microbatch_size: int, *, metrics: Any = None):
         self.p, self.m, self.b = num_stages, microbatches, microbatch_size
+        self.metrics = metrics  # the lr and grad_norm of each record (runtime/step_metrics.py); None: not logged
         self.reports: dict[int, dict[int, dict]] = {}
         self.losses: dict[int, float] = {}
         self.emitted: set[int] = set()
@@ -22,14 +25,17 @@ class StepBook:
 
     def add(self, message: dict) -> list[StepRecord]:
         self.losses.update({int(k): float(v) for k, v in message.get("losses", {}).items()})
+        if self.metrics is not None:
+            self.metrics.add_norms(message["stage"], message.get("grad_norms", {}))
         step = message["step"]
-        if step < 0:
-            return []
-        self.reports.setdefault(step, {})[message["stage"]] = message
+        if step >= 0:
+            self.reports.setdefault(step, {})[message["stage"]] = message
         ready = []
         for t in sorted(self.reports):
             if t in self.emitted or len(self.reports[t]) < self.p:
                 continue
+            if self.metrics is not None and not self.metrics.ready(t):
+                break  # in step order: a later step waits for this one's update norms
             ready.append(self._record(t))
             self.emitted.add(t)
         return ready
@@ -45,8 +51,9 @@ class StepBook:
         self.last_stage0_time = first["time"]
         busy = [per_stage[s]["busy"] / per_stage[s]["wall"] if per_stage[s]["wall"] > 0 else 0.0
                 for s in range(self.p)]
+        extra = self.metrics.fields(t) if self.metrics is not None else {}
         return StepRecord(step=t, loss=float(np.mean(losses)) if losses else None, samples_per_s=rate, busy=busy,
-                          stage0_done=first["time"])
+                          stage0_done=first["time"], **extra)
 
     def forget_from(self, cut: int) -> None:
         """After a rollback to ``cut``, those micro-batches run again."""
@@ -55,6 +62,8 @@ class StepBook:
         self.emitted = {t for t in self.emitted if t < first_step}
         self.reports = {t: r for t, r in self.reports.items() if t < first_step}
         self.last_stage0_time = None
+        if self.metrics is not None:
+            self.metrics.forget_from(cut)
 
     def restore(self, losses: dict[int, float], cut: int) -> list[dict]:
         """A resumed job: the losses before ``cut`` come from the checkpoint manifest;

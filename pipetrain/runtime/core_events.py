@@ -45,6 +45,15 @@ class JobSettings:
     stop_timeout: float = 10.0
     checkpoint_seconds: float = 0.0
     manifest: dict = field(default_factory=dict)  # the manifest's fixed fields (schedule, partition)
+    optimizer: Any = None  # with the ScheduleSpec: each step record's lr and grad_norm (runtime/step_metrics.py)
+    schedule_spec: Any = None
+
+    def step_metrics(self) -> Any:
+        from pipetrain.runtime.step_metrics import StepOptimizerMetrics
+
+        if self.schedule_spec is None:
+            return None
+        return StepOptimizerMetrics(optimizer=self.optimizer, schedule=self.schedule_spec, num_stages=self.num_stages)
 
     @classmethod
     def from_plan(cls, plan: Any, store_root: str | None) -> JobSettings:
@@ -54,6 +63,7 @@ class JobSettings:
                    microbatch_size=plan.source.microbatch_size, job_id=plan.job_id, store=store_root,
                    run_dir=spec.run_dir, max_restarts=spec.cluster.max_restarts,
                    stop_timeout=spec.cluster.stop_timeout, checkpoint_seconds=spec.checkpoint.seconds,
+                   optimizer=spec.optimizer, schedule_spec=plan.schedule,
                    manifest={"schedule": plan.schedule.to_dict(),
                              "partition": {"boundaries": list(plan.partition.boundaries),
                                            "method": plan.partition.method}})

@@ -69,8 +69,8 @@ class Hooks:
 
     def on_checkpoint(self, cut: int, stage: Any) -> None: ...
 
-    def on_grad_norm(self, version: int, norm: float) -> None:
-        """The gradient norm the update to ``version`` clipped by (schedule/norms.py)."""
+    def on_grad_norm(self, version: int, norm: float, *, stage: int) -> None:
+        """The gradient norm stage ``stage``'s update to ``version`` clipped by (schedule/norms.py)."""
 
     def on_action(self, action: Action, start: float, end: float) -> None: ...
 
@@ -219,7 +219,7 @@ class StageProgram:
         norm = math.sqrt(total)
         scale = min(1.0, self.clip_norm / norm) if self.clip_norm and norm > 0 else 1.0
         self.stage.update(new_version=version, grad_scale=scale)
-        self.hooks.on_grad_norm(version, norm)
+        self.hooks.on_grad_norm(version, norm, stage=self.index)
 
     def _evaluate(self, a: Action) -> None:
         spec = self.stage.spec

@@ -44,6 +44,7 @@ class StepReport(Report):
     wall: float
     time: float
     losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # update version -> the norm it clipped by
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class _Recorder(Hooks):
     keep_checkpoints: bool = False
     also: Hooks = field(default_factory=Hooks)  # the caller's own hooks
     evals: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, dict[int, float]] = field(default_factory=dict)  # stage -> version -> norm
 
     def on_loss(self, k: int, loss: float) -> None:
         self.losses[k] = loss
@@ -73,8 +74,9 @@ class _Recorder(Hooks):
         self.evals[step] = loss
         self.also.on_eval(step, loss)
 
-    def on_grad_norm(self, version: int, norm: float) -> None:
-        self.also.on_grad_norm(version, norm)
+    def on_grad_norm(self, version: int, norm: float, *, stage: int) -> None:
+        self.grad_norms.setdefault(stage, {})[version] = norm
+        self.also.on_grad_norm(version, norm, stage=stage)
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
         if self.keep_checkpoints:
@@ -94,6 +96,7 @@ class ReferenceResult:
     stages: list[Any]
     checkpoints: dict[int, dict[int, dict[str, np.ndarray]]]
     evals: dict[int, float] = field(default_factory=dict)  # step -> mean held-out loss after it
+    grad_norms: dict[int, dict[int, float]] = field(default_factory=dict)  # clipping: stage -> version -> norm
 
     def loss_history(self, microbatches_per_step: int) -> list[float]:
         """Mean loss per step, in step order."""
@@ -136,7 +139,7 @@ def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
         if not progressed:
             blocked = ", ".join(f"stage {p.index} at {p.next_action()!r}" for p in programs if not p.done)
             raise RuntimeError(f"reference executor: schedule {schedule.name!r} deadlocked ({blocked})")
-    return ReferenceResult(recorder.losses, list(stages), recorder.checkpoints, recorder.evals)
+    return ReferenceResult(recorder.losses, list(stages), recorder.checkpoints, recorder.evals, recorder.grad_norms)
 
 
 def evaluate(stages: Sequence[Any], source: Any, microbatch_ids: Sequence[int]) -> float:

@@ -80,6 +80,7 @@ class StepMeter:
         self.generation, self.stage, self.m = generation, stage, microbatches
         self.control, self.gauges = control, gauges
         self.losses: dict[int, float] = {}
+        self.grad_norms: dict[int, float] = {}  # clipping: version -> norm, reported with the next report
         self.busy = 0.0
         self.window_start = time.time()
         self.latest_version = self.staleness = self.received = 0
@@ -88,8 +89,8 @@ class StepMeter:
     def step_done(self, step: int, now: float) -> None:
         wall = now - self.window_start
         self.control.report(msg.StepReport(self.generation, self.stage, step=step, busy=self.busy, wall=wall,
-                                           time=time.time(), losses=self.losses))
-        self.losses = {}
+                                           time=time.time(), losses=self.losses, grad_norms=self.grad_norms))
+        self.losses, self.grad_norms = {}, {}
         if self.gauges is not None:
             self.gauges.update(microbatches_per_s=self.m / wall if wall > 0 else 0.0,
                                busy=self.busy / wall if wall > 0 else 0.0,
@@ -98,10 +99,10 @@ class StepMeter:
 
     def flush_losses(self) -> None:
         """Send the losses not reported yet (the last stage, before a shard and at the end)."""
-        if self.losses:
+        if self.losses or self.grad_norms:
             self.control.report(msg.StepReport(self.generation, self.stage, step=-1, busy=0.0, wall=0.0,
-                                               time=time.time(), losses=self.losses))
-            self.losses = {}
+                                               time=time.time(), losses=self.losses, grad_norms=self.grad_norms))
+            self.losses, self.grad_norms = {}, {}
 
     def _queued(self) -> int:
         if self.endpoint is None:
@@ -174,6 +175,9 @@ class StageHooks(Hooks):
 
     def on_loss(self, k: int, loss: float) -> None:
         self.meter.losses[k] = loss
+
+    def on_grad_norm(self, version: int, norm: float, *, stage: int) -> None:
+        self.meter.grad_norms[version] = norm
 
     def on_eval(self, step: int, loss: float) -> None:
         self.control.report(msg.EvalReport(self.generation, self.stage, step=step, loss=loss))

@@ -8,7 +8,7 @@ import pytest
 
 from models import mixed, mlp
 from pipetrain.api import fit
-from pipetrain.optim import Optimizer
+from pipetrain.optim import Optimizer, lr_at
 from pipetrain.partitioning import partition
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -33,6 +33,11 @@ def test_clipped_jax_pipeline_equals_reference_bit_for_bit(client, schedule):
     dask_run = fit(part, source, client=client, **kwargs)
     reference = fit(part, source, executor="reference", **kwargs)
     _assert_same(dask_run, reference)
+    # every step record logs the LR its update used and the global norm it clipped by, the same in both
+    steps = [[(h["step"], h["lr"], h["grad_norm"]) for h in run.history if "grad_norm" in h]
+             for run in (dask_run, reference)]
+    assert steps[0] == steps[1] and [t for t, _, _ in steps[0]] == [0, 1, 2, 3]
+    assert all(lr == lr_at(OPT, t) and norm > OPT.clip_norm for t, lr, norm in steps[0])
     unclipped = fit(part, source, executor="reference", **{**kwargs, "optimizer": Optimizer("momentum", lr=0.3)})
     assert dask_run.losses != unclipped.losses  # the clipping took part
 
