@@ -287,3 +287,21 @@ def test_pipedreams_logged_norm_combines_each_stages_own():
     assert book.add(_report(1, 0, norms={1: 1.0})) == []  # stage 1's norm of update 2 still missing
     (record,) = book.add(_report(1, -1, norms={2: 4.0}))
     assert record.grad_norm == pytest.approx(5.0) and record.lr == pytest.approx(0.9)  # update 2 ran at count 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework,schedule", [("jax", "1f1b"), ("torch", "2bw")])
+def test_a_clipped_run_resumed_from_a_cut_is_bit_identical(framework, schedule):
+    m, steps, cut = 2, 4, 4
+    build = dict(num_stages=2, microbatches=m, steps=steps, checkpoint_every=m, clip=True)
+    full_stages, source, _ = _case(framework, _opt())
+    full = run_reference(build_schedule(schedule, **build), stages=full_stages, source=source, keep_checkpoints=True)
+    fresh, _, _ = _case(framework, _opt())
+    for s, stage in enumerate(fresh):
+        stage.load_state_dict(full.checkpoints[cut][s])
+    resumed = run_reference(build_schedule(schedule, first_microbatch=cut, **build), stages=fresh, source=source)
+    assert {k: v for k, v in full.losses.items() if k >= cut} == resumed.losses
+    for a, b in zip(full.state_dicts(), resumed.state_dicts()):
+        assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    assert {v: n for s, norms in resumed.grad_norms.items() for v, n in norms.items()} == {
+        v: n for s, norms in full.grad_norms.items() for v, n in norms.items() if v > cut // m}
