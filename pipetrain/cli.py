@@ -59,11 +59,11 @@ def _partition_of(args: argparse.Namespace):
 
 
 def _memory_table(part, schedule, args: argparse.Namespace) -> str:
-    from pipetrain.memory import estimate_memory, format_estimates, partition_layer_bytes
+    from pipetrain.memory import estimate_memory, format_estimates, partition_boundary_bytes, partition_layer_bytes
     from pipetrain.optim import Optimizer
 
     estimates = estimate_memory(partition_layer_bytes(part), schedule, optimizer=Optimizer(args.optimizer),
-                                remat=args.remat)
+                                remat=args.remat, boundary_bytes=partition_boundary_bytes(part))
     return (f"{schedule.name}, {schedule.microbatches_per_step} micro-batches per step, optimizer "
             f"{args.optimizer}:\n" + format_estimates(estimates))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import PipetrainError
+from pipetrain.memory import REMAT
 from pipetrain.optim import ASYNC_SCHEDULES, CORRECTIONS, Optimizer
 from pipetrain.schedule.schedule import SCHEDULES
 
@@ -25,6 +26,7 @@ class ConfigError(PipetrainError, ValueError):
 class ModelConfig:
     entry: str = ""  # "package.module:function", called with kwargs
     kwargs: dict = field(default_factory=dict)
+    remat: str = "none"  # activation rematerialization in every stage: none | stage | layer
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         _require(self.model.entry, "model.entry", "an import path like 'models.gpt:build'")
         _require(self.data.train, "data.train", "an import path like 'models.text:train_source'")
+        _check(self.model.remat in REMAT, "model.remat", f"{self.model.remat!r} is not one of {', '.join(REMAT)}")
         _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")
         _check(self.partition.method in ("uniform", "params", "flops", "profile"), "partition.method",
                f"{self.partition.method!r} is not one of uniform, params, flops, profile")

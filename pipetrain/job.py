@@ -121,6 +121,10 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     from pipetrain.partitioning import partition
 
     model = resolve(cfg.model.entry, "model.entry")(**cfg.model.kwargs)
+    if cfg.model.remat != "none":
+        from pipetrain.memory import apply_remat
+
+        apply_remat(model, cfg.model.remat)
     train = build_source(cfg.data.train, "data.train", cfg.data.kwargs)
     heldout = None
     if cfg.data.heldout:

@@ -17,11 +17,13 @@ What a stage holds at its peak::
     activations    live micro-batches x what one keeps, + one micro-batch's
                    recompute under remat
 
-``remat`` is the rematerialization the stage would run with: ``"none"``
-keeps every layer's saved tensors for each live micro-batch; ``"stage"``
-keeps only the stage's input and recomputes the rest during the backward
-(one micro-batch's worth at a time); ``"layer"`` keeps each layer's input
-and recomputes one layer at a time.
+``remat`` is the rematerialization the stage runs with: ``"none"`` keeps
+every layer's saved tensors for each live micro-batch; ``"stage"`` keeps
+only the stage's input (and, for JAX, copies of the parameters the
+recomputation reads) and recomputes the rest during the backward, one
+micro-batch's worth at a time; ``"layer"`` keeps what each checkpointed
+layer keeps (its input, for JAX its parameters too) and recomputes one layer
+at a time.
 """
 from __future__ import annotations
 
@@ -39,6 +41,26 @@ class MemoryEstimateError(PipetrainError, ValueError):
     """An estimate asked for with inputs that do not describe one job."""
 
 
+def check_remat(remat: Any, where: str) -> str:
+    """``remat`` if it is one of REMAT; else a ValueError naming ``where`` it was given."""
+    if remat not in REMAT:
+        raise ValueError(f"{where}: remat must be one of {', '.join(map(repr, REMAT))}, got {remat!r}")
+    return remat
+
+
+def apply_remat(model: Any, remat: str) -> Any:
+    """``model`` (and each part of a MixedSequential) set to build stages with ``remat``."""
+    check_remat(remat, "remat")
+    models = list(model.parts) if hasattr(model, "parts") else [model]
+    for m in models:
+        if not hasattr(m, "remat"):
+            raise MemoryEstimateError(f"remat: {type(m).__name__} has no remat option (JaxSequential, "
+                                      f"TorchSequential and KerasSequential have)")
+    for m in models:
+        m.remat = remat
+    return model
+
+
 @dataclass(frozen=True)
 class StageMemoryEstimate:
     """One stage's peak bytes, by what holds them."""
@@ -50,18 +72,30 @@ class StageMemoryEstimate:
     gradients: int
     correction: int
     live_microbatches: int  # peak number of micro-batches between their F and B
-    activations: int  # kept for the live micro-batches, plus one recompute under remat
+    activations: int  # what the live micro-batches keep for their backwards
     remat: str
+    recompute: int = 0  # under remat: what one backward's recomputation holds while it runs
+    buffers: int = 0  # boundary tensors the transport may hold: credits x (in + out) per direction
+
+    @property
+    def stage_tensors(self) -> int:
+        """What the stage object itself holds from one action to the next."""
+        return self.weights + self.optimizer + self.gradients + self.correction + self.activations
+
+    @property
+    def between_actions(self) -> int:
+        """With the transport's buffers (a recomputation's tensors live only inside a backward)."""
+        return self.stage_tensors + self.buffers
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + self.gradients + self.correction + self.activations
+        return self.between_actions + self.recompute
 
     def as_dict(self) -> dict[str, int | str]:
         return {"stage": self.stage, "weight_versions": self.weight_versions, "weights": self.weights,
                 "optimizer": self.optimizer, "gradients": self.gradients, "correction": self.correction,
                 "live_microbatches": self.live_microbatches, "activations": self.activations,
-                "remat": self.remat, "total": self.total}
+                "recompute": self.recompute, "buffers": self.buffers, "remat": self.remat, "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -70,15 +104,28 @@ class LayerBytes:
 
     params: int  # bytes of its parameters (one version)
     saved: int  # bytes its backward keeps from the forward (its saved tensors)
-    input: int  # bytes of its input (what remat keeps instead)
+    input: int  # bytes of its input
+    # Whether what remat keeps includes a copy of the parameters the recomputation
+    # reads: so for JAX, whose VJP residuals are jit outputs (buffers of their own);
+    # torch's and Keras' checkpoints keep references to their arguments.
+    param_copies: bool = False
+
+    @property
+    def kept_under_remat(self) -> int:
+        return self.input + (self.params if self.param_copies else 0)
 
 
 def estimate_memory(layers: Sequence[Sequence[LayerBytes]], schedule: Any, *, optimizer: Any = None,
-                    remat: str = "none") -> tuple[StageMemoryEstimate, ...]:
+                    remat: str = "none", credits: int | None = None,
+                    boundary_bytes: Sequence[tuple[int, int]] | None = None) -> tuple[StageMemoryEstimate, ...]:
     """Each stage's peak bytes. ``layers[s]``: the LayerBytes of stage s's layers;
     ``schedule``: a ``pipetrain.schedule.Schedule`` with one action list per stage;
     ``optimizer``: a ``pipetrain.Optimizer`` (None or an optax transformation:
-    counted as Adam, the common case, since its state cannot be read from here)."""
+    counted as Adam, the common case, since its state cannot be read from here).
+    ``boundary_bytes[s]``: (input, output) bytes of one micro-batch at stage s; with
+    them, ``buffers`` bounds what the Dask transport holds: up to ``credits``
+    (default stages + 1, the runtime's) messages each way on each edge, received
+    and not yet read or sent and not yet acknowledged."""
     from pipetrain.schedule.simulator import check_schedule
 
     if remat not in REMAT:
@@ -90,6 +137,8 @@ def estimate_memory(layers: Sequence[Sequence[LayerBytes]], schedule: Any, *, op
     slots = _OPTIMIZER_SLOTS.get(name, 2)
     correction = getattr(optimizer, "correction", "none")
     figures = check_schedule(schedule)
+    p = schedule.num_stages
+    credits = p + 1 if credits is None else credits
     out = []
     for s, (stage_layers, held) in enumerate(zip(layers, figures)):
         param_bytes = sum(layer.params for layer in stage_layers)
@@ -99,36 +148,69 @@ def estimate_memory(layers: Sequence[Sequence[LayerBytes]], schedule: Any, *, op
         out.append(StageMemoryEstimate(
             stage=s, weight_versions=versions, weights=versions * param_bytes, optimizer=slots * param_bytes,
             gradients=param_bytes, correction=corr, live_microbatches=live,
-            activations=_activations(stage_layers, live, remat), remat=remat))
+            activations=live * kept_per_microbatch(stage_layers, remat) if stage_layers else 0, remat=remat,
+            recompute=_recompute(stage_layers, live, remat),
+            buffers=_buffers(boundary_bytes[s], s, p, credits) if boundary_bytes else 0))
     return tuple(out)
 
 
-def _activations(layers: Sequence[LayerBytes], live: int, remat: str) -> int:
-    if not layers or live == 0:
+def _buffers(boundary: tuple[int, int], s: int, p: int, credits: int) -> int:
+    """Activations in and gradients out on the edge from s - 1, activations out and
+    gradients in on the edge to s + 1: each way up to ``credits`` of them."""
+    inputs, outputs = boundary
+    return credits * 2 * ((inputs if s > 0 else 0) + (outputs if s < p - 1 else 0))
+
+
+def _recompute(layers: Sequence[LayerBytes], live: int, remat: str) -> int:
+    """A backward under remat "stage" recomputes one micro-batch's whole stage; under
+    "layer" one layer at a time."""
+    if not layers or live == 0 or remat == "none":
         return 0
-    if remat == "none":
-        return live * sum(layer.saved for layer in layers)
     if remat == "stage":
-        # each live micro-batch keeps the stage's input; its backward recomputes the whole stage
-        return live * layers[0].input + sum(layer.saved for layer in layers)
-    # "layer": each live micro-batch keeps every layer's input; one layer is recomputed at a time
-    return live * sum(layer.input for layer in layers) + max(layer.saved for layer in layers)
+        return sum(layer.saved for layer in layers)
+    return max(layer.saved for layer in layers)
+
+
+def kept_per_microbatch(layers: Sequence[LayerBytes], remat: str) -> int:
+    """What one micro-batch between its F and B keeps: every layer's saved tensors;
+    under remat "layer" what each checkpointed layer keeps; under "stage" the
+    stage's input plus what else its layers' checkpoints keep (their parameters)."""
+    if remat == "none":
+        return sum(layer.saved for layer in layers)
+    if remat == "layer":
+        return sum(layer.kept_under_remat for layer in layers)
+    return layers[0].input + sum(layer.kept_under_remat - layer.input for layer in layers)
 
 
 def partition_layer_bytes(part: Any) -> list[list[LayerBytes]]:
     """The LayerBytes of every stage of a ``pipetrain.partitioning.Partition``."""
-    return [[LayerBytes(params=p, saved=sv, input=i) for p, sv, i in
-             zip(s.layer_param_bytes, s.layer_saved_bytes, s.layer_input_bytes)] for s in part.stages]
+    copies = _param_copies(part.model)
+    return [[LayerBytes(params=p, saved=sv, input=i, param_copies=copies[s.start + j])
+             for j, (p, sv, i) in enumerate(zip(s.layer_param_bytes, s.layer_saved_bytes, s.layer_input_bytes))]
+            for s in part.stages]
+
+
+def _param_copies(model: Any) -> list[bool]:
+    """Per layer of ``model``: whether it is a JAX layer (see ``LayerBytes.param_copies``)."""
+    if hasattr(model, "parts"):
+        return [copies for part in model.parts for copies in _param_copies(part)]
+    return [getattr(model, "framework", None) == "jax" and hasattr(model, "_trace")] * len(model.layer_names())
+
+
+def partition_boundary_bytes(part: Any) -> list[tuple[int, int]]:
+    """(input, output) bytes of one micro-batch at every stage of a Partition."""
+    return [(s.layer_input_bytes[0] if s.layer_input_bytes else 0, s.output_bytes) for s in part.stages]
 
 
 def format_estimates(estimates: Sequence[StageMemoryEstimate], *, limits: Sequence[int | None] | None = None) -> str:
     """The per-stage table ``pipetrain partition --schedule`` and ``simulate --model`` print."""
     rows = [("stage", "versions", "weights", "optimizer", "grads", "correction", "live mb", "activations",
-             "total") + (("worker memory",) if limits else ())]
+             "recompute", "buffers", "total") + (("worker memory",) if limits else ())]
     for i, e in enumerate(estimates):
         row = (str(e.stage), str(e.weight_versions), format_bytes(e.weights), format_bytes(e.optimizer),
                format_bytes(e.gradients), format_bytes(e.correction), str(e.live_microbatches),
-               format_bytes(e.activations), format_bytes(e.total))
+               format_bytes(e.activations), format_bytes(e.recompute), format_bytes(e.buffers),
+               format_bytes(e.total))
         if limits:
             limit = limits[i]
             row += ("unlimited" if limit is None else f"{format_bytes(limit)} ({e.total / limit:.0%} used)",)

@@ -51,9 +51,10 @@ def test_pipedream_stashes_versions_and_a_correction_adds_its_state():
 def test_remat_keeps_inputs_and_recomputes_one_microbatch():
     schedule = build_schedule("1f1b", num_stages=2, microbatches=8, steps=1)
     none, stage, layer = (estimate_memory(two_layer_stages(2), schedule, remat=r) for r in ("none", "stage", "layer"))
-    assert none[0].activations == 2 * 500
-    assert stage[0].activations == 2 * 100 + 500  # two stage inputs kept, one micro-batch recomputed
-    assert layer[0].activations == 2 * 150 + 300  # every layer's input kept, the largest layer recomputed
+    assert (none[0].activations, none[0].recompute) == (2 * 500, 0)
+    assert (stage[0].activations, stage[0].recompute) == (2 * 100, 500)  # the stage input kept; all recomputed
+    assert (layer[0].activations, layer[0].recompute) == (2 * 150, 300)  # each layer's input; the largest layer
+    assert stage[0].total == stage[0].between_actions + 500
     with pytest.raises(MemoryEstimateError, match="remat"):
         estimate_memory(two_layer_stages(2), schedule, remat="full")
     with pytest.raises(MemoryEstimateError, match="1 stages of layers for a schedule of 2"):

@@ -26,6 +26,12 @@ that VJP plus the gradient accumulation. Both compile once per input shape;
 ``JaxStage.trace_counts`` counts the traces. Integer leaves of a boundary
 pytree (token ids, masks) are not differentiated: their input gradient is
 None, and a None output gradient means zeros.
+
+``remat`` (``pipetrain.memory.REMAT``): ``"layer"`` wraps each layer's apply
+in ``jax.checkpoint``, ``"stage"`` the stage's whole apply, so the VJP a
+forward keeps holds the inputs of what is recomputed instead of every
+intermediate; the backward recomputes them. The gradients are the same
+numbers (the same operations run again).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pipetrain.memory import check_remat
 from pipetrain.optim import Optimizer, squared_norm
 from pipetrain.stages import corrections
 from pipetrain.stages.base import PartitionError, StageSpec
@@ -72,12 +79,13 @@ class JaxSequential:
     framework = "jax"
 
     def __init__(self, layers: Sequence[LayerLike], *, loss: Callable[[Any, Any], Any], seed: int = 0,
-                 example_input: Tree | None = None):
+                 example_input: Tree | None = None, remat: str = "none"):
         self._layers = [trees.as_layer(item, i) for i, item in enumerate(layers)]
         if not self._layers:
             raise ValueError("JaxSequential: no layers given")
         self.loss = loss
         self.seed = seed
+        self.remat = check_remat(remat, "JaxSequential")
         self.input_spec: Tree | None = (None if example_input is None
                                         else trees.tensor_specs(trees.abstract(example_input)))
         self._traced: dict[str, list[tuple]] = {}
@@ -183,7 +191,8 @@ class JaxSequential:
                                  f"{len(self)} layers")
         names = self.layer_names()[spec.start:spec.end]
         return JaxStage(spec, layers=list(zip(names, self._layers[spec.start:spec.end])),
-                        params=self.init_params(spec.start, spec.end), loss=self.loss, optimizer=optimizer)
+                        params=self.init_params(spec.start, spec.end), loss=self.loss, optimizer=optimizer,
+                        remat=getattr(self, "remat", "none"))
 
 
 # ---------------------------------------------------------------- the stage
@@ -199,8 +208,9 @@ class JaxStage(VersionedParams):
     framework = "jax"
 
     def __init__(self, spec: StageSpec, *, layers: list[tuple[str, Layer]], params: dict[str, Any],
-                 loss: Callable, optimizer: Optimizer | optax.GradientTransformation):
+                 loss: Callable, optimizer: Optimizer | optax.GradientTransformation, remat: str = "none"):
         self.spec = spec
+        self.remat = check_remat(remat, f"stage {spec.index}")
         self._layers = layers
         self._loss = loss
         self._tx = as_optax(optimizer)
@@ -243,8 +253,14 @@ class JaxStage(VersionedParams):
 
     def _apply(self, params: dict[str, Any], x: Tree) -> Tree:
         for name, layer in self._layers:
-            x = layer.apply(params[name], x)
+            apply = jax.checkpoint(layer.apply) if self.remat == "layer" else layer.apply
+            x = apply(params[name], x)
         return x
+
+    def _differentiated_apply(self, params: dict[str, Any], x: Tree) -> Tree:
+        """``_apply`` as a forward that its VJP will differentiate: under remat "stage"
+        the VJP keeps only the stage's inputs and recomputes the rest."""
+        return jax.checkpoint(self._apply)(params, x) if self.remat == "stage" else self._apply(params, x)
 
     def _forward_fn(self, params, x, targets):
         self.trace_counts["forward"] += 1
@@ -253,7 +269,7 @@ class JaxStage(VersionedParams):
         x_ints = None if self.spec.is_first else trees.ints(x)
 
         def head(p, *x_floats):
-            out = self._apply(p, x if self.spec.is_first else trees.merge(x_floats[0], x_ints))
+            out = self._differentiated_apply(p, x if self.spec.is_first else trees.merge(x_floats[0], x_ints))
             if self.spec.is_last:
                 return self._loss(out, targets), None
             return trees.floats(out), trees.ints(out)

@@ -23,12 +23,14 @@ from pipetrain.tree import flatten
 
 def layer_saved_bytes(model: Any, example_input: Any, output_bytes: list[int]) -> list[int]:
     """Per layer of ``model``: the bytes one micro-batch keeps for its backward."""
+    # By what the model offers, not what it says it is: a wrapper (a test's chaos
+    # model, a user's) that passes the SequentialModel protocol through counts outputs.
     framework = getattr(model, "framework", None)
-    if framework == "mixed" or hasattr(model, "parts"):
+    if hasattr(model, "parts"):
         return _mixed(model, example_input, output_bytes)
-    if framework == "jax":
+    if framework == "jax" and hasattr(model, "_trace") and hasattr(model, "layers"):
         return _jax(model, example_input)
-    if framework == "torch":
+    if framework == "torch" and hasattr(model, "_meta_layer"):
         return _torch(model, example_input)
     return list(output_bytes)
 

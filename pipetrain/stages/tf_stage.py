@@ -41,6 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipetrain.memory import check_remat
 from pipetrain.optim import Optimizer, squared_norm, tensor_state, tensor_step
 from pipetrain.stages import corrections, flat_state
 from pipetrain.stages.versions import VersionedParams
@@ -75,7 +76,7 @@ class KerasSequential:
     framework = "tf"
 
     def __init__(self, layers: keras.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
-                 seed: int = 0, input_spec: Tree | None = None, device: str | None = None):
+                 seed: int = 0, input_spec: Tree | None = None, device: str | None = None, remat: str = "none"):
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(f"KerasSequential needs the tensorflow Keras backend, not {keras.backend.backend()!r}"
                                " (set KERAS_BACKEND=tensorflow)")
@@ -87,6 +88,7 @@ class KerasSequential:
                 raise TypeError(f"KerasSequential: layer {i} is {type(layer).__name__}, not a Keras layer or a factory")
         self.loss = loss
         self.seed = seed
+        self.remat = check_remat(remat, "KerasSequential")
         self.device = device
         self.input_spec = None if input_spec is None else tree_map(_spec_of, input_spec)
 
@@ -215,7 +217,8 @@ class KerasSequential:
         with self._device():
             traced = self._traced(None, spec.end)[spec.start:]
         layers = {spec.start + i: layer for i, (layer, _, _) in enumerate(traced)}
-        return KerasStage(spec, layers, loss=self.loss, optimizer=optimizer, device=self.device)
+        return KerasStage(spec, layers, loss=self.loss, optimizer=optimizer, device=self.device,
+                          remat=getattr(self, "remat", "none"))
 
 
 class KerasStage(VersionedParams):
@@ -224,8 +227,9 @@ class KerasStage(VersionedParams):
     framework = "tf"
 
     def __init__(self, spec: StageSpec, layers: dict[int, keras.layers.Layer], *, loss: Callable,
-                 optimizer: Optimizer, device: str | None = None):
+                 optimizer: Optimizer, device: str | None = None, remat: str = "none"):
         self.spec = spec
+        self.remat = check_remat(remat, f"stage {spec.index}")
         self.loss = loss
         self.device = device
         self._layers = layers
@@ -249,9 +253,25 @@ class KerasStage(VersionedParams):
         return tf.device(self.device) if self.device else contextlib.nullcontext()
 
     def _run(self, params: dict[str, tf.Tensor], x: Tree) -> Tree:
-        for i, layer in self._layers.items():
-            values = [params[n] for n in self._names[i]]
-            x, _ = layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x)
+        for i in self._layers:
+            x = self._run_layer(i, params, x)
+        return x
+
+    def _run_layer(self, i: int, params: dict[str, tf.Tensor], x: Tree) -> Tree:
+        layer = self._layers[i]
+        values = [params[n] for n in self._names[i]]
+        return layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x)[0]
+
+    def _differentiated_run(self, params: dict[str, tf.Tensor], x: Tree) -> Tree:
+        """``_run`` as the forward the tape differentiates, under ``tf.recompute_grad``
+        per stage or per layer when ``remat`` says so."""
+        if self.remat == "none":
+            return self._run(params, x)
+        if self.remat == "stage":
+            return _recomputed(self._run, params, x)
+        for i in self._layers:
+            own = {n: params[n] for n in self._names[i]}
+            x = _recomputed(lambda p, y, i=i: self._run_layer(i, p, y), own, x)
         return x
 
     # ------------------------------------------------------------ compute
@@ -269,7 +289,7 @@ class KerasStage(VersionedParams):
             tape = tf.GradientTape()
             with tape:
                 tape.watch([params[n] for n in self._all_names] + watched)
-                out = self._run(params, x)
+                out = self._differentiated_run(params, x)
                 if self.spec.is_last:
                     out = self.loss(out, to_tf(targets))
         self._pending[k] = (tape, params, x, watched, out, version, delay)
@@ -356,6 +376,19 @@ class KerasStage(VersionedParams):
 
 
 # ---------------------------------------------------------------- optimizer
+
+def _recomputed(fn: Callable, params: dict[str, tf.Tensor], x: Tree) -> Tree:
+    """``fn(params, x)`` whose backward recomputes it (``tf.recompute_grad``), which
+    takes and gives flat tensors: the parameters and x's leaves go in as arguments."""
+    names = sorted(params)
+    leaves, structure = flatten(x)
+
+    @tf.recompute_grad
+    def flat(*args):
+        return fn(dict(zip(names, args[:len(names)])), unflatten(structure, list(args[len(names):])))
+
+    return flat(*[params[n] for n in names], *leaves)
+
 
 class _TensorOptimizer:
     """``pipetrain.optim.Optimizer`` as pure functions on tf tensor maps, in optax's order."""

@@ -20,6 +20,13 @@ one; the state is a flat map of tensors that checkpoints as is. The update
 rules follow optax's (``optax.adam``/``adamw``/``sgd``) step by step, so a
 torch stage and a JAX stage with the same ``Optimizer`` agree to rounding.
 
+Rematerialization (``remat``, ``pipetrain.memory.REMAT``): ``"stage"`` runs
+the forward under ``torch.utils.checkpoint`` (non-reentrant) as one
+function of (parameters, input), ``"layer"`` each layer as one; autograd
+then keeps only those inputs and recomputes the rest in the backward. The
+parameters are arguments of what is checkpointed, not the modules' own, so
+the recomputation reads the stashed version the forward read.
+
 Buffers (``register_buffer``) are constants: they are not versioned and not
 checkpointed, so a layer that changes a buffer in forward (BatchNorm in
 training mode) is not supported.
@@ -27,8 +34,6 @@ training mode) is not supported.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipetrain.memory import check_remat
 from pipetrain.optim import Optimizer, squared_norm
 from pipetrain.stages import corrections, flat_state, torch_split_backward
 from pipetrain.stages.torch_optim import TensorOptimizer as _TensorOptimizer
@@ -101,7 +107,8 @@ class TorchSequential:
     framework = "torch"
 
     def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
-                 seed: int = 0, device: str | None = None, split_backward: bool | str = "auto"):
+                 seed: int = 0, device: str | None = None, split_backward: bool | str = "auto",
+                 remat: str = "none"):
         self._layers: list[LayerLike] = (list(modules.children()) if isinstance(modules, nn.Sequential)
                                          else list(modules))
         if not self._layers:
@@ -113,6 +120,7 @@ class TorchSequential:
         self.seed = seed
         self.device = device
         self.split_backward = split_policy(split_backward)
+        self.remat = check_remat(remat, "TorchSequential")
         self._meta: dict[int, nn.Module] = {}
 
     def __len__(self) -> int:
@@ -160,48 +168,13 @@ class TorchSequential:
             raise PartitionError(f"layer {self.layer_names()[i]}: input {shown} does not fit: {err}") from err
 
     def layer_costs(self, method: str, example_input: Tree, *, repeats: int = 5) -> list[float]:
+        from pipetrain.stages import torch_costs
+
         if method == "flops":
-            return self._flops(example_input)
+            return torch_costs.layer_flops(self, example_input)
         if method == "profile":
-            return self._profile(example_input, repeats=repeats)
+            return torch_costs.layer_profile(self, example_input, repeats=repeats)
         raise ValueError(f"layer_costs: method must be 'flops' or 'profile', got {method!r}")
-
-    def _flops(self, example_input: Tree) -> list[float]:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        x = tree_map(_meta_tensor, example_input)
-        costs = []
-        for i in range(len(self)):
-            layer = self._meta_layer(i)
-            x_in = tree_map(_grad_leaf, x)
-            counter = FlopCounterMode(display=False)
-            with counter, torch.enable_grad():
-                out = layer(x_in)
-                _backward_ones(out, [*layer.parameters(), *_float_leaves(x_in)])
-            costs.append(float(counter.get_total_flops()))
-            x = tree_map(torch.Tensor.detach, out)
-        return costs
-
-    def _profile(self, example_input: Tree, *, repeats: int) -> list[float]:
-        device = self.device or default_device()
-        x = to_torch(example_input, device=device)
-        costs = []
-        for i in range(len(self)):
-            layer = self.make_layer(i, device=device)
-            times = []
-            for r in range(repeats + 1):  # the first run warms up caches and kernels
-                x_in = tree_map(_grad_leaf, x)
-                _sync(device)
-                start = time.perf_counter()
-                with torch.enable_grad():
-                    out = layer(x_in)
-                    _backward_ones(out, [*layer.parameters(), *_float_leaves(x_in)])
-                _sync(device)
-                if r:
-                    times.append(time.perf_counter() - start)
-            costs.append(statistics.median(times))
-            x = tree_map(torch.Tensor.detach, out)
-        return costs
 
     def build_stage(self, spec: StageSpec, *, optimizer: Optimizer) -> TorchStage:
         if not 0 <= spec.start < spec.end <= len(self):
@@ -210,7 +183,7 @@ class TorchSequential:
         device = torch.device(self.device or default_device())
         chain = _Chain({str(i): self.make_layer(i, device=device) for i in range(spec.start, spec.end)})
         return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device,
-                          split_backward=self.split_backward)
+                          split_backward=self.split_backward, remat=getattr(self, "remat", "none"))
 
 
 class TorchStage(VersionedParams):
@@ -219,8 +192,9 @@ class TorchStage(VersionedParams):
     framework = "torch"
 
     def __init__(self, spec: StageSpec, chain: nn.Module, *, loss: Callable, optimizer: Optimizer,
-                 device: torch.device, split_backward: str = "auto"):
+                 device: torch.device, split_backward: str = "auto", remat: str = "none"):
         self.spec = spec
+        self.remat = check_remat(remat, f"stage {spec.index}")
         self.device = device
         self.loss = loss
         self._chain = chain
@@ -250,6 +224,20 @@ class TorchStage(VersionedParams):
 
     # ------------------------------------------------------------ compute
 
+    def _run(self, params: dict[str, torch.Tensor], x: Tree) -> Tree:
+        """The stage's layers on ``x`` with ``params`` (a weight version's leaf views)."""
+        if self.remat == "none":
+            return torch.func.functional_call(self._chain, params, (x,))
+        from torch.utils.checkpoint import checkpoint
+
+        if self.remat == "stage":
+            return checkpoint(_call_with, self._chain, params, x, use_reentrant=False)
+        for name, layer in self._chain.items():
+            prefix = name + "."
+            own = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+            x = checkpoint(_call_with, layer, own, x, use_reentrant=False)
+        return x
+
     def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None,
                 delay: int | None = None) -> Tree:
         if k in self._pending:
@@ -263,7 +251,7 @@ class TorchStage(VersionedParams):
         if not self.spec.is_first:
             x = tree_map(_grad_leaf, x)
         with torch.enable_grad():
-            out = torch.func.functional_call(self._chain, params, (x,))
+            out = self._run(params, x)
             if self.spec.is_last:
                 out = self.loss(out, to_torch(targets, device=self.device))
         self._pending[k] = (params, x, out)
@@ -418,6 +406,11 @@ class TorchStage(VersionedParams):
 
 # ---------------------------------------------------------------- helpers
 
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: Tree) -> Tree:
+    """``module(x)`` with ``params`` in place of its own (what remat checkpoints)."""
+    return torch.func.functional_call(module, params, (x,))
+
+
 def _meta_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, TensorSpec):
         return torch.empty(x.shape, dtype=getattr(torch, x.dtype), device="meta")
@@ -434,14 +427,6 @@ def _float_leaves(tree: Tree) -> list[torch.Tensor]:
     return [t for t in flatten(tree)[0] if t.requires_grad]
 
 
-def _backward_ones(out: Tree, wrt: list[torch.Tensor]) -> None:
-    roots = [t for t in flatten(out)[0] if t.requires_grad]
-    wrt = [t for t in wrt if t.requires_grad]
-    if roots and wrt:
-        # autograd.backward, not autograd.grad: FlopCounterMode's module hooks reject the latter.
-        torch.autograd.backward(roots, grad_tensors=[torch.ones_like(t) for t in roots], inputs=wrt)
-
-
 def _input_gradient_tree(x_leaves: list, x_structure: Any, grads: Sequence) -> Tree:
     """The inputs' tree with their gradients (in order, one per leaf that
     requires grad): zeros where autograd found no path, None on int leaves."""
@@ -455,8 +440,3 @@ def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 def _numpy_copy(t: torch.Tensor) -> np.ndarray:
     return np.array(to_numpy(t), copy=True)
-
-
-def _sync(device: Any) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
