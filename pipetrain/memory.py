@@ -197,6 +197,20 @@ def _param_copies(model: Any) -> list[bool]:
     return [getattr(model, "framework", None) == "jax" and hasattr(model, "_trace")] * len(model.layer_names())
 
 
+def placement_needs(part: Any, schedule: Any, *, optimizer: Any, credits: int | None = None) -> list[int]:
+    """Each stage's estimated peak bytes for placement (``StageNeed.memory_bytes``):
+    the estimate of ``schedule`` (a Schedule) where the partition has per-layer
+    figures, else its stages' ``memory_bytes`` (parameters + one micro-batch)."""
+    if not all(s.layer_param_bytes for s in part.stages):
+        return [getattr(s, "memory_bytes", 0) or 0 for s in part.stages]
+    remat = getattr(part.model, "remat", "none")
+    if hasattr(part.model, "parts"):
+        remat = next((m.remat for m in part.model.parts if getattr(m, "remat", "none") != "none"), "none")
+    estimates = estimate_memory(partition_layer_bytes(part), schedule, optimizer=optimizer, remat=remat,
+                                credits=credits, boundary_bytes=partition_boundary_bytes(part))
+    return [e.total for e in estimates]
+
+
 def partition_boundary_bytes(part: Any) -> list[tuple[int, int]]:
     """(input, output) bytes of one micro-batch at every stage of a Partition."""
     return [(s.layer_input_bytes[0] if s.layer_input_bytes else 0, s.output_bytes) for s in part.stages]

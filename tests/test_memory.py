@@ -110,3 +110,21 @@ def test_partition_command_prints_each_stages_peak_bytes(capsys):
     assert "Peak memory per stage (tensors only; remat 'stage')" in out and "pipedream, 8 micro-batches" in out
     rows = [line.split() for line in out.splitlines() if line[:2] in ("0 ", "1 ")]
     assert [r[1] for r in rows[-2:]] == ["2", "1"]  # versions held: stage 0 stashes one per micro-batch in flight
+
+
+def test_placement_needs_follow_the_schedule_and_remat():
+    from models import gpt, text
+    from pipetrain.memory import apply_remat, placement_needs
+
+    data = text.CharWindows(split="train", microbatch_size=16)
+    model = gpt.build()
+    part = partition(model, 2, method="params", example_input=data.inputs(0))
+    needs = {name: placement_needs(part, build_schedule(name, num_stages=2, microbatches=8, steps=1),
+                                   optimizer=Optimizer("adam")) for name in ("gpipe", "1f1b")}
+    # gpipe keeps all 8 micro-batches of a step; 1f1b at most 2 on stage 0
+    assert all(g > 3 * f for g, f in zip(needs["gpipe"], needs["1f1b"]))
+    assert needs["1f1b"][0] > part.stages[0].memory_bytes  # more than parameters + one micro-batch
+    apply_remat(model, "stage")
+    remat = placement_needs(part, build_schedule("gpipe", num_stages=2, microbatches=8, steps=1),
+                            optimizer=Optimizer("adam"))
+    assert all(r < g / 3 for r, g in zip(remat, needs["gpipe"]))

@@ -52,6 +52,7 @@ class Driver:
         self.placements: dict[int, dict[int, str]] = {}
         self._ended: set[tuple[int, int]] = set()  # (generation, stage) whose TaskEnded went in
         self._unreachable_since: float | None = None
+        self._needs: list[int] | None = None  # each stage's estimated peak bytes (placement)
         self._controls: dict[ControlNames, DriverControl] = {}
         self._stop_asked = False  # the supervisor's stop request, heard once
 
@@ -180,8 +181,7 @@ class Driver:
     def _place(self, i: ev.Place) -> ev.Event:
         from pipetrain.runtime.placement import PlacementError, StageNeed, wait_for_placement
 
-        needs = [StageNeed(stage=s.index, memory_bytes=getattr(s, "memory_bytes", 0) or 0)
-                 for s in self.plan.partition.stages]
+        needs = [StageNeed(stage=s, memory_bytes=b) for s, b in enumerate(self._memory_needs())]
         exclude = set(i.exclude) | (self.plan.supervisor.reserved_workers() if self.plan.supervisor else set())
         try:
             cluster = self.plan.spec.cluster
@@ -190,6 +190,16 @@ class Driver:
         except PlacementError as error:
             return ev.PlacementFailed(str(error), now=time.time())
         return ev.Placed(dict(placement.stage_workers), tuple(placement.spares), now=time.time())
+
+    def _memory_needs(self) -> list[int]:
+        """Each stage's estimated peak bytes under the job's schedule (pipetrain.memory), once."""
+        if self._needs is None:
+            from pipetrain.memory import placement_needs
+
+            plan = self.plan
+            self._needs = placement_needs(plan.partition, plan.schedule.build(), optimizer=plan.spec.optimizer,
+                                          credits=plan.spec.cluster.credits or None)
+        return self._needs
 
     def _submit(self, i: ev.Submit) -> list[Any]:
         plan = self.plan
