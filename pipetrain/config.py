@@ -53,6 +53,9 @@ class ScheduleConfig:
     steps: int = 10
     accumulate: int = 1
     correction: str = "none"  # pipedream / 2bw delay compensation: none | predict | dcasgd | dcasgd-a
+    # Set by `pipetrain resume --steps` on a finished run: the micro-batch where its pipeline
+    # starts again, empty (pipetrain.schedule.builders.ScheduleSpec.restart_at).
+    restart_at: int = 0
 
 
 @dataclass(frozen=True)

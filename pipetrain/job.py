@@ -68,6 +68,11 @@ def resume_run(run_dir: str, *, scheduler: str | None = None, scheduler_file: st
         raw = {**raw, "schedule": {**raw.get("schedule", {}), "steps": steps}}
     cfg = _recorded_config(run_dir, raw, origin=f"{job_file}{' with --steps' if steps is not None else ''}")
     done = rundir.completed_steps(run_dir)
+    if steps is not None and done is not None and done < steps:
+        # Trained on from a finished run: its last checkpoint holds only its newest weight
+        # version, so the pipeline starts again, empty, at that step (ScheduleSpec.restart_at).
+        raw = {**raw, "schedule": {**raw["schedule"], "restart_at": done * cfg.schedule.microbatches}}
+        cfg = _recorded_config(run_dir, raw, origin=f"{job_file} with --steps")
     if done is not None and done >= cfg.schedule.steps:
         print(f"pipetrain resume: {run_dir} is complete: it trained all {done} steps; nothing to do "
               f"(`pipetrain resume {run_dir} --steps N` trains it on to step N)")

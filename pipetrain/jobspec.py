@@ -126,4 +126,5 @@ class JobSpec:
         s = self.schedule
         return ScheduleSpec(s.name, num_stages=num_stages, microbatches=s.microbatches, steps=s.steps,
                             accumulate=s.accumulate, checkpoint_every=self.checkpoint.every or None,
-                            clip=bool(getattr(self.optimizer, "clip_norm", None)))  # norm actions: clipping
+                            clip=bool(getattr(self.optimizer, "clip_norm", None)),  # norm actions: clipping
+                            restart_at=getattr(s, "restart_at", 0))

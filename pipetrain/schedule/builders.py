@@ -149,7 +149,19 @@ class ScheduleSpec:
     """What a schedule is asked to be: the one description a job carries (to its
     workers, into its checkpoints' manifests), and whose ``build`` is the one
     way to get a ``Schedule``. ``first_microbatch=K > 0`` is the run resumed
-    from the checkpoint at cut K."""
+    from the checkpoint at cut K.
+
+    ``restart_at=R > 0``: the pipeline starts again, empty, at micro-batch R,
+    from the single weight version R / microbatches_per_update: the schedule
+    of [R, total) is the one a run of (total - R) micro-batches builds from
+    scratch, its micro-batch ids and versions moved up by R and that version.
+    ``pipetrain resume --steps`` sets it when it trains on a finished run,
+    whose last checkpoint holds only its newest version: an asynchronous
+    schedule's stages would need older ones to continue mid-flight, as the
+    longer run would have. For gpipe and 1f1b (a flush at every step) the
+    numbers are those of the longer run; for pipedream and 2bw the pipeline
+    drains at R and fills again.
+    """
 
     name: str
     num_stages: int
@@ -159,10 +171,14 @@ class ScheduleSpec:
     checkpoint_every: int | None = None
     first_microbatch: int = 0
     clip: bool = False  # gradient-norm actions before every UPDATE (schedule/norms.py): clip_norm is set
+    restart_at: int = 0  # the pipeline starts again, empty, at this micro-batch (see the docstring)
 
     def __post_init__(self) -> None:
         _validate(self.name, self.num_stages, self.microbatches, self.steps, self.accumulate,
                   self.checkpoint_every, self.first_microbatch)
+        r = self.restart_at
+        if not _is_int(r) or r < 0 or r % self.microbatches or r >= self.total_microbatches:
+            raise ScheduleError(f"restart_at: must be a step boundary in [0, {self.total_microbatches}), got {r!r}")
 
     @property
     def microbatches_per_update(self) -> int:
@@ -181,9 +197,21 @@ class ScheduleSpec:
         d = asdict(self)
         if not self.clip:  # (the manifests written before clipping existed stay what they were)
             del d["clip"]
+        if not self.restart_at:
+            del d["restart_at"]
         return d
 
     def build(self) -> Schedule:
+        if self.restart_at:
+            r, first = self.restart_at, self.first_microbatch
+            fresh = replace(self, steps=self.steps - r // self.microbatches, first_microbatch=max(first - r, 0),
+                            restart_at=0, clip=False).build()
+            moved = shifted(fresh, microbatches=r, versions=r // self.microbatches_per_update)
+            if first < r:  # the run before the restart drains at r, then the pipeline fills again
+                before = replace(self, steps=r // self.microbatches, restart_at=0, clip=False).build()
+                moved = replace(moved, first_microbatch=first, initial_versions=before.initial_versions,
+                                actions=tuple(a + b for a, b in zip(before.actions, moved.actions)))
+            return with_norms(moved) if self.clip else moved
         total, first = self.total_microbatches, self.first_microbatch
         shape = Shape(self.num_stages, self.microbatches, total, first, self.accumulate)
         cuts = checkpoint_cuts(first=first, total=total, every=self.checkpoint_every)
@@ -199,6 +227,19 @@ class ScheduleSpec:
             initial_versions=tuple(initial_versions(acts, latest=latest) for acts in actions),
         )
         return with_norms(schedule) if self.clip else schedule
+
+
+def shifted(schedule: Schedule, *, microbatches: int, versions: int) -> Schedule:
+    """``schedule`` with its micro-batch ids (and cuts) moved up by ``microbatches`` and
+    its weight versions by ``versions`` (a ``ScheduleSpec.restart_at``)."""
+    def move(a: Action) -> Action:
+        k = None if a.k is None else a.k + microbatches
+        return Action(a.stage, a.kind, k, None if a.version is None else a.version + versions)
+
+    return replace(schedule, steps=schedule.steps + microbatches // schedule.microbatches_per_step,
+                   first_microbatch=schedule.first_microbatch + microbatches,
+                   actions=tuple(tuple(move(a) for a in acts) for acts in schedule.actions),
+                   initial_versions=tuple(tuple(v + versions for v in vs) for vs in schedule.initial_versions))
 
 
 def build_schedule(name: str, *, num_stages: int, microbatches: int, steps: int, accumulate: int = 1,

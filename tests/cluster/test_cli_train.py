@@ -34,9 +34,9 @@ def test_mixed_framework_config_trains_on_the_embedded_cluster(tmp_path):
 
 
 
-def _sleep_config(run_dir: Path) -> str:
+def _sleep_config(run_dir: Path, schedule: str = "1f1b") -> str:
     return sleep_job_toml(run_dir, model_kwargs="num_layers = 2, forward_ms = 1, backward_ms = 2, seed = 3",
-                          nbytes=256, extra=(
+                          nbytes=256, schedule=schedule, extra=(
                               '[optimizer]\nname = "sgd"\nlr = 0.05\n[checkpoint]\nevery = 2\n'
                               "[cluster]\nplacement_timeout = 30\n"))
 
@@ -45,11 +45,12 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_of_a_finished_run_does_nothing_and_steps_trains_it_further(client, tmp_path, capsys):
+@pytest.mark.parametrize("schedule", ["1f1b", "pipedream"])
+def test_resume_of_a_finished_run_does_nothing_and_steps_trains_it_further(client, tmp_path, capsys, schedule):
     from pipetrain.cli import main
 
     run_dir, config = tmp_path / "run", tmp_path / "job.toml"
-    config.write_text(_sleep_config(run_dir))
+    config.write_text(_sleep_config(run_dir, schedule))
     at = ["--scheduler", client.scheduler.address, "-q"]
     assert main(["train", str(config), *at]) == 0
     capsys.readouterr()
@@ -60,22 +61,26 @@ def test_resume_of_a_finished_run_does_nothing_and_steps_trains_it_further(clien
     assert f"{run_dir} is complete: it trained all 3 steps" in capsys.readouterr().out
     assert (run_dir / "metrics.jsonl").read_text() == log
 
+    # pipedream: the final checkpoint holds only the newest version (a KeyError on the stages before)
     assert main(["resume", str(run_dir), *at, "--steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "trained        2 steps (resumed at step 3 of 5, from the checkpoint at micro-batch 6), 4 samples" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["steps"], summary["steps_run"], summary["resumed_from_step"], summary["samples"]) == (5, 2, 3, 4)
-    assert json.loads((run_dir / "job.json").read_text())["config"]["schedule"]["steps"] == 5
+    recorded = json.loads((run_dir / "job.json").read_text())["config"]["schedule"]
+    assert (recorded["steps"], recorded["restart_at"]) == (5, 6)
     records = _metrics(run_dir)
     assert [r["step"] for r in records if r["type"] == "step"] == list(range(5))
     assert [r["rollback_to"] for r in records if r["type"] == "resume"] == [6]
     assert not [r for r in records if r["type"] in ("recovery", "failed")]
     assert records[-1]["type"] == "end" and (records[-1]["steps"], records[-1]["steps_run"]) == (5, 2)
 
-    # The continuation is the same training as one run of 5 steps (the reference executor's).
+    # The continuation is the same training as one run of 5 steps (the reference executor's): for
+    # 1f1b with or without the restart (a flush ends every step); pipedream's pipeline fills again at 6.
     reference_dir = tmp_path / "reference"
+    restart = ["--set", "schedule.restart_at=6"] if schedule == "pipedream" else []
     assert main(["train", str(config), "--executor", "reference", "-q", "--set", f'run_dir="{reference_dir}"',
-                 "--set", "schedule.steps=5"]) == 0
+                 "--set", "schedule.steps=5", *restart]) == 0
     losses = {r["step"]: r["loss"] for r in _metrics(run_dir) if r["type"] == "step"}
     assert losses == {r["step"]: r["loss"] for r in _metrics(reference_dir) if r["type"] == "step"}
 
