@@ -34,3 +34,42 @@ def test_vs_torch_pipelining_smoke():
     assert loss["pipetrain_1f1b"] == pytest.approx(loss["torch_single"], rel=1e-5)
     assert loss["torch_pipelining_1f1b"] == pytest.approx(loss["torch_single"], rel=1e-5)
     assert loss["pipetrain_pipedream"] != loss["torch_single"]  # async: later micro-batches see updated weights
+
+
+def _time_to_accuracy(monkeypatch):
+    # bench/ is not a package: its scripts import each other by file name.
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import time_to_accuracy
+
+    return time_to_accuracy
+
+
+@pytest.mark.timeout(60)
+def test_time_to_accuracy_pieces(monkeypatch):
+    """bench/time_to_accuracy.py: samples to a target, the target, the configurations it
+    compares and the simulated rates, each against numbers worked out by hand."""
+    tta = _time_to_accuracy(monkeypatch)
+    curve = [(100, 3.0), (200, 2.0), (300, 2.6), (400, 1.5)]
+    assert tta.samples_to(curve, 2.5) == pytest.approx(150.0)  # first crossing, linear in between
+    # Between the rebound to 2.6 and 1.5: the last evaluation above the target counts.
+    assert tta.samples_to(curve, 1.75) == pytest.approx(300 + 100 * (2.6 - 1.75) / (2.6 - 1.5))
+    assert tta.samples_to(curve, 3.5) == 100.0  # met at the first evaluation
+    assert tta.samples_to(curve, 1.0) is None
+    # The target is the lowest loss reached so far, not the top of the spike at 300.
+    assert tta.lowest_by(curve, 300) == pytest.approx(2.0)
+    assert tta.lowest_by(curve, 150) == pytest.approx(2.5)
+    assert tta.mean_curve([{"curve": [(1, 2.0), (2, 4.0)]}, {"curve": [(1, 3.0)]}]) == [(1, 2.5)]
+
+    summary = {"1f1b": {"mean": 2.9}, "gpipe": {"mean": 2.9}, "pipedream": {"mean": 2.8},
+               "pipedream+dcasgd-a": {"mean": 2.7}, "pipedream/acc8": {"mean": 2.85},
+               "pipedream/acc8+predict": {"mean": 2.83}, "2bw": {"mean": 3.1}, "2bw+predict": {"mean": 3.2}}
+    assert tta.best_configs(summary) == ["1f1b", "gpipe", "pipedream+dcasgd-a", "pipedream/acc8+predict", "2bw"]
+
+    # With F=1, B=2 ms on every stage and free updates and messages, a flush step takes
+    # (m+p-1)(F+B) and a step without one m(F+B): the ratio is the flush bound.
+    m = tta.M
+    for p in (2, 4, 8):
+        costs = {"F": [1.0] * p, "B": [2.0] * p, "U": [0.0] * p}
+        sync = tta.simulated_rate("1f1b", p, costs, 0.0)
+        assert sync == pytest.approx(m * tta.MICROBATCH / ((m + p - 1) * 3.0) * 1e3)
+        assert tta.simulated_rate("pipedream+dcasgd-a", p, costs, 0.0) / sync == pytest.approx((m + p - 1) / m)
