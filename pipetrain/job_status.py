@@ -128,6 +128,9 @@ def render_record(r: rec.Record, steps: int | None = None) -> str:
         if r.busy:
             parts.append("busy " + " ".join(f"{b:.0%}" for b in r.busy))
         return "  ".join(parts)
+    if isinstance(r, rec.EvalRecord):
+        when = "before training" if r.step == 0 else f"after step {r.step}"
+        return f"eval {when}: held-out loss {_num(r.heldout_loss)}"
     if isinstance(r, rec.PlacementRecord):
         where = ", ".join(f"stage {s} on {w}" for s, w in (r.workers or {}).items())
         return f"placement (generation {r.generation}): {where}"

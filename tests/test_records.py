@@ -153,3 +153,10 @@ def test_the_observe_modules_import_no_framework():
             "{'jax', 'torch', 'tensorflow', 'keras', 'distributed', 'dask', 'matplotlib', 'fsspec'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_status_and_logs_show_an_eval_record_as_a_sentence():
+    from pipetrain.job_status import render_record
+
+    assert render_record(rec.EvalRecord(step=0, heldout_loss=4.5)) == "eval before training: held-out loss 4.5000"
+    assert render_record(rec.EvalRecord(step=3, heldout_loss=2.25)).startswith("eval after step 3: held-out loss 2.2")

@@ -40,6 +40,7 @@ KIND_STYLE = {  # kind: (legend label, colour, hatch)
     "W": ("weight gradients", "#C9A227", None),
     "U": ("update", "#55A868", None),
     "C": ("checkpoint snapshot", "#8172B3", None),
+    "E": ("held-out forward", "#937860", None),
     "SEND_F": ("send activation", "#A1C9F4", None),
     "SEND_B": ("send gradient", "#FFD0A8", None),
     "RECV_F": ("wait for activation", "#E5E5E5", "////"),
