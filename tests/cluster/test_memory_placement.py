@@ -28,5 +28,5 @@ def test_a_schedule_that_needs_more_than_the_workers_have_is_refused_at_placemen
             fit(part, data, client=client, schedule="gpipe", microbatches=32, steps=1, placement_timeout=1,
                 progress=False)
     text_ = str(info.value)
-    assert "memory 2.0 GiB, running) -- too little memory" in text_
+    assert "memory 2.0 GiB" in text_ and "too little memory" in text_, text_
     assert re.search(r"stage 0: memory \d\d\.\d GiB", text_) and re.search(r"stage 1: memory \d\d\.\d GiB", text_)

@@ -203,6 +203,7 @@ def _driver_with(supervisor):
                                   scheduler_timeout=1.0,
                                   spec=SimpleNamespace(cluster=SimpleNamespace(resource="GPU", placement_timeout=1)))
     driver.client, driver.progress, driver._stop_asked = None, SimpleNamespace(note=lambda text: None), False
+    driver._needs = []  # no stages, so no memory estimate to make
     return driver
 
 
