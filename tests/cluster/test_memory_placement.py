@@ -22,7 +22,13 @@ def test_a_schedule_that_needs_more_than_the_workers_have_is_refused_at_placemen
     part = partition(gpt.build(d_model=1024, n_heads=8, n_layers=2), 2, method="params",
                      example_input=data.inputs(0))
     assert all(s.memory_bytes < 2**30 for s in part.stages)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, memory_limit="2GiB",
+    import dask
+
+    # In-process workers share this process's memory: keep them from pausing on it, so the
+    # refusal is the estimate's, not a paused worker's.
+    with dask.config.set({"distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False,
+                          "distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=False, memory_limit="2GiB",
                       dashboard_address=None) as cluster, Client(cluster) as client:
         with pytest.raises(JobFailed, match=r"cannot place stage \d \(needs memory [\d.]+ GiB\)") as info:
             fit(part, data, client=client, schedule="gpipe", microbatches=32, steps=1, placement_timeout=1,
