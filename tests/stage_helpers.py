@@ -15,6 +15,18 @@ def batch(k, n=8):
     return rng.standard_normal((n, 16)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
 
 
+class Batches:
+    """The seeded micro-batches of ``batch`` as a data source (inputs and targets by id)."""
+
+    microbatch_size = 8
+
+    def inputs(self, k):
+        return batch(k)[0]
+
+    def targets(self, k):
+        return batch(k)[1]
+
+
 def stages(model, boundaries, opt=SGD):
     ranges = stage_ranges(boundaries, len(model))
     return [model.build_stage(StageSpec(i, len(ranges), a, b), optimizer=opt) for i, (a, b) in enumerate(ranges)]

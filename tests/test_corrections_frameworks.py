@@ -17,20 +17,10 @@ from oracles import NumpyOptimizer, corrected_async_weights
 from pipetrain.optim import Optimizer
 from pipetrain.runtime.reference import run_reference
 from pipetrain.schedule.builders import build_schedule
-from stage_helpers import batch, stages
+from stage_helpers import Batches, batch, stages
 
 BOUNDARIES = [2, 4]  # Linear | Tanh Linear | Tanh Linear
 LAMBDA = {"predict": None, "dcasgd": 20.0, "dcasgd-a": 1.0}
-
-
-class Batches:
-    microbatch_size = 8
-
-    def inputs(self, k):
-        return batch(k)[0]
-
-    def targets(self, k):
-        return batch(k)[1]
 
 
 def torch_model(split_backward="auto"):

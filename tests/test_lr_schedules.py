@@ -20,6 +20,7 @@ from pipetrain.config import ConfigError, from_dict
 from pipetrain.optim import Optimizer, lr_at
 from pipetrain.runtime.reference import run_reference
 from pipetrain.schedule.builders import build_schedule
+from stage_helpers import Batches
 
 SCHEDULES = [
     dict(schedule="cosine", lr=0.1, warmup=5, decay_steps=40, min_lr=0.01),
@@ -79,16 +80,6 @@ def test_config_optimizer_table_sets_the_schedule():
 
 # ---------------------------------------------------------------- chains against the oracle
 
-class Batches:
-    microbatch_size = 8
-
-    def inputs(self, k):
-        from stage_helpers import batch
-        return batch(k)[0]
-
-    def targets(self, k):
-        from stage_helpers import batch
-        return batch(k)[1]
 
 
 def _case(framework, opt=None, **model_kw):

@@ -14,8 +14,8 @@ import pytest
 from pipetrain.optim import Optimizer
 from pipetrain.runtime.reference import run_reference
 from pipetrain.schedule.builders import build_schedule
-from stage_helpers import batch, stages
-from test_corrections_frameworks import Batches, keras_model, torch_model
+from stage_helpers import Batches, batch, stages
+from test_corrections_frameworks import keras_model, torch_model
 
 BOUNDARIES = [2, 4]
 ADAM = Optimizer("adam", lr=1e-2)
