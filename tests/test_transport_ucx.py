@@ -23,7 +23,7 @@ import pytest
 
 from pipetrain.config import ClusterConfig, ConfigError
 from pipetrain.runtime.transport import Endpoint, MessageKind, TransportError, wire
-from pipetrain.runtime.transport.ucx import UcxUnavailable, ucx_available
+from pipetrain.runtime.transport.ucx import INLINE, UcxUnavailable, ucx_available
 
 MISSING = ucx_available()
 needs_ucx = pytest.mark.skipif(MISSING is not None, reason=f"ucxx does not import: {MISSING}")
@@ -98,9 +98,12 @@ def test_messages_cross_bit_for_bit_in_any_order(guarded):
                  "b": rng.random(5).astype(ml_dtypes.bfloat16), "empty": np.zeros((0, 3), np.float32),
                  "scalar": np.float64(k)} for k in range(4)}
     trees[4] = {"big": rng.random(3 << 20, dtype=np.float32)}  # 12 MiB: UCX's rendezvous path
+    # payloads of INLINE bytes (one UCX message) and just over (head, then one message per leaf)
+    trees[5] = {"at": rng.integers(0, 255, INLINE, dtype=np.uint8)}
+    trees[6] = {"over": rng.integers(0, 255, INLINE + 1, dtype=np.uint8), "x": np.ones(3, np.float32)}
     for k, tree in trees.items():
         channel.put(MessageKind.ACTIVATION, k, tree)
-    for k in reversed(range(5)):
+    for k in reversed(range(7)):
         got = receiver.get(MessageKind.ACTIVATION, k, timeout=30).tree
         assert got.keys() == trees[k].keys()
         for name, leaf in trees[k].items():
@@ -243,9 +246,10 @@ POST_AUTH = {  # what a peer holding the secret could still get wrong: the link 
     "huge declared payload": ([wire.PREFIX.pack(wire.MAGIC, 2, 1 << 40) + b"{}"], "over this edge's bound"),
     "huge declared header": ([wire.PREFIX.pack(wire.MAGIC, 1 << 31, 0)], "outside 1..65536"),
     "bad magic": ([b"XXXX" + bytes(12)], "bad magic"),
-    "a head longer than any": ([bytes(wire.PREFIX.size + wire.MAX_META + 1)], "sent more than"),
+    "a head longer than any": ([bytes(wire.PREFIX.size + wire.MAX_META + INLINE + 1)], "sent more than"),
     "leaves disagree with the payload": ([head([["float32", [4], 8]], 8)], "declares 8 bytes, but float32[4] takes 16"),
-    "a leaf longer than declared": ([head([["float32", [4], 16]]), bytes(1 << 20)], "sent more than"),
+    "a leaf longer than declared": ([head([["uint8", [INLINE + 1], INLINE + 1]], INLINE + 1), bytes(1 << 20)],
+                                    "sent more than a leaf"),
 }
 
 
@@ -264,4 +268,4 @@ def test_a_broken_frame_ends_its_connection_without_allocating(guarded, caplog, 
         attacker.close()
     assert reason in caplog.text
     assert_healthy(receiver, channel)
-    assert receiver._pool.allocated <= allocated + 2  # the leaf's (16 bytes) and the healthy message's buffer
+    assert receiver._pool.allocated <= allocated + 2  # the declared leaf's (64 KiB + 1) and the healthy message's

@@ -8,11 +8,12 @@ rc/ud as well. The wheels import and run without a GPU.
 
 Framing. UCX's tag API moves whole messages, each received into a buffer
 the receiver posts, in the order the sender posted them on an endpoint. A
-wire frame (``wire.py``) travels as: its prefix and meta (one message, at
-most 16 + ``wire.MAX_META`` bytes), then each non-empty leaf as its own
-message, with no padding. The receiver posts a fixed staging area for the
-head and exactly each leaf's size, and checks each declared size before
-it allocates (magic, meta <= ``wire.MAX_META``, payload <= the edge's
+wire frame (``wire.py``) with a payload of at most ``INLINE`` (64 KiB)
+travels as one message, the bytes a stream carries; a larger one as its
+prefix and meta (one message, at most 16 + ``wire.MAX_META`` bytes), then
+each non-empty leaf as its own message, with no padding. The receiver posts
+a fixed staging area for the head and exactly each leaf's size, and checks
+each declared size before it allocates (magic, meta <= ``wire.MAX_META``, payload <= the edge's
 bound, ``wire.check_meta``); a message longer than what was posted fails
 with UCX's truncation error and ends the link. Leaves land in one pooled
 buffer at the offsets ``wire.decode`` reads them from, so the endpoint sees
@@ -34,10 +35,10 @@ is the one for an untrusted network. ucxx listens on every interface (it
 takes no bind address).
 
 Threads. ucxx runs one context per process whose completions are delivered
-to the asyncio loop it was started on (its notifier thread; with polling
-futures a pending receive would spin a core). So all UCX work runs on one
-process-wide loop thread (``_Ucx``) and the endpoint's loop only hands it
-coroutines. A link hands each frame it reads to ``on_message`` on the UCX
+to the asyncio loop it was started on (its notifier thread; without it a
+pending receive spins a core, see ``WAIT_ENV``). So all UCX work runs on
+one process-wide loop thread (``_Ucx``) and the endpoint's loop only hands
+it coroutines. A link hands each frame it reads to ``on_message`` on the UCX
 loop itself (the endpoint's and the channel's handlers take their own
 locks and only queue writes), which saves a thread wake-up per message;
 its end reaches ``on_closed`` on the endpoint's loop, after every frame.
@@ -70,10 +71,19 @@ from pipetrain.runtime.transport.loop import LoopThread
 
 __all__ = ["UcxBackend", "UcxIO", "UcxLink", "UcxUnavailable", "device_path_available", "ucx_available"]
 
+# How the UCX loop learns that a receive or send completed: "notify", ucxx's notifier thread
+# wakes it (idle costs nothing; a completion costs a thread wake-up, ~0.5 ms on a loaded
+# 2-core host), or "spin", the loop polls every pending request (ucxx's default: about a
+# fifth of the latency, and one core busy for as long as anything is pending, i.e. always).
+WAIT_ENV = "PIPETRAIN_UCX_WAIT"
 INSTALL_HINT = "pip install 'pipetrain[ucx]' (the ucxx-cu12 wheel; it runs without a GPU)"
 _LENGTH = struct.Struct("<I")  # a handshake record's length, its own message
 _EMPTY = np.empty(0, np.uint8)
 _CUDA_TRANSPORTS = {"cuda_copy", "cuda_ipc", "gdr_copy"}
+# A payload of at most this many bytes travels inside its head message (one UCX message, as a
+# stream carries it), copied once on each side: each UCX message costs a completion and a
+# thread wake-up, which outweighs copying 64 KiB. Both sides decide by the declared length.
+INLINE = 64 << 10
 
 
 class UcxUnavailable(PipetrainError, ImportError):
@@ -121,7 +131,10 @@ class _Ucx:
         if core._ctx is not None:
             raise TransportError("ucxx was already initialised in this process (by distributed-ucxx?); the 'ucx' "
                                  "transport backend needs its own context, bound to its loop")
-        self.ucxx.init(enable_python_future=True)  # completions wake this loop, no polling
+        wait = os.environ.get(WAIT_ENV, "notify")
+        if wait not in ("notify", "spin"):
+            raise TransportError(f"{WAIT_ENV}={wait!r}: must be 'notify' (the default) or 'spin'")
+        self.ucxx.init(enable_python_future=wait == "notify")
 
     @classmethod
     def get(cls) -> _Ucx:
@@ -282,17 +295,23 @@ class UcxLink:
             self._reader = asyncio.ensure_future(self._read_loop())
 
     async def _read_loop(self) -> None:
-        # The head message (prefix + meta) lands in a fixed staging area: UCX takes a message
-        # shorter than the posted buffer, and refuses (truncation) one longer. The leaves'
-        # receives and the next head's are posted together, in order, as soon as the meta says
-        # what comes, so UCX can land them without waiting for this loop.
-        staging = np.empty(wire.PREFIX.size + wire.MAX_META, np.uint8)
+        # The head message (prefix + meta, with the payload when it is INLINE at most) lands in
+        # a fixed staging area: UCX takes a message shorter than the posted buffer, and refuses
+        # (truncation) one longer. A larger payload's leaves' receives and the next head's are
+        # posted together, in order, as soon as the meta says what comes, so UCX can land them
+        # without waiting for this loop.
+        staging = np.empty(wire.PREFIX.size + wire.MAX_META + INLINE, np.uint8)
         try:
             head = self._post_receive(staging)
             while True:
                 await _received(head, "a frame's prefix and meta")
-                meta, payload_len = self._parse_head(staging)
+                meta, payload_len, head_end = self._parse_head(staging)
                 payload = self._pool.take(payload_len) if payload_len else _EMPTY
+                if payload_len <= INLINE:  # it came in the head message, as a stream carries it
+                    payload[:] = staging[head_end : head_end + payload_len]
+                    head = self._post_receive(staging)
+                    self._on_message(self, meta, payload)
+                    continue
                 offsets, _ = wire.leaf_offsets(meta)
                 leaves = [self._post_receive(payload[offset : offset + nbytes])
                           for offset, (_, _, nbytes) in zip(offsets, meta["leaves"]) if nbytes]
@@ -311,17 +330,19 @@ class UcxLink:
         task.add_done_callback(_retrieve)  # one left posted when the link ends fails quietly
         return task
 
-    def _parse_head(self, staging: np.ndarray) -> tuple[dict, int]:
+    def _parse_head(self, staging: np.ndarray) -> tuple[dict, int, int]:
+        """The head's meta, its payload length and where the meta ends in staging."""
         magic, meta_len, payload_len = wire.PREFIX.unpack_from(staging)
         self._check_prefix(magic, meta_len, payload_len)
+        head_end = wire.PREFIX.size + meta_len
         try:
-            meta = json.loads(staging[wire.PREFIX.size : wire.PREFIX.size + meta_len].tobytes())
+            meta = json.loads(staging[wire.PREFIX.size : head_end].tobytes())
         except (ValueError, RecursionError):
             raise Rejected("a frame's meta is not valid JSON") from None
         needed = wire.check_meta(meta)
         if needed != payload_len:
             raise Rejected(f"a frame's leaves take {needed} bytes but its prefix declares {payload_len}")
-        return meta, payload_len
+        return meta, payload_len, head_end
 
     def _check_prefix(self, magic: bytes, meta_len: int, payload_len: int) -> None:
         if magic != wire.MAGIC:
@@ -335,7 +356,10 @@ class UcxLink:
     # -- writing (any thread)
     def write(self, meta: dict, buffers: list[np.ndarray]) -> None:
         frames = wire.frames(meta, buffers)  # checks the meta's size; frames[0] is prefix + meta
-        messages = [np.frombuffer(frames[0], np.uint8)] + [buffer for buffer in buffers if buffer.nbytes]
+        if wire.PREFIX.unpack_from(frames[0])[2] <= INLINE:  # the declared payload length
+            messages = [np.frombuffer(b"".join(frames), np.uint8)]  # one message: a copy costs less than a wake-up
+        else:
+            messages = [np.frombuffer(frames[0], np.uint8)] + [buffer for buffer in buffers if buffer.nbytes]
         self._ucx.loop.call_soon_threadsafe(self._post, messages)
 
     def _post(self, messages: list[np.ndarray]) -> None:  # UCX loop
