@@ -269,3 +269,33 @@ def test_a_broken_frame_ends_its_connection_without_allocating(guarded, caplog, 
     assert reason in caplog.text
     assert_healthy(receiver, channel)
     assert receiver._pool.allocated <= allocated + 2  # the declared leaf's (64 KiB + 1) and the healthy message's
+
+
+def _peer_process(address: str, secret: bytes) -> None:
+    with Endpoint.start(stage=0, secret=secret, backend="ucx") as endpoint:
+        channel = endpoint.connect(address, peer_stage=1)
+        channel.put(MessageKind.ACTIVATION, 0, np.ones(4, np.float32))
+        time.sleep(600)  # until killed
+
+
+@needs_ucx
+def test_a_killed_peer_process_is_lost_not_awaited_forever():
+    import multiprocessing
+    import os
+    import signal
+
+    from pipetrain.runtime.transport import PeerLost
+
+    with start(1) as receiver:
+        process = multiprocessing.get_context("spawn").Process(target=_peer_process, args=(receiver.address, SECRET))
+        process.start()
+        try:
+            assert receiver.get(MessageKind.ACTIVATION, 0, timeout=60).tree[0] == 1
+            os.kill(process.pid, signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(PeerLost, match="dropped without goodbye"):
+                receiver.get(MessageKind.ACTIVATION, 1, timeout=60)
+            assert time.monotonic() - started < 30
+        finally:
+            process.kill()
+            process.join(10)
