@@ -299,3 +299,33 @@ def test_a_killed_peer_process_is_lost_not_awaited_forever():
         finally:
             process.kill()
             process.join(10)
+
+
+@needs_ucx
+@pytest.mark.parametrize("seed", range(8))
+def test_random_messages_after_the_handshake_end_the_link_and_nothing_else(guarded, seed):
+    """Fuzz: a peer holding the secret sends random UCX messages (some opening with a valid prefix
+    whose sizes are random too); each connection ends as a rejected frame, the real edge goes on."""
+    _, receiver, channel = guarded
+    rng = np.random.default_rng(seed)
+    before, allocated = receiver.stats["rejected_frames"], receiver._pool.allocated
+    messages = []
+    for _ in range(3):
+        body = rng.bytes(int(rng.integers(1, 200_000 if rng.random() < 0.3 else 2_000)))  # some over staging
+        if rng.random() < 0.7:  # a valid magic, then sizes that are huge or plausible (the meta is junk JSON)
+            meta_len = int(rng.integers(0, 1 << 32) if rng.random() < 0.3 else rng.integers(1, len(body) + 1))
+            body = wire.PREFIX.pack(wire.MAGIC, meta_len, int(rng.integers(0, 1 << 63 if rng.random() < 0.3
+                                                                           else 1 << 16))) + body
+        messages.append(body)
+    attacker = RawUcx(receiver.address)
+    try:
+        attacker.handshake()
+        try:
+            attacker.send(*messages)
+        except Exception:  # noqa: BLE001 - the port closed the connection at the first bad message
+            pass
+        wait_until(lambda: receiver.stats["rejected_frames"] == before + 1)
+    finally:
+        attacker.close()
+    assert_healthy(receiver, channel)
+    assert receiver._pool.allocated <= allocated + 2
