@@ -72,6 +72,18 @@ def test_without_ucxx_the_error_names_what_is_missing_and_is_not_retried(monkeyp
     assert not caught.value.retryable  # a restart would fail the same way
 
 
+@needs_ucx
+def test_a_second_ucx_context_or_a_bad_wait_mode_is_refused_not_retried(guarded, monkeypatch):
+    from pipetrain.runtime.transport.ucx import WAIT_ENV, _Ucx
+
+    with pytest.raises(UcxUnavailable, match="already initialised in this process") as caught:
+        _Ucx()  # the guarded endpoints' context is this process's one
+    assert not caught.value.retryable
+    monkeypatch.setenv(WAIT_ENV, "busy")
+    with pytest.raises(UcxUnavailable, match="PIPETRAIN_UCX_WAIT='busy': must be 'notify'"):
+        _Ucx()
+
+
 def test_the_transport_is_chosen_in_the_cluster_section(tmp_path):
     from pipetrain import config
 

@@ -87,7 +87,8 @@ INLINE = 64 << 10
 
 
 class UcxUnavailable(PipetrainError, ImportError):
-    """ucxx does not import in this process. Not retryable: a restart would fail the same way."""
+    """ucx:// cannot run in this process: ucxx does not import, another ucxx context is already
+    there, or PIPETRAIN_UCX_WAIT is bad. Not retryable: a restart would fail the same way."""
 
 
 def _import_ucxx() -> Any:
@@ -128,12 +129,12 @@ class _Ucx:
     async def _start(self) -> None:
         from ucxx import core
 
-        if core._ctx is not None:
-            raise TransportError("ucxx was already initialised in this process (by distributed-ucxx?); the 'ucx' "
-                                 "transport backend needs its own context, bound to its loop")
         wait = os.environ.get(WAIT_ENV, "notify")
         if wait not in ("notify", "spin"):
-            raise TransportError(f"{WAIT_ENV}={wait!r}: must be 'notify' (the default) or 'spin'")
+            raise UcxUnavailable(f"{WAIT_ENV}={wait!r}: must be 'notify' (the default) or 'spin'")
+        if core._ctx is not None:
+            raise UcxUnavailable("ucxx was already initialised in this process (by distributed-ucxx?); the 'ucx' "
+                                 "transport backend needs its own context, bound to its loop")
         self.ucxx.init(enable_python_future=wait == "notify")
 
     @classmethod
