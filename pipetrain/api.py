@@ -94,7 +94,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     ``optimizer``, ``checkpoint_dir``, ``checkpoint_every``, ``checkpoint_seconds``,
     ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``eval_every``, ``resource``,
     ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
-    ``spare_workers``, ``record_events``, ``tensorboard``).
+    ``spare_workers``, ``transport``, ``record_events``, ``tensorboard``).
 
     Evaluation: with ``heldout`` (a MicrobatchSource), the stages run a forward-only
     pass over its micro-batches ``0 .. eval_microbatches - 1`` on their workers

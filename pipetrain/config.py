@@ -71,6 +71,9 @@ class CheckpointConfig:
         return bool(self.every or self.seconds)
 
 
+TRANSPORTS = ("stream", "ucx")  # cluster.transport: runtime/transport's backends a job may run on
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     scheduler: str = ""  # address; empty: an embedded LocalCluster
@@ -81,6 +84,13 @@ class ClusterConfig:
     credits: int = 0  # per-edge flow-control window; 0 = the schedule's bound
     stop_timeout: float = 10.0  # a stage still running this long after the stop is cancelled, its worker avoided
     spare_workers: int = 0  # an embedded local cluster starts this many workers beyond one per stage
+    # The stage-to-stage transport backend: "stream" (tcp://, tls:// with a TLS Security) or "ucx"
+    # (ucx:// through ucxx, the pipetrain[ucx] extra: runtime/transport/ucx.py).
+    transport: str = "stream"
+
+    def __post_init__(self) -> None:
+        _check(self.transport in TRANSPORTS, "cluster.transport",
+               f"{self.transport!r} is not one of {', '.join(TRANSPORTS)}")
 
 
 @dataclass(frozen=True)

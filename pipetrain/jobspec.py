@@ -69,7 +69,7 @@ class JobSpec:
                       keep_checkpoints: int = 3, run_dir: str | None = None, eval_microbatches: int = 8,
                       eval_every: int | None = 0,
                       resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
-                      credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0,
+                      credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0, transport: str = "stream",
                       record_events: bool = True, tensorboard: bool = False) -> JobSpec:
         """``fit``'s keyword arguments, as one spec. ``checkpoint_every=None``: every
         ``DEFAULT_CHECKPOINT_EVERY`` micro-batches when ``checkpoint_dir`` is given, else none."""
@@ -86,7 +86,7 @@ class JobSpec:
                                                keep=keep_checkpoints, dir=checkpoint_dir or ""),
                    cluster=ClusterConfig(resource=resource, placement_timeout=placement_timeout,
                                          max_restarts=max_restarts, credits=credits, stop_timeout=stop_timeout,
-                                         spare_workers=spare_workers),
+                                         spare_workers=spare_workers, transport=transport),
                    run_dir=run_dir, eval_microbatches=eval_microbatches, eval_every=eval_every or 0,
                    record_events=record_events,
                    observe=ObserveConfig(tensorboard=tensorboard))
