@@ -185,3 +185,60 @@ def test_unsupported_precisions_and_models_are_refused_clearly():
     model = JaxSequential([half], loss=lambda o, y: o.mean(), example_input=batch(0)[0], precision="bf16")
     with pytest.raises(PrecisionError, match="stage 0: parameter 'half.*is bfloat16; precision 'bf16' keeps float32"):
         model.build_stage(StageSpec(0, 1, 0, 1), optimizer=SGD1)
+
+
+def _bf16_stages(framework, opt, **kw):
+    return stages(with_precision(MODELS[framework](**kw), "bf16"), [2, 4], opt=opt)
+
+
+@pytest.mark.parametrize("framework,schedule", [("jax", "2bw"), ("torch", "1f1b"), ("keras", "pipedream")])
+def test_a_bf16_run_resumed_from_a_checkpoint_cut_is_bit_identical(framework, schedule):
+    from pipetrain.runtime.reference import run_reference
+    from pipetrain.schedule.builders import build_schedule
+    from stage_helpers import Batches
+
+    opt = Optimizer("adam", lr=1e-2, clip_norm=0.5 if schedule != "pipedream" else None)
+    m, cut = 4, 8
+    build = dict(num_stages=3, microbatches=m, steps=4, checkpoint_every=m, clip=opt.clip_norm is not None)
+    full = run_reference(build_schedule(schedule, **build), stages=_bf16_stages(framework, opt), source=Batches(),
+                         keep_checkpoints=True)
+    saved = full.checkpoints[cut]  # stage -> its state at the cut
+    assert all(a.dtype == np.float32 for st in saved.values() for n, a in st.items() if n.startswith("v"))
+    fresh = _bf16_stages(framework, opt)
+    for s, stage in enumerate(fresh):
+        stage.load_state_dict(saved[s])
+    resumed = run_reference(build_schedule(schedule, first_microbatch=cut, **build), stages=fresh, source=Batches())
+    assert {k: v for k, v in full.losses.items() if k >= cut} == resumed.losses
+    for a, b in zip(full.state_dicts(), resumed.state_dicts()):
+        assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_bf16_with_remat_split_backward_and_a_delay_correction_trains_the_same():
+    """remat recomputes the same bfloat16 operations, a split torch backward gives the
+    same bits as a fused one, and a delay correction (operating on the float32
+    masters) runs under bf16 as under fp32."""
+    from pipetrain.runtime.reference import run_reference
+    from pipetrain.schedule.builders import build_schedule
+    from stage_helpers import Batches
+
+    def trained(built, schedule="1f1b"):
+        run_reference(build_schedule(schedule, num_stages=3, microbatches=4, steps=2), stages=built, source=Batches())
+        return [s.state_dict() for s in built]
+
+    adam = Optimizer("adam", lr=1e-2)
+    for framework in ("jax", "torch"):
+        plain = trained(_bf16_stages(framework, adam))
+        for remat in ("stage", "layer"):
+            model = with_precision(MODELS[framework](), "bf16")
+            model.remat = remat
+            for a, b in zip(plain, trained(stages(model, [2, 4], opt=adam))):
+                for n in a:
+                    np.testing.assert_allclose(np.asarray(b[n], np.float64), np.asarray(a[n], np.float64),
+                                               rtol=1e-5, atol=1e-6, err_msg=f"{framework} remat {remat} {n}")
+    fused = trained(_bf16_stages("torch", adam, split_backward=False))
+    split = trained(_bf16_stages("torch", adam, split_backward=True))
+    assert all(np.array_equal(a[n], b[n]) for a, b in zip(fused, split) for n in a)
+    corrected = Optimizer("momentum", lr=0.1, correction="dcasgd")
+    for framework in ("jax", "torch"):
+        states = trained(_bf16_stages(framework, corrected), "pipedream")
+        assert all(a.dtype == np.float32 for st in states for n, a in st.items() if n.startswith(("v", "corr/")))
