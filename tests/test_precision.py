@@ -242,3 +242,29 @@ def test_bf16_with_remat_split_backward_and_a_delay_correction_trains_the_same()
     for framework in ("jax", "torch"):
         states = trained(_bf16_stages(framework, corrected), "pipedream")
         assert all(a.dtype == np.float32 for st in states for n, a in st.items() if n.startswith(("v", "corr/")))
+
+
+def _job(tmp_path, precision):
+    config = tmp_path / f"{precision}.toml"
+    config.write_text(f'run_dir = "{tmp_path / precision}"\n[model]\nentry = "models.gpt:build"\n'
+                      f'precision = "{precision}"\n'
+                      'kwargs = { context = 8, d_model = 16, n_heads = 2, n_layers = 2 }\n'
+                      '[data]\ntrain = "models.text:CharWindows"\nkwargs = { context = 8, microbatch_size = 4 }\n'
+                      '[partition]\nstages = 2\n[schedule]\nname = "1f1b"\nmicrobatches = 2\nsteps = 3\n')
+    return str(config)
+
+
+def test_a_job_config_trains_the_flagship_gpt_in_bf16(tmp_path):
+    from pipetrain.config import ConfigError
+    from pipetrain.job import train_from_config
+
+    runs = {p: train_from_config(_job(tmp_path, p), executor="reference", progress=False) for p in ("fp32", "bf16")}
+    assert runs["bf16"].partition.precision == "bf16" and runs["fp32"].partition.precision == "fp32"
+    assert runs["bf16"].partition.stages[0].output_specs.dtype == "bfloat16"
+    losses = {p: [r.losses[k] for k in sorted(r.losses)] for p, r in runs.items()}
+    assert losses["bf16"] != losses["fp32"]
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.02)  # ~ln 97 = 4.6 nats: a few u
+    state = runs["bf16"].stage_state(0)
+    assert all(a.dtype == np.float32 for n, a in state.items() if n.startswith(("v", "opt/mu", "opt/nu")))
+    with pytest.raises(ConfigError, match="model.precision: 'fp16' is not one of fp32, bf16"):
+        train_from_config(_job(tmp_path, "fp16"), executor="reference", progress=False)

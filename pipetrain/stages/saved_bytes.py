@@ -100,7 +100,9 @@ def _torch(model: Any, example_input: Any) -> list[int]:
                 total += t.numel() * t.element_size()
             return t
 
-        x_in = tree_map(lambda t: t.requires_grad_(True) if t.is_floating_point() else t, x)
+        # As a stage differentiates: after the model's first layer its input too (data has no
+        # gradient, so the first layer keeps no bf16 weight copy for one under "bf16")
+        x_in = tree_map(lambda t: t.requires_grad_(True) if t.is_floating_point() and i > 0 else t, x)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
             y = layer(x_in) if not casts.on else torch.func.functional_call(
                 layer, casts.module_values(layer, dict(layer.named_parameters())), (casts.compute(x_in),))
