@@ -47,7 +47,9 @@ class JobSpec:
     eval_every: int = 0  # steps between evaluations (schedule/evaluation.py); 0: only before and after training
     record_events: bool = True  # the stages' timelines (pipetrain trace)
     observe: ObserveConfig = field(default_factory=ObserveConfig)  # metrics sinks besides metrics.jsonl
-    precision: str | None = None  # "fp32" | "bf16" (stages/precision.py); None: the model's / partition's own
+    # "fp32" | "bf16" (stages/precision.py), fit's keyword; None: the partition's own (a job config's
+    # [model] precision is given to the partition, like [model] remat, so it stays None here)
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("eval_microbatches", "eval_every"):
@@ -64,7 +66,7 @@ class JobSpec:
     def from_config(cls, cfg: JobConfig) -> JobSpec:
         return cls(schedule=cfg.schedule, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, cluster=cfg.cluster,
                    run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches,
-                   eval_every=cfg.data.eval_every, observe=cfg.observe, precision=cfg.model.precision)
+                   eval_every=cfg.data.eval_every, observe=cfg.observe)  # ([model] precision: the partition's)
 
     @classmethod
     def from_settings(cls, *, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10, accumulate: int = 1,
