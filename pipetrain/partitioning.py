@@ -123,6 +123,7 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     model = as_model(model, loss=loss)
     if precision is not None:
         model = with_precision(model, precision)
+    precision = model_precision(model)  # (checked before any tracing: a mixed model's parts must agree)
     if not isinstance(num_stages, int) or num_stages < 1:
         raise PartitionError(f"partition: num_stages must be an int >= 1, got {num_stages!r}")
     if method not in METHODS:
@@ -139,7 +140,7 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     if boundaries is not None:
         _check_boundaries(list(boundaries), num_stages, names)
 
-    out_specs = [lowered(specs, model_precision(model)) for specs in _trace(model, example_input, boundaries, n)]
+    out_specs = [lowered(specs, precision) for specs in _trace(model, example_input, boundaries, n)]
     params = [int(p) for p in model.layer_param_counts()]
     cost_method = "uniform" if method == "explicit" else method
     costs = _layer_costs(model, cost_method, example_input, params, repeats)

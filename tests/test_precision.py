@@ -180,6 +180,12 @@ def test_unsupported_precisions_and_models_are_refused_clearly():
 
     with pytest.raises(PrecisionError, match="Wrapper has no precision option"):
         with_precision(Wrapper(jax_model()), "bf16")
+    # one model, one precision: a MixedSequential's parts must agree
+    from pipetrain.stages.mixed import MixedSequential
+
+    with pytest.raises(PrecisionError, match=r"MixedSequential: its parts have precisions \['bf16', 'fp32'\]"):
+        partition(MixedSequential([with_precision(jax_model(), "bf16"), torch_model()]), 2,
+                  example_input=batch(0)[0])
     # bfloat16 parameters cannot be float32 masters
     half = Layer("half", lambda key, x: {"w": jnp.ones((x.shape[-1], 4), jnp.bfloat16)}, lambda p, x: x @ p["w"])
     model = JaxSequential([half], loss=lambda o, y: o.mean(), example_input=batch(0)[0], precision="bf16")
