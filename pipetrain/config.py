@@ -16,6 +16,7 @@ from pipetrain.errors import PipetrainError
 from pipetrain.memory import REMAT
 from pipetrain.optim import ASYNC_SCHEDULES, CORRECTIONS, Optimizer
 from pipetrain.schedule.schedule import SCHEDULES
+from pipetrain.stages.precision import PRECISIONS
 
 
 class ConfigError(PipetrainError, ValueError):
@@ -27,6 +28,7 @@ class ModelConfig:
     entry: str = ""  # "package.module:function", called with kwargs
     kwargs: dict = field(default_factory=dict)
     remat: str = "none"  # activation rematerialization in every stage: none | stage | layer
+    precision: str = "fp32"  # fp32 | bf16: bfloat16 compute and wire, float32 masters (stages/precision.py)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class JobConfig:
         _require(self.model.entry, "model.entry", "an import path like 'models.gpt:build'")
         _require(self.data.train, "data.train", "an import path like 'models.text:train_source'")
         _check(self.model.remat in REMAT, "model.remat", f"{self.model.remat!r} is not one of {', '.join(REMAT)}")
+        _check(self.model.precision in PRECISIONS, "model.precision",
+               f"{self.model.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")
         _check(self.partition.method in ("uniform", "params", "flops", "profile"), "partition.method",
                f"{self.partition.method!r} is not one of uniform, params, flops, profile")
