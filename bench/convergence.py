@@ -22,7 +22,7 @@ as 1f1b, still without a flush) and 2bw, each with correction none,
 predict, dcasgd, dcasgd-a.
 
     nice -n 10 .venv/bin/python bench/convergence.py [--steps 40] [--seeds 0 1 2] \\
-        [--optimizer adam --lr 1e-3] [--recipe] [--configs 1f1b pipedream+predict ...] [--out FILE]
+        [--optimizer adam --lr 1e-3] [--recipe] [--precision bf16] [--configs 1f1b pipedream+predict ...] [--out FILE]
 
 Last line: {"heldout_loss": {config: mean}, "spread": {config: std}, "vs_1f1b_pct": {...}, "recipe": {...}, ...}.
 """
@@ -110,7 +110,7 @@ def with_recipe(optimizer: Optimizer, recipe: dict | None, *, updates: int) -> O
 
 def train(config: str, *, seed: int, steps: int, stages: int = 4, optimizer: Optimizer, eval_every: int,
           eval_microbatches: int, model_kwargs: dict | None = None, hooks: Hooks | None = None,
-          recipe: dict | None = None) -> dict:
+          recipe: dict | None = None, precision: str = "fp32") -> dict:
     """One run: held-out curve, final held-out loss, last step's train loss, seconds."""
     schedule_name, accumulate, correction = parse_config(config)
     updates = steps * M // microbatches_per_update(schedule_name, M, accumulate)
@@ -118,7 +118,7 @@ def train(config: str, *, seed: int, steps: int, stages: int = 4, optimizer: Opt
     train_data = text.CharWindows(split="train", microbatch_size=MICROBATCH, seed=seed)
     heldout = text.CharWindows(split="heldout", microbatch_size=MICROBATCH)  # one evaluation set for every seed
     model = gpt.build(seed=seed, **(model_kwargs or {}))
-    part = partition(model, stages, method="params", example_input=train_data.inputs(0))
+    part = partition(model, stages, method="params", example_input=train_data.inputs(0), precision=precision)
     started = time.time()
     opt = dataclasses.replace(optimizer, correction=correction)
     schedule = build_schedule(schedule_name, num_stages=stages, microbatches=M, steps=steps, accumulate=accumulate,
@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--warmup-frac", type=float, default=0.1, help="--recipe: share of the updates warming up")
     ap.add_argument("--min-lr-frac", type=float, default=0.1, help="--recipe: the final LR, as a share of --lr")
     ap.add_argument("--clip-norm", type=float, default=1.0, help="--recipe: clip by global norm at this")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: bfloat16 compute and boundaries, float32 masters (pipetrain.stages.precision)")
     ap.add_argument("--configs", nargs="+", default=list(ALL_CONFIGS))
     ap.add_argument("--eval-every", type=int, default=2, help="steps between held-out evaluations")
     ap.add_argument("--eval-microbatches", type=int, default=16)
@@ -208,7 +210,7 @@ def main() -> None:
     for seed in args.seeds:
         for config in args.configs:
             r = train(config, seed=seed, steps=args.steps, optimizer=optimizer, eval_every=args.eval_every,
-                      eval_microbatches=args.eval_microbatches, recipe=recipe_of(args))
+                      eval_microbatches=args.eval_microbatches, recipe=recipe_of(args), precision=args.precision)
             runs.append(r)
             print(f"  seed {seed} {config}: held-out {r['heldout']:.4f} in {r['seconds']:.0f} s", file=sys.stderr,
                   flush=True)
@@ -230,7 +232,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
     summary = summarize(runs)
     recipe = recipe_of(args)
     print(f"GPT 4 stages, {args.steps} steps x {M} micro-batches x {MICROBATCH} = {samples} samples, "
-          f"{args.optimizer} lr {args.lr}, seeds {args.seeds}; unigram baseline {unigram:.3f} nats/char")
+          f"{args.optimizer} lr {args.lr}, {getattr(args, 'precision', 'fp32')}, seeds {args.seeds}; "
+          f"unigram baseline {unigram:.3f} nats/char")
     if recipe:
         print(f"recipe: warm-up {recipe['warmup_frac']:.0%} of the updates, cosine to {recipe['min_lr_frac']} x lr, "
               f"clip_norm {recipe['clip_norm']}")
@@ -240,7 +243,8 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
                       "vs_1f1b_pct": {c: None if r["vs_baseline_pct"] is None else round(r["vs_baseline_pct"], 2)
                                       for c, r in summary.items()},
                       "unigram_loss": round(unigram, 4), "samples": samples, "optimizer": args.optimizer,
-                      "lr": args.lr, "seeds": args.seeds, "recipe": recipe}))
+                      "lr": args.lr, "seeds": args.seeds, "recipe": recipe,
+                      "precision": getattr(args, "precision", "fp32")}))
 
 
 if __name__ == "__main__":
