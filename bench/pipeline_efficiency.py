@@ -15,9 +15,9 @@ timeline events on and off, interleaved, to show what recording costs.
     .venv/bin/python bench/pipeline_efficiency.py [--steps 8] [--repeats 2] [--transport-paths]
 
 ``--transport-paths``: the stream transport's receive path (direct reads in
-the waiting thread) against the loop thread reading every frame and handing
-it over (the path before transport/direct.py), interleaved per schedule,
-events on.
+the waiting thread, credits riding on data) against the loop thread reading
+every frame and handing it over with an ACK frame per message (the path
+before transport/direct.py and acks.py), interleaved per schedule, events on.
 
 Prints a table, then one JSON line: {"efficiency": {...}, "event_overhead": ...}.
 """
@@ -63,7 +63,7 @@ def _use_transport_path(direct_reads: bool, defer_acks: bool) -> None:
 
 
 # name -> (stream.DIRECT_READS, endpoint.DEFER_ACKS)
-TRANSPORT_PATHS = {"direct reads": (True, False), "loop reads (old)": (False, False)}
+TRANSPORT_PATHS = {"direct reads, acks ride": (True, True), "loop reads, ack frames": (False, False)}
 
 
 def compare_transport_paths(args: argparse.Namespace) -> None:

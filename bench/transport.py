@@ -14,9 +14,9 @@ message; the echo endpoint's default payload bound (1 GiB) covers 64 MiB.
 
 ``--loop-reads`` adds the stream backend's other paths side by side (private
 switches ``stream.DIRECT_READS`` and ``endpoint.DEFER_ACKS``): the loop
-thread reading every frame and handing it over (the path before
-``direct.py``), and credits riding on data messages (``acks.py``, off by
-default).
+thread reading every frame and handing it over with an ACK frame per
+message (the path before ``direct.py`` and ``acks.py``), and direct reads
+with an ACK frame per message.
 
 Prints a table, then the last line JSON (the default "stream" backend's figures):
 {"throughput_ratio_vs_tcp": {"64KiB": ..., "1MiB": ..., "16MiB": ..., "64MiB": ...},
@@ -118,12 +118,12 @@ def _security(tls_dir: str | None):
 
 
 def _backend(backend: str) -> str:
-    """"stream-loop": the stream backend with the loop thread reading every frame (the old path);
-    "stream-acks": credits riding on data (off by default, endpoint.DEFER_ACKS)."""
+    """"stream-loop": the stream backend with the loop thread reading every frame and an ACK frame per
+    message (the old path); "stream-frames": direct reads, but an ACK frame per message."""
     from pipetrain.runtime.transport import endpoint, stream
 
     stream.DIRECT_READS = backend != "stream-loop"
-    endpoint.DEFER_ACKS = backend == "stream-acks"
+    endpoint.DEFER_ACKS = backend not in ("stream-loop", "stream-frames")
     return "stream" if backend.startswith("stream") else backend
 
 
@@ -231,14 +231,16 @@ def main() -> None:
     parser.add_argument("--no-dask", action="store_true", help="skip the distributed.comm backend")
     parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated payload labels to run")
     parser.add_argument("--loop-reads", action="store_true",
-                        help="also run the stream backend's old path (the loop reads) and riding acks, side by side")
+                        help="also run the stream backend's old path (the loop reads, ACK frames) and direct reads "
+                        "with ACK frames, side by side")
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")
     secret = secrets.token_bytes(32)  # what a job's stages share (StageJob.secret)
     variants = [("tcp socket pair", "tcp", None), ("pipetrain stream", "stream", None)]
     if args.loop_reads:
-        variants += [("stream, loop reads (old)", "stream-loop", None), ("stream, acks ride", "stream-acks", None)]
+        variants += [("stream, loop reads (old)", "stream-loop", None), ("direct reads, ack frames", "stream-frames",
+                                                                          None)]
     if not args.no_dask:
         variants.append(("pipetrain dask-comm", "dask", None))
     if args.tls:

@@ -19,12 +19,6 @@ def start(stage: int, **kwargs) -> Endpoint:
     return Endpoint.start(stage=stage, secret=SECRET, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def riding_acks(monkeypatch):
-    """Credits riding on data is off by default (endpoint.DEFER_ACKS, see its comment); these tests turn it on."""
-    monkeypatch.setattr(endpoint_module, "DEFER_ACKS", True)
-
-
 @pytest.fixture
 def two_way():
     """Stage 0 and stage 1, each with a channel to the other (as neighbouring stages are)."""
@@ -152,7 +146,7 @@ def test_a_receiver_without_a_channel_back_acks_at_once():
         done.result(timeout=10)  # nothing goes back on that edge: the credit does not wait
 
 
-def test_by_default_every_credit_is_an_ack_frame_at_once(monkeypatch):
+def test_with_the_switch_off_every_credit_is_an_ack_frame_at_once(monkeypatch):
     monkeypatch.setattr(endpoint_module, "DEFER_ACKS", False)
     with start(0) as a, start(1) as b:
         b.connect(a.address, peer_stage=0)  # a channel back: with the switch on, the ack would wait

@@ -4,7 +4,7 @@ One ``Endpoint`` per stage process listens on an address and opens one
 outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
 ``(generation, stage, kind, k, version)`` and a pytree of host arrays.
 The API faces the stage's compute thread and blocks there. Over plain
-tcp:// the thread that waits in ``get`` (or in ``put``, for credit) reads the
+tcp:// the thread that waits in ``get`` reads the
 sockets itself, straight into pooled buffers, and sends go out from the
 calling thread; an asyncio event loop in a background thread of the endpoint
 reads only while nobody waits, finishes sends the kernel did not take at once,

@@ -1,9 +1,5 @@
 """Credits that ride on data: the acknowledgements an endpoint owes, deferred to its next send.
 
-Off by default (``endpoint.DEFER_ACKS``): with it on, the port-attack
-reliability test lost a worker process in each of three runs, which is not
-explained yet; ``bench/transport.py --loop-reads`` runs it side by side.
-
 Taking a message (``Endpoint.get``) owes its sender a credit. A standalone
 ACK frame for it costs a send here and, worse, a wake-up of a thread in the
 sender's process just to read 80 bytes. A stage usually sends its next data

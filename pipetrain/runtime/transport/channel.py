@@ -58,8 +58,9 @@ class Channel:
         message = Message(kind=kind if type(kind) is MessageKind else MessageKind(kind), k=k, tree=tree,
                           version=version, stage=ep.stage, generation=self.generation, info=info)
         if len(self._unacked) >= self.credits:
-            ep.flush_acks()  # about to block on credit: never while our peer waits on ours
-            ep.wait_credit(self, timeout)  # reads the acks in this thread where it can
+            # About to block on credit: never while our peer waits on ours. (The loop reads the
+            # acks meanwhile: reading them here, as get reads, cost streaming throughput.)
+            ep.flush_acks()
         with self._cond:
             ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
             if self._error:
@@ -87,11 +88,6 @@ class Channel:
             raise
         ep._count_sent(sum(b.nbytes for b in buffers))
         return done
-
-    def can_send(self) -> bool:
-        """Whether ``put`` would not block (credit in hand, or an error to raise)."""
-        with self._cond:
-            return bool(self._error) or len(self._unacked) < self.credits
 
     def wait_acked(self, *, timeout: float | None = None) -> None:
         """Block until every message sent on this channel has been taken by the receiver."""

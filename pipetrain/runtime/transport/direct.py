@@ -49,8 +49,10 @@ class Readiness:
 
     def add(self, link: Any) -> None:
         """Start reading ``link`` (on the loop until a waiter claims it)."""
-        self._links[link.fd] = link
+        # In the loop's set before a waiter can see it: a claim in between would find nothing
+        # to disarm, and the loop's first wake-up would then find the link taken and pass.
         self._loop_set.register(link.fd, select.EPOLLIN | select.EPOLLONESHOT)
+        self._links[link.fd] = link
 
     def remove(self, link: Any) -> None:
         """Stop watching ``link`` (from any thread; it is finished)."""
@@ -97,11 +99,11 @@ class Readiness:
             link.read_lock.acquire()  # the loop holds it only while it reads
             claimed.append(link)
             try:
-                # ONESHOT without EPOLLIN: a hang-up is reported once, not on every loop wake-up
-                self._loop_set.modify(link.fd, select.EPOLLONESHOT)
                 if link.fd not in self._waited:
                     self._wait_set.register(link.fd, select.EPOLLIN)
                     self._waited.add(link.fd)
+                # ONESHOT without EPOLLIN: a hang-up is reported once, not on every loop wake-up
+                self._loop_set.modify(link.fd, select.EPOLLONESHOT)
             except (OSError, ValueError):  # finished meanwhile: nothing to read there
                 pass
         return claimed

