@@ -63,7 +63,8 @@ def _use_transport_path(direct_reads: bool, defer_acks: bool) -> None:
 
 
 # name -> (stream.DIRECT_READS, endpoint.DEFER_ACKS)
-TRANSPORT_PATHS = {"direct reads, acks ride": (True, True), "loop reads, ack frames": (False, False)}
+TRANSPORT_PATHS = {"direct reads, acks ride": (True, True), "direct reads, ack frames": (True, False),
+                   "loop reads, ack frames": (False, False)}
 
 
 def compare_transport_paths(args: argparse.Namespace) -> None:

@@ -54,7 +54,8 @@ class StreamBackend:
         self.direct_reads = DIRECT_READS
 
     def _readiness(self, loop: asyncio.AbstractEventLoop) -> Readiness | None:
-        if self.readiness is None and direct.available():
+        # None (without epoll, or the switch off): the loop's add_reader reads every link, as before direct.py
+        if self.readiness is None and direct.available() and self.direct_reads:
             self.readiness = Readiness(loop)
         return self.readiness
 
@@ -101,7 +102,7 @@ class StreamBackend:
 
     def wait_reads(self) -> Readiness | None:
         """Where a thread waiting for a message reads this backend's links itself (``direct.py``)."""
-        return self.readiness if self.direct_reads else None
+        return self.readiness
 
 
 class SocketLink:
