@@ -4,11 +4,11 @@ One ``Endpoint`` per stage process listens on an address and opens one
 outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
 ``(generation, stage, kind, k, version)`` and a pytree of host arrays.
 The API faces the stage's compute thread and blocks there. Over plain
-tcp:// the thread that waits in ``get`` reads the
-sockets itself, straight into pooled buffers, and sends go out from the
-calling thread; an asyncio event loop in a background thread of the endpoint
-reads only while nobody waits, finishes sends the kernel did not take at once,
-and runs handshakes and TLS (``direct.py``)::
+tcp:// the thread that waits in ``get`` reads the sockets itself, straight
+into pooled buffers, and sends go out from the calling thread; an asyncio
+event loop in a background thread of the endpoint reads only while nobody
+waits, finishes sends the kernel did not take at once, and runs handshakes
+and TLS (``direct.py``)::
 
     ep = Endpoint.start(stage=1, secret=job.secret, job_id=job.job_id)  # ep.address -> peers
     to_next = ep.connect(address_of_stage_2, peer_stage=2)   # once per peer: the handshake
