@@ -12,7 +12,12 @@ of the design. Measured: micro-batches per second over the steady state
 (steps 1..S-1; step 0 includes start-up). Each schedule runs with the
 timeline events on and off, interleaved, to show what recording costs.
 
-    .venv/bin/python bench/pipeline_efficiency.py [--steps 8] [--repeats 2]
+    .venv/bin/python bench/pipeline_efficiency.py [--steps 8] [--repeats 2] [--transport-paths]
+
+``--transport-paths``: the stream transport's receive path (direct reads in
+the waiting thread, credits riding on data) against the loop thread reading
+every frame and handing it over with an ACK frame per message (the path
+before transport/direct.py and acks.py), interleaved per schedule, events on.
 
 Prints a table, then one JSON line: {"efficiency": {...}, "event_overhead": ...}.
 """
@@ -50,11 +55,53 @@ def measured_rate(history: list[dict]) -> float:
     return (len(done) - 1) * M / (done[-1] - done[0])
 
 
+def _use_transport_path(direct_reads: bool, defer_acks: bool) -> None:
+    """On a worker: which receive path the stage endpoints it starts next use (private switches)."""
+    from pipetrain.runtime.transport import endpoint, stream
+
+    stream.DIRECT_READS, endpoint.DEFER_ACKS = direct_reads, defer_acks
+
+
+# name -> (stream.DIRECT_READS, endpoint.DEFER_ACKS)
+TRANSPORT_PATHS = {"direct reads, acks ride": (True, True), "direct reads, ack frames": (True, False),
+                   "loop reads, ack frames": (False, False)}
+
+
+def compare_transport_paths(args: argparse.Namespace) -> None:
+    data = SleepData(nbytes=1 << 20)
+    part = partition(SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS), P, method="uniform",
+                     example_input=data.inputs(0))
+    rates: dict[tuple[str, str], list[float]] = {}
+    cluster = start_local_cluster(P)
+    with Client(cluster) as client:
+        for _ in range(args.repeats):
+            for schedule in SCHEDULES:
+                for path, switches in TRANSPORT_PATHS.items():
+                    client.run(_use_transport_path, *switches)
+                    result = fit(part, data, client=client, schedule=schedule, microbatches=M, steps=args.steps,
+                                 optimizer=Optimizer("sgd", lr=0.01), progress=False, record_events=True)
+                    rates.setdefault((schedule, path), []).append(measured_rate(result.history))
+    cluster.close()
+    print(f"efficiency per run (measured / ideal), {args.repeats} runs each, interleaved:")
+    for schedule in SCHEDULES:
+        for path in TRANSPORT_PATHS:
+            runs = [rate / ideal_rate(schedule) for rate in rates[(schedule, path)]]
+            print(f"{schedule:<10} {path:<24} " + " ".join(f"{r:.3f}" for r in runs)
+                  + f"   min {min(runs):.3f} median {statistics.median(runs):.3f}")
+    print(json.dumps({path: {schedule: round(max(rates[(schedule, path)]) / ideal_rate(schedule), 3)
+                             for schedule in SCHEDULES} for path in TRANSPORT_PATHS}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--transport-paths", action="store_true",
+                    help="instead of events on/off: the stream transport's receive paths side by side, events on")
     args = ap.parse_args()
+    if args.transport_paths:
+        compare_transport_paths(args)
+        return
 
     data = SleepData(nbytes=1 << 20)
     part = partition(SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS), P, method="uniform",

@@ -73,7 +73,11 @@ class StageGauges:
                 return int(value) if name in ("stage", "queued") else value
 
             self._entries[key] = read
-            worker.metrics[key] = read
+        # A new dict, never a change to the one there: the worker's heartbeat iterates
+        # worker.metrics on its event loop while this runs in the stage's thread, and a
+        # dict that changes size under it raised there and closed the worker ("worker
+        # left the cluster", seen under load in the reliability and cluster tests).
+        worker.metrics = {**worker.metrics, **self._entries}
         _registry_collector().add(self)
         return self
 
@@ -91,9 +95,8 @@ class StageGauges:
         """Remove the figures from the worker and from Prometheus (safe to call twice)."""
         if self._worker is None:
             return
-        for key, read in self._entries.items():
-            if self._worker.metrics.get(key) is read:  # a later stage on this worker may own the key now
-                del self._worker.metrics[key]
+        metrics = self._worker.metrics  # a later stage on this worker may own a key now: keep its
+        self._worker.metrics = {key: read for key, read in metrics.items() if self._entries.get(key) is not read}
         self._entries.clear()
         _registry_collector().discard(self)
         self._worker = None

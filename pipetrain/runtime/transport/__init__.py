@@ -3,8 +3,12 @@
 One ``Endpoint`` per stage process listens on an address and opens one
 outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
 ``(generation, stage, kind, k, version)`` and a pytree of host arrays.
-The API faces the stage's compute thread and blocks there; an asyncio event
-loop in a background thread of the endpoint only moves bytes::
+The API faces the stage's compute thread and blocks there. Over plain
+tcp:// the thread that waits in ``get`` reads the sockets itself, straight
+into pooled buffers, and sends go out from the calling thread; an asyncio
+event loop in a background thread of the endpoint reads only while nobody
+waits, finishes sends the kernel did not take at once, and runs handshakes
+and TLS (``direct.py``)::
 
     ep = Endpoint.start(stage=1, secret=job.secret, job_id=job.job_id)  # ep.address -> peers
     to_next = ep.connect(address_of_stage_2, peer_stage=2)   # once per peer: the handshake
@@ -29,7 +33,10 @@ peer whose connection drops without a goodbye is lost.
 
 Flow control: a channel has ``credits`` messages in flight at most; ``put``
 blocks in the compute thread until the receiver's ``get`` of an earlier one
-returns a credit (an ACK frame). The channel keeps every sent tree until its
+returns a credit: an ACK frame, or, on an edge the receiver also sends back
+on, the sequence number riding in its next message's meta (``acks.py``: it
+waits at most until the receiver's next transport call, and never while the
+receiver blocks). The channel keeps every sent tree until its
 ACK, so no send buffer is reused early; ``put`` returns a future that
 resolves on that ACK for callers that recycle buffers. A dropped frame is
 acknowledged too, so a sender's credit never leaks.
@@ -54,8 +61,9 @@ same rules to what its links deliver.
 - ``"stream"`` (default): the wire framing (``wire.py``). Without TLS,
   ``StreamBackend`` (``stream.py``): plain tcp:// on a non-blocking socket;
   the calling thread sends what the kernel takes at once (a memoryview of
-  the caller's arrays, under a lock), the loop thread sends any remainder
-  and reads straight into pooled buffers; leaves are numpy views on them.
+  the caller's arrays, under a lock), the loop thread sends any remainder;
+  reads go straight into pooled buffers, in the waiting thread or the loop
+  (``direct.py``); leaves are numpy views on them.
   When the ``Security`` has TLS settings for the worker role,
   ``TlsBackend`` (``tls.py``): tls:// on asyncio's SSL transport with the
   cluster's contexts (``get_listen_args("worker")`` /
@@ -88,8 +96,10 @@ blocking socket pair's in the same run):
 The stream transport clears the 0.7 bar from 1 MiB up in streaming, the
 way a pipeline uses an edge; distributed.comm does not at 1 MiB. A lone
 1 MiB ping-pong stays below 0.7: each message costs a fixed ~0.1 ms more
-than a bare socket, the wake-up of the thread that waits in ``get``, which
-credits overlap in a pipeline. (Ratios above 1: the blocking socket pair
+than a bare socket, which credits overlap in a pipeline. (These figures
+predate ``direct.py`` and ``acks.py``, which took the loop-to-compute
+thread hand-off and the ACK frame off a round trip; the README's transport
+section has the side-by-side figures.) (Ratios above 1: the blocking socket pair
 wakes per arriving segment; it is a reference, not a ceiling.) tls:// moves
 0.5-0.7 GB/s at 16-64 MiB, bound by encryption in asyncio's SSL layer. The
 handshake costs one round trip per connection, never per message.
@@ -98,14 +108,16 @@ Why a loop thread of our own rather than the Dask worker's loop: the worker's
 loop carries heartbeats and the scheduler stream; reading a 64 MiB activation
 or encrypting it on that loop would stall both, and a private loop lets the
 same code run in tests, benchmarks and the reference executor with no worker.
-The cost is the thread wake-up above.
+Over tcp:// it is off the common path: a stage that waits reads for itself.
 
 Layout of this package (import from the package itself):
 ``endpoint.py`` ``Endpoint`` (fencing, the rules a frame must pass, losses,
-the choice of backend); ``channel.py`` ``Channel`` (credits); ``inbox.py``
-the inbox; ``handshake.py`` the handshake; ``wire.py`` the framing and
-``MessageKind``; ``backend.py`` the backends' interface and what they share;
-``stream.py``, ``tls.py``, ``dask_comm.py``, ``ucx.py`` one backend each, with its link;
+the choice of backend); ``channel.py`` ``Channel`` (credits); ``acks.py``
+credits riding on data; ``direct.py`` who reads a tcp:// link (the loop or
+the waiting thread); ``inbox.py`` the inbox; ``handshake.py`` the
+handshake; ``wire.py`` the framing and ``MessageKind``; ``backend.py`` the
+backends' interface and what they share; ``stream.py``, ``tls.py``,
+``dask_comm.py``, ``ucx.py`` one backend each, with its link;
 ``reader.py`` the frame parser the two stream links share; ``loop.py`` the
 loop thread; ``errors.py`` the errors.
 """

@@ -22,8 +22,9 @@ __all__ = ["Channel"]
 class Channel:
     """The sending side of one edge, to one peer endpoint. Use from the compute thread."""
 
-    def __init__(self, endpoint: Any, peer: str, credits: int, generation: int):
+    def __init__(self, endpoint: Any, peer: str, credits: int, generation: int, *, peer_stage: int = -1):
         self.peer = peer
+        self.peer_stage = peer_stage
         self.credits = credits
         self.generation = generation  # the one it shook hands for: every message carries it
         self._endpoint = endpoint
@@ -56,6 +57,10 @@ class Channel:
         ep = self._endpoint
         message = Message(kind=kind if type(kind) is MessageKind else MessageKind(kind), k=k, tree=tree,
                           version=version, stage=ep.stage, generation=self.generation, info=info)
+        if len(self._unacked) >= self.credits:
+            # About to block on credit: never while our peer waits on ours. (The loop reads the
+            # acks meanwhile: reading them here, as get reads, cost streaming throughput.)
+            ep.flush_acks()
         with self._cond:
             ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
             if self._error:
@@ -68,19 +73,25 @@ class Channel:
             seq = next(self._seq)
             done: concurrent.futures.Future = concurrent.futures.Future()
             self._unacked[seq] = (done, tree)
+        riding = None
         try:
             meta, buffers = wire.encode(message, seq)  # in this thread: the loop only moves bytes
+            riding = ep._acks_riding(self)
+            if riding is not None:
+                meta["acks"] = riding[1]  # credits for the peer's channel to us (acks.py)
             self._link.write(meta, buffers)  # thread-safe; plain tcp sends from this thread
         except (TypeError, ValueError):  # not sendable (dtype, too many leaves): nothing went out
             with self._cond:
                 self._unacked.pop(seq, None)
+            if riding is not None:
+                ep._send_acks(*riding)  # the credits leave on their own
             raise
-        ep._count("sent", 1)
-        ep._count("bytes_sent", sum(b.nbytes for b in buffers))
+        ep._count_sent(sum(b.nbytes for b in buffers))
         return done
 
     def wait_acked(self, *, timeout: float | None = None) -> None:
         """Block until every message sent on this channel has been taken by the receiver."""
+        self._endpoint.flush_acks()
         with self._cond:
             if not self._cond.wait_for(lambda: self._error or not self._unacked, timeout):
                 raise TransportTimeout(f"stage {self._endpoint.stage}: {len(self._unacked)} messages to {self.peer} "

@@ -16,8 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipetrain.runtime.transport import wire
+from pipetrain.runtime.transport.acks import AckBook
 from pipetrain.runtime.transport.backend import Backend, Inbound, Outbound, check_address, ssl_context
 from pipetrain.runtime.transport.channel import Channel
+from pipetrain.runtime.transport.budget import WarningBudget
 from pipetrain.runtime.transport.dask_comm import DaskCommBackend
 from pipetrain.runtime.transport.errors import PeerLost, Rejected, TransportError, TransportTimeout
 from pipetrain.runtime.transport.handshake import TIMEOUT as HANDSHAKE_TIMEOUT, Admitted, Credentials, Gate, offer
@@ -35,6 +37,10 @@ log = logging.getLogger("pipetrain.transport")
 # without boundary specs): large enough for any one micro-batch's tensors we
 # have met, small enough that a corrupt length is refused, not allocated.
 DEFAULT_MAX_PAYLOAD = 1 << 30
+
+# Private switch for side-by-side benchmarks: False sends every ack as its own
+# frame at once (the path before acks.py).
+DEFER_ACKS = True
 
 
 def _stream(security: Any) -> Backend:
@@ -59,28 +65,6 @@ def choose_backend(name: str, security: Any) -> Backend:
     if security is not None and security.require_encryption and ssl_context(security, "listen") is None:
         raise TransportError("security requires encryption but has no TLS certificate for the 'worker' role")
     return BACKENDS[name](security)
-
-
-class _WarningBudget:
-    """At most ``burst`` warnings at once, then one per ``every`` seconds: a flood of
-    junk connections must not flood the worker's log too (the counters see all)."""
-
-    def __init__(self, burst: int = 20, every: float = 1.0):
-        self.burst, self.every = burst, every
-        self.tokens, self.last, self.suppressed = float(burst), time.monotonic(), 0
-
-    def warn(self, text: str, *args: Any) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) / self.every)
-        self.last = now
-        if self.tokens < 1:
-            self.suppressed += 1
-            return
-        self.tokens -= 1
-        if self.suppressed:
-            text += f" ({self.suppressed} more rejections since the last warning, counted in stats only)"
-            self.suppressed = 0
-        log.warning(text, *args)
 
 
 # ---------------------------------------------------------------- endpoint
@@ -112,7 +96,10 @@ class Endpoint:
         self._server: Any = None  # the backend's, once listening
         self._links: set = set()  # admitted inbound connections
         self._channels: list[Channel] = []
-        self._warnings = _WarningBudget()
+        self._channel_to: dict[tuple[int, int], Channel] = {}  # (peer stage, generation) -> channel: acks ride in
+        self._acks = AckBook()
+        self.defer_acks = DEFER_ACKS
+        self._warnings = WarningBudget(log)
         self.stats = {"sent": 0, "bytes_sent": 0, "received": 0, "bytes_received": 0, "dropped_stale": 0,
                       "rejected_connections": 0, "rejected_frames": 0}
 
@@ -161,6 +148,7 @@ class Endpoint:
         """Say goodbye on every channel, stop listening, stop the loop thread."""
         if self._closed:
             return
+        self.flush_acks()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -206,12 +194,13 @@ class Endpoint:
         """Open a channel to stage ``peer_stage``'s endpoint listening at ``address``
         (the handshake proves both sides hold the job's secret)."""
         check_address(address, scheme=self.backend.scheme, security=self.security, stage=self.stage)
-        channel = Channel(self, address, credits or self.credits, self._generation)
+        channel = Channel(self, address, credits or self.credits, self._generation, peer_stage=peer_stage)
         try:
             channel._link = self._io.run(self._open(address, peer_stage, channel, timeout), timeout + 1)
         except (TimeoutError, OSError, concurrent.futures.TimeoutError, Rejected) as error:
             raise TransportError(f"stage {self.stage}: cannot connect to {address}: {error!r}") from error
         self._channels.append(channel)
+        self._channel_to[peer_stage, channel.generation] = channel
         return channel
 
     def get(
@@ -227,36 +216,89 @@ class Endpoint:
         credit. ``expect``: a pytree of TensorSpec the tree must match (see check_boundary)."""
         if type(kind) is not MessageKind:  # (MessageKind(kind) costs half a microsecond even when it is one)
             kind = MessageKind(kind)
+        self.flush_acks()  # what the last get owed waits at most until this call (acks.py)
         with self._cond:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                item = self._inbox.take(kind, k)
-                if item is not None:
-                    break
-                if self._closed:
-                    raise TransportError(f"stage {self.stage}: endpoint closed while waiting for {kind.name} k={k}")
-                if self._lost:
-                    raise PeerLost(
-                        f"stage {self.stage}: waiting for {kind.name} k={k}, but {'; '.join(self._lost)}"
-                    )
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    buffered = sorted(f"{key[0].name} k={key[1]}" for key in self._inbox.keys())
-                    raise TransportTimeout(
-                        f"stage {self.stage}: no {kind.name} k={k} within {timeout}s "
-                        f"(buffered: {buffered or 'nothing'})"
-                    )
-                self._cond.wait(remaining)
+            item = self._inbox.take(kind, k)
+        if item is None:
+            item = self._wait(kind, k, timeout)
         _, message, link, seq = item
-        self._send_ack(link, seq)
+        if self.defer_acks and (link.admitted.sender, link.admitted.generation) in self._channel_to:
+            self._acks.owe(link, seq)  # rides on our next message to that peer, if it comes first (acks.py)
+        else:
+            self._send_ack(link, seq)
         if expect is not None:
             check_boundary(expect, message.tree, sender_stage=message.stage, receiver_stage=self.stage)
         return message
+
+    # A waiter reading the sockets itself re-checks closing and losses this often.
+    WAIT_SLICE = 0.05
+
+    def _wait(self, kind: MessageKind, k: int | None, timeout: float | None) -> tuple:
+        """Block until (kind, k) is in the inbox and take it. Where the backend lets it, this
+        thread reads the links itself meanwhile (``direct.py``); else the loop thread files
+        what it reads and wakes this one."""
+        readiness = self._wait_reads()
+        claimed = readiness.claim() if readiness is not None else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                with self._cond:
+                    item = self._inbox.take(kind, k)
+                    if item is not None:
+                        return item
+                    remaining = self._check_waiting(kind, k, timeout, deadline)
+                    if claimed is None:
+                        self._cond.wait(remaining)
+                        continue
+                readiness.pump(claimed, self.WAIT_SLICE if remaining is None else min(remaining, self.WAIT_SLICE))
+        finally:
+            if claimed is not None:
+                readiness.release(claimed)
+
+    def _wait_reads(self) -> Any:
+        """The backend's ``direct.Readiness`` when a waiting thread may read its links, else None."""
+        reads = getattr(self.backend, "wait_reads", None)
+        return reads() if reads is not None else None
+
+    def _check_waiting(self, kind: MessageKind, k: int | None, timeout: float | None,
+                       deadline: float | None) -> float | None:
+        """Raise what a wait for (kind, k) has come to, if anything; else the seconds left (under the lock)."""
+        if self._closed:
+            raise TransportError(f"stage {self.stage}: endpoint closed while waiting for {kind.name} k={k}")
+        if self._lost:
+            raise PeerLost(f"stage {self.stage}: waiting for {kind.name} k={k}, but {'; '.join(self._lost)}")
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            buffered = sorted(f"{key[0].name} k={key[1]}" for key in self._inbox.keys())
+            raise TransportTimeout(f"stage {self.stage}: no {kind.name} k={k} within {timeout}s "
+                                   f"(buffered: {buffered or 'nothing'})")
+        return remaining
 
     def has(self, kind: MessageKind, k: int) -> bool:
         """Whether ``get(kind, k)`` would return at once (never blocks)."""
         with self._cond:
             return (kind if type(kind) is MessageKind else MessageKind(kind), k) in self._inbox
+
+    def flush_acks(self) -> None:
+        """Send every ack owed as its own frame (before blocking or closing, see acks.py)."""
+        for link, seqs in self._acks.take_all():
+            self._send_acks(link, seqs)
+
+    def _acks_riding(self, channel: Channel) -> tuple[Any, list[int]] | None:
+        """(link, seqs): the acks to put in ``channel``'s next message's meta; all others owed leave now."""
+        riding, rest = self._acks.take_for(channel.peer_stage, channel.generation)
+        for link, seqs in rest:
+            self._send_acks(link, seqs)
+        return riding
+
+    def _send_acks(self, link: Any, seqs: list[int]) -> None:
+        for seq in seqs:
+            self._send_ack(link, seq)
+
+    def _count_sent(self, nbytes: int) -> None:
+        with self._cond:  # one lock round per message
+            self.stats["sent"] += 1
+            self.stats["bytes_sent"] += nbytes
 
     def _count(self, name: str, amount: int) -> None:
         with self._cond:
@@ -321,6 +363,12 @@ class Endpoint:
             return
         if kind == MessageKind.ACK:
             return  # acks only travel on outbound channels
+        acks = meta.get("acks")
+        if acks:  # credits for our channel back to this peer (checked by wire.check_meta), whatever the frame
+            channel = self._channel_to.get((link.admitted.sender, link.admitted.generation))
+            if channel is not None:
+                for seq in acks:
+                    channel._acked(seq)
         problem = self._edge_problem(link, meta)
         message = stale = None
         if problem is None:

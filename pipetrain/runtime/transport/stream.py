@@ -31,12 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from pipetrain.runtime.transport import wire
+from pipetrain.runtime.transport import direct, wire
 from pipetrain.runtime.transport.backend import Handshake, Inbound, Outbound, contact_address, host_port
 from pipetrain.runtime.transport.handshake import SocketIO
+from pipetrain.runtime.transport.direct import Readiness
 from pipetrain.runtime.transport.reader import FrameReader
 
 __all__ = ["SocketLink", "StreamBackend"]
+
+# Private switch for side-by-side benchmarks: False makes the loop thread read
+# every frame and hand it over (the path before direct.py).
+DIRECT_READS = True
 
 
 class StreamBackend:
@@ -44,8 +49,19 @@ class StreamBackend:
 
     scheme = "tcp"
 
+    def __init__(self) -> None:
+        self.readiness: Readiness | None = None  # made on the loop thread, with the first socket
+        self.direct_reads = DIRECT_READS
+
+    def _readiness(self, loop: asyncio.AbstractEventLoop) -> Readiness | None:
+        # None (without epoll, or the switch off): the loop's add_reader reads every link, as before direct.py
+        if self.readiness is None and direct.available() and self.direct_reads:
+            self.readiness = Readiness(loop)
+        return self.readiness
+
     async def listen(self, host: str, port: int, inbound: Inbound) -> tuple[Any, str]:
         loop = asyncio.get_running_loop()
+        self._readiness(loop)
         listening = socket.create_server((host, port), backlog=64)
         listening.setblocking(False)
         loop.add_reader(listening.fileno(), self._accept, listening, loop, inbound)
@@ -62,7 +78,8 @@ class StreamBackend:
         sock.setblocking(False)
         peer = f"{where[0]}:{where[1]}"
         inbound.spawn(inbound.admit(SocketIO(sock, loop), peer, lambda bound: SocketLink(
-            sock, loop, inbound.pool, inbound.on_message, inbound.on_closed, max_payload=bound, peer=peer)))
+            sock, loop, inbound.pool, inbound.on_message, inbound.on_closed, max_payload=bound, peer=peer,
+            readiness=self.readiness)))
 
     async def connect(self, address: str, handshake: Handshake, outbound: Outbound, *, timeout: float) -> Any:
         host, port = host_port(address)
@@ -76,11 +93,16 @@ class StreamBackend:
             sock.close()
             raise
         await handshake(SocketIO(sock, loop))
-        return SocketLink(sock, loop, outbound.pool, outbound.on_message, outbound.on_closed, max_payload=0)
+        return SocketLink(sock, loop, outbound.pool, outbound.on_message, outbound.on_closed, max_payload=0,
+                          readiness=self._readiness(loop))
 
     def close(self, server: socket.socket) -> None:  # on the loop thread
         asyncio.get_running_loop().remove_reader(server.fileno())
         server.close()
+
+    def wait_reads(self) -> Readiness | None:
+        """Where a thread waiting for a message reads this backend's links itself (``direct.py``)."""
+        return self.readiness
 
 
 class SocketLink:
@@ -97,7 +119,8 @@ class SocketLink:
     FRAMES_PER_SEND = 512  # below IOV_MAX (1024 on Linux)
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, pool: wire.BufferPool,
-                 on_message: Callable, on_closed: Callable, *, max_payload: int, peer: str = ""):
+                 on_message: Callable, on_closed: Callable, *, max_payload: int, peer: str = "",
+                 readiness: Readiness | None = None):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = peer or "{}:{}".format(*sock.getpeername()[:2])
@@ -112,16 +135,28 @@ class SocketLink:
         self._writer_armed = False
         self._close_when_flushed = False
         self._done = False
-        loop.add_reader(sock.fileno(), self._readable)
+        self.fd = sock.fileno()
+        self.read_lock = threading.Lock()  # whoever reads the socket (loop or a waiter) holds it
+        self._readiness = readiness
+        if readiness is not None:
+            readiness.add(self)
+        else:
+            loop.add_reader(self.fd, self._readable)
 
     @property
     def finished(self) -> bool:
         return self._done
 
-    # -- reading (loop thread)
-    def _readable(self) -> None:
+    # -- reading (the loop thread, or a waiter in Endpoint.get: whoever holds read_lock)
+    def _readable(self) -> None:  # without epoll (direct.available() False): the loop's add_reader
+        self.read_ready(limit=self.READS_PER_WAKEUP)
+
+    def read_ready(self, *, limit: int | None) -> None:
+        """Read what the kernel holds (at most ``limit`` reads), delivering every whole frame."""
+        reads = 0
         try:
-            for _ in range(self.READS_PER_WAKEUP):
+            while limit is None or reads < limit:
+                reads += 1
                 view = self._reader.buffer()
                 try:
                     n = self._sock.recv_into(view)
@@ -199,12 +234,25 @@ class SocketLink:
         self._finish(None)
 
     def _finish(self, error: Exception | None) -> None:
+        """End the link (from any thread: a waiter reading it may find its end)."""
         with self._lock:
             if self._done:
                 return
             self._done = True
             self._out.clear()
-        self._loop.remove_reader(self._sock.fileno())
-        self._loop.remove_writer(self._sock.fileno())
-        self._sock.close()
+        if self._readiness is not None:
+            self._readiness.remove(self)  # epoll is thread-safe: no more reads from either thread
+            if threading.get_ident() != self._readiness.loop_thread:
+                try:
+                    self._loop.call_soon_threadsafe(self._close_socket)
+                except RuntimeError:  # the loop is closed: nothing of it watches the socket any more
+                    self._sock.close()
+                self._on_closed(self, error)
+                return
+        self._close_socket()
         self._on_closed(self, error)
+
+    def _close_socket(self) -> None:  # the loop thread: asyncio's writer (a send's remainder) goes first
+        self._loop.remove_reader(self.fd)
+        self._loop.remove_writer(self.fd)
+        self._sock.close()

@@ -119,6 +119,7 @@ _KIND_OF = {int(kind): kind for kind in MessageKind}
 # Clipping's norm messages are one float64 scalar each: anything else is refused before any allocation.
 _SCALAR_KINDS = (int(MessageKind.NORM_PARTIAL), int(MessageKind.NORM_TOTAL))
 _ONE_FLOAT64 = [["float64", [], 8]]
+_MAX_ACKS = 1024  # = acks.MAX_ACKS (not imported: acks.py is the endpoint's, wire.py imports no transport module)
 
 
 def check_meta(meta: Any) -> int:
@@ -139,6 +140,10 @@ def check_meta(meta: Any) -> int:
             if nbytes != size:
                 raise Rejected(f"a leaf declares {str(nbytes)[:20]} bytes, but {dtype}{list(shape)} takes {size}")
             end += -end % ALIGN + size
+        acks = meta.get("acks")  # credits riding on the frame (acks.py): a short list of sequence numbers
+        if acks is not None and not (type(acks) is list and len(acks) <= _MAX_ACKS
+                                     and all(type(seq) is int for seq in acks)):
+            raise Rejected(f"a frame's acks are {str(acks)[:60]}, not a list of at most {_MAX_ACKS} integers")
         if meta["kind"] in _SCALAR_KINDS and meta["leaves"] != _ONE_FLOAT64:
             raise Rejected(f"a {_KIND_OF[meta['kind']].name} frame must hold one float64 scalar, not "
                            f"{str(meta['leaves'])[:60]}")
