@@ -26,6 +26,10 @@ grad_scale=min(1, clip_norm / sqrt(total)))`` with the stage's ``clip_norm``
 (and reports ``Hooks.on_grad_norm``). Without a RECV_T (stage 0, or pipedream's
 per-stage rule) the stage's own sum is the total.
 
+Tie actions (``schedule/ties.py``, tied weights) run in ``runtime/ties.py``'s
+``TieReducer``, built from the stage's ``tied`` (``pipetrain.ties.prepare_stage``);
+with ties, a stage's norm counts each tied parameter at its first copy only.
+
 Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
 latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
 last stage the held-out targets, from ``heldout``, and once it has every
@@ -40,10 +44,11 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from pipetrain.schedule.actions import NORMS, Action, Kind
+from pipetrain.schedule.actions import NORMS, TIES, Action, Kind
 from pipetrain.schedule.schedule import Schedule
 
 Tree = Any
+_RECVS = (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RECV_TOTAL, Kind.RECV_TIE, Kind.RECV_TIED)
 
 
 class Links(Protocol):
@@ -111,9 +116,24 @@ class StageProgram:
         if self.clip_norm and not any(a.kind is Kind.NORM for a in self.actions):
             raise ValueError(f"stage {self.index}: the optimizer clips by norm (clip_norm = {self.clip_norm}) but "
                              f"the schedule has no norm actions: build it with clip=True (ScheduleSpec.clip)")
+        self.ties = self._tie_reducer(stage)
         if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
             raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
                              f"were given")
+
+    def _tie_reducer(self, stage: Any) -> Any:
+        tied, sums = getattr(stage, "tied", None), any(a.kind is Kind.TIE for a in self.actions)
+        if tied is not None and not sums:
+            raise ValueError(f"stage {self.index}: the stage holds tied weights but the schedule has no tie "
+                             f"actions: build it with the ties' spans (ScheduleSpec.ties, TiePlan.spans)")
+        if tied is None and sums:
+            raise ValueError(f"stage {self.index}: the schedule sums tied weights but the stage was not given "
+                             f"its ties (pipetrain.ties.prepare_stage)")
+        if tied is None:
+            return None
+        from pipetrain.runtime.ties import TieReducer
+
+        return TieReducer(stage, tied, self.links, self._wait_follows)
 
     @property
     def done(self) -> bool:
@@ -126,7 +146,7 @@ class StageProgram:
         a = self.next_action()
         if a is None:
             return False
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RECV_TOTAL):
+        if a.kind in _RECVS:
             return self.links.ready(a.kind, a.k)
         return True
 
@@ -186,6 +206,8 @@ class StageProgram:
             self._update(a.version)
         elif a.kind in NORMS:
             self._norm(a)
+        elif a.kind in TIES:
+            self.ties.run(a)
         elif a.kind is Kind.CHECKPOINT:
             self.hooks.on_checkpoint(a.k, self.stage)
         elif a.kind is Kind.RECV_EVAL:
@@ -202,7 +224,8 @@ class StageProgram:
         if a.kind is Kind.RECV_NORM:
             self._norm_in[v] = float(np.asarray(self.links.recv(a.kind, v)))
         elif a.kind is Kind.NORM:  # stages p-1, ..., s in that order: the same sum on every run
-            self._norm_total[v] = self._norm_sum[v] = self._norm_in.pop(v, 0.0) + self.stage.grad_sq_norm()
+            own = self.stage.grad_sq_norm() if self.ties is None else self.ties.grad_sq_norm()
+            self._norm_total[v] = self._norm_sum[v] = self._norm_in.pop(v, 0.0) + own
         elif a.kind is Kind.SEND_NORM:
             self.links.send(a.kind, v, v, np.float64(self._norm_sum.pop(v)), wait_follows=self._wait_follows())
         elif a.kind is Kind.RECV_TOTAL:
@@ -242,9 +265,7 @@ class StageProgram:
     def _wait_follows(self) -> bool:
         """Whether the action after this one waits for a message not yet here."""
         after = self._after()
-        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM,
-                                                     Kind.RECV_TOTAL)
-                and not self.links.ready(after.kind, after.k))
+        return after is not None and after.kind in _RECVS and not self.links.ready(after.kind, after.k)
 
     def _release_unread_versions(self) -> None:
         # A version stays while a later action reads it; the latest one always
