@@ -1,0 +1,62 @@
+"""Tied weights on real worker processes: the GPT's tied token table (stage 0's
+embedding, the last stage's head) relays its summed gradient through the middle
+stage (TIE_PARTIAL down, TIE_TOTAL up, schedule/ties.py), and the Dask run equals
+the reference executor bit for bit (losses and every state entry, the copies
+bit-identical), under 1f1b with clipping and 2bw; a run resumed from its
+checkpoint continues bit-identical to the uninterrupted one."""
+import numpy as np
+import pytest
+
+from models import gpt
+from pipetrain.api import fit
+from pipetrain.optim import Optimizer
+from pipetrain.partitioning import partition
+from test_ties import SIZE, Tokens
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _assert_same(a, b):
+    assert a.losses == b.losses
+    for s, (x, y) in enumerate(zip(a.states, b.states, strict=True)):
+        assert x.keys() == y.keys(), f"stage {s}"
+        for name in x:
+            assert np.array_equal(x[name], y[name]), f"stage {s}: {name} differs"
+
+
+def _copies_identical(run):
+    first, last = run.states[0], run.states[-1]
+    v = int(first["meta/latest"])
+    assert first[f"v{v}/embed/tokens"].tobytes() == last[f"v{v}/head/tokens"].tobytes()
+
+
+def _part():
+    return partition(gpt.build(**SIZE, tie_embeddings=True), 3, method="uniform", example_input=Tokens().inputs(0))
+
+
+@pytest.mark.parametrize("schedule,clip", [("1f1b", 0.05), ("2bw", None)])
+def test_tied_gpt_equals_reference_bit_for_bit(client, schedule, clip):
+    part = _part()
+    kwargs = dict(schedule=schedule, microbatches=4, steps=3, optimizer=Optimizer("adam", lr=1e-2, clip_norm=clip),
+                  progress=False)
+    dask_run = fit(part, Tokens(), client=client, **kwargs)
+    reference = fit(part, Tokens(), executor="reference", **kwargs)
+    _assert_same(dask_run, reference)
+    _copies_identical(dask_run)
+
+
+def test_a_resumed_tied_run_is_bit_identical(client, tmp_path):
+    part = _part()
+    kwargs = dict(schedule="1f1b", microbatches=4, optimizer=Optimizer("adam", lr=1e-2), progress=False,
+                  checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=4)
+    fit(part, Tokens(), client=client, steps=2, **kwargs)
+    resumed = fit(part, Tokens(), client=client, resume=True, steps=4, **kwargs)
+    assert resumed.resumed_from == 8
+    reference = fit(part, Tokens(), executor="reference", steps=4,
+                    **{k: v for k, v in kwargs.items() if k not in ("checkpoint_dir", "checkpoint_every")})
+    assert set(range(8, 16)) <= set(resumed.losses)
+    assert all(resumed.losses[k] == reference.losses[k] for k in resumed.losses)
+    for s, (got, want) in enumerate(zip(resumed.states, reference.states, strict=True)):
+        for name in want:
+            assert np.array_equal(got[name], want[name]), f"stage {s}: {name} differs"
+    _copies_identical(resumed)
