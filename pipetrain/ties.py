@@ -142,11 +142,13 @@ def plan_ties(partition: Any) -> TiePlan:
     names_of_layer: dict[int, list[str]] = {}
     wanted = {n for t in declared for n in t}
     for layer in range(ranges[-1][1]):
-        if not wanted - set(where):
-            break
         specs = framework.layer_param_specs(model, layer)
         names_of_layer[layer] = list(specs)
-        where.update({n: (layer, spec) for n, spec in specs.items() if n in wanted})
+        for n in wanted & set(specs):
+            if n in where:  # (a mixed model's parts name their layers from 0 each)
+                raise TieError(f"model.ties: {n!r} names a parameter of layer {where[n][0]} and one of layer "
+                               f"{layer}; a tie must name each copy unambiguously")
+            where[n] = (layer, specs[n])
     ties = []
     for i, names in enumerate(declared):
         missing = [n for n in names if n not in where]

@@ -174,3 +174,29 @@ def test_a_tie_message_of_the_wrong_shape_is_refused_on_receipt():
     with pytest.raises(TieMismatch, match=r"stage 0: the tie sums for update 1 from stage 1: tie 0 "
                                           r"\(embed/tokens, head/tokens\) is float32\[97, 16\]"):
         run_reference(spec.build(), stages=stages, source=Tokens())
+
+
+def test_tie_frames_come_only_from_their_neighbour():
+    import secrets
+
+    from pipetrain.runtime.links import _Endpoint
+    from pipetrain.runtime.transport import MessageKind, TransportTimeout
+
+    key = secrets.token_bytes(32)
+    below, middle, above = (_Endpoint.start(stage=s, secret=key) for s in (0, 1, 2))
+    try:
+        up, down = below.connect(middle.address, peer_stage=1), above.connect(middle.address, peer_stage=1)
+        grad = {"g0": np.ones((3, 2), np.float32)}
+        up.put(MessageKind.TIE_PARTIAL, 1, grad).result(10)  # partial sums come from s + 1 only
+        down.put(MessageKind.TIE_TOTAL, 1, grad).result(10)  # and the totals from s - 1 only
+        for kind in (MessageKind.TIE_PARTIAL, MessageKind.TIE_TOTAL):
+            with pytest.raises(TransportTimeout):
+                middle.get(kind, 1, timeout=0.2)
+        assert middle.stats["rejected_frames"] == 2
+        up.put(MessageKind.TIE_TOTAL, 2, grad)
+        down.put(MessageKind.TIE_PARTIAL, 2, grad)
+        for kind in (MessageKind.TIE_TOTAL, MessageKind.TIE_PARTIAL):
+            assert np.array_equal(middle.get(kind, 2, timeout=10).tree["g0"], grad["g0"])
+    finally:
+        for endpoint in (below, middle, above):
+            endpoint.close()

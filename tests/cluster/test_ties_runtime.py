@@ -60,3 +60,18 @@ def test_a_resumed_tied_run_is_bit_identical(client, tmp_path):
         for name in want:
             assert np.array_equal(got[name], want[name]), f"stage {s}: {name} differs"
     _copies_identical(resumed)
+
+
+def test_tied_torch_and_keras_copies_equal_reference_bit_for_bit(client):
+    pytest.importorskip("tensorflow")
+    from models import mixed
+    from test_ties_frameworks import tied_mixed
+
+    source = mixed.train_source(n=512, microbatch_size=16)
+    part = tied_mixed(source)
+    kwargs = dict(schedule="1f1b", microbatches=4, steps=3, optimizer=Optimizer("momentum", lr=0.1, clip_norm=0.05),
+                  progress=False)
+    dask_run = fit(part, source, client=client, **kwargs)
+    _assert_same(dask_run, fit(part, source, executor="reference", **kwargs))
+    v = int(dask_run.states[1]["meta/latest"])
+    assert dask_run.states[1][f"v{v}/0.weight"].tobytes() == dask_run.states[2][f"v{v}/0.kernel"].tobytes()
