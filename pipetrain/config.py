@@ -27,6 +27,9 @@ class ModelConfig:
     entry: str = ""  # "package.module:function", called with kwargs
     kwargs: dict = field(default_factory=dict)
     remat: str = "none"  # activation rematerialization in every stage: none | stage | layer
+    # Tied parameters (pipetrain.ties), e.g. [["embed/tokens", "head/tokens"]]: replaces the model's own
+    # declaration (model.ties) when given; [] unties a model that declares ties.
+    ties: list | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,12 @@ class JobConfig:
         _require(self.model.entry, "model.entry", "an import path like 'models.gpt:build'")
         _require(self.data.train, "data.train", "an import path like 'models.text:train_source'")
         _check(self.model.remat in REMAT, "model.remat", f"{self.model.remat!r} is not one of {', '.join(REMAT)}")
+        if self.model.ties is not None:  # the form now; the names once the model is built (pipetrain.ties)
+            from types import SimpleNamespace
+
+            from pipetrain.ties import declared_ties
+
+            declared_ties(SimpleNamespace(ties=self.model.ties))
         _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")
         _check(self.partition.method in ("uniform", "params", "flops", "profile"), "partition.method",
                f"{self.partition.method!r} is not one of uniform, params, flops, profile")

@@ -6,7 +6,7 @@ parameter names it in its state (``state_dict``'s ``v{N}/<name>``, what
 ``pipetrain export`` writes): the flagship GPT built with
 ``tie_embeddings=True`` declares ``(("embed/tokens", "head/tokens"),)``. A job
 config may declare them instead (``[model] ties = [["embed/tokens",
-"head/tokens"]]``), which replaces the model's own declaration.
+"head/tokens"]]``), which replaces the model's own declaration (``[]`` unties it).
 
 ``plan_ties(partition)`` resolves the names to stages before anything
 trains: a name no layer of the model holds, or copies whose shapes or dtypes

@@ -200,3 +200,37 @@ def test_tie_frames_come_only_from_their_neighbour():
     finally:
         for endpoint in (below, middle, above):
             endpoint.close()
+
+
+def _tied_job(tmp_path, name, *, model_extra="", schedule="1f1b"):
+    config = tmp_path / f"{name}.toml"
+    config.write_text(f'run_dir = "{tmp_path / name}"\n[model]\nentry = "models.gpt:build"\n{model_extra}\n'
+                      'kwargs = { context = 8, d_model = 16, n_heads = 2, n_layers = 2, tie_embeddings = true }\n'
+                      '[data]\ntrain = "models.text:CharWindows"\nkwargs = { context = 8, microbatch_size = 4 }\n'
+                      f'[partition]\nstages = 3\nmethod = "uniform"\n[schedule]\nname = "{schedule}"\n'
+                      'microbatches = 3\nsteps = 2\n')
+    return str(config)
+
+
+def test_a_job_config_trains_the_tied_gpt_and_can_untie_or_refuse_it(tmp_path):
+    from pipetrain.config import ConfigError, from_dict
+    from pipetrain.job import train_from_config
+
+    tied = train_from_config(_tied_job(tmp_path, "tied"), executor="reference", progress=False)
+    declared = train_from_config(_tied_job(tmp_path, "declared", model_extra='ties = [["embed/tokens", '
+                                                                               '"head/tokens"]]'),
+                                 executor="reference", progress=False)
+    untied = train_from_config(_tied_job(tmp_path, "untied", model_extra="ties = []"), executor="reference",
+                               progress=False)
+    assert tied.losses == declared.losses and tied.losses != untied.losses
+    v = int(tied.states[0]["meta/latest"])
+    assert tied.states[0][f"v{v}/embed/tokens"].tobytes() == tied.states[-1][f"v{v}/head/tokens"].tobytes()
+    assert untied.states[0][f"v{v}/embed/tokens"].tobytes() != untied.states[-1][f"v{v}/head/tokens"].tobytes()
+    with pytest.raises(ConfigError, match=r"model.ties\[0\]: a tie is a list of two or more parameter names"):
+        from_dict({"model": {"entry": "models.gpt:build", "ties": [["embed/tokens"]]},
+                   "data": {"train": "models.text:CharWindows"}})
+    with pytest.raises(TieError, match="'head/w' is not a parameter"):
+        train_from_config(_tied_job(tmp_path, "bad", model_extra='ties = [["embed/tokens", "head/w"]]'),
+                          executor="reference", progress=False)
+    with pytest.raises(NotImplementedError, match="tied weights with the pipedream schedule are not implemented"):
+        train_from_config(_tied_job(tmp_path, "async", schedule="pipedream"), executor="reference", progress=False)
