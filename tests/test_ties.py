@@ -99,9 +99,9 @@ def _latest(stage):
 def test_the_pass_relays_through_the_middle_stages():
     s = ScheduleSpec("1f1b", num_stages=3, microbatches=3, steps=1, ties=((0, 2),)).build()
     tails = [" ".join(str(a) for a in acts[-6:]) for acts in s.actions]
-    assert tails[0].endswith("0RECV_TP1 0TIE1 0SEND_TT1 0U1")
-    assert tails[1].endswith("1RECV_TP1 1TIE1 1SEND_TP1 1RECV_TT1 1SEND_TT1 1U1")
-    assert tails[2].endswith("2TIE1 2SEND_TP1 2RECV_TT1 2U1")
+    assert tails[0].endswith("0RECV_G1 0TIE1 0SEND_S1 0U1")
+    assert tails[1].endswith("1RECV_G1 1TIE1 1SEND_G1 1RECV_S1 1SEND_S1 1U1")
+    assert tails[2].endswith("2TIE1 2SEND_G1 2RECV_S1 2U1")
     clipped = ScheduleSpec("1f1b", num_stages=3, microbatches=3, steps=1, ties=((0, 2),), clip=True).build()
     kinds = [a.kind for a in clipped.actions[1][-11:]]
     assert kinds.index(Kind.SEND_TIED) < kinds.index(Kind.NORM)  # the norm is of the summed gradients

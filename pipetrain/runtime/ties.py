@@ -1,11 +1,11 @@
 """The tie actions of one stage (``schedule/ties.py``), for ``StageProgram``.
 
-Keyed by the update version v: ``RECV_TP v`` takes the partial sums of the
+Keyed by the update version v: ``RECV_G v`` takes the partial sums of the
 copies on stages above (checked: exactly the ties whose span crosses that
 edge, each of its parameter's shape and dtype), ``TIE v`` adds this stage's
 copies (in copy order) and, for each tie whose lowest holder this is, closes
-the sum; ``SEND_TP v`` passes the partial sums on down, ``RECV_TT v`` takes
-the totals from below and ``SEND_TT v`` passes them on up. As soon as a
+the sum; ``SEND_G v`` passes the partial sums on down, ``RECV_S v`` takes
+the totals from below and ``SEND_S v`` passes them on up. As soon as a
 tie's total is known, this stage's copies' accumulated gradients become it,
 so the UPDATE that follows applies the same gradient to every copy.
 

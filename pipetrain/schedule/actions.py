@@ -39,10 +39,10 @@ class Kind(str, Enum):
     RECV_TOTAL = "RECV_T"    # receive it from stage - 1
     # Tied weights (schedule/ties.py): k is the version the next UPDATE produces.
     TIE = "TIE"                # add the stage's tied-copy gradients to the partial sums from stage + 1
-    SEND_TIE = "SEND_TP"       # send the partial sums to stage - 1
-    RECV_TIE = "RECV_TP"       # receive the partial sums of the copies on stages > s from stage + 1
-    SEND_TIED = "SEND_TT"      # send the summed gradients of the tied parameters to stage + 1
-    RECV_TIED = "RECV_TT"      # receive them from stage - 1
+    SEND_TIE = "SEND_G"        # send the partial sums (of tied gradients) to stage - 1
+    RECV_TIE = "RECV_G"        # receive the partial sums of the copies on stages > s from stage + 1
+    SEND_TIED = "SEND_S"       # send the tied parameters' summed gradients to stage + 1
+    RECV_TIED = "RECV_S"       # receive them from stage - 1
 
 
 COMPUTE = (Kind.FORWARD, Kind.BACKWARD)

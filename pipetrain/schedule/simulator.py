@@ -313,8 +313,8 @@ def _message(a: Action) -> tuple[str, int, int]:
 _DIRECTION = {Kind.SEND_ACT: "F", Kind.RECV_ACT: "F", Kind.SEND_GRAD: "B", Kind.RECV_GRAD: "B",
               Kind.SEND_EVAL: "E", Kind.RECV_EVAL: "E", Kind.SEND_NORM: "N", Kind.RECV_NORM: "N",
               Kind.SEND_TOTAL: "T", Kind.RECV_TOTAL: "T",
-              Kind.SEND_TIE: "P", Kind.RECV_TIE: "P", Kind.SEND_TIED: "S", Kind.RECV_TIED: "S"}  # ties.py
-_EDGE = {"E": "F", "N": "B", "T": "F", "P": "B", "S": "F"}  # the connection a direction's messages share
+              Kind.SEND_TIE: "G", Kind.RECV_TIE: "G", Kind.SEND_TIED: "S", Kind.RECV_TIED: "S"}  # ties.py
+_EDGE = {"E": "F", "N": "B", "T": "F", "G": "B", "S": "F"}  # the connection a direction's messages share
 
 
 def _edge(a: Action) -> tuple[str, int]:
@@ -392,7 +392,7 @@ def _deadlock(schedule: Schedule, timeline: list[list[TimedAction]], position: l
         direction, sender, k = _message(a)
         if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS, *TIE_RECVS):
             send = {"F": Kind.SEND_ACT, "B": Kind.SEND_GRAD, "E": Kind.SEND_EVAL, "N": Kind.SEND_NORM,
-                    "T": Kind.SEND_TOTAL, "P": Kind.SEND_TIE, "S": Kind.SEND_TIED}[direction]
+                    "T": Kind.SEND_TOTAL, "G": Kind.SEND_TIE, "S": Kind.SEND_TIED}[direction]
             why = f"waits for {sender}{send.value}{k}, which stage {sender} has not run"
         else:
             receiver = sender + 1 if direction in ("F", "E", "T", "S") else sender - 1

@@ -9,9 +9,9 @@ parameter. ``with_ties`` puts, before every ``UPDATE v`` of the stages in a
 tie's span ``[lo, hi]`` (its lowest and highest holding stage), a tensor
 reduction shaped like clipping's scalar one, keyed by v:
 
-    stage hi:          TIE v, SEND_TP v,                        RECV_TT v,            U v
-    stage lo < s < hi: RECV_TP v, TIE v, SEND_TP v,            RECV_TT v, SEND_TT v, U v
-    stage lo:          RECV_TP v, TIE v,                                  SEND_TT v, U v
+    stage hi:          TIE v, SEND_G v,                     RECV_S v,           U v
+    stage lo < s < hi: RECV_G v, TIE v, SEND_G v,           RECV_S v, SEND_S v, U v
+    stage lo:          RECV_G v, TIE v,                               SEND_S v, U v
 
 ``TIE v`` adds the stage's copies' accumulated gradients (if it holds any) to
 the partial sums received from stage + 1, so each sum runs in the fixed order
@@ -35,7 +35,16 @@ where it holds the tie's *first* copy, so the global norm counts it once.
 
 pipedream updates each stage at its own time, so there is no point where
 both copies' gradients of an update exist together: ties with pipedream are
-refused (``NotImplementedError``) until its semantics are built.
+refused (``NotImplementedError``) until its semantics are built. The design
+meant for it ("the same updates, applied late"): the highest holder's tied
+gradient of update u goes down with the input gradient of u's last
+micro-batch, the lowest holder applies the sum at its update u and sends the
+new value up, and the highest holder's copy takes it d = hi - lo updates
+later (its version u + d holds the lowest's version u). What stops it today
+is recovery: at a checkpoint cut the values of the last d updates are in
+flight upwards, so a resumed run must re-send them from the lowest holder's
+state, which then has to keep them (versions or a small ring in its shard),
+and the time-based cuts the driver picks must see the same.
 """
 from __future__ import annotations
 
@@ -103,7 +112,7 @@ def with_ties(schedule: Schedule, spans: Spans) -> Schedule:
 def check_tie_actions(schedule: Schedule, s: int) -> None:
     """Stage ``s``'s tie actions: each once, talking only to a neighbour it has, all of
     version v before ``U v`` with only tie and norm actions between, in the order
-    RECV_TP, TIE, SEND_TP, RECV_TT, SEND_TT."""
+    RECV_G, TIE, SEND_G, RECV_S, SEND_S."""
     p, acts = schedule.num_stages, schedule.actions[s]
     order = {Kind.RECV_TIE: 0, Kind.TIE: 1, Kind.SEND_TIE: 2, Kind.RECV_TIED: 3, Kind.SEND_TIED: 4}
     last: dict[int, int] = {}
@@ -119,7 +128,7 @@ def check_tie_actions(schedule: Schedule, s: int) -> None:
                 a.kind in (Kind.RECV_TIE, Kind.SEND_TIED) and s == p - 1):
             raise ScheduleError(f"{where}: stage {s} has no {'previous' if s == 0 else 'next'} stage to talk to")
         if order[a.kind] < last.get(a.k, -1):
-            raise ScheduleError(f"{where}: out of order (RECV_TP, TIE, SEND_TP, RECV_TT, SEND_TT)")
+            raise ScheduleError(f"{where}: out of order (RECV_G, TIE, SEND_G, RECV_S, SEND_S)")
         last[a.k] = order[a.kind]
         j = i + 1
         while j < len(acts) and (acts[j].kind in TIES or acts[j].kind in NORMS):

@@ -43,6 +43,9 @@ def test_tied_gpt_equals_reference_bit_for_bit(client, schedule, clip):
     reference = fit(part, Tokens(), executor="reference", **kwargs)
     _assert_same(dask_run, reference)
     _copies_identical(dask_run)
+    # the middle stage relayed the sums of every update, and its timeline says so (distinct from the norms' kinds)
+    relayed = [dask_run.events[1]["k"][dask_run.events[1]["kind"] == kind].tolist() for kind in ("SEND_G", "SEND_S")]
+    assert relayed == [[1, 2, 3], [1, 2, 3]]
 
 
 def test_a_resumed_tied_run_is_bit_identical(client, tmp_path):
