@@ -20,12 +20,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipetrain.errors import PipetrainError
 from pipetrain.schedule.actions import Action, Kind
 from pipetrain.stages import ties as framework
 
 
-class TieMismatch(ValueError):
-    """A tie message that does not hold what the tied parameters are."""
+class TieMismatch(PipetrainError, ValueError):
+    """A tie message that does not hold what the tied parameters are (as ``wire.BoundaryMismatch``
+    for activations: a broken peer, not worth a retry)."""
 
 
 class TieReducer:
