@@ -29,6 +29,9 @@ per-stage rule) the stage's own sum is the total.
 Tie actions (``schedule/ties.py``, tied weights) run in ``runtime/ties.py``'s
 ``TieReducer``, built from the stage's ``tied`` (``pipetrain.ties.prepare_stage``);
 with ties, a stage's norm counts each tied parameter at its first copy only.
+Under pipedream the ties have no actions: they ride on the F/B and eval
+messages (``runtime/tie_carry.py``'s ``TieCarrier``, which wraps the links and
+runs the stage's forward, backward and eval with the carried values).
 
 Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
 latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
@@ -40,12 +43,14 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from pipetrain.schedule.actions import NORMS, TIES, Action, Kind
 from pipetrain.schedule.schedule import Schedule
+from pipetrain.schedule.ties import CARRIED
 
 Tree = Any
 _RECVS = (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RECV_TOTAL, Kind.RECV_TIE, Kind.RECV_TIED)
@@ -116,13 +121,20 @@ class StageProgram:
         if self.clip_norm and not any(a.kind is Kind.NORM for a in self.actions):
             raise ValueError(f"stage {self.index}: the optimizer clips by norm (clip_norm = {self.clip_norm}) but "
                              f"the schedule has no norm actions: build it with clip=True (ScheduleSpec.clip)")
-        self.ties = self._tie_reducer(stage)
+        self.carrier = None
+        self.ties = self._tie_reducer(stage, schedule)
         if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
             raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
                              f"were given")
 
-    def _tie_reducer(self, stage: Any) -> Any:
+    def _tie_reducer(self, stage: Any, schedule: Schedule) -> Any:
         tied, sums = getattr(stage, "tied", None), any(a.kind is Kind.TIE for a in self.actions)
+        if tied is not None and schedule.name in CARRIED:
+            from pipetrain.runtime.tie_carry import CarryingLinks, TieCarrier
+
+            self.carrier = TieCarrier(stage, tied)
+            self.links = CarryingLinks(self.links, self.carrier)
+            return None
         if tied is not None and not sums:
             raise ValueError(f"stage {self.index}: the stage holds tied weights but the schedule has no tie "
                              f"actions: build it with the ties' spans (ScheduleSpec.ties, TiePlan.spans)")
@@ -182,7 +194,8 @@ class StageProgram:
             x = self.source.inputs(a.k) if spec.is_first else self._inputs.pop(a.k)
             targets = self.source.targets(a.k) if spec.is_last else None
             delay = {} if self._delays is None else {"delay": self._delays[a.k]}
-            out = self.stage.forward(a.k, x, version=a.version, targets=targets, **delay)
+            forward = self.stage.forward if self.carrier is None else self.carrier.forward
+            out = forward(a.k, x, version=a.version, targets=targets, **delay)
             if spec.is_last:
                 self.hooks.on_loss(a.k, float(out))
             else:
@@ -194,8 +207,12 @@ class StageProgram:
             if self.position in self._split_at:
                 self._input_grads[a.k] = self.stage.backward_input(a.k, grad)
                 self._weights_due = a.k
+                if self.carrier is not None:  # (a relay: the holders are JAX stages, which never split)
+                    self.carrier.after_backward(a.k)
             else:
                 grad_in = self.stage.backward(a.k, grad)
+                if self.carrier is not None:
+                    self.carrier.after_backward(a.k)
                 if not spec.is_first:
                     self._input_grads[a.k] = grad_in
         elif a.kind is Kind.SEND_GRAD:
@@ -248,7 +265,8 @@ class StageProgram:
         spec = self.stage.spec
         step, j = self.evaluation.decode(a.k)
         x = self.heldout.inputs(j) if spec.is_first else self._eval_inputs.pop(a.k)
-        out = self.stage.evaluate(x, targets=self.heldout.targets(j) if spec.is_last else None)
+        evaluate = self.stage.evaluate if self.carrier is None else partial(self.carrier.evaluate, a.k)
+        out = evaluate(x, targets=self.heldout.targets(j) if spec.is_last else None)
         if not spec.is_last:
             self._eval_outputs[a.k] = out
             return

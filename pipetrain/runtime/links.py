@@ -21,7 +21,9 @@ from typing import Any, Iterator
 
 from pipetrain.errors import RetryableError
 from pipetrain.runtime.transport import DEFAULT_MAX_PAYLOAD, Endpoint, MessageKind, TransportTimeout, wire
+from pipetrain.runtime.tie_carry import carried_specs
 from pipetrain.schedule.actions import Kind
+from pipetrain.schedule.ties import CARRIED
 from pipetrain.stages.tensors import to_numpy
 from pipetrain.tree import flatten
 
@@ -237,8 +239,11 @@ def edge_bounds(job: Any) -> dict[int, int]:
     inputs, gradients from s + 1 those of its outputs; an edge that relays tied
     gradients (schedule/ties.py) also fits their message."""
     s = job.spec.index
-    bounds = {s - 1: payload_bound(job.input_specs), s + 1: payload_bound(job.output_specs)}
     tied = job.ties.on_stage(s) if getattr(job, "ties", None) else None
+    if _carries_ties(job):  # pipedream: the tied tensors ride on the activations and input gradients
+        return {s - 1: payload_bound(carried_specs(tied, s - 1, job.input_specs)),
+                s + 1: payload_bound(carried_specs(tied, s, job.output_specs))}
+    bounds = {s - 1: payload_bound(job.input_specs), s + 1: payload_bound(job.output_specs)}
     if tied is not None:
         for sender, edge in ((s - 1, s - 1), (s + 1, s)):
             specs = tied.specs_across(edge)
@@ -246,6 +251,17 @@ def edge_bounds(job: Any) -> dict[int, int]:
                 need = sum(spec.nbytes + wire.ALIGN for spec in specs.values())
                 bounds[sender] = max(bounds[sender], need)
     return bounds
+
+
+def _carries_ties(job: Any) -> bool:
+    return bool(getattr(job, "ties", None)) and job.schedule.name in CARRIED
+
+
+def _expected_input(job: Any) -> Any:
+    """What activations from s - 1 match: the input specs, with the ties they carry under pipedream."""
+    if not _carries_ties(job):
+        return job.input_specs
+    return carried_specs(job.ties.on_stage(job.spec.index), job.spec.index - 1, job.input_specs)
 
 
 def _credits(job: Any) -> int:
@@ -270,7 +286,7 @@ def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
             to_prev = endpoint.connect(control.peer_address(spec.index - 1, timeout=job.connect_timeout),
                                        peer_stage=spec.index - 1)
         links = TransportLinks(endpoint, to_next=to_next, to_prev=to_prev, control=control,
-                               expect_input=job.input_specs)
+                               expect_input=_expected_input(job))
         yield links
         links.flush()
     finally:

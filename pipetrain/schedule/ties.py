@@ -34,17 +34,19 @@ inserts right before U), and a stage counts a tied parameter in its norm only
 where it holds the tie's *first* copy, so the global norm counts it once.
 
 pipedream updates each stage at its own time, so there is no point where
-both copies' gradients of an update exist together: ties with pipedream are
-refused (``NotImplementedError``) until its semantics are built. The design
-meant for it ("the same updates, applied late"): the highest holder's tied
-gradient of update u goes down with the input gradient of u's last
-micro-batch, the lowest holder applies the sum at its update u and sends the
-new value up, and the highest holder's copy takes it d = hi - lo updates
-later (its version u + d holds the lowest's version u). What stops it today
-is recovery: at a checkpoint cut the values of the last d updates are in
-flight upwards, so a resumed run must re-send them from the lowest holder's
-state, which then has to keep them (versions or a small ring in its shard),
-and the time-based cuts the driver picks must see the same.
+both copies' gradients of an update exist together. Its ties follow
+PipeDream's own rule for weights instead ("vertical sync": every stage's
+forward of micro-batch k uses the weights that produced k's input), and need
+no actions of their own: the lowest holder owns the tie (only it updates it),
+the value its forward of k used rides up with k's activation, the highest
+holder's forward and backward of k use exactly that value, and its gradient
+rides down with k's input gradient to the owner, which adds it before its
+update (``runtime/tie_carry.py``). So ``with_ties`` leaves a pipedream
+schedule as it is. Only two copies on two different stages per tie are built
+(``check_tie_schedule`` refuses a tie inside one stage under pipedream).
+(A first design, "the same updates, applied late", sent the summed update's
+new value up d = hi - lo updates later; it left values in flight at a
+checkpoint cut that a replay does not recompute, so it is not built.)
 """
 from __future__ import annotations
 
@@ -53,22 +55,24 @@ from dataclasses import replace
 from pipetrain.schedule.actions import NORMS, TIES, Action, Kind
 from pipetrain.schedule.schedule import Schedule, ScheduleError
 
-__all__ = ["TIE_RECVS", "TIE_SENDS", "check_tie_actions", "check_tie_schedule", "span", "with_ties"]
+__all__ = ["CARRIED", "TIE_RECVS", "TIE_SENDS", "check_tie_actions", "check_tie_schedule", "span", "with_ties"]
 
 TIE_SENDS = (Kind.SEND_TIE, Kind.SEND_TIED)
 TIE_RECVS = (Kind.RECV_TIE, Kind.RECV_TIED)
-UNSUPPORTED = ("pipedream",)  # its stages update at different times: no common point to sum at
+CARRIED = ("pipedream",)  # its stages update at different times: the ties ride on the F/B messages
 
 Spans = tuple[tuple[int, int], ...]
 
 
 def check_tie_schedule(schedule_name: str, spans: Spans) -> None:
-    """Refuse what is not built: ties with a schedule whose stages update at different times."""
-    if spans and schedule_name in UNSUPPORTED:
-        raise NotImplementedError(
-            f"tied weights with the {schedule_name} schedule are not implemented: its stages update at "
-            f"different times, so the copies' gradients of one update never meet; use gpipe, 1f1b or 2bw, "
-            f"or untie the model")
+    """Refuse what is not built: under pipedream, a tie whose copies are all on one stage."""
+    if schedule_name in CARRIED:
+        for lo, hi in spans:
+            if lo == hi:
+                raise NotImplementedError(
+                    f"tied weights with the {schedule_name} schedule: a tie inside one stage (stage {lo}) is not "
+                    f"implemented (its copies would need a sum before each update); cut the model so the copies "
+                    f"are on different stages, use gpipe, 1f1b or 2bw, or untie the model")
 
 
 def span(spans: Spans) -> tuple[int, int] | None:
@@ -93,7 +97,7 @@ def with_ties(schedule: Schedule, spans: Spans) -> Schedule:
     """``schedule`` with the tie reduction before each UPDATE of the stages in the ties' span."""
     check_tie_schedule(schedule.name, spans)
     bounds = span(spans)
-    if bounds is None:
+    if bounds is None or schedule.name in CARRIED:  # (pipedream: runtime/tie_carry.py)
         return schedule
     lo, hi = bounds
     if not 0 <= lo <= hi < schedule.num_stages:

@@ -13,7 +13,8 @@ Parameters (the copies' initial values) go through ``state_dict`` and
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -145,3 +146,48 @@ def grad_sq_norm_without(stage: Any, skip: tuple[str, ...]) -> float:
 
         return squared_norm(to_numpy(stage._acc[n] / count) for n in stage._all_names if n not in skip)
     raise NotImplementedError(f"tied weights: no gradient access for a {stage.framework!r} stage")
+
+
+# ---------------------------------------------------------------- pipedream: a tie carried on the F/B messages
+# (runtime/tie_carry.py). Built for JAX stages only: their forward keeps its VJP, closed over the
+# parameters it was given, so a value swapped in for one forward is also the one its backward uses.
+
+def _jax_only(stage: Any, what: str) -> None:
+    if stage.framework != "jax":
+        raise NotImplementedError(f"stage {stage.spec.index}: tied weights under pipedream ({what}) are "
+                                  f"implemented for JAX stages only, not {stage.framework!r} ones; use gpipe, "
+                                  f"1f1b or 2bw with this model")
+
+
+def param_at(stage: Any, version: int, name: str) -> np.ndarray:
+    """Weight version ``version``'s parameter ``name`` as a host copy."""
+    from pipetrain.stages import jax_trees
+
+    _jax_only(stage, "reading the owner's value")
+    leaves = dict(jax_trees.named_leaves(stage._params(version)))
+    return np.array(leaves[name], copy=True)
+
+
+@contextmanager
+def params_replaced(stage: Any, version: int, values: dict[str, np.ndarray]) -> Iterator[None]:
+    """Within the block, weight version ``version`` reads ``values`` (by name) instead of its own;
+    the version itself is left as it was."""
+    import jax
+
+    from pipetrain.stages import jax_trees
+
+    _jax_only(stage, "using the owner's value")
+    if not values:
+        yield
+        return
+    own = stage._params(version)
+
+    def put(path: tuple, leaf: Any) -> Any:
+        name = jax_trees.path_name(path)
+        return jax.device_put(np.asarray(values[name], dtype=leaf.dtype), stage.device) if name in values else leaf
+
+    stage._versions[version] = jax.tree_util.tree_map_with_path(put, own)
+    try:
+        yield
+    finally:
+        stage._versions[version] = own
