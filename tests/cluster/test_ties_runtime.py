@@ -3,7 +3,9 @@ embedding, the last stage's head) relays its summed gradient through the middle
 stage (TIE_PARTIAL down, TIE_TOTAL up, schedule/ties.py), and the Dask run equals
 the reference executor bit for bit (losses and every state entry, the copies
 bit-identical), under 1f1b with clipping and 2bw; a run resumed from its
-checkpoint continues bit-identical to the uninterrupted one."""
+checkpoint continues bit-identical to the uninterrupted one. Under pipedream the
+tie rides on the F/B and eval messages (runtime/tie_carry.py), Dask == reference
+bit for bit too (its recovery: tests/reliability/test_tie_kills.py)."""
 import numpy as np
 import pytest
 
@@ -78,3 +80,20 @@ def test_tied_torch_and_keras_copies_equal_reference_bit_for_bit(client):
     _assert_same(dask_run, fit(part, source, executor="reference", **kwargs))
     v = int(dask_run.states[1]["meta/latest"])
     assert dask_run.states[1][f"v{v}/0.weight"].tobytes() == dask_run.states[2][f"v{v}/0.kernel"].tobytes()
+
+
+def test_pipedream_tied_gpt_equals_reference_bit_for_bit(client):
+    """Vertical sync (runtime/tie_carry.py): the owner's table rides up with each activation and the head's
+    gradient down with each input gradient, through the middle stage; clipping per stage, eval on the workers."""
+    part = _part()
+    kwargs = dict(schedule="pipedream", microbatches=4, steps=3, progress=False, heldout=Tokens(),
+                  eval_microbatches=2, eval_every=1, optimizer=Optimizer("adam", lr=1e-2, clip_norm=0.05))
+    dask_run = fit(part, Tokens(), client=client, **kwargs)
+    reference = fit(part, Tokens(), executor="reference", **kwargs)
+    _assert_same(dask_run, reference)
+    assert dask_run.evals == reference.evals and len(dask_run.evals) == 4
+    v = int(dask_run.states[0]["meta/latest"])
+    # the head's copy is not a parameter it updates: its gradient went to the owner, its accumulator keeps none
+    assert dask_run.states[0][f"v{v}/embed/tokens"].tobytes() != dask_run.states[-1][f"v{v}/head/tokens"].tobytes()
+    assert not dask_run.states[-1]["acc/head/tokens"].any()
+
