@@ -17,6 +17,7 @@ import pytest
 from models import gpt
 from models.layers import apply_sequence
 from oracles import initial_params
+from pipetrain.api import fit
 from pipetrain.optim import Optimizer
 from pipetrain.runtime.reference import build_stages, run_reference
 from pipetrain.runtime.ties import TieMismatch
@@ -136,3 +137,6 @@ def test_what_is_not_built_is_refused():
     spec = ScheduleSpec("pipedream", num_stages=2, microbatches=2, steps=1, ties=plan_ties(part).spans)
     with pytest.raises(NotImplementedError, match="delay correction 'dc-asgd'"):
         run_reference(spec.build(), stages=stages, source=Tokens())
+    with pytest.raises(NotImplementedError, match="delay correction 'dcasgd' are not implemented"):
+        fit(_tied_partition(2), Tokens(), executor="reference", schedule="pipedream", correction="dcasgd",
+            microbatches=2, steps=1, progress=False)

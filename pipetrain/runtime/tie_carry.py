@@ -44,10 +44,22 @@ from pipetrain.runtime.ties import TieMismatch
 from pipetrain.schedule.actions import Kind
 from pipetrain.stages import ties as framework
 
-__all__ = ["CarryingLinks", "TieCarrier", "carried_specs"]
+__all__ = ["CarryingLinks", "TieCarrier", "carried_specs", "check_carried"]
 
 _UP = (Kind.RECV_ACT, Kind.SEND_ACT, Kind.RECV_EVAL, Kind.SEND_EVAL)  # values go up
 _DOWN = (Kind.RECV_GRAD, Kind.SEND_GRAD)  # gradients come down
+
+
+def check_carried(ties: Any, correction: str = "none") -> None:
+    """Refuse what is not built for pipedream's ties (before any worker starts, and on each stage)."""
+    for t in ties:
+        if len(t.copies) != 2:
+            raise NotImplementedError(f"tied weights under pipedream: tie {t.index} has {len(t.copies)} copies "
+                                      f"({', '.join(c.name for c in t.copies)}); only two are implemented")
+    if ties and correction != "none":
+        raise NotImplementedError(f"tied weights under pipedream with the delay correction {correction!r} are "
+                                  f"not implemented (the carried value is the owner's, not a corrected one); "
+                                  f"drop one of them")
 
 
 def carried_specs(tied: Any, edge: int, specs: Any) -> Any:
@@ -60,14 +72,7 @@ class TieCarrier:
     def __init__(self, stage: Any, tied: Any):
         s = self.index = tied.stage
         self.stage, self.tied = stage, tied
-        for t in tied.ties:
-            if len(t.copies) != 2:
-                raise NotImplementedError(f"tied weights under pipedream: tie {t.index} has {len(t.copies)} copies "
-                                          f"({', '.join(c.name for c in t.copies)}); only two are implemented")
-        if getattr(stage, "correction", "none") != "none":
-            raise NotImplementedError(f"stage {s}: tied weights under pipedream with the delay correction "
-                                      f"{stage.correction!r} are not implemented (the carried value is the "
-                                      f"owner's, not a corrected one); drop one of them")
+        check_carried(tied.ties, getattr(stage, "correction", "none"))
         self.owned = {t.key: t.copies[0].name for t in tied.ties if t.span[0] == s}
         self.used = {t.key: t.copies[1].name for t in tied.ties if t.span[1] == s}
         for t in tied.held():
