@@ -21,6 +21,12 @@ of the model with one shared parameter. The copies start identical: the
 first copy's initial value (its stage's, a function of the model seed and
 layer) is computed on every other holder from the model and copied in,
 never sent. Clipping counts the tied parameter once, at its first copy.
+
+Semantics (pipedream, ``runtime/tie_carry.py``): the first copy's stage owns
+the tie and alone updates it; the value its forward of micro-batch k used
+rides up with k's activation to the other copy's stage, which computes with
+it, and that stage's gradient rides down with k's input gradient to be added
+at the owner (two copies per tie, on JAX stages).
 """
 from __future__ import annotations
 

@@ -140,3 +140,29 @@ def test_what_is_not_built_is_refused():
     with pytest.raises(NotImplementedError, match="delay correction 'dcasgd' are not implemented"):
         fit(_tied_partition(2), Tokens(), executor="reference", schedule="pipedream", correction="dcasgd",
             microbatches=2, steps=1, progress=False)
+
+
+def test_the_edges_bounds_and_expected_specs_grow_by_the_carried_tie():
+    from types import SimpleNamespace
+
+    from pipetrain.runtime.links import _expected_input, edge_bounds, payload_bound
+    from pipetrain.runtime.plan import boundary_specs
+    from pipetrain.runtime.transport import wire
+    from pipetrain.stages.base import StageSpec
+
+    part = _tied_partition(3)
+    plan, table = plan_ties(part), 97 * SIZE["d_model"] * 4 + wire.ALIGN
+
+    def job(s, schedule):
+        return SimpleNamespace(spec=StageSpec(s, 3, 0, 1), ties=plan, schedule=SimpleNamespace(name=schedule),
+                               input_specs=boundary_specs(part, s), output_specs=boundary_specs(part, s + 1))
+
+    for s in (1, 2):
+        plain, carried = edge_bounds(job(s, "1f1b")), edge_bounds(job(s, "pipedream"))
+        assert carried[s - 1] == payload_bound(boundary_specs(part, s)) + table  # activations from below
+        expected = _expected_input(job(s, "pipedream"))
+        assert expected["tied"] == {"g0": plan.ties[0].spec} and expected["x"] == boundary_specs(part, s)
+        assert _expected_input(job(s, "1f1b")) == boundary_specs(part, s)
+        if s == 1:  # input gradients from above carry the head's gradient of the table
+            assert carried[2] == payload_bound(boundary_specs(part, 2)) + table
+        assert plain[s - 1] == payload_bound(boundary_specs(part, s))

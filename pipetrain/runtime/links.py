@@ -237,10 +237,12 @@ def payload_bound(specs: Any) -> int:
 def edge_bounds(job: Any) -> dict[int, int]:
     """Per sending stage: activations from s - 1 have the shapes of this stage's
     inputs, gradients from s + 1 those of its outputs; an edge that relays tied
-    gradients (schedule/ties.py) also fits their message."""
+    gradients (schedule/ties.py) also fits their message, and under pipedream,
+    where the tied tensors ride on the activations and input gradients
+    (runtime/tie_carry.py), those messages grow by them."""
     s = job.spec.index
     tied = job.ties.on_stage(s) if getattr(job, "ties", None) else None
-    if _carries_ties(job):  # pipedream: the tied tensors ride on the activations and input gradients
+    if _carries_ties(job):
         return {s - 1: payload_bound(carried_specs(tied, s - 1, job.input_specs)),
                 s + 1: payload_bound(carried_specs(tied, s, job.output_specs))}
     bounds = {s - 1: payload_bound(job.input_specs), s + 1: payload_bound(job.output_specs)}
