@@ -10,11 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # CPU builds for local use and CI: pinning torch first keeps pip from pulling
-# a multi-GB CUDA build; tensorflow-cpu stands in for the `tf` extra.
+# a multi-GB CUDA build; tensorflow-cpu stands in for the `tf` extra. The ucx
+# extra (ucxx, ~250 MB, runs without a GPU) lets the ucx:// tests run for real.
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0" "tensorflow-cpu>=2.16"
-	$(PY) -m pip install -q -e ".[dev,plots]"
+	$(PY) -m pip install -q -e ".[dev,plots,ucx]"
 	touch $(STAMP)
 
 install: $(STAMP)

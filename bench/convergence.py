@@ -8,15 +8,23 @@ windows; every run is evaluated on the same held-out micro-batches, every
 ``--eval-every`` steps, which gives each configuration's held-out loss
 against samples (``--out`` keeps those curves for bench/time_to_accuracy.py).
 
+With ``--recipe`` every run uses the training recipe of the flagship
+(pipetrain.optim): linear warm-up over the first ``--warmup-frac`` of its
+updates, cosine decay to ``--min-lr-frac`` x lr at its last update, and
+clipping by global norm at ``--clip-norm`` (per stage for pipedream, see
+schedule/norms.py). The schedule is counted in each configuration's own
+updates (pipedream updates once per micro-batch, the others once per step),
+so every run sweeps the same LR curve over the same samples.
+
 Configurations: gpipe, 1f1b; pipedream (an update per micro-batch),
 pipedream/acc8 (accumulating the 8 micro-batches of a step, as many updates
 as 1f1b, still without a flush) and 2bw, each with correction none,
 predict, dcasgd, dcasgd-a.
 
     nice -n 10 .venv/bin/python bench/convergence.py [--steps 40] [--seeds 0 1 2] \\
-        [--optimizer adam --lr 1e-3] [--configs 1f1b pipedream+predict ...] [--out FILE]
+        [--optimizer adam --lr 1e-3] [--recipe] [--configs 1f1b pipedream+predict ...] [--out FILE]
 
-Last line: {"heldout_loss": {config: mean}, "spread": {config: std}, "vs_1f1b_pct": {...}, ...}.
+Last line: {"heldout_loss": {config: mean}, "spread": {config: std}, "vs_1f1b_pct": {...}, "recipe": {...}, ...}.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from pipetrain.optim import Optimizer  # noqa: E402
 from pipetrain.partitioning import partition  # noqa: E402
 from pipetrain.runtime.interpreter import Hooks  # noqa: E402
 from pipetrain.runtime.reference import build_stages, evaluate, run_reference  # noqa: E402
-from pipetrain.schedule.builders import build_schedule  # noqa: E402
+from pipetrain.schedule.builders import build_schedule, microbatches_per_update  # noqa: E402
 
 M, MICROBATCH = 8, 16
 CORRECTIONS = ("none", "predict", "dcasgd", "dcasgd-a")
@@ -91,10 +99,22 @@ def heldout_curve(part, weights_at: dict, heldout, eval_ids) -> list[tuple[int, 
     return curve
 
 
+def with_recipe(optimizer: Optimizer, recipe: dict | None, *, updates: int) -> Optimizer:
+    """``optimizer`` with the recipe's warm-up, cosine decay and clipping, over ``updates`` updates."""
+    if not recipe:
+        return optimizer
+    return dataclasses.replace(optimizer, schedule="cosine", warmup=max(1, round(recipe["warmup_frac"] * updates)),
+                               decay_steps=updates, min_lr=recipe["min_lr_frac"] * optimizer.lr,
+                               clip_norm=recipe["clip_norm"])
+
+
 def train(config: str, *, seed: int, steps: int, stages: int = 4, optimizer: Optimizer, eval_every: int,
-          eval_microbatches: int, model_kwargs: dict | None = None, hooks: Hooks | None = None) -> dict:
+          eval_microbatches: int, model_kwargs: dict | None = None, hooks: Hooks | None = None,
+          recipe: dict | None = None) -> dict:
     """One run: held-out curve, final held-out loss, last step's train loss, seconds."""
     schedule_name, accumulate, correction = parse_config(config)
+    updates = steps * M // microbatches_per_update(schedule_name, M, accumulate)
+    optimizer = with_recipe(optimizer, recipe, updates=updates)
     train_data = text.CharWindows(split="train", microbatch_size=MICROBATCH, seed=seed)
     heldout = text.CharWindows(split="heldout", microbatch_size=MICROBATCH)  # one evaluation set for every seed
     model = gpt.build(seed=seed, **(model_kwargs or {}))
@@ -102,7 +122,7 @@ def train(config: str, *, seed: int, steps: int, stages: int = 4, optimizer: Opt
     started = time.time()
     opt = dataclasses.replace(optimizer, correction=correction)
     schedule = build_schedule(schedule_name, num_stages=stages, microbatches=M, steps=steps, accumulate=accumulate,
-                              checkpoint_every=eval_every * M)
+                              checkpoint_every=eval_every * M, clip=bool(opt.clip_norm))
     latest = _LatestWeights()
     run = run_reference(schedule, stages=build_stages(part, opt), source=train_data, hooks=_Both(latest, hooks))
     trained = time.time() - started
@@ -169,6 +189,10 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adam", choices=["adam", "momentum", "sgd"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dc-lambda", type=float, default=None, help="DC-ASGD's lambda (default: the paper's)")
+    ap.add_argument("--recipe", action="store_true", help="warm-up + cosine decay + clipping (module docstring)")
+    ap.add_argument("--warmup-frac", type=float, default=0.1, help="--recipe: share of the updates warming up")
+    ap.add_argument("--min-lr-frac", type=float, default=0.1, help="--recipe: the final LR, as a share of --lr")
+    ap.add_argument("--clip-norm", type=float, default=1.0, help="--recipe: clip by global norm at this")
     ap.add_argument("--configs", nargs="+", default=list(ALL_CONFIGS))
     ap.add_argument("--eval-every", type=int, default=2, help="steps between held-out evaluations")
     ap.add_argument("--eval-microbatches", type=int, default=16)
@@ -184,7 +208,7 @@ def main() -> None:
     for seed in args.seeds:
         for config in args.configs:
             r = train(config, seed=seed, steps=args.steps, optimizer=optimizer, eval_every=args.eval_every,
-                      eval_microbatches=args.eval_microbatches)
+                      eval_microbatches=args.eval_microbatches, recipe=recipe_of(args))
             runs.append(r)
             print(f"  seed {seed} {config}: held-out {r['heldout']:.4f} in {r['seconds']:.0f} s", file=sys.stderr,
                   flush=True)
@@ -193,19 +217,30 @@ def main() -> None:
     report(runs, args)
 
 
+def recipe_of(args: argparse.Namespace) -> dict | None:
+    if not getattr(args, "recipe", False):
+        return None
+    return {"schedule": "cosine", "warmup_frac": args.warmup_frac, "min_lr_frac": args.min_lr_frac,
+            "clip_norm": args.clip_norm}
+
+
 def report(runs: list[dict], args: argparse.Namespace) -> None:
     unigram = text.unigram_loss("heldout")
     samples = args.steps * M * MICROBATCH
     summary = summarize(runs)
+    recipe = recipe_of(args)
     print(f"GPT 4 stages, {args.steps} steps x {M} micro-batches x {MICROBATCH} = {samples} samples, "
           f"{args.optimizer} lr {args.lr}, seeds {args.seeds}; unigram baseline {unigram:.3f} nats/char")
+    if recipe:
+        print(f"recipe: warm-up {recipe['warmup_frac']:.0%} of the updates, cosine to {recipe['min_lr_frac']} x lr, "
+              f"clip_norm {recipe['clip_norm']}")
     print_table(summary, [c for c in args.configs if c in summary])
     print(json.dumps({"heldout_loss": {c: round(r["mean"], 4) for c, r in summary.items()},
                       "spread": {c: round(r["std"], 4) for c, r in summary.items()},
                       "vs_1f1b_pct": {c: None if r["vs_baseline_pct"] is None else round(r["vs_baseline_pct"], 2)
                                       for c, r in summary.items()},
                       "unigram_loss": round(unigram, 4), "samples": samples, "optimizer": args.optimizer,
-                      "lr": args.lr, "seeds": args.seeds}))
+                      "lr": args.lr, "seeds": args.seeds, "recipe": recipe}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """GPU check of the JAX and torch paths: stages on the accelerator, DLPack
-between frameworks on the device, and the 4-stage flagship demo with every
-stage sharing one GPU. Not a test (CI has no GPU): run it on a GPU host.
+between frameworks on the device, ucx:// (with ucxx installed: its CUDA
+transports, a raw device-to-device send, a 2-stage run over it), and the
+4-stage flagship demo with every stage sharing one GPU. Not a test (CI has
+no GPU): run it on a GPU host.
 
     python bench/gpu_check.py [--steps 30]
 
@@ -115,13 +117,71 @@ def check_demo(rows: list, out: dict, steps: int) -> None:
                  f"{result.heldout_before:.3f} -> {result.heldout_after:.3f}"))
 
 
+def check_ucx(rows: list, out: dict) -> None:
+    """ucx:// on this host: the transports UCX sees (cuda_copy/cuda_ipc: it can move device memory),
+    a raw ucxx device-to-device send of torch CUDA tensors (what the hardware allows), and a
+    2-stage run over ucx against the same run over tcp. pipetrain's ucx backend itself still
+    sends host arrays (the device path is not built: runtime/transport/ucx.py)."""
+    import asyncio
+
+    from pipetrain.runtime.transport.ucx import _Ucx, device_path_available, ucx_available
+
+    missing = ucx_available()
+    if missing is not None:
+        out["ucx"] = {"skipped": missing}
+        rows.append(("ucx", f"skipped: {missing}"))
+        return
+    info = out["ucx"] = device_path_available()
+    rows.append(("ucx transports", f"UCX {info['ucx_version']}: {', '.join(info['transports'])}"))
+    import torch
+
+    if torch.cuda.is_available():
+        ucx = _Ucx.get()
+
+        async def device_to_device() -> dict:
+            accepted = asyncio.get_running_loop().create_future()
+            listener = ucx.ucxx.create_listener(accepted.set_result, port=0)
+            client = await ucx.ucxx.create_endpoint("127.0.0.1", listener.port)
+            server = await accepted
+            sent = torch.arange(16 << 20, dtype=torch.float32, device="cuda")  # 64 MiB
+            got = torch.empty_like(sent)
+            await asyncio.gather(client.send(sent), server.recv(got))  # warm
+            started = time.perf_counter()
+            for _ in range(10):
+                await asyncio.gather(client.send(sent), server.recv(got))
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            result = {"equal": bool(torch.equal(sent, got)), "device": str(got.device),
+                      "gb_per_s_64MiB": round(10 * sent.nbytes / seconds / 1e9, 2)}
+            client.abort()
+            server.abort()
+            listener.close()
+            return result
+
+        info["device_to_device"] = ucx.io.run(device_to_device(), 120)
+        rows.append(("ucxx CUDA tensor -> CUDA tensor (raw)", str(info["device_to_device"])))
+
+    from models import mlp
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+    from pipetrain.partitioning import partition
+
+    source = mlp.source(1024, microbatch_size=32, seed=0)
+    part = partition(mlp.build(sizes=(256, 256, 256)), 2, example_input=source.inputs(0))
+    kwargs = dict(schedule="1f1b", microbatches=8, steps=6, optimizer=Optimizer("adam", lr=1e-3), progress=False)
+    runs = {transport: fit(part, source, transport=transport, **kwargs) for transport in ("ucx", "stream")}
+    same = runs["ucx"].losses == runs["stream"].losses
+    info["two_stage_same_losses_as_tcp"] = same
+    rows.append(("2-stage JAX 1f1b over ucx", f"losses equal the tcp run's: {same}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     rows: list[tuple[str, str]] = []
     out: dict = {}
-    for check in (check_jax_stage, check_torch_stage, check_dlpack_on_device):
+    for check in (check_jax_stage, check_torch_stage, check_dlpack_on_device, check_ucx):
         try:
             check(rows, out)
         except Exception as e:  # report every check, even after one fails

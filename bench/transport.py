@@ -10,7 +10,11 @@ hits them alike. The pipetrain endpoints share a secret made here, as a job's
 stages do, and run the stage-port handshake once per connection, never per
 message; the echo endpoint's default payload bound (1 GiB) covers 64 MiB.
 
-    .venv/bin/python bench/transport.py [--repeats 3] [--seconds 0.25] [--tls]
+    .venv/bin/python bench/transport.py [--repeats 3] [--seconds 0.25] [--tls] [--no-ucx]
+
+With ucxx installed (``pipetrain[ucx]``) the ucx:// backend runs as one more
+column, and the JSON gains "ucx": its RTTs and streaming rates with the
+stream backend's and the socket pair's from the same run.
 
 Prints a table, then the last line JSON:
 {"throughput_ratio_vs_tcp": {"1MiB": ..., "16MiB": ..., "64MiB": ...}, "pingpong_ratio_vs_tcp": {...},
@@ -210,6 +214,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.25, help="per size, per transport, per repeat")
     parser.add_argument("--tls", action="store_true", help="also run the stream backend over tls://")
     parser.add_argument("--no-dask", action="store_true", help="skip the distributed.comm backend")
+    parser.add_argument("--no-ucx", action="store_true", help="skip the ucx:// backend (run when ucxx imports)")
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -219,6 +224,14 @@ def main() -> None:
         variants.append(("pipetrain dask-comm", "dask", None))
     if args.tls:
         variants.append(("pipetrain stream tls", "stream", make_tls_dir()))
+    if not args.no_ucx:
+        from pipetrain.runtime.transport.ucx import ucx_available
+
+        missing = ucx_available()
+        if missing is None:
+            variants.append(("pipetrain ucx", "ucx", None))
+        else:
+            print(f"(no ucx column: {missing})")
 
     clients, processes = {}, []
     for name, backend, tls_dir in variants:
@@ -271,7 +284,19 @@ def main() -> None:
         "pingpong_ratio_vs_tcp": {label: round(best["tcp socket pair", label] / best[ours, label], 3)
                                   for label in large},
         "small_message_rtt_ms": round(best[ours, "4KiB"] * 1e3, 3),
+        **({"ucx": ucx_figures(best, rate)} if "pipetrain ucx" in clients else {}),
     }))
+
+
+def ucx_figures(best: dict, rate: dict) -> dict:
+    """The ucx:// column beside the stream backend's and the socket pair's, from one run."""
+    columns = {"ucx": "pipetrain ucx", "stream": "pipetrain stream", "tcp": "tcp socket pair"}
+    return {
+        "rtt_ms": {label: {key: round(best[name, label] * 1e3, 3) for key, name in columns.items()}
+                   for label in ("4KiB", "64KiB")},
+        "stream_gbps": {label: {key: round(rate[name, label] / 1e9, 3) for key, name in columns.items()}
+                        for label in ("64KiB", "1MiB")},
+    }
 
 
 if __name__ == "__main__":

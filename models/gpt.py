@@ -25,7 +25,7 @@ TIES = (("embed/tokens", "head/tokens"),)  # what a model built with tie_embeddi
 
 
 def layers(*, vocab_size: int = text.VOCAB_SIZE, context: int = 64, d_model: int = 128, n_heads: int = 4,
-           n_layers: int = 4, dtype: str = "float32", tie_embeddings: bool = False) -> list[Layer]:
+           n_layers: int = 4, dtype: str | None = None, tie_embeddings: bool = False) -> list[Layer]:
     """[embed, block0, ..., block{n_layers-1}, head]: int32 tokens [b, t] -> logits [b, t, vocab]."""
     blocks = [decoder_block(d_model=d_model, n_heads=n_heads, n_layers=n_layers, dtype=dtype, name=f"block{i}")
               for i in range(n_layers)]
@@ -40,7 +40,7 @@ def loss_fn(logits, targets):
 
 
 def build(*, vocab_size: int = text.VOCAB_SIZE, context: int = 64, d_model: int = 128, n_heads: int = 4,
-          n_layers: int = 4, dtype: str = "float32", seed: int = 0, tie_embeddings: bool = False):
+          n_layers: int = 4, dtype: str | None = None, seed: int = 0, tie_embeddings: bool = False):
     from pipetrain.stages.jax_stage import JaxSequential
 
     model_layers = layers(vocab_size=vocab_size, context=context, d_model=d_model, n_heads=n_heads,

@@ -6,6 +6,10 @@ between: the embedding, each transformer block, the head, each dense and each
 activation. Parameters are stored in float32; ``dtype="bfloat16"`` runs the
 matrix products in bfloat16 and passes bfloat16 activations between layers
 (half the boundary bytes), while layer norms, softmax and logits stay float32.
+``dtype=None`` (the default) computes in the dtype the parameters arrive in:
+float32, or bfloat16 when a stage runs with ``precision="bf16"`` (which casts
+the float32 masters before the layer sees them), so the pipeline's precision
+decides; with float32 parameters it is the same computation as "float32".
 Initialization follows GPT-2 / nanoGPT: N(0, 0.02) weights, zero biases, and
 residual output projections scaled by 1/sqrt(2 * n_layers).
 """
@@ -30,6 +34,7 @@ def _linear_init(key, fan_in, fan_out, std):
 
 
 def _linear(p, x, dtype):
+    dtype = dtype or p["w"].dtype  # None: the parameters' dtype as they arrive
     return x.astype(dtype) @ p["w"].astype(dtype) + p["b"].astype(dtype)
 
 
@@ -49,7 +54,7 @@ def _expect_features(name, shape, d):
         raise ValueError(f"layer {name}: expects input [..., {d}], got shape {tuple(shape)}")
 
 
-def embedding(*, vocab_size: int, context: int, d_model: int, dtype: str = "float32", name: str = "embed") -> Layer:
+def embedding(*, vocab_size: int, context: int, d_model: int, dtype: str | None = None, name: str = "embed") -> Layer:
     """int32 tokens [b, t] (t <= context) -> token + learned position embeddings [b, t, d]."""
 
     def check(shape):
@@ -65,7 +70,7 @@ def embedding(*, vocab_size: int, context: int, d_model: int, dtype: str = "floa
     def apply(params, x):
         check(x.shape)
         h = jnp.take(params["tokens"], x, axis=0) + params["positions"][: x.shape[1]]
-        return h.astype(dtype)
+        return h.astype(dtype or params["tokens"].dtype)
 
     return Layer(name, init, apply)
 
@@ -84,7 +89,7 @@ def _causal_self_attention(p, x, n_heads, dtype):
 
 
 def decoder_block(*, d_model: int, n_heads: int, n_layers: int, mlp_ratio: int = 4,
-                  dtype: str = "float32", name: str = "block") -> Layer:
+                  dtype: str | None = None, name: str = "block") -> Layer:
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
     ``n_layers`` (the model's block count) scales the residual projections."""
@@ -105,16 +110,17 @@ def decoder_block(*, d_model: int, n_heads: int, n_layers: int, mlp_ratio: int =
 
     def apply(params, x):
         _expect_features(name, x.shape, d_model)
-        x = x.astype(dtype)
-        x = x + _causal_self_attention(params["attn"], _layer_norm(params["ln1"], x), n_heads, dtype)
+        dt = dtype or params["attn"]["qkv"]["w"].dtype
+        x = x.astype(dt)
+        x = x + _causal_self_attention(params["attn"], _layer_norm(params["ln1"], x), n_heads, dt)
         mlp = params["mlp"]
-        h = jax.nn.gelu(_linear(mlp["fc"], _layer_norm(params["ln2"], x), dtype))
-        return (x + _linear(mlp["proj"], h, dtype)).astype(dtype)
+        h = jax.nn.gelu(_linear(mlp["fc"], _layer_norm(params["ln2"], x), dt))
+        return (x + _linear(mlp["proj"], h, dt)).astype(dt)
 
     return Layer(name, init, apply)
 
 
-def lm_head(*, d_model: int, vocab_size: int, dtype: str = "float32", name: str = "head",
+def lm_head(*, d_model: int, vocab_size: int, dtype: str | None = None, name: str = "head",
             tied: bool = False) -> Layer:
     """Final layer norm + linear map to vocabulary logits (float32).
 
@@ -132,8 +138,9 @@ def lm_head(*, d_model: int, vocab_size: int, dtype: str = "float32", name: str 
     def apply(params, x):
         _expect_features(name, x.shape, d_model)
         h = _layer_norm(params["ln"], x)
-        if tied:
-            logits = h.astype(dtype) @ params["tokens"].astype(dtype).T + params["b"].astype(dtype)
+        if tied:  # (dtype None: the parameters' dtype as they arrive, as _linear does)
+            dt = dtype or params["tokens"].dtype
+            logits = h.astype(dt) @ params["tokens"].astype(dt).T + params["b"].astype(dt)
         else:
             logits = _linear(params["out"], h, dtype)
         return logits.astype(jnp.float32)
@@ -141,7 +148,7 @@ def lm_head(*, d_model: int, vocab_size: int, dtype: str = "float32", name: str 
     return Layer(name, init, apply)
 
 
-def dense(out_features: int, *, std: float | None = None, dtype: str = "float32", name: str = "dense") -> Layer:
+def dense(out_features: int, *, std: float | None = None, dtype: str | None = None, name: str = "dense") -> Layer:
     """x [..., n] -> x @ w + b [..., out_features]; n is read from the input spec.
     Weights N(0, std), std defaulting to 1/sqrt(n) (LeCun)."""
 

@@ -17,7 +17,7 @@ _TEACHER_SEED = 20240601
 
 
 def layers(*, sizes: tuple[int, ...] = (64, 64), num_classes: int = NUM_CLASSES, kind: str = "gelu",
-           dtype: str = "float32") -> list[Layer]:
+           dtype: str | None = None) -> list[Layer]:
     """dense(sizes[0]), act, ..., dense(num_classes); input width comes from the data."""
     out: list[Layer] = []
     for i, width in enumerate(sizes):
@@ -31,7 +31,7 @@ def loss_fn(logits, labels):
 
 
 def build(*, sizes: tuple[int, ...] = (64, 64), num_classes: int = NUM_CLASSES, kind: str = "gelu",
-          dtype: str = "float32", seed: int = 0):
+          dtype: str | None = None, seed: int = 0):
     from pipetrain.stages.jax_stage import JaxSequential
 
     return JaxSequential(layers(sizes=tuple(sizes), num_classes=num_classes, kind=kind, dtype=dtype),

@@ -94,7 +94,12 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     ``optimizer``, ``checkpoint_dir``, ``checkpoint_every``, ``checkpoint_seconds``,
     ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``eval_every``, ``resource``,
     ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
-    ``spare_workers``, ``record_events``, ``tensorboard``).
+    ``spare_workers``, ``transport``, ``record_events``, ``tensorboard``, ``precision``).
+
+    ``precision``: "fp32" or "bf16" (``pipetrain.stages.precision``: bfloat16 compute
+    and boundary tensors, float32 master weights, optimizer state and loss); None,
+    the default, keeps the partition's (``partition(..., precision=)``). A Partition
+    of another precision is cut again at the same boundaries with the one asked for.
 
     Evaluation: with ``heldout`` (a MicrobatchSource), the stages run a forward-only
     pass over its micro-batches ``0 .. eval_microbatches - 1`` on their workers
@@ -145,11 +150,16 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
         raise TypeError(f"fit: give the job as spec= or as keyword settings, not both ({', '.join(settings)})")
     if isinstance(model, Partition):
         part = model
+        if spec.precision not in (None, part.precision):  # the boundary specs and bytes change with it
+            part = make_partition(part.model, part.num_stages, method=part.cost_method,
+                                  example_input=data.inputs(0), boundaries=list(part.boundaries),
+                                  precision=spec.precision)
     else:
         if num_stages is None:
             raise ValueError("fit: num_stages is required when model is not already a Partition")
         part = make_partition(model, num_stages, method=partition_method, example_input=data.inputs(0),
-                              boundaries=boundaries, **({"loss": loss} if loss is not None else {}))
+                              boundaries=boundaries, precision=spec.precision,
+                              **({"loss": loss} if loss is not None else {}))
     check_numeric(data.inputs(0), "data.inputs(0)")
     check_numeric(data.targets(0), "data.targets(0)")
     if heldout is not None:

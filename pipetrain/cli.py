@@ -55,7 +55,8 @@ def _partition_of(args: argparse.Namespace):
     example_entry = args.example or args.model.split(":")[0] + ":example_input"
     example = _call_with_accepted(resolve(example_entry, "--example"), kwargs)
     boundaries = [int(b) for b in args.boundaries.split(",")] if args.boundaries else None
-    return partition(model, args.stages, method=args.method, example_input=example, boundaries=boundaries)
+    return partition(model, args.stages, method=args.method, example_input=example, boundaries=boundaries,
+                     precision=args.precision)
 
 
 def _memory_table(part, schedule, args: argparse.Namespace) -> str:
@@ -83,6 +84,8 @@ def _model_args(p: argparse.ArgumentParser, *, required: bool) -> None:
                    help="for the memory estimate: the optimizer's state (default adam)")
     p.add_argument("--remat", default="none", choices=("none", "stage", "layer"),
                    help="for the memory estimate: activation rematerialization (default none)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: bfloat16 boundary specs and activation bytes, float32 masters (default fp32)")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pipetrain.errors import PipetrainError
 from pipetrain.memory import REMAT
 from pipetrain.optim import ASYNC_SCHEDULES, CORRECTIONS, Optimizer
 from pipetrain.schedule.schedule import SCHEDULES
+from pipetrain.stages.precision import PRECISIONS
 
 
 class ConfigError(PipetrainError, ValueError):
@@ -30,6 +31,7 @@ class ModelConfig:
     # Tied parameters (pipetrain.ties), e.g. [["embed/tokens", "head/tokens"]]: replaces the model's own
     # declaration (model.ties) when given; [] unties a model that declares ties.
     ties: list | None = None
+    precision: str = "fp32"  # fp32 | bf16: bfloat16 compute and wire, float32 masters (stages/precision.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class CheckpointConfig:
         return bool(self.every or self.seconds)
 
 
+TRANSPORTS = ("stream", "ucx")  # cluster.transport: runtime/transport's backends a job may run on
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     scheduler: str = ""  # address; empty: an embedded LocalCluster
@@ -84,6 +89,13 @@ class ClusterConfig:
     credits: int = 0  # per-edge flow-control window; 0 = the schedule's bound
     stop_timeout: float = 10.0  # a stage still running this long after the stop is cancelled, its worker avoided
     spare_workers: int = 0  # an embedded local cluster starts this many workers beyond one per stage
+    # The stage-to-stage transport backend: "stream" (tcp://, tls:// with a TLS Security) or "ucx"
+    # (ucx:// through ucxx, the pipetrain[ucx] extra: runtime/transport/ucx.py).
+    transport: str = "stream"
+
+    def __post_init__(self) -> None:
+        _check(self.transport in TRANSPORTS, "cluster.transport",
+               f"{self.transport!r} is not one of {', '.join(TRANSPORTS)}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,8 @@ class JobConfig:
             from pipetrain.ties import declared_ties
 
             declared_ties(SimpleNamespace(ties=self.model.ties))
+        _check(self.model.precision in PRECISIONS, "model.precision",
+               f"{self.model.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")
         _check(self.partition.method in ("uniform", "params", "flops", "profile"), "partition.method",
                f"{self.partition.method!r} is not one of uniform, params, flops, profile")

@@ -137,7 +137,7 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
     if cfg.data.heldout:
         heldout = build_source(cfg.data.heldout, "data.heldout", {**cfg.data.kwargs, **cfg.data.heldout_kwargs})
     part = partition(model, cfg.partition.stages, method=cfg.partition.method, example_input=train.inputs(0),
-                     boundaries=list(cfg.partition.boundaries) or None)
+                     boundaries=list(cfg.partition.boundaries) or None, precision=cfg.model.precision)
     say = print  # -q (progress=False) hides the progress line only, never what ran and how it went
     # The command line's --scheduler/--scheduler-file win over the config's [cluster] ones.
     if not (scheduler or scheduler_file):

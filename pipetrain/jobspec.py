@@ -18,6 +18,7 @@ from typing import Any
 from pipetrain.config import CheckpointConfig, ClusterConfig, JobConfig, ObserveConfig, ScheduleConfig
 from pipetrain.optim import Optimizer, with_correction
 from pipetrain.rundir import CHECKPOINTS_DIR
+from pipetrain.stages.precision import check_precision
 
 # Micro-batches between checkpoints when a checkpoint directory is given
 # without an interval (rounded up to what the schedule allows). For the
@@ -46,12 +47,17 @@ class JobSpec:
     eval_every: int = 0  # steps between evaluations (schedule/evaluation.py); 0: only before and after training
     record_events: bool = True  # the stages' timelines (pipetrain trace)
     observe: ObserveConfig = field(default_factory=ObserveConfig)  # metrics sinks besides metrics.jsonl
+    # "fp32" | "bf16" (stages/precision.py), fit's keyword; None: the partition's own (a job config's
+    # [model] precision is given to the partition, like [model] remat, so it stays None here)
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("eval_microbatches", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
+        if self.precision is not None:
+            check_precision(self.precision, "JobSpec")
         # The optimizer carries the schedule's delay correction to the stages.
         object.__setattr__(self, "optimizer", with_correction(self.optimizer, self.schedule.correction,
                                                               schedule=self.schedule.name))
@@ -60,7 +66,7 @@ class JobSpec:
     def from_config(cls, cfg: JobConfig) -> JobSpec:
         return cls(schedule=cfg.schedule, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, cluster=cfg.cluster,
                    run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches,
-                   eval_every=cfg.data.eval_every, observe=cfg.observe)
+                   eval_every=cfg.data.eval_every, observe=cfg.observe)  # ([model] precision: the partition's)
 
     @classmethod
     def from_settings(cls, *, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10, accumulate: int = 1,
@@ -69,8 +75,8 @@ class JobSpec:
                       keep_checkpoints: int = 3, run_dir: str | None = None, eval_microbatches: int = 8,
                       eval_every: int | None = 0,
                       resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
-                      credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0,
-                      record_events: bool = True, tensorboard: bool = False) -> JobSpec:
+                      credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0, transport: str = "stream",
+                      record_events: bool = True, tensorboard: bool = False, precision: str | None = None) -> JobSpec:
         """``fit``'s keyword arguments, as one spec. ``checkpoint_every=None``: every
         ``DEFAULT_CHECKPOINT_EVERY`` micro-batches when ``checkpoint_dir`` is given, else none."""
         optimizer = optimizer or Optimizer()
@@ -86,10 +92,10 @@ class JobSpec:
                                                keep=keep_checkpoints, dir=checkpoint_dir or ""),
                    cluster=ClusterConfig(resource=resource, placement_timeout=placement_timeout,
                                          max_restarts=max_restarts, credits=credits, stop_timeout=stop_timeout,
-                                         spare_workers=spare_workers),
+                                         spare_workers=spare_workers, transport=transport),
                    run_dir=run_dir, eval_microbatches=eval_microbatches, eval_every=eval_every or 0,
                    record_events=record_events,
-                   observe=ObserveConfig(tensorboard=tensorboard))
+                   observe=ObserveConfig(tensorboard=tensorboard), precision=precision)
 
     @property
     def checkpoint_url(self) -> str | None:

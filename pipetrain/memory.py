@@ -24,6 +24,14 @@ recomputation reads) and recomputes the rest during the backward, one
 micro-batch's worth at a time; ``"layer"`` keeps what each checkpointed
 layer keeps (its input, for JAX its parameters too) and recomputes one layer
 at a time.
+
+Under precision "bf16" (``pipetrain.stages.precision``) the partition's
+figures are already the bfloat16 ones: boundary tensors (the transport's
+buffers) and activations kept for a backward take 2 bytes per element, while
+weights, optimizer state, gradients and corrections stay float32 masters, 4.
+What a backward keeps is measured the way each framework keeps it (a torch
+stage also keeps the bfloat16 copy of a weight its input gradient reads; XLA
+keeps the float32 weight and casts it again in the backward).
 """
 from __future__ import annotations
 

@@ -23,6 +23,10 @@ Each stage's ``memory_bytes`` estimates its peak need on one worker: its
 parameter bytes plus the activations of one micro-batch it keeps for backward
 (the outputs of its layers). Multiply by the in-flight micro-batches and
 weight versions of a schedule for the full picture.
+
+``precision="bf16"`` (``pipetrain.stages.precision``) partitions a copy of
+the model set to compute in bfloat16: its boundary specs are the wire's
+(float leaves bfloat16), and so are the bytes the stages send and keep.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Any
 
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec, stage_ranges
 from pipetrain.tree import Tree, flatten
+from pipetrain.stages.precision import lowered, model_precision, with_precision
 from pipetrain.stages.saved_bytes import input_bytes, layer_saved_bytes
 
 METHODS = ("uniform", "params", "flops", "profile", "explicit")
@@ -79,6 +84,11 @@ class Partition:
         return len(self.stages)
 
     @property
+    def precision(self) -> str:
+        """"fp32" or "bf16": what the stages compute in and send (``stages/precision.py``)."""
+        return model_precision(self.model)
+
+    @property
     def boundaries(self) -> tuple[int, ...]:
         """Interior cut points: stage s > 0 starts at layer ``boundaries[s - 1]``."""
         return tuple(s.start for s in self.stages[1:])
@@ -96,7 +106,8 @@ class Partition:
 
 def partition(model: Any, num_stages: int, *, method: str = "uniform", example_input: Tree,
               boundaries: Sequence[int] | None = None, count_transfer: bool = False,
-              bandwidth: float = DEFAULT_BANDWIDTH, repeats: int = 5, loss: Any = None) -> Partition:
+              bandwidth: float = DEFAULT_BANDWIDTH, repeats: int = 5, loss: Any = None,
+              precision: str | None = None) -> Partition:
     """Cut ``model`` into ``num_stages`` contiguous stages.
 
     ``model``: a SequentialModel (``JaxSequential``, ``TorchSequential``,
@@ -106,8 +117,13 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     ``boundaries``: interior cut points (``num_stages - 1`` increasing layer
     indices); given, they fix the split and ``method`` only fills the cost
     column (``"explicit"`` then means one unit per layer).
+    ``precision``: "fp32" or "bf16" for every stage (a copy of ``model`` set so);
+    None: the model's own (its constructor's ``precision=``, default "fp32").
     """
     model = as_model(model, loss=loss)
+    if precision is not None:
+        model = with_precision(model, precision)
+    precision = model_precision(model)  # (checked before any tracing: a mixed model's parts must agree)
     if not isinstance(num_stages, int) or num_stages < 1:
         raise PartitionError(f"partition: num_stages must be an int >= 1, got {num_stages!r}")
     if method not in METHODS:
@@ -124,7 +140,7 @@ def partition(model: Any, num_stages: int, *, method: str = "uniform", example_i
     if boundaries is not None:
         _check_boundaries(list(boundaries), num_stages, names)
 
-    out_specs = _trace(model, example_input, boundaries, n)
+    out_specs = [lowered(specs, precision) for specs in _trace(model, example_input, boundaries, n)]
     params = [int(p) for p in model.layer_param_counts()]
     cost_method = "uniform" if method == "explicit" else method
     costs = _layer_costs(model, cost_method, example_input, params, repeats)
@@ -377,7 +393,8 @@ def _render(p: Partition) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     header = (f"Partition: {sum(s.end - s.start for s in p.stages)} layers in {p.num_stages} stages, "
               f"method {p.method!r}, bottleneck stage {slowest.index}"
-              + (f", transfer counted at {p.bandwidth:.3g} B/unit" if p.count_transfer else ""))
+              + (f", transfer counted at {p.bandwidth:.3g} B/unit" if p.count_transfer else "")
+              + (f", precision {p.precision}" if p.precision != "fp32" else ""))
     return "\n".join([header, *lines])
 
 

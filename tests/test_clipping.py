@@ -90,6 +90,15 @@ def test_bad_clip_norm_is_named_and_a_schedule_without_norms_is_refused():
                       source=source)
 
 
+def test_a_clipped_run_resumed_at_its_last_cut_has_nothing_to_clip():
+    # A recovery whose rollback is the final cut resumes with no update left: no norm actions are
+    # needed, and the stage must not refuse its (empty) schedule for lacking them.
+    stage_list, source, _ = _case("jax", _opt())
+    tail = build_schedule("1f1b", num_stages=2, microbatches=2, steps=1, clip=True, first_microbatch=2)
+    assert not any(a.kind is Kind.UPDATE for s in range(2) for a in tail.stage_actions(s))
+    run_reference(tail, stages=stage_list, source=source)
+
+
 class NormLog(Hooks):
     def __init__(self):
         self.norms = {}

@@ -128,3 +128,28 @@ def test_placement_needs_follow_the_schedule_and_remat():
     remat = placement_needs(part, build_schedule("gpipe", num_stages=2, microbatches=8, steps=1),
                             optimizer=Optimizer("adam"))
     assert all(r < g / 3 for r, g in zip(remat, needs["gpipe"]))
+
+
+def test_bf16_activations_and_buffers_take_two_bytes_an_element_and_the_masters_four():
+    from torch import nn
+
+    from pipetrain.memory import partition_boundary_bytes
+    from pipetrain.stages.torch_stage import TorchSequential
+
+    def estimate(precision):
+        model = TorchSequential([lambda: nn.Linear(IN, HIDDEN), nn.ReLU, lambda: nn.Linear(HIDDEN, OUT)],
+                                loss=nn.functional.cross_entropy, device="cpu", precision=precision)
+        part = partition(model, 3, method="uniform", example_input=np.zeros((MB, IN), np.float32))
+        gpipe = build_schedule("gpipe", num_stages=3, microbatches=4, steps=1)
+        return part, estimate_memory(partition_layer_bytes(part), gpipe, optimizer=Optimizer("adam"),
+                                     boundary_bytes=partition_boundary_bytes(part))
+
+    (_, fp32), (part16, bf16) = estimate("fp32"), estimate("bf16")
+    # Linear keeps its bf16 input, and after the first stage the bf16 weight copy its input
+    # gradient reads (a tensor of its own, not a parameter); ReLU its bf16 output
+    assert [s.layer_saved_bytes[0] for s in part16.stages] == [MB * IN * 2, MB * HIDDEN * 2,
+                                                               MB * HIDDEN * 2 + OUT * HIDDEN * 2]
+    for a, b in zip(fp32, bf16):
+        assert (b.weights, b.optimizer, b.gradients) == (a.weights, a.optimizer, a.gradients)  # float32 masters
+        assert 2 * b.buffers == a.buffers  # the boundary tensors the transport holds
+    assert [2 * b.activations for b in bf16[:2]] == [a.activations for a in fp32[:2]]

@@ -211,7 +211,7 @@ class Driver:
             job = StageJob(job_id=plan.job_id, generation=i.generation, spec=spec, model=plan.partition.model,
                            optimizer=plan.optimizer, schedule=plan.schedule.resumed_at(i.cut),
                            source=plan.source, checkpoint_url=plan.checkpoint_url, resume_cut=i.cut or None,
-                           credits=plan.spec.cluster.credits,
+                           credits=plan.spec.cluster.credits, transport=plan.spec.cluster.transport,
                            max_events=StageJob.max_events if plan.spec.record_events else 0,
                            resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
                            input_specs=boundary_specs(plan.partition, spec.index),

@@ -118,7 +118,10 @@ class StageProgram:
         self._norm_in: dict[int, float] = {}
         self._norm_sum: dict[int, float] = {}
         self._norm_total: dict[int, float] = {}
-        if self.clip_norm and not any(a.kind is Kind.NORM for a in self.actions):
+        # Only a schedule that still updates needs norms: a recovery whose rollback is the run's last
+        # cut resumes with nothing left but checkpoints.
+        updates = any(a.kind is Kind.UPDATE for a in self.actions)
+        if self.clip_norm and updates and not any(a.kind is Kind.NORM for a in self.actions):
             raise ValueError(f"stage {self.index}: the optimizer clips by norm (clip_norm = {self.clip_norm}) but "
                              f"the schedule has no norm actions: build it with clip=True (ScheduleSpec.clip)")
         self.carrier = None

@@ -277,7 +277,7 @@ def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
     spec = job.spec
     endpoint = _Endpoint.start(stage=spec.index, secret=job.secret, job_id=job.job_id, host=_listen_host(),
                               security=_security(), credits=_credits(job), generation=job.generation,
-                              max_payload=edge_bounds(job))
+                              max_payload=edge_bounds(job), backend=job.transport)
     to_next = to_prev = links = None
     try:
         control.publish_address(spec.index, endpoint.address)

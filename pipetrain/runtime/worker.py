@@ -48,6 +48,7 @@ class StageJob:
     checkpoint_url: str | None = None
     resume_cut: int | None = None
     credits: int = 0
+    transport: str = "stream"  # the transport backend (cluster.transport): "stream" or "ucx"
     connect_timeout: float = 60.0
     input_specs: Any = None  # expected boundary specs from the partition, if known
     output_specs: Any = None  # what it sends (so the gradients it receives): bounds that edge

@@ -32,6 +32,11 @@ in ``jax.checkpoint``, ``"stage"`` the stage's whole apply, so the VJP a
 forward keeps holds the inputs of what is recomputed instead of every
 intermediate; the backward recomputes them. The gradients are the same
 numbers (the same operations run again).
+
+``precision`` (``pipetrain.stages.precision``): under ``"bf16"`` each layer
+casts its float32 parameters and its input to bfloat16 inside the jitted
+forward, so the VJP gives float32 gradients of the float32 masters; the
+stage's outputs leave as bfloat16, the last stage's enter the loss as float32.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ from pipetrain.stages.base import PartitionError, StageSpec
 from pipetrain.stages import jax_trees as trees
 from pipetrain.stages.jax_layers import Layer
 from pipetrain.stages.jax_optim import as_optax
+from pipetrain.stages.precision import JaxCasts, check_masters, check_precision
 from pipetrain.stages.jax_trees import LayerLike
 from pipetrain.stages.tensors import to_jax
 from pipetrain.stages.versions import VersionedParams
@@ -79,13 +85,14 @@ class JaxSequential:
     framework = "jax"
 
     def __init__(self, layers: Sequence[LayerLike], *, loss: Callable[[Any, Any], Any], seed: int = 0,
-                 example_input: Tree | None = None, remat: str = "none"):
+                 example_input: Tree | None = None, remat: str = "none", precision: str = "fp32"):
         self._layers = [trees.as_layer(item, i) for i, item in enumerate(layers)]
         if not self._layers:
             raise ValueError("JaxSequential: no layers given")
         self.loss = loss
         self.seed = seed
         self.remat = check_remat(remat, "JaxSequential")
+        self.precision = check_precision(precision, "JaxSequential")
         self.input_spec: Tree | None = (None if example_input is None
                                         else trees.tensor_specs(trees.abstract(example_input)))
         self._traced: dict[str, list[tuple]] = {}
@@ -192,7 +199,7 @@ class JaxSequential:
         names = self.layer_names()[spec.start:spec.end]
         return JaxStage(spec, layers=list(zip(names, self._layers[spec.start:spec.end])),
                         params=self.init_params(spec.start, spec.end), loss=self.loss, optimizer=optimizer,
-                        remat=getattr(self, "remat", "none"))
+                        remat=getattr(self, "remat", "none"), precision=getattr(self, "precision", "fp32"))
 
 
 # ---------------------------------------------------------------- the stage
@@ -208,9 +215,14 @@ class JaxStage(VersionedParams):
     framework = "jax"
 
     def __init__(self, spec: StageSpec, *, layers: list[tuple[str, Layer]], params: dict[str, Any],
-                 loss: Callable, optimizer: Optimizer | optax.GradientTransformation, remat: str = "none"):
+                 loss: Callable, optimizer: Optimizer | optax.GradientTransformation, remat: str = "none",
+                 precision: str = "fp32"):
         self.spec = spec
         self.remat = check_remat(remat, f"stage {spec.index}")
+        self.precision = check_precision(precision, f"stage {spec.index}")
+        self._casts = JaxCasts(self.precision, jnp, jax.tree_util.tree_map)
+        if self._casts.on:
+            check_masters(((n, str(a.dtype)) for n, a in trees.named_leaves(params)), f"stage {spec.index}")
         self._layers = layers
         self._loss = loss
         self._tx = as_optax(optimizer)
@@ -253,9 +265,10 @@ class JaxStage(VersionedParams):
 
     def _apply(self, params: dict[str, Any], x: Tree) -> Tree:
         for name, layer in self._layers:
-            apply = jax.checkpoint(layer.apply) if self.remat == "layer" else layer.apply
+            apply = self._casts.layer(layer.apply)  # (bf16: the casts recomputed under remat too)
+            apply = jax.checkpoint(apply) if self.remat == "layer" else apply
             x = apply(params[name], x)
-        return x
+        return self._casts.outputs(x, last=self.spec.is_last)
 
     def _differentiated_apply(self, params: dict[str, Any], x: Tree) -> Tree:
         """``_apply`` as a forward that its VJP will differentiate: under remat "stage"

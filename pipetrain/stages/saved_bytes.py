@@ -11,6 +11,9 @@ Each framework is asked the way its autodiff stores things, on shapes only
   input gradient) is a copy per micro-batch and counts.
 - PyTorch: the tensors autograd saves (``saved_tensors_hooks``) on the meta
   device, leaving out parameters and views of them.
+- Under precision "bf16" both run the layer with the stage's casts
+  (``stages/precision.py``): what is kept is bfloat16, and torch keeps the
+  bfloat16 copy of a weight its input gradient reads (not a parameter).
 - Keras (and anything else): the layer's output bytes, a lower bound, since
   TensorFlow offers no shape-only view of what a tape keeps.
 """
@@ -55,16 +58,19 @@ def _jax(model: Any, example_input: Any) -> list[int]:
         return int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
 
     from pipetrain.stages import jax_trees as trees
+    from pipetrain.stages.precision import JaxCasts
 
+    casts = JaxCasts(getattr(model, "precision", "fp32"), jax.numpy, jax.tree_util.tree_map)
     out = []
     for i, (layer, (x, p, _)) in enumerate(zip(model.layers, model._trace(example_input))):
         # As a stage differentiates: the parameters, and after the model's
         # first layer the input's float leaves too (data has no gradient).
-        def residuals(p, x, layer=layer, first=i == 0):
+        def residuals(p, x, apply=casts.layer(layer.apply), first=i == 0):
             if first:
-                return jax.vjp(lambda q: layer.apply(q, x), p)[1]
+                return jax.vjp(lambda q: apply(q, x), p)[1]
+            x = casts.compute(x)  # (what arrives under bf16)
             x_ints = trees.ints(x)
-            return jax.vjp(lambda q, f: layer.apply(q, trees.merge(f, x_ints)), p, trees.floats(x))[1]
+            return jax.vjp(lambda q, f: apply(q, trees.merge(f, x_ints)), p, trees.floats(x))[1]
 
         out.append(sum(nbytes(a) for a in jax.tree_util.tree_leaves(jax.eval_shape(residuals, p, x))))
     return out
@@ -73,9 +79,11 @@ def _jax(model: Any, example_input: Any) -> list[int]:
 def _torch(model: Any, example_input: Any) -> list[int]:
     import torch
 
+    from pipetrain.stages.precision import TorchCasts
     from pipetrain.stages.torch_stage import _meta_tensor
     from pipetrain.tree import tree_map
 
+    casts = TorchCasts(getattr(model, "precision", "fp32"), torch)
     x = tree_map(_meta_tensor, example_input)
     out = []
     for i in range(len(model)):
@@ -92,9 +100,12 @@ def _torch(model: Any, example_input: Any) -> list[int]:
                 total += t.numel() * t.element_size()
             return t
 
-        x_in = tree_map(lambda t: t.requires_grad_(True) if t.is_floating_point() else t, x)
+        # As a stage differentiates: after the model's first layer its input too (data has no
+        # gradient, so the first layer keeps no bf16 weight copy for one under "bf16")
+        x_in = tree_map(lambda t: t.requires_grad_(True) if t.is_floating_point() and i > 0 else t, x)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-            y = layer(x_in)
+            y = layer(x_in) if not casts.on else torch.func.functional_call(
+                layer, casts.module_values(layer, dict(layer.named_parameters())), (casts.compute(x_in),))
         out.append(total)
         x = tree_map(lambda t: t.detach(), y)
     return out

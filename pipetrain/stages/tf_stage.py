@@ -22,6 +22,11 @@ inputs; backward calls ``tape.gradient(outputs, params + inputs,
 output_gradients=...)``. Non-trainable variables (BatchNorm statistics, seed
 generators) are constants: not versioned, not checkpointed, updates dropped.
 
+Precision (``pipetrain.stages.precision``): under ``"bf16"`` a stage's
+layers are put on the ``mixed_bfloat16`` policy (float32 variables, bfloat16
+compute) and each ``stateless_call`` runs in its autocast scope with its
+inputs cast, so the tape gives float32 gradients of the float32 masters.
+
 The optimizer is a small functional sgd / momentum / adam / adamw on tf
 tensors in optax's order of operations rather than ``keras.optimizers``:
 a Keras optimizer assigns into the variables it was built for and keeps its
@@ -44,6 +49,7 @@ import tensorflow as tf
 from pipetrain.memory import check_remat
 from pipetrain.optim import Optimizer, squared_norm, tensor_state, tensor_step
 from pipetrain.stages import corrections, flat_state
+from pipetrain.stages.precision import KerasCasts, check_masters, check_precision
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
 from pipetrain.stages.tensors import to_numpy, to_tf
@@ -76,7 +82,8 @@ class KerasSequential:
     framework = "tf"
 
     def __init__(self, layers: keras.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
-                 seed: int = 0, input_spec: Tree | None = None, device: str | None = None, remat: str = "none"):
+                 seed: int = 0, input_spec: Tree | None = None, device: str | None = None, remat: str = "none",
+                 precision: str = "fp32"):
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(f"KerasSequential needs the tensorflow Keras backend, not {keras.backend.backend()!r}"
                                " (set KERAS_BACKEND=tensorflow)")
@@ -89,6 +96,7 @@ class KerasSequential:
         self.loss = loss
         self.seed = seed
         self.remat = check_remat(remat, "KerasSequential")
+        self.precision = check_precision(precision, "KerasSequential")
         self.device = device
         self.input_spec = None if input_spec is None else tree_map(_spec_of, input_spec)
 
@@ -218,7 +226,7 @@ class KerasSequential:
             traced = self._traced(None, spec.end)[spec.start:]
         layers = {spec.start + i: layer for i, (layer, _, _) in enumerate(traced)}
         return KerasStage(spec, layers, loss=self.loss, optimizer=optimizer, device=self.device,
-                          remat=getattr(self, "remat", "none"))
+                          remat=getattr(self, "remat", "none"), precision=getattr(self, "precision", "fp32"))
 
 
 class KerasStage(VersionedParams):
@@ -227,9 +235,14 @@ class KerasStage(VersionedParams):
     framework = "tf"
 
     def __init__(self, spec: StageSpec, layers: dict[int, keras.layers.Layer], *, loss: Callable,
-                 optimizer: Optimizer, device: str | None = None, remat: str = "none"):
+                 optimizer: Optimizer, device: str | None = None, remat: str = "none", precision: str = "fp32"):
         self.spec = spec
         self.remat = check_remat(remat, f"stage {spec.index}")
+        self._casts = KerasCasts(check_precision(precision, f"stage {spec.index}"), tf)
+        for layer in layers.values():
+            if self._casts.on:
+                check_masters(((v.path, str(v.dtype)) for v in layer.trainable_variables), f"stage {spec.index}")
+            self._casts.adopt(layer)
         self.loss = loss
         self.device = device
         self._layers = layers
@@ -255,12 +268,14 @@ class KerasStage(VersionedParams):
     def _run(self, params: dict[str, tf.Tensor], x: Tree) -> Tree:
         for i in self._layers:
             x = self._run_layer(i, params, x)
-        return x
+        return self._casts.outputs(x, last=self.spec.is_last)
 
     def _run_layer(self, i: int, params: dict[str, tf.Tensor], x: Tree) -> Tree:
         layer = self._layers[i]
         values = [params[n] for n in self._names[i]]
-        return layer.stateless_call(values, [v.value for v in layer.non_trainable_variables], x)[0]
+        with self._casts.scope():
+            return layer.stateless_call(values, [v.value for v in layer.non_trainable_variables],
+                                        self._casts.compute(x))[0]
 
     def _differentiated_run(self, params: dict[str, tf.Tensor], x: Tree) -> Tree:
         """``_run`` as the forward the tape differentiates, under ``tf.recompute_grad``
@@ -272,7 +287,7 @@ class KerasStage(VersionedParams):
         for i in self._layers:
             own = {n: params[n] for n in self._names[i]}
             x = _recomputed(lambda p, y, i=i: self._run_layer(i, p, y), own, x)
-        return x
+        return self._casts.outputs(x, last=self.spec.is_last)
 
     # ------------------------------------------------------------ compute
 

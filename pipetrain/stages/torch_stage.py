@@ -27,6 +27,11 @@ then keeps only those inputs and recomputes the rest in the backward. The
 parameters are arguments of what is checkpointed, not the modules' own, so
 the recomputation reads the stashed version the forward read.
 
+Precision (``pipetrain.stages.precision``): under ``"bf16"`` the parameters
+(and float buffers) are cast to bfloat16 inside the graph of each forward, so
+autograd returns float32 gradients of the float32 masters; see there why
+explicit casts and not ``torch.autocast``.
+
 Buffers (``register_buffer``) are constants: they are not versioned and not
 checkpointed, so a layer that changes a buffer in forward (BatchNorm in
 training mode) is not supported.
@@ -44,6 +49,7 @@ from torch import nn
 from pipetrain.memory import check_remat
 from pipetrain.optim import Optimizer, squared_norm
 from pipetrain.stages import corrections, flat_state, torch_split_backward
+from pipetrain.stages.precision import TorchCasts, check_masters, check_precision
 from pipetrain.stages.torch_optim import TensorOptimizer as _TensorOptimizer
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
@@ -108,7 +114,7 @@ class TorchSequential:
 
     def __init__(self, modules: nn.Sequential | Sequence[LayerLike], *, loss: Callable[[Any, Any], Any],
                  seed: int = 0, device: str | None = None, split_backward: bool | str = "auto",
-                 remat: str = "none"):
+                 remat: str = "none", precision: str = "fp32"):
         self._layers: list[LayerLike] = (list(modules.children()) if isinstance(modules, nn.Sequential)
                                          else list(modules))
         if not self._layers:
@@ -121,6 +127,7 @@ class TorchSequential:
         self.device = device
         self.split_backward = split_policy(split_backward)
         self.remat = check_remat(remat, "TorchSequential")
+        self.precision = check_precision(precision, "TorchSequential")
         self._meta: dict[int, nn.Module] = {}
 
     def __len__(self) -> int:
@@ -183,7 +190,8 @@ class TorchSequential:
         device = torch.device(self.device or default_device())
         chain = _Chain({str(i): self.make_layer(i, device=device) for i in range(spec.start, spec.end)})
         return TorchStage(spec, chain, loss=self.loss, optimizer=optimizer, device=device,
-                          split_backward=self.split_backward, remat=getattr(self, "remat", "none"))
+                          split_backward=self.split_backward, remat=getattr(self, "remat", "none"),
+                          precision=getattr(self, "precision", "fp32"))
 
 
 class TorchStage(VersionedParams):
@@ -192,9 +200,13 @@ class TorchStage(VersionedParams):
     framework = "torch"
 
     def __init__(self, spec: StageSpec, chain: nn.Module, *, loss: Callable, optimizer: Optimizer,
-                 device: torch.device, split_backward: str = "auto", remat: str = "none"):
+                 device: torch.device, split_backward: str = "auto", remat: str = "none",
+                 precision: str = "fp32"):
         self.spec = spec
         self.remat = check_remat(remat, f"stage {spec.index}")
+        self._casts = TorchCasts(check_precision(precision, f"stage {spec.index}"), torch)
+        if self._casts.on:
+            check_masters(((n, dtype_name(p)) for n, p in chain.named_parameters()), f"stage {spec.index}")
         self.device = device
         self.loss = loss
         self._chain = chain
@@ -224,19 +236,22 @@ class TorchStage(VersionedParams):
 
     # ------------------------------------------------------------ compute
 
-    def _run(self, params: dict[str, torch.Tensor], x: Tree) -> Tree:
+    def _run(self, params: dict[str, torch.Tensor], x: Tree, *, remat: str | None = None) -> Tree:
         """The stage's layers on ``x`` with ``params`` (a weight version's leaf views)."""
-        if self.remat == "none":
-            return torch.func.functional_call(self._chain, params, (x,))
+        remat, casts = self.remat if remat is None else remat, self._casts
+        x = casts.compute(x)
+        if remat == "none":
+            return casts.outputs(_call_with(self._chain, params, x, casts), last=self.spec.is_last)
         from torch.utils.checkpoint import checkpoint
 
-        if self.remat == "stage":
-            return checkpoint(_call_with, self._chain, params, x, use_reentrant=False)
+        if remat == "stage":
+            out = checkpoint(_call_with, self._chain, params, x, casts, use_reentrant=False)
+            return casts.outputs(out, last=self.spec.is_last)
         for name, layer in self._chain.items():
             prefix = name + "."
             own = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
-            x = checkpoint(_call_with, layer, own, x, use_reentrant=False)
-        return x
+            x = checkpoint(_call_with, layer, own, x, casts, use_reentrant=False)
+        return casts.outputs(x, last=self.spec.is_last)
 
     def forward(self, k: int, inputs: Tree, *, version: int, targets: Tree | None = None,
                 delay: int | None = None) -> Tree:
@@ -364,8 +379,7 @@ class TorchStage(VersionedParams):
 
     def evaluate(self, inputs: Tree, *, targets: Tree | None = None) -> Tree:
         with torch.no_grad():
-            out = torch.func.functional_call(self._chain, self._params(self._latest),
-                                             (to_torch(inputs, device=self.device),))
+            out = self._run(self._params(self._latest), to_torch(inputs, device=self.device), remat="none")
             if self.spec.is_last:
                 return float(self.loss(out, to_torch(targets, device=self.device)))
         return out
@@ -406,9 +420,10 @@ class TorchStage(VersionedParams):
 
 # ---------------------------------------------------------------- helpers
 
-def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: Tree) -> Tree:
-    """``module(x)`` with ``params`` in place of its own (what remat checkpoints)."""
-    return torch.func.functional_call(module, params, (x,))
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: Tree, casts: TorchCasts) -> Tree:
+    """``module(x)`` with ``params`` in place of its own (what remat checkpoints; under
+    bf16 the casts to the compute dtype inside it, so a recomputation redoes them)."""
+    return torch.func.functional_call(module, casts.module_values(module, params), (x,))
 
 
 def _meta_tensor(x: Any) -> torch.Tensor:

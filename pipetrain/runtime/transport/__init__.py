@@ -1,4 +1,4 @@
-"""Stage-to-stage transport: authenticated, bounded stage ports with credit flow control, over tcp:// or tls://.
+"""Stage-to-stage transport: authenticated, bounded stage ports with credit flow control, over tcp://, tls:// or ucx://.
 
 One ``Endpoint`` per stage process listens on an address and opens one
 outbound ``Channel`` per peer it sends to. Messages (``wire.Message``) carry
@@ -67,7 +67,12 @@ same rules to what its links deliver.
   message (and allocates what its prefix declares, and unpickles what it
   says is pickled) before any code of ours can refuse it, so no check on top
   can protect it. It therefore listens on loopback only, for benchmarks; the
-  runtime always uses "stream".
+  runtime never uses it.
+- ``"ucx"``: ``UcxBackend`` (``ucx.py``), ucx:// through ucxx (the optional
+  ``ucx`` extra), chosen by a job's ``[cluster] transport = "ucx"``: the same
+  handshake and frame checks, each frame one or a few UCX tag messages.
+  No encryption (refused with a TLS Security); see its docstring for what
+  UCX does before the handshake.
 
 Why "stream" is the default: ``bench/transport.py``, two processes on
 loopback, 2-core VM under other load, two runs (ratio = GB/s over a plain
@@ -100,7 +105,7 @@ Layout of this package (import from the package itself):
 the choice of backend); ``channel.py`` ``Channel`` (credits); ``inbox.py``
 the inbox; ``handshake.py`` the handshake; ``wire.py`` the framing and
 ``MessageKind``; ``backend.py`` the backends' interface and what they share;
-``stream.py``, ``tls.py``, ``dask_comm.py`` one backend each, with its link;
+``stream.py``, ``tls.py``, ``dask_comm.py``, ``ucx.py`` one backend each, with its link;
 ``reader.py`` the frame parser the two stream links share; ``loop.py`` the
 loop thread; ``errors.py`` the errors.
 """

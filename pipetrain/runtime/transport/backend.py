@@ -2,12 +2,13 @@
 
 A backend is how a stage port's bytes travel: plain tcp:// on non-blocking
 sockets (``stream.StreamBackend``), tls:// on asyncio's SSL transport
-(``tls.TlsBackend``), or ``distributed.comm`` (``dask_comm.DaskCommBackend``).
+(``tls.TlsBackend``), ``distributed.comm`` (``dask_comm.DaskCommBackend``),
+or ucx:// through ucxx (``ucx.UcxBackend``).
 The endpoint picks one when it is made (``endpoint.choose_backend``: "stream"
 is tls:// exactly when the cluster's ``Security`` has TLS settings for the
 worker role) and from then on only calls, on its loop thread::
 
-    backend.scheme                          "tcp" or "tls": what its addresses start with
+    backend.scheme                          "tcp", "tls" or "ucx": what its addresses start with
     await backend.listen(host, port, inbound) -> (server, the address peers connect to)
     await backend.connect(address, handshake, outbound, timeout=t) -> a link, handshake done
     backend.close(server)                   stop listening
@@ -97,6 +98,11 @@ def ssl_context(security: Any, purpose: str) -> Any:
 def check_address(address: str, *, scheme: str, security: Any, stage: int) -> None:
     """Refuse (``TransportError``) an address an endpoint speaking ``scheme`` may not or cannot reach."""
     theirs, _, location = address.partition("://")
+    if scheme == "ucx" or theirs == "ucx":  # ucx:// only ever reaches ucx:// (its own backend, ucx.py)
+        if theirs != scheme or not location:
+            raise TransportError(f"stage {stage}: address {address!r} is not {scheme}://host:port, "
+                                 f"what this endpoint's transport backend speaks")
+        return
     if theirs not in ("tcp", "tls") or not location:
         raise TransportError(f"stage {stage}: address {address!r} is not tcp://host:port or tls://host:port")
     if theirs == "tls" and scheme != "tls":

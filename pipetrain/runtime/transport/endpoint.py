@@ -43,7 +43,13 @@ def _stream(security: Any) -> Backend:
     return StreamBackend() if context is None else TlsBackend(context, ssl_context(security, "connect"))
 
 
-BACKENDS = {"stream": _stream, "dask": DaskCommBackend}
+def _ucx(security: Any) -> Backend:
+    from pipetrain.runtime.transport.ucx import UcxBackend  # ucxx is optional: imported only when chosen
+
+    return UcxBackend(security)
+
+
+BACKENDS = {"stream": _stream, "dask": DaskCommBackend, "ucx": _ucx}
 
 
 def choose_backend(name: str, security: Any) -> Backend:
