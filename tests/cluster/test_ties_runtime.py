@@ -82,10 +82,13 @@ def test_tied_torch_and_keras_copies_equal_reference_bit_for_bit(client):
     assert dask_run.states[1][f"v{v}/0.weight"].tobytes() == dask_run.states[2][f"v{v}/0.kernel"].tobytes()
 
 
-def test_pipedream_tied_gpt_equals_reference_bit_for_bit(client):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pipedream_tied_gpt_equals_reference_bit_for_bit(client, precision):
     """Vertical sync (runtime/tie_carry.py): the owner's table rides up with each activation and the head's
-    gradient down with each input gradient, through the middle stage; clipping per stage, eval on the workers."""
-    part = _part()
+    gradient down with each input gradient, through the middle stage; clipping per stage, eval on the workers.
+    Under bf16 the activations travel as bfloat16 and the carried table as its float32 master."""
+    part = partition(gpt.build(**SIZE, tie_embeddings=True), 3, method="uniform", example_input=Tokens().inputs(0),
+                     precision=precision)
     kwargs = dict(schedule="pipedream", microbatches=4, steps=3, progress=False, heldout=Tokens(),
                   eval_microbatches=2, eval_every=1, optimizer=Optimizer("adam", lr=1e-2, clip_norm=0.05))
     dask_run = fit(part, Tokens(), client=client, **kwargs)
