@@ -120,16 +120,30 @@ def decoder_block(*, d_model: int, n_heads: int, n_layers: int, mlp_ratio: int =
     return Layer(name, init, apply)
 
 
-def lm_head(*, d_model: int, vocab_size: int, dtype: str | None = None, name: str = "head") -> Layer:
-    """Final layer norm + linear map to vocabulary logits (float32)."""
+def lm_head(*, d_model: int, vocab_size: int, dtype: str | None = None, name: str = "head",
+            tied: bool = False) -> Layer:
+    """Final layer norm + linear map to vocabulary logits (float32).
+
+    ``tied``: the map is ``h @ tokens.T + b`` with ``tokens`` shaped like the
+    embedding's token table [vocab, d], so the model can tie the two
+    (``pipetrain.ties``: the GPT's ``tie_embeddings``)."""
 
     def init(key, x_spec):
         _expect_features(name, x_spec.shape, d_model)
+        if tied:
+            return {"ln": _layer_norm_init(d_model), "tokens": _normal(key, (vocab_size, d_model), GPT2_STD),
+                    "b": jnp.zeros((vocab_size,), jnp.float32)}
         return {"ln": _layer_norm_init(d_model), "out": _linear_init(key, d_model, vocab_size, GPT2_STD)}
 
     def apply(params, x):
         _expect_features(name, x.shape, d_model)
-        return _linear(params["out"], _layer_norm(params["ln"], x), dtype).astype(jnp.float32)
+        h = _layer_norm(params["ln"], x)
+        if tied:  # (dtype None: the parameters' dtype as they arrive, as _linear does)
+            dt = dtype or params["tokens"].dtype
+            logits = h.astype(dt) @ params["tokens"].astype(dt).T + params["b"].astype(dt)
+        else:
+            logits = _linear(params["out"], h, dtype)
+        return logits.astype(jnp.float32)
 
     return Layer(name, init, apply)
 

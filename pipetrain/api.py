@@ -140,6 +140,9 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     """
     from pipetrain.data import check_numeric
     from pipetrain.partitioning import Partition, partition as make_partition
+    from pipetrain.runtime.tie_carry import check_carried
+    from pipetrain.schedule.ties import CARRIED
+    from pipetrain.ties import plan_ties
 
     if spec is None:
         spec = JobSpec.from_settings(**settings)
@@ -164,6 +167,11 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
         check_numeric(heldout.targets(0), "heldout.targets(0)")
     # Validated here, before any worker starts; the workers build their own from it.
     schedule = spec.schedule_spec(len(part.stages))
+    ties = plan_ties(part)  # tied weights: a tie that cannot hold is refused here, naming both parameters
+    if ties:
+        schedule = replace(schedule, ties=ties.spans)
+        if schedule.name in CARRIED:  # (pipedream: the ties ride on the F/B messages, runtime/tie_carry.py)
+            check_carried(ties.ties, spec.schedule.correction)
     evaluation = spec.evaluation(heldout)
     run_path = Path(spec.run_dir) if spec.run_dir else None
     metrics = MetricsLog(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))

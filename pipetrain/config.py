@@ -28,6 +28,9 @@ class ModelConfig:
     entry: str = ""  # "package.module:function", called with kwargs
     kwargs: dict = field(default_factory=dict)
     remat: str = "none"  # activation rematerialization in every stage: none | stage | layer
+    # Tied parameters (pipetrain.ties), e.g. [["embed/tokens", "head/tokens"]]: replaces the model's own
+    # declaration (model.ties) when given; [] unties a model that declares ties.
+    ties: list | None = None
     precision: str = "fp32"  # fp32 | bf16: bfloat16 compute and wire, float32 masters (stages/precision.py)
 
 
@@ -118,6 +121,12 @@ class JobConfig:
         _require(self.model.entry, "model.entry", "an import path like 'models.gpt:build'")
         _require(self.data.train, "data.train", "an import path like 'models.text:train_source'")
         _check(self.model.remat in REMAT, "model.remat", f"{self.model.remat!r} is not one of {', '.join(REMAT)}")
+        if self.model.ties is not None:  # the form now; the names once the model is built (pipetrain.ties)
+            from types import SimpleNamespace
+
+            from pipetrain.ties import declared_ties
+
+            declared_ties(SimpleNamespace(ties=self.model.ties))
         _check(self.model.precision in PRECISIONS, "model.precision",
                f"{self.model.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")

@@ -130,6 +130,8 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
         from pipetrain.memory import apply_remat
 
         apply_remat(model, cfg.model.remat)
+    if cfg.model.ties is not None:  # replaces the model's own declaration (pipetrain.ties)
+        model.ties = tuple(tuple(tie) for tie in cfg.model.ties)
     train = build_source(cfg.data.train, "data.train", cfg.data.kwargs)
     heldout = None
     if cfg.data.heldout:

@@ -202,8 +202,11 @@ class Driver:
         return self._needs
 
     def _submit(self, i: ev.Submit) -> list[Any]:
+        from pipetrain.ties import plan_ties
+
         plan = self.plan
         futures = []
+        ties = plan_ties(plan.partition) or None
         for spec in plan.partition.specs():
             job = StageJob(job_id=plan.job_id, generation=i.generation, spec=spec, model=plan.partition.model,
                            optimizer=plan.optimizer, schedule=plan.schedule.resumed_at(i.cut),
@@ -213,7 +216,7 @@ class Driver:
                            resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
                            input_specs=boundary_specs(plan.partition, spec.index),
                            output_specs=boundary_specs(plan.partition, spec.index + 1),
-                           heldout=plan.heldout, evaluation=plan.evaluation)
+                           heldout=plan.heldout, evaluation=plan.evaluation, ties=ties)
             futures.append(self.client.submit(run_stage, job, workers=[i.placement[spec.index]],
                                               allow_other_workers=False, pure=False, retries=0,
                                               key=f"pipetrain-{plan.job_id}-g{i.generation}-stage{spec.index}"))

@@ -26,6 +26,13 @@ grad_scale=min(1, clip_norm / sqrt(total)))`` with the stage's ``clip_norm``
 (and reports ``Hooks.on_grad_norm``). Without a RECV_T (stage 0, or pipedream's
 per-stage rule) the stage's own sum is the total.
 
+Tie actions (``schedule/ties.py``, tied weights) run in ``runtime/ties.py``'s
+``TieReducer``, built from the stage's ``tied`` (``pipetrain.ties.prepare_stage``);
+with ties, a stage's norm counts each tied parameter at its first copy only.
+Under pipedream the ties have no actions: they ride on the F/B and eval
+messages (``runtime/tie_carry.py``'s ``TieCarrier``, which wraps the links and
+runs the stage's forward, backward and eval with the carried values).
+
 Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
 latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
 last stage the held-out targets, from ``heldout``, and once it has every
@@ -36,14 +43,17 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from pipetrain.schedule.actions import NORMS, Action, Kind
+from pipetrain.schedule.actions import NORMS, TIES, Action, Kind
 from pipetrain.schedule.schedule import Schedule
+from pipetrain.schedule.ties import CARRIED
 
 Tree = Any
+_RECVS = (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RECV_TOTAL, Kind.RECV_TIE, Kind.RECV_TIED)
 
 
 class Links(Protocol):
@@ -114,9 +124,31 @@ class StageProgram:
         if self.clip_norm and updates and not any(a.kind is Kind.NORM for a in self.actions):
             raise ValueError(f"stage {self.index}: the optimizer clips by norm (clip_norm = {self.clip_norm}) but "
                              f"the schedule has no norm actions: build it with clip=True (ScheduleSpec.clip)")
+        self.carrier = None
+        self.ties = self._tie_reducer(stage, schedule)
         if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
             raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
                              f"were given")
+
+    def _tie_reducer(self, stage: Any, schedule: Schedule) -> Any:
+        tied, sums = getattr(stage, "tied", None), any(a.kind is Kind.TIE for a in self.actions)
+        if tied is not None and schedule.name in CARRIED:
+            from pipetrain.runtime.tie_carry import CarryingLinks, TieCarrier
+
+            self.carrier = TieCarrier(stage, tied)
+            self.links = CarryingLinks(self.links, self.carrier)
+            return None
+        if tied is not None and not sums:
+            raise ValueError(f"stage {self.index}: the stage holds tied weights but the schedule has no tie "
+                             f"actions: build it with the ties' spans (ScheduleSpec.ties, TiePlan.spans)")
+        if tied is None and sums:
+            raise ValueError(f"stage {self.index}: the schedule sums tied weights but the stage was not given "
+                             f"its ties (pipetrain.ties.prepare_stage)")
+        if tied is None:
+            return None
+        from pipetrain.runtime.ties import TieReducer
+
+        return TieReducer(stage, tied, self.links, self._wait_follows)
 
     @property
     def done(self) -> bool:
@@ -129,7 +161,7 @@ class StageProgram:
         a = self.next_action()
         if a is None:
             return False
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RECV_TOTAL):
+        if a.kind in _RECVS:
             return self.links.ready(a.kind, a.k)
         return True
 
@@ -165,7 +197,8 @@ class StageProgram:
             x = self.source.inputs(a.k) if spec.is_first else self._inputs.pop(a.k)
             targets = self.source.targets(a.k) if spec.is_last else None
             delay = {} if self._delays is None else {"delay": self._delays[a.k]}
-            out = self.stage.forward(a.k, x, version=a.version, targets=targets, **delay)
+            forward = self.stage.forward if self.carrier is None else self.carrier.forward
+            out = forward(a.k, x, version=a.version, targets=targets, **delay)
             if spec.is_last:
                 self.hooks.on_loss(a.k, float(out))
             else:
@@ -177,8 +210,12 @@ class StageProgram:
             if self.position in self._split_at:
                 self._input_grads[a.k] = self.stage.backward_input(a.k, grad)
                 self._weights_due = a.k
+                if self.carrier is not None:  # (a relay: the holders are JAX stages, which never split)
+                    self.carrier.after_backward(a.k)
             else:
                 grad_in = self.stage.backward(a.k, grad)
+                if self.carrier is not None:
+                    self.carrier.after_backward(a.k)
                 if not spec.is_first:
                     self._input_grads[a.k] = grad_in
         elif a.kind is Kind.SEND_GRAD:
@@ -189,6 +226,8 @@ class StageProgram:
             self._update(a.version)
         elif a.kind in NORMS:
             self._norm(a)
+        elif a.kind in TIES:
+            self.ties.run(a)
         elif a.kind is Kind.CHECKPOINT:
             self.hooks.on_checkpoint(a.k, self.stage)
         elif a.kind is Kind.RECV_EVAL:
@@ -205,7 +244,8 @@ class StageProgram:
         if a.kind is Kind.RECV_NORM:
             self._norm_in[v] = float(np.asarray(self.links.recv(a.kind, v)))
         elif a.kind is Kind.NORM:  # stages p-1, ..., s in that order: the same sum on every run
-            self._norm_total[v] = self._norm_sum[v] = self._norm_in.pop(v, 0.0) + self.stage.grad_sq_norm()
+            own = self.stage.grad_sq_norm() if self.ties is None else self.ties.grad_sq_norm()
+            self._norm_total[v] = self._norm_sum[v] = self._norm_in.pop(v, 0.0) + own
         elif a.kind is Kind.SEND_NORM:
             self.links.send(a.kind, v, v, np.float64(self._norm_sum.pop(v)), wait_follows=self._wait_follows())
         elif a.kind is Kind.RECV_TOTAL:
@@ -228,7 +268,8 @@ class StageProgram:
         spec = self.stage.spec
         step, j = self.evaluation.decode(a.k)
         x = self.heldout.inputs(j) if spec.is_first else self._eval_inputs.pop(a.k)
-        out = self.stage.evaluate(x, targets=self.heldout.targets(j) if spec.is_last else None)
+        evaluate = self.stage.evaluate if self.carrier is None else partial(self.carrier.evaluate, a.k)
+        out = evaluate(x, targets=self.heldout.targets(j) if spec.is_last else None)
         if not spec.is_last:
             self._eval_outputs[a.k] = out
             return
@@ -245,9 +286,7 @@ class StageProgram:
     def _wait_follows(self) -> bool:
         """Whether the action after this one waits for a message not yet here."""
         after = self._after()
-        return (after is not None and after.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM,
-                                                     Kind.RECV_TOTAL)
-                and not self.links.ready(after.kind, after.k))
+        return after is not None and after.kind in _RECVS and not self.links.ready(after.kind, after.k)
 
     def _release_unread_versions(self) -> None:
         # A version stays while a later action reads it; the latest one always

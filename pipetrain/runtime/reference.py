@@ -53,6 +53,10 @@ class _Links:
             self.mail.boxes[self.stage - 1][(Kind.RECV_NORM, k)] = tree
         elif kind is Kind.SEND_TOTAL:
             self.mail.boxes[self.stage + 1][(Kind.RECV_TOTAL, k)] = tree
+        elif kind is Kind.SEND_TIE:  # tied weights (schedule/ties.py): partial sums go down, the totals up
+            self.mail.boxes[self.stage - 1][(Kind.RECV_TIE, k)] = tree
+        elif kind is Kind.SEND_TIED:
+            self.mail.boxes[self.stage + 1][(Kind.RECV_TIED, k)] = tree
         else:
             self.mail.boxes[self.stage - 1][(Kind.RECV_GRAD, k)] = tree
 
@@ -111,7 +115,13 @@ class ReferenceResult:
 
 
 def build_stages(partition: Any, optimizer: Any) -> list[Any]:
-    return [partition.model.build_stage(spec, optimizer=optimizer) for spec in partition.specs()]
+    """Every stage of ``partition``; with tied weights (``pipetrain.ties``), each holding
+    stage gets its part of the plan and its copies start as the first copy does."""
+    from pipetrain.ties import plan_ties, prepare_stage
+
+    ties = plan_ties(partition)
+    stages = [partition.model.build_stage(spec, optimizer=optimizer) for spec in partition.specs()]
+    return [prepare_stage(st, ties, partition.model) for st in stages] if ties else stages
 
 
 def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,

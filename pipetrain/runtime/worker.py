@@ -62,6 +62,7 @@ class StageJob:
     secret: bytes = field(default=b"", repr=False)
     heldout: Any = None  # the held-out source the eval blocks read (JobPlan.heldout)
     evaluation: Any = None  # EvalSpec, or None: no eval blocks
+    ties: Any = None  # pipetrain.ties.TiePlan of the partition, or None: no tied weights
 
 
 def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseException) -> dict | None:
@@ -203,6 +204,10 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     if job.evaluation is not None:
         schedule = job.evaluation.apply(schedule)
     stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
+    if job.ties:
+        from pipetrain.ties import prepare_stage
+
+        prepare_stage(stage, job.ties, job.model)  # (a resumed stage's copies come from its shard next)
     built = time.time()
     if job.resume_cut:
         stage.load_state_dict(store.load_shard(job.resume_cut, job.spec.index))

@@ -9,7 +9,8 @@ cut before micro-batch 16, ``1RECV_F3`` stage 1 receiving the activation of 3,
 ``2E9`` stage 2 running the forward-only evaluation of held-out message 9
 (``schedule/evaluation.py``: an eval block's messages are numbered by the pass),
 ``1N4`` stage 1 adding its squared gradient norm for the update to version 4
-(``schedule/norms.py``).
+(``schedule/norms.py``), ``3TIE4`` stage 3 adding its tied copies' gradients
+for the update to version 4 (``schedule/ties.py``).
 """
 from __future__ import annotations
 
@@ -36,12 +37,19 @@ class Kind(str, Enum):
     RECV_NORM = "RECV_N"     # receive the partial sum of stages > s from stage + 1
     SEND_TOTAL = "SEND_T"    # send the whole model's squared norm to stage + 1
     RECV_TOTAL = "RECV_T"    # receive it from stage - 1
+    # Tied weights (schedule/ties.py): k is the version the next UPDATE produces.
+    TIE = "TIE"                # add the stage's tied-copy gradients to the partial sums from stage + 1
+    SEND_TIE = "SEND_G"        # send the partial sums (of tied gradients) to stage - 1
+    RECV_TIE = "RECV_G"        # receive the partial sums of the copies on stages > s from stage + 1
+    SEND_TIED = "SEND_S"       # send the tied parameters' summed gradients to stage + 1
+    RECV_TIED = "RECV_S"       # receive them from stage - 1
 
 
 COMPUTE = (Kind.FORWARD, Kind.BACKWARD)
 COMMUNICATION = (Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
 EVALUATION = (Kind.EVAL_F, Kind.SEND_EVAL, Kind.RECV_EVAL)
 NORMS = (Kind.NORM, Kind.SEND_NORM, Kind.RECV_NORM, Kind.SEND_TOTAL, Kind.RECV_TOTAL)
+TIES = (Kind.TIE, Kind.SEND_TIE, Kind.RECV_TIE, Kind.SEND_TIED, Kind.RECV_TIED)
 
 
 @dataclass(frozen=True, slots=True)

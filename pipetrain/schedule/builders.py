@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from pipetrain.schedule.actions import Action, B, C, F, Kind, U
 from pipetrain.schedule.norms import with_norms
+from pipetrain.schedule.ties import check_tie_schedule, with_ties
 from pipetrain.schedule.schedule import (  # noqa: F401 - ScheduleError, bubble_fraction_formula re-exported
     FLUSH_SCHEDULES, SCHEDULES, Schedule, ScheduleError, bubble_fraction_formula)
 
@@ -172,6 +173,8 @@ class ScheduleSpec:
     first_microbatch: int = 0
     clip: bool = False  # gradient-norm actions before every UPDATE (schedule/norms.py): clip_norm is set
     restart_at: int = 0  # the pipeline starts again, empty, at this micro-batch (see the docstring)
+    # Tied weights (schedule/ties.py): per tie, its (lowest, highest) holding stage.
+    ties: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self.name, self.num_stages, self.microbatches, self.steps, self.accumulate,
@@ -179,6 +182,8 @@ class ScheduleSpec:
         r = self.restart_at
         if not _is_int(r) or r < 0 or r % self.microbatches or r >= self.total_microbatches:
             raise ScheduleError(f"restart_at: must be a step boundary in [0, {self.total_microbatches}), got {r!r}")
+        object.__setattr__(self, "ties", tuple((int(lo), int(hi)) for lo, hi in self.ties))  # (JSON gives lists)
+        check_tie_schedule(self.name, self.ties)
 
     @property
     def microbatches_per_update(self) -> int:
@@ -199,19 +204,28 @@ class ScheduleSpec:
             del d["clip"]
         if not self.restart_at:
             del d["restart_at"]
+        if not self.ties:
+            del d["ties"]
+        else:
+            d["ties"] = [list(t) for t in self.ties]
         return d
+
+    def _passes(self, schedule: Schedule) -> Schedule:
+        """The passes over the built actions: tie sums, then the norms right before each U."""
+        schedule = with_ties(schedule, self.ties) if self.ties else schedule
+        return with_norms(schedule) if self.clip else schedule
 
     def build(self) -> Schedule:
         if self.restart_at:
             r, first = self.restart_at, self.first_microbatch
             fresh = replace(self, steps=self.steps - r // self.microbatches, first_microbatch=max(first - r, 0),
-                            restart_at=0, clip=False).build()
+                            restart_at=0, clip=False, ties=()).build()
             moved = shifted(fresh, microbatches=r, versions=r // self.microbatches_per_update)
             if first < r:  # the run before the restart drains at r, then the pipeline fills again
-                before = replace(self, steps=r // self.microbatches, restart_at=0, clip=False).build()
+                before = replace(self, steps=r // self.microbatches, restart_at=0, clip=False, ties=()).build()
                 moved = replace(moved, first_microbatch=first, initial_versions=before.initial_versions,
                                 actions=tuple(a + b for a, b in zip(before.actions, moved.actions)))
-            return with_norms(moved) if self.clip else moved
+            return self._passes(moved)
         total, first = self.total_microbatches, self.first_microbatch
         shape = Shape(self.num_stages, self.microbatches, total, first, self.accumulate)
         cuts = checkpoint_cuts(first=first, total=total, every=self.checkpoint_every)
@@ -226,7 +240,7 @@ class ScheduleSpec:
             actions=tuple(actions),
             initial_versions=tuple(initial_versions(acts, latest=latest) for acts in actions),
         )
-        return with_norms(schedule) if self.clip else schedule
+        return self._passes(schedule)
 
 
 def shifted(schedule: Schedule, *, microbatches: int, versions: int) -> Schedule:

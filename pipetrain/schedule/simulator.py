@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipetrain.schedule.actions import COMPUTE, EVALUATION, NORMS, Action, Kind
+from pipetrain.schedule.actions import COMPUTE, EVALUATION, NORMS, TIES, Action, Kind
 from pipetrain.schedule.evaluation import check_eval_action
 from pipetrain.schedule.norms import NORM_RECVS, NORM_SENDS, check_norm_actions
+from pipetrain.schedule.ties import TIE_RECVS, TIE_SENDS, check_tie_actions
 from pipetrain.schedule.schedule import Schedule, ScheduleError, bubble_fraction_formula
 
 __all__ = ["ScheduleError", "SimulationReport", "TimedAction", "activation_bound", "check_schedule",
@@ -159,6 +160,7 @@ def check_schedule(schedule: Schedule) -> tuple[StageMemory, ...]:
     for s in range(schedule.num_stages):
         _check_order(schedule, s)
         check_norm_actions(schedule, s)
+        check_tie_actions(schedule, s)
     _check_pairs(schedule)
     return tuple(_stage_memory(schedule, s) for s in range(schedule.num_stages))
 
@@ -181,7 +183,7 @@ def _check_order(schedule: Schedule, s: int) -> None:
         if a.kind in EVALUATION:
             check_eval_action(where, a, s, p, seen)
             continue
-        if a.kind in NORMS:  # checked by check_norm_actions below
+        if a.kind in NORMS or a.kind in TIES:  # checked by check_norm_actions / check_tie_actions
             continue
         if a.k is None or not first <= a.k < total:
             raise ScheduleError(f"{where}: micro-batch {a.k} is outside this schedule's range [{first}, {total})")
@@ -236,7 +238,9 @@ def _check_pairs(schedule: Schedule) -> None:
                                      (Kind.SEND_GRAD, Kind.RECV_GRAD, s + 1, s),
                                      (Kind.SEND_EVAL, Kind.RECV_EVAL, s, s + 1),
                                      (Kind.SEND_NORM, Kind.RECV_NORM, s + 1, s),
-                                     (Kind.SEND_TOTAL, Kind.RECV_TOTAL, s, s + 1)):
+                                     (Kind.SEND_TOTAL, Kind.RECV_TOTAL, s, s + 1),
+                                     (Kind.SEND_TIE, Kind.RECV_TIE, s + 1, s),
+                                     (Kind.SEND_TIED, Kind.RECV_TIED, s, s + 1)):
             sent, received = ks(src, send), ks(dst, recv)
             for k in sorted(received - sent)[:1]:
                 raise ScheduleError(f"stage {dst}: {dst}{recv.value}{k} has no matching {src}{send.value}{k} "
@@ -298,9 +302,9 @@ def _stage_memory(schedule: Schedule, s: int) -> StageMemory:
 def _message(a: Action) -> tuple[str, int, int]:
     """(direction, sending stage, micro-batch) of the message a SEND or RECV moves
     ("E": an eval activation, on the forward edge)."""
-    if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL, *NORM_SENDS):
+    if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL, *NORM_SENDS, *TIE_SENDS):
         return _DIRECTION[a.kind], a.stage, a.k
-    if a.kind in (Kind.RECV_ACT, Kind.RECV_EVAL, Kind.RECV_TOTAL):
+    if a.kind in (Kind.RECV_ACT, Kind.RECV_EVAL, Kind.RECV_TOTAL, Kind.RECV_TIED):
         return _DIRECTION[a.kind], a.stage - 1, a.k
     return _DIRECTION[a.kind], a.stage + 1, a.k
 
@@ -308,8 +312,9 @@ def _message(a: Action) -> tuple[str, int, int]:
 # "N": a partial squared norm (backward edge), "T": the total (forward edge); schedule/norms.py
 _DIRECTION = {Kind.SEND_ACT: "F", Kind.RECV_ACT: "F", Kind.SEND_GRAD: "B", Kind.RECV_GRAD: "B",
               Kind.SEND_EVAL: "E", Kind.RECV_EVAL: "E", Kind.SEND_NORM: "N", Kind.RECV_NORM: "N",
-              Kind.SEND_TOTAL: "T", Kind.RECV_TOTAL: "T"}
-_EDGE = {"E": "F", "N": "B", "T": "F"}  # the connection a direction's messages share
+              Kind.SEND_TOTAL: "T", Kind.RECV_TOTAL: "T",
+              Kind.SEND_TIE: "G", Kind.RECV_TIE: "G", Kind.SEND_TIED: "S", Kind.RECV_TIED: "S"}  # ties.py
+_EDGE = {"E": "F", "N": "B", "T": "F", "G": "B", "S": "F"}  # the connection a direction's messages share
 
 
 def _edge(a: Action) -> tuple[str, int]:
@@ -334,10 +339,10 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
     def start_time(a: Action) -> float | None:
         """When ``a`` can start on its stage, or None while it waits on another stage."""
         now = clock[a.stage]
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS):
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS, *TIE_RECVS):
             message = _message(a)
             return None if message not in arrival else max(now, arrival[message])
-        if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL, *NORM_SENDS) and credits is not None:
+        if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL, *NORM_SENDS, *TIE_SENDS) and credits is not None:
             edge = _edge(a)
             n = sent[edge]
             if n >= credits:  # the (n - credits)-th receipt frees the credit this send needs
@@ -357,10 +362,10 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
                 if a.kind is Kind.BACKWARD and position[s] in split[s]:
                     cost -= wgt[s]  # the input gradient only; the rest after the send
                     owed[s] = a
-                if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL, *NORM_SENDS):
+                if a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD, Kind.SEND_EVAL, *NORM_SENDS, *TIE_SENDS):
                     arrival[_message(a)] = start + send_cost
                     sent[_edge(a)] += 1
-                elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS):
+                elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS, *TIE_RECVS):
                     received[_edge(a)].append(start)
                 timeline[s].append(TimedAction(a, start, start + cost))
                 clock[s] = start + cost
@@ -385,12 +390,12 @@ def _deadlock(schedule: Schedule, timeline: list[list[TimedAction]], position: l
             continue
         a = acts[position[s]]
         direction, sender, k = _message(a)
-        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS):
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS, *TIE_RECVS):
             send = {"F": Kind.SEND_ACT, "B": Kind.SEND_GRAD, "E": Kind.SEND_EVAL, "N": Kind.SEND_NORM,
-                    "T": Kind.SEND_TOTAL}[direction]
+                    "T": Kind.SEND_TOTAL, "G": Kind.SEND_TIE, "S": Kind.SEND_TIED}[direction]
             why = f"waits for {sender}{send.value}{k}, which stage {sender} has not run"
         else:
-            receiver = sender + 1 if direction in ("F", "E", "T") else sender - 1
+            receiver = sender + 1 if direction in ("F", "E", "T", "S") else sender - 1
             why = f"waits for a credit: {credits} sent on edge {sender}->{receiver} not yet received"
         lines.append(f"  stage {s}: blocked at {a!r} (position {position[s]}), {why}")
     end = max((t[-1].end for t in timeline if t), default=0.0)

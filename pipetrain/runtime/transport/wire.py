@@ -64,6 +64,8 @@ class MessageKind(enum.IntEnum):
     NORM_PARTIAL = 6  # clipping (schedule/norms.py): a float64 partial squared norm, stage i -> i-1
     NORM_TOTAL = 7  # the whole model's squared norm, stage i -> i+1
     EVAL_ACTIVATION = 8  # forward-only evaluation (schedule/evaluation.py): stage i -> i+1
+    TIE_PARTIAL = 9  # tied weights (schedule/ties.py): partial sums of tied gradients, stage i -> i-1
+    TIE_TOTAL = 10  # the tied gradients' sums, stage i -> i+1
 
 
 @dataclass
