@@ -103,9 +103,12 @@ def _oracle(source, torch_owner):
     return [v[-1] for v in versions], losses, np.asarray(shared)
 
 
-def _run(direction, spoil_head=False):
+def _run(direction, spoil_head=False, precision="fp32"):
     source = mixed.train_source(n=512, microbatch_size=16)
     part = tied_mixed(source) if direction == "torch->keras" else keras_then_torch(source)
+    if precision != "fp32":
+        part = partition(part.model, 3, boundaries=[2, 4], example_input=source.inputs(0), precision=precision)
+        assert plan_ties(part).spans == ((1, 2),)  # (the bf16 copy of the mixed model is still tied)
     spec = ScheduleSpec("pipedream", num_stages=3, microbatches=M, steps=STEPS, ties=plan_ties(part).spans)
     stages = build_stages(part, Optimizer("momentum", lr=LR))
     if spoil_head:
@@ -138,12 +141,14 @@ def test_torch_and_keras_owners_and_heads_follow_vertical_sync(direction):
     assert not np.asarray(result.stages[2].state_dict()[f"acc/{head_name}"]).any()
 
 
-@pytest.mark.parametrize("direction", sorted(COPIES))
-def test_the_head_reads_the_owners_value_not_its_own_copy(direction):
-    """Spoil the head's own copy before training: nothing changes, bit for bit."""
+@pytest.mark.parametrize("direction,precision", [("keras->torch", "fp32"), ("torch->keras", "fp32"),
+                                                 ("torch->keras", "bf16")])
+def test_the_head_reads_the_owners_value_not_its_own_copy(direction, precision):
+    """Spoil the head's own copy before training: nothing changes, bit for bit (under bf16 too,
+    where both stages cast the float32 value they read inside their graphs)."""
     owner_name = COPIES[direction][0]
-    _, clean = _run(direction)
-    _, spoiled = _run(direction, spoil_head=True)
+    _, clean = _run(direction, precision=precision)
+    _, spoiled = _run(direction, spoil_head=True, precision=precision)
     assert spoiled.losses == clean.losses
     assert _latest(spoiled.stages[1])[owner_name].tobytes() == _latest(clean.stages[1])[owner_name].tobytes()
     for name, value in _latest(clean.stages[2]).items():
