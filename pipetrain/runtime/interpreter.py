@@ -210,7 +210,7 @@ class StageProgram:
             if self.position in self._split_at:
                 self._input_grads[a.k] = self.stage.backward_input(a.k, grad)
                 self._weights_due = a.k
-                if self.carrier is not None:  # (a relay: the holders are JAX stages, which never split)
+                if self.carrier is not None:  # (a relay: holders never split, see check_carried_holder)
                     self.carrier.after_backward(a.k)
             else:
                 grad_in = self.stage.backward(a.k, grad)

@@ -11,8 +11,8 @@ its LM head on stage p-1) that means:
   {"g0": value}}``;
 - the stages between relay it unchanged, on k's activation up and on k's
   input gradient down;
-- stage hi's forward of k (and so its backward, whose VJP closes over the
-  same parameters) uses exactly that value in place of its own copy. After
+- stage hi's forward of k (and so its backward, which differentiates the
+  very tensors the forward read) uses exactly that value in place of its own copy. After
   its backward of k, its gradient w.r.t. the tie is taken out of its
   accumulator (which is left at zero there: the copy is not a parameter hi
   updates) and put on k's input gradient, down to stage lo;
@@ -31,8 +31,9 @@ zero gradients, e.g. weight decay); the tie's value is the owner's.
 Cost: the tied tensor crosses each edge of [lo, hi] with every activation and
 every input gradient (the demo GPT's 97x128 float32 table: 48.5 KiB on top of
 a 16x64x128 float32 activation's 512 KiB, both ways). Built for two copies
-per tie, on JAX stages, without delay corrections; the rest raises
-``NotImplementedError``. Messages are checked on receipt (``TieMismatch``).
+per tie, on JAX, torch and Keras stages (``stages/ties.py`` swaps the value
+into each one's weight version), without delay corrections or a holder's
+split_backward='always'; the rest raises ``NotImplementedError``. Messages are checked on receipt (``TieMismatch``).
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class TieCarrier:
         self.owned = {t.key: t.copies[0].name for t in tied.ties if t.span[0] == s}
         self.used = {t.key: t.copies[1].name for t in tied.ties if t.span[1] == s}
         for t in tied.held():
-            framework._jax_only(stage, f"tie {t.index}")
+            framework.check_carried_holder(stage, f"tie {t.index}")
         self.up = tied.specs_across(s)        # crossing to s + 1
         self.below = tied.specs_across(s - 1)  # crossing to s - 1
         # (kind of message, k) -> key -> array: values from below / to send up, gradients from above / to send down.

@@ -77,7 +77,10 @@ def with_precision(model: Any, precision: str) -> Any:
     if hasattr(model, "parts"):
         from pipetrain.stages.mixed import MixedSequential
 
-        return MixedSequential([with_precision(part, precision) for part in model.parts])
+        twin = MixedSequential([with_precision(part, precision) for part in model.parts])
+        if hasattr(model, "ties"):  # (set on the model, not its parts: a new one would train untied)
+            twin.ties = model.ties
+        return twin
     if not hasattr(model, "precision"):
         raise PrecisionError(f"precision {precision!r}: {type(model).__name__} has no precision option "
                              f"(JaxSequential, TorchSequential, KerasSequential and MixedSequential have)")

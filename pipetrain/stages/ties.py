@@ -149,45 +149,81 @@ def grad_sq_norm_without(stage: Any, skip: tuple[str, ...]) -> float:
 
 
 # ---------------------------------------------------------------- pipedream: a tie carried on the F/B messages
-# (runtime/tie_carry.py). Built for JAX stages only: their forward keeps its VJP, closed over the
-# parameters it was given, so a value swapped in for one forward is also the one its backward uses.
+# (runtime/tie_carry.py). Each adapter's forward of k reads its weight version once, from
+# ``stage._versions[version]`` (a tree of JAX arrays, or a dict of torch / TF tensors by name), and keeps
+# what it read for k's backward (JAX: the VJP closed over it; torch: the leaf views autograd differentiates;
+# Keras: the tensors its tape watched). So a value swapped into that version for the forward's duration is
+# also the one k's backward differentiates, its gradient lands in the accumulator under the copy's own name,
+# and the version every other micro-batch reads is put back untouched.
 
-def _jax_only(stage: Any, what: str) -> None:
-    if stage.framework != "jax":
+CARRIED_FRAMEWORKS = ("jax", "torch", "tf")
+
+
+def check_carried_holder(stage: Any, what: str) -> None:
+    """Refuse a holder the carried tie is not built for."""
+    if stage.framework not in CARRIED_FRAMEWORKS:
         raise NotImplementedError(f"stage {stage.spec.index}: tied weights under pipedream ({what}) are "
-                                  f"implemented for JAX stages only, not {stage.framework!r} ones; use gpipe, "
-                                  f"1f1b or 2bw with this model")
+                                  f"implemented for JAX, torch and Keras stages, not {stage.framework!r} ones; "
+                                  f"use gpipe, 1f1b or 2bw with this model")
+    if getattr(stage, "split_backward", "never") == "always":
+        # A split backward's weight gradients come after its input gradient is sent, and so after
+        # the head's gradient of the tie would have to ride down on it.
+        raise NotImplementedError(f"stage {stage.spec.index}: tied weights under pipedream ({what}) on a stage "
+                                  f"with split_backward='always' are not implemented; use 'auto' or False")
 
 
 def param_at(stage: Any, version: int, name: str) -> np.ndarray:
     """Weight version ``version``'s parameter ``name`` as a host copy."""
-    from pipetrain.stages import jax_trees
+    check_carried_holder(stage, "reading the owner's value")
+    if stage.framework == "jax":
+        from pipetrain.stages import jax_trees
 
-    _jax_only(stage, "reading the owner's value")
-    leaves = dict(jax_trees.named_leaves(stage._params(version)))
-    return np.array(leaves[name], copy=True)
+        leaves = dict(jax_trees.named_leaves(stage._params(version)))
+        return np.array(leaves[name], copy=True)
+    value = stage._params(version)[name]
+    if stage.framework == "torch":
+        return value.detach().cpu().numpy().copy()
+    return np.array(value.numpy(), copy=True)
 
 
 @contextmanager
 def params_replaced(stage: Any, version: int, values: dict[str, np.ndarray]) -> Iterator[None]:
     """Within the block, weight version ``version`` reads ``values`` (by name) instead of its own;
     the version itself is left as it was."""
-    import jax
-
-    from pipetrain.stages import jax_trees
-
-    _jax_only(stage, "using the owner's value")
+    check_carried_holder(stage, "using the owner's value")
     if not values:
         yield
         return
     own = stage._params(version)
-
-    def put(path: tuple, leaf: Any) -> Any:
-        name = jax_trees.path_name(path)
-        return jax.device_put(np.asarray(values[name], dtype=leaf.dtype), stage.device) if name in values else leaf
-
-    stage._versions[version] = jax.tree_util.tree_map_with_path(put, own)
+    stage._versions[version] = _with_values(stage, own, values)
     try:
         yield
     finally:
         stage._versions[version] = own
+
+
+def _with_values(stage: Any, own: Any, values: dict[str, np.ndarray]) -> Any:
+    """A new version tree: ``own`` with ``values`` in place of the named tensors (own's dtype and device)."""
+    if stage.framework == "jax":
+        import jax
+
+        from pipetrain.stages import jax_trees
+
+        def put(path: tuple, leaf: Any) -> Any:
+            name = jax_trees.path_name(path)
+            return (jax.device_put(np.asarray(values[name], dtype=leaf.dtype), stage.device) if name in values
+                    else leaf)
+
+        return jax.tree_util.tree_map_with_path(put, own)
+    missing = sorted(set(values) - set(own))
+    if missing:
+        raise KeyError(f"stage {stage.spec.index}: has no parameters {missing} to replace")
+    if stage.framework == "torch":
+        import torch
+
+        return {**own, **{n: torch.from_numpy(np.array(v, dtype=own[n].detach().cpu().numpy().dtype))
+                          .to(own[n].device) for n, v in values.items()}}
+    import tensorflow as tf
+
+    with stage._device():
+        return {**own, **{n: tf.constant(np.asarray(v), dtype=own[n].dtype) for n, v in values.items()}}

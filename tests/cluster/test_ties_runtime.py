@@ -5,7 +5,8 @@ the reference executor bit for bit (losses and every state entry, the copies
 bit-identical), under 1f1b with clipping and 2bw; a run resumed from its
 checkpoint continues bit-identical to the uninterrupted one. Under pipedream the
 tie rides on the F/B and eval messages (runtime/tie_carry.py), Dask == reference
-bit for bit too (its recovery: tests/reliability/test_tie_kills.py)."""
+bit for bit too, with JAX holders and with a torch owner and a Keras head (its recovery:
+tests/reliability/test_tie_kills.py)."""
 import numpy as np
 import pytest
 
@@ -100,3 +101,22 @@ def test_pipedream_tied_gpt_equals_reference_bit_for_bit(client, precision):
     assert dask_run.states[0][f"v{v}/embed/tokens"].tobytes() != dask_run.states[-1][f"v{v}/head/tokens"].tobytes()
     assert not dask_run.states[-1]["acc/head/tokens"].any()
 
+
+
+def test_pipedream_tied_torch_owner_and_keras_head_equal_reference_bit_for_bit(client):
+    """The torch weight owns, the Keras kernel is the head (stages/ties.py swaps the carried value into
+    each one's weight version); eval blocks carry the owner's latest value."""
+    pytest.importorskip("tensorflow")
+    from models import mixed
+    from test_ties_frameworks import tied_mixed
+
+    source = mixed.train_source(n=512, microbatch_size=16)
+    part = tied_mixed(source)
+    kwargs = dict(schedule="pipedream", microbatches=4, steps=3, progress=False,
+                  heldout=mixed.heldout_source(n=64, microbatch_size=16), eval_microbatches=2, eval_every=1,
+                  optimizer=Optimizer("momentum", lr=0.1, clip_norm=0.05))
+    dask_run = fit(part, source, client=client, **kwargs)
+    reference = fit(part, source, executor="reference", **kwargs)
+    _assert_same(dask_run, reference)
+    assert dask_run.evals == reference.evals and len(dask_run.evals) == 4
+    assert not dask_run.states[2]["acc/0.kernel"].any()

@@ -2,7 +2,8 @@
 the sums relayed through stage 1 before every update); the recovered run equals the
 uninterrupted reference bit for bit, the copies included, and every micro-batch
 reached the weights once. Under pipedream (the tie riding on each micro-batch's F/B
-messages, runtime/tie_carry.py) the same, killing the relay or the head's stage."""
+messages, runtime/tie_carry.py) the same, killing the relay or the head's stage, and
+killing the Keras head of the mixed MLP's tie with a torch owner."""
 import pytest
 
 from models import gpt
@@ -98,4 +99,60 @@ def test_pipedream_killed_stage_recovers_bit_identical(client, tmp_path, stage, 
         assert got.keys() == want.keys(), f"stage {s}"
         for name in want:
             assert (got[name] == want[name]).all(), f"stage {s}: {name} differs"
+    assert all(ledger == {"applied": [[0, M * STEPS]], "pending": []} for ledger in result.ledgers)
+
+
+class HolderChaosStage(ClippingChaosStage):
+    """ClippingChaosStage showing pipetrain/stages/ties.py a torch or Keras stage's bookkeeping
+    (weight versions, accumulator, names), read from the stage it wraps."""
+
+    def __getattr__(self, name):
+        if name == "inner":  # (unpickling: not set yet)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class TiedMixedChaosModel(ChaosModel):
+    """The tied mixed MLP (torch weight owning, Keras kernel the head) with faults; ``part_of`` and
+    the rest of the MixedSequential, for the tie's planning, from the model it wraps."""
+
+    def __getattr__(self, name):
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def build_stage(self, spec, *, optimizer):
+        mine = [f for f in self.faults if f.stage == spec.index]
+        return HolderChaosStage(self.model.build_stage(spec, optimizer=optimizer), mine, self.marker_dir,
+                                self.checkpoint_dir)
+
+
+def test_pipedream_killed_keras_head_of_a_torch_owned_tie_recovers_bit_identical(client, tmp_path):
+    pytest.importorskip("tensorflow")
+    from models import mixed
+    from test_ties_frameworks import TIE, tied_mixed
+
+    fault = Fault(2, "F", 11, after_commit=8)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    model = mixed.build()
+    model.ties = TIE
+    chaos = TiedMixedChaosModel(model, faults=[fault], marker_dir=str(markers),
+                                checkpoint_dir=str(tmp_path / "checkpoints"))
+    source = mixed.train_source(n=512, microbatch_size=16)
+    part = partition(chaos, 3, boundaries=[2, 4], example_input=source.inputs(0))
+    kwargs = dict(schedule="pipedream", microbatches=M, steps=STEPS, progress=False,
+                  optimizer=Optimizer("momentum", lr=0.1, clip_norm=0.5))
+    result = fit(part, source, client=client, checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=EVERY,
+                 run_dir=str(tmp_path / "run"), placement_timeout=30.0, job_id="tied-mixed-pd-kill", **kwargs)
+    assert fired(markers, fault) is not None
+    assert [r["rollback_to"] for r in result.recoveries] == [8]
+
+    reference = fit(tied_mixed(source), source, executor="reference", **kwargs)
+    assert result.losses == reference.losses
+    for s, (got, want) in enumerate(zip(result.states, reference.states, strict=True)):
+        assert got.keys() == want.keys(), f"stage {s}"
+        for name in want:
+            assert (got[name] == want[name]).all(), f"stage {s}: {name} differs"
+    assert not result.states[2]["acc/0.kernel"].any()
     assert all(ledger == {"applied": [[0, M * STEPS]], "pending": []} for ledger in result.ledgers)
