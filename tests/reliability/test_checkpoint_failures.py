@@ -60,14 +60,11 @@ def _block_after_first_commit(checkpoints: Path, block) -> threading.Thread:
 @pytest.mark.parametrize("where", ["stage-shard", "driver-commit"])
 def test_a_checkpoint_write_that_fails_mid_run_stops_the_job(client, tmp_path, where):
     checkpoints = tmp_path / "checkpoints"
-    if where == "stage-shard":  # the stages cannot create the next step directory
-        block = Path.write_text
-        args = ("not a directory",)
-    else:  # the stages write their shards, the driver cannot publish the manifest
-        def block(step: Path) -> None:
-            (step / "manifest.json").mkdir(parents=True)
-        args = ()
-    _block_after_first_commit(checkpoints, lambda step: block(step, *args))
+    # A directory where a file must go, made whether or not the stages have made the step's
+    # directory yet (a plain file in its place raced them: under load they could be first).
+    # Stage 0 reaches cut 16 last, so its shard is not written before the block.
+    blocked = "stage-0.safetensors" if where == "stage-shard" else "manifest.json"
+    _block_after_first_commit(checkpoints, lambda step: (step / blocked).mkdir(parents=True))
     with pytest.raises(JobFailed) as failure:
         run(client, tmp_path, "1f1b", [], sleep_scale=3)
     message = str(failure.value)
