@@ -63,6 +63,11 @@ class Inbound:
         admitted = await self.gate.screen(io, peer)
         if admitted is None:
             return None
+        if self.gate.closed:
+            # The endpoint closed while this handshake finished (asyncio.wait_for can return a result it
+            # was cancelled for): adopted now, the link would outlive the close, its peer never told.
+            io.close()
+            return None
         link = make_link(self.bound(admitted.sender))
         self.adopt(link, admitted)
         return link

@@ -183,6 +183,10 @@ class Gate:
             self._on_rejected(peer, reason)
         return None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         self._closed = True
         for task in list(self._pending) + list(self._tasks):
