@@ -172,6 +172,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
         schedule = replace(schedule, ties=ties.spans)
         if schedule.name in CARRIED:  # (pipedream: the ties ride on the F/B messages, runtime/tie_carry.py)
             check_carried(ties.ties, spec.schedule.correction)
+    if resume and executor == "dask" and spec.checkpoint_url:
+        schedule = _trained_on(schedule, spec.checkpoint_url)
     evaluation = spec.evaluation(heldout)
     run_path = Path(spec.run_dir) if spec.run_dir else None
     metrics = MetricsLog(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
@@ -255,6 +257,23 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
         log_eval(t + 1)
     return RunOutcome(losses=result.losses, states=result.state_dicts(), events=[], history=history, recoveries=[],
                       generation=0, wall_seconds=wall, evals=dict(sorted(result.evals.items())))
+
+
+def _trained_on(schedule: Any, checkpoint_url: str) -> Any:
+    """``schedule``, or, resuming a run that ended (its last checkpoint is its final cut) for more
+    steps, the same starting again, empty, at that cut (``ScheduleSpec.restart_at``): the final
+    checkpoint holds only the newest weight version, which pipedream and 2bw cannot go on from.
+    ``pipetrain resume --steps`` sets the same from the run directory (``job.resume_run``)."""
+    from pipetrain.checkpoint.store import CheckpointStore
+
+    latest = CheckpointStore(checkpoint_url).latest()
+    if latest is None or schedule.restart_at:
+        return schedule
+    before = latest.manifest.get("schedule") or {}
+    ended = int(before.get("steps", 0)) * int(before.get("microbatches", 0))
+    if latest.cut != ended or not 0 < ended < schedule.total_microbatches or ended % schedule.microbatches:
+        return schedule
+    return replace(schedule, restart_at=ended)
 
 
 @contextmanager
