@@ -122,11 +122,12 @@ def merge(run_dir: str, *, step: int | None = None, with_optimizer: bool = False
     weights: dict[str, np.ndarray] = {}
     optimizer: dict[str, np.ndarray] = {}
     owner: dict[str, int] = {}
+    named: dict[str, str] = {}  # a parameter's name in its stage's state -> its name in the artifact
     for s, (start, _end) in enumerate(ranges):
         state = store.load_shard(cut, s)
         prefix = _mixed_prefix(model, start)
         for name, array in _latest_weights(state, s, path).items():
-            name = prefix + name
+            named[name], name = prefix + name, prefix + name
             if name in owner:
                 if np.array_equal(weights[name], array):  # one tied parameter, kept by both stages
                     continue
@@ -136,8 +137,21 @@ def merge(run_dir: str, *, step: int | None = None, with_optimizer: bool = False
             weights[name] = array
         if with_optimizer:
             optimizer.update({f"optimizer/stage{s}/{k[4:]}": v for k, v in state.items() if k.startswith("opt/")})
+    _untie(weights, named, owner, cfg.model.ties if cfg.model.ties is not None else getattr(model, "ties", ()))
     return Merged(model=model, framework=framework, weights=weights, optimizer=optimizer, cut=cut,
                   step=cut // cfg.schedule.microbatches, checkpoint=path, cfg=cfg)
+
+
+def _untie(weights: dict, named: dict, owner: dict, ties: Any) -> None:
+    """Every copy of a tied parameter gets its owner's value (the copy on the lowest stage):
+    the copies the sync schedules keep are equal anyway, but under pipedream only the owner's
+    is trained (runtime/tie_carry.py), and the unpartitioned model reads each copy."""
+    for tie in ties or ():
+        held = [named[n] for n in tie if n in named]
+        if len(held) > 1:
+            first = min(held, key=lambda n: owner[n])
+            for name in held:
+                weights[name] = weights[first]
 
 
 def _pick(store: Any, cfg: Any, step: int | None) -> tuple[int, str, dict]:

@@ -120,3 +120,29 @@ def test_pipedream_tied_torch_owner_and_keras_head_equal_reference_bit_for_bit(c
     _assert_same(dask_run, reference)
     assert dask_run.evals == reference.evals and len(dask_run.evals) == 4
     assert not dask_run.states[2]["acc/0.kernel"].any()
+
+
+def test_export_of_a_pipedream_tied_run_writes_the_owners_value_to_every_copy(client, tmp_path):
+    # Under pipedream only the owner's copy trains; the head's copy in its shard stays as it
+    # began, and the unpartitioned model reads both names: the artifact must hold the owner's.
+    from safetensors.numpy import load_file
+
+    from pipetrain.checkpoint.store import CheckpointStore
+    from pipetrain.cli import main
+
+    run = tmp_path / "run"
+    config = tmp_path / "job.toml"
+    config.write_text(f'run_dir = "{run}"\n[model]\nentry = "models.gpt:build"\nkwargs = {{ context = 8, '
+                      f'd_model = 16, n_heads = 2, n_layers = 1, tie_embeddings = true }}\n[data]\n'
+                      f'train = "models.text:CharWindows"\nkwargs = {{ context = 8, microbatch_size = 4 }}\n'
+                      f'[partition]\nstages = 2\n[schedule]\nname = "pipedream"\nmicrobatches = 4\nsteps = 2\n'
+                      f'[optimizer]\nname = "adam"\nlr = 0.01\n[checkpoint]\nevery = 4\n')
+    assert main(["train", str(config), "--scheduler", client.scheduler.address, "-q"]) == 0
+    store = CheckpointStore(str(run / "checkpoints"))
+    cut = store.latest().cut
+    owner, head = store.load_shard(cut, 0)["v8/embed/tokens"], store.load_shard(cut, 1)["v8/head/tokens"]
+    assert not np.array_equal(owner, head), "the head's own copy trained: the test no longer tests the export"
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(run), str(out), "--format", "safetensors"]) == 0
+    tensors = load_file(str(out))
+    assert np.array_equal(tensors["embed/tokens"], owner) and np.array_equal(tensors["head/tokens"], owner)
