@@ -75,3 +75,12 @@ def optimizer_and_optax_twin(name):
           "adamw": optax.adamw(opt.lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                                mask=lambda ps: jax.tree_util.tree_map(lambda q: q.ndim >= 2, ps))}[name]
     return opt, tx
+
+
+def assert_runs_equal(a, b) -> None:
+    """Two FitResults trained the same, bit for bit: every loss, and every stage's state."""
+    assert a.losses == b.losses
+    for s, (x, y) in enumerate(zip(a.states, b.states, strict=True)):
+        assert x.keys() == y.keys(), f"stage {s}"
+        for name in x:
+            assert np.array_equal(x[name], y[name]), f"stage {s}: {name} differs"

@@ -14,18 +14,11 @@ from models import mixed, mlp
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
+from stage_helpers import assert_runs_equal
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 OPT = Optimizer("adam", lr=1e-2, clip_norm=0.5)
-
-
-def _assert_same(a, b):
-    assert a.losses == b.losses
-    for s, (x, y) in enumerate(zip(a.states, b.states, strict=True)):
-        assert x.keys() == y.keys(), f"stage {s}"
-        for name in x:
-            assert np.array_equal(x[name], y[name]), f"stage {s}: {name} differs"
 
 
 def _header(path: Path) -> dict:
@@ -43,7 +36,7 @@ def test_bf16_jax_pipeline_equals_reference_and_checkpoints_float32_masters(clie
     kwargs = dict(schedule="2bw", microbatches=4, steps=4, optimizer=OPT, progress=False)
     dask_run = fit(part, source, client=client, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=8, **kwargs)
     reference = fit(part, source, executor="reference", **kwargs)
-    _assert_same(dask_run, reference)
+    assert_runs_equal(dask_run, reference)
     fp32 = fit(part, source, executor="reference", precision="fp32", **kwargs)
     assert fp32.partition.precision == "fp32" and fp32.losses != reference.losses  # bf16 took part
     np.testing.assert_allclose(list(reference.losses.values()), list(fp32.losses.values()), rtol=0.05)
@@ -64,5 +57,5 @@ def test_bf16_mixed_pipeline_equals_reference_bit_for_bit(client):
     part = partition(mixed.build(), 3, boundaries=[2, 4], example_input=source.inputs(0), precision="bf16")
     kwargs = dict(schedule="1f1b", microbatches=4, steps=3, optimizer=OPT, progress=False)
     dask_run = fit(part, source, client=client, **kwargs)
-    _assert_same(dask_run, fit(part, source, executor="reference", **kwargs))
+    assert_runs_equal(dask_run, fit(part, source, executor="reference", **kwargs))
     assert all(v.dtype == np.float32 for st in dask_run.states for n, v in st.items() if n.startswith("v"))

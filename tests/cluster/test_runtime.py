@@ -12,17 +12,9 @@ from models.synthetic import SleepData, SleepSequential
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
+from stage_helpers import assert_runs_equal
 
 pytestmark = [pytest.mark.cluster]
-
-
-def _assert_same(a, b):
-    assert a.losses == b.losses
-    assert len(a.states) == len(b.states)
-    for s, (x, y) in enumerate(zip(a.states, b.states)):
-        assert x.keys() == y.keys(), f"stage {s}"
-        for name in x:
-            assert np.array_equal(x[name], y[name]), f"stage {s}: {name} differs"
 
 
 @pytest.mark.slow
@@ -33,7 +25,7 @@ def test_jax_pipeline_equals_reference_bit_for_bit(client, schedule):
     kwargs = dict(schedule=schedule, microbatches=4, steps=5, optimizer=Optimizer("adam", lr=3e-3), progress=False)
     dask_run = fit(part, source, client=client, **kwargs)
     reference = fit(part, source, executor="reference", **kwargs)
-    _assert_same(dask_run, reference)
+    assert_runs_equal(dask_run, reference)
     assert len(dask_run.history) == 5 and dask_run.history[-1]["loss"] < dask_run.history[0]["loss"]
 
 
@@ -43,7 +35,7 @@ def test_sleep_pipeline_streams_and_matches_reference(client):
     part = partition(model, 4, method="uniform", example_input=data.inputs(0))
     kwargs = dict(schedule="pipedream", microbatches=8, steps=3, optimizer=Optimizer("sgd", lr=0.05), progress=False)
     dask_run = fit(part, data, client=client, **kwargs)
-    _assert_same(dask_run, fit(part, data, executor="reference", **kwargs))
+    assert_runs_equal(dask_run, fit(part, data, executor="reference", **kwargs))
     # Every stage ran the forward and backward of all 24 micro-batches and
     # recorded them on its own worker process.
     for events in dask_run.events:
@@ -85,7 +77,7 @@ def test_fit_trains_a_finished_async_run_further(client, tmp_path, schedule):
 
     spec = JobSpec.from_settings(steps=3, **{k: v for k, v in kwargs.items() if k != "progress"})
     spec = replace(spec, schedule=replace(spec.schedule, restart_at=8))
-    _assert_same(resumed, fit(part, source, executor="reference", spec=spec, progress=False))
+    assert_runs_equal(resumed, fit(part, source, executor="reference", spec=spec, progress=False))
 
 
 def test_bad_schedule_fails_before_any_worker_starts(client):

@@ -15,16 +15,9 @@ from pipetrain.api import fit
 from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
 from test_ties import SIZE, Tokens
+from stage_helpers import assert_runs_equal
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-def _assert_same(a, b):
-    assert a.losses == b.losses
-    for s, (x, y) in enumerate(zip(a.states, b.states, strict=True)):
-        assert x.keys() == y.keys(), f"stage {s}"
-        for name in x:
-            assert np.array_equal(x[name], y[name]), f"stage {s}: {name} differs"
 
 
 def _copies_identical(run):
@@ -44,7 +37,7 @@ def test_tied_gpt_equals_reference_bit_for_bit(client, schedule, clip):
                   progress=False)
     dask_run = fit(part, Tokens(), client=client, **kwargs)
     reference = fit(part, Tokens(), executor="reference", **kwargs)
-    _assert_same(dask_run, reference)
+    assert_runs_equal(dask_run, reference)
     _copies_identical(dask_run)
     # the middle stage relayed the sums of every update, and its timeline says so (distinct from the norms' kinds)
     relayed = [dask_run.events[1]["k"][dask_run.events[1]["kind"] == kind].tolist() for kind in ("SEND_G", "SEND_S")]
@@ -78,7 +71,7 @@ def test_tied_torch_and_keras_copies_equal_reference_bit_for_bit(client):
     kwargs = dict(schedule="1f1b", microbatches=4, steps=3, optimizer=Optimizer("momentum", lr=0.1, clip_norm=0.05),
                   progress=False)
     dask_run = fit(part, source, client=client, **kwargs)
-    _assert_same(dask_run, fit(part, source, executor="reference", **kwargs))
+    assert_runs_equal(dask_run, fit(part, source, executor="reference", **kwargs))
     v = int(dask_run.states[1]["meta/latest"])
     assert dask_run.states[1][f"v{v}/0.weight"].tobytes() == dask_run.states[2][f"v{v}/0.kernel"].tobytes()
 
@@ -94,7 +87,7 @@ def test_pipedream_tied_gpt_equals_reference_bit_for_bit(client, precision):
                   eval_microbatches=2, eval_every=1, optimizer=Optimizer("adam", lr=1e-2, clip_norm=0.05))
     dask_run = fit(part, Tokens(), client=client, **kwargs)
     reference = fit(part, Tokens(), executor="reference", **kwargs)
-    _assert_same(dask_run, reference)
+    assert_runs_equal(dask_run, reference)
     assert dask_run.evals == reference.evals and len(dask_run.evals) == 4
     v = int(dask_run.states[0]["meta/latest"])
     # the head's copy is not a parameter it updates: its gradient went to the owner, its accumulator keeps none
@@ -117,7 +110,7 @@ def test_pipedream_tied_torch_owner_and_keras_head_equal_reference_bit_for_bit(c
                   optimizer=Optimizer("momentum", lr=0.1, clip_norm=0.05))
     dask_run = fit(part, source, client=client, **kwargs)
     reference = fit(part, source, executor="reference", **kwargs)
-    _assert_same(dask_run, reference)
+    assert_runs_equal(dask_run, reference)
     assert dask_run.evals == reference.evals and len(dask_run.evals) == 4
     assert not dask_run.states[2]["acc/0.kernel"].any()
 

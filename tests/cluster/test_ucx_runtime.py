@@ -2,7 +2,6 @@
 
 Skipped, with the reason, where ucxx does not import (the pipetrain[ucx] extra).
 """
-import numpy as np
 import pytest
 from distributed import Client
 
@@ -12,6 +11,7 @@ from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
 from pipetrain.runtime.local import start_local_cluster
 from pipetrain.runtime.transport.ucx import ucx_available
+from stage_helpers import assert_runs_equal
 
 MISSING = ucx_available()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(MISSING is not None, reason=f"ucxx does not import: {MISSING}")]
@@ -23,14 +23,6 @@ def two_workers():
     with Client(cluster) as c:
         yield c
     cluster.close()
-
-
-def _assert_same(a, b):
-    assert a.losses == b.losses
-    for s, (x, y) in enumerate(zip(a.states, b.states, strict=True)):
-        assert x.keys() == y.keys(), f"stage {s}"
-        for name in x:
-            assert np.array_equal(x[name], y[name]), f"stage {s}: {name} differs"
 
 
 def _ran_ucx() -> bool:
@@ -48,6 +40,6 @@ def test_two_stages_over_ucx_equal_the_reference_and_tcp_bit_for_bit(two_workers
     over_ucx = fit(part, source, client=two_workers, transport="ucx", **kwargs)
     # both worker processes really ran UCX (its context exists only once an endpoint chose "ucx")
     assert set(two_workers.run(_ran_ucx).values()) == {True}
-    _assert_same(over_ucx, fit(part, source, executor="reference", **kwargs))
-    _assert_same(over_ucx, fit(part, source, client=two_workers, **kwargs))  # the default tcp:// transport
+    assert_runs_equal(over_ucx, fit(part, source, executor="reference", **kwargs))
+    assert_runs_equal(over_ucx, fit(part, source, client=two_workers, **kwargs))  # the default tcp:// transport
     assert over_ucx.history[-1]["loss"] < over_ucx.history[0]["loss"]

@@ -13,6 +13,7 @@ from pipetrain.partitioning import partition
 from reliability.chaos import ChaosModel, Fault, fired
 from reliability.test_clipping_kills import ClippingChaosStage
 from test_ties import SIZE, Tokens
+from stage_helpers import assert_runs_equal
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 
@@ -67,11 +68,7 @@ def test_killed_relay_stage_recovers_bit_identical(client, tmp_path):
 
     plain = partition(gpt.build(**SIZE, tie_embeddings=True), 3, method="uniform", example_input=Tokens().inputs(0))
     reference = fit(plain, Tokens(), executor="reference", **kwargs)
-    assert result.losses == reference.losses
-    for s, (got, want) in enumerate(zip(result.states, reference.states, strict=True)):
-        assert got.keys() == want.keys(), f"stage {s}"
-        for name in want:
-            assert (got[name] == want[name]).all(), f"stage {s}: {name} differs"
+    assert_runs_equal(result, reference)
     v = int(result.states[0]["meta/latest"])
     assert result.states[0][f"v{v}/embed/tokens"].tobytes() == result.states[2][f"v{v}/head/tokens"].tobytes()
     # every micro-batch reached every stage's weights exactly once, in order
@@ -94,11 +91,7 @@ def test_pipedream_killed_stage_recovers_bit_identical(client, tmp_path, stage, 
 
     plain = partition(gpt.build(**SIZE, tie_embeddings=True), 3, method="uniform", example_input=Tokens().inputs(0))
     reference = fit(plain, Tokens(), executor="reference", **kwargs)
-    assert result.losses == reference.losses
-    for s, (got, want) in enumerate(zip(result.states, reference.states, strict=True)):
-        assert got.keys() == want.keys(), f"stage {s}"
-        for name in want:
-            assert (got[name] == want[name]).all(), f"stage {s}: {name} differs"
+    assert_runs_equal(result, reference)
     assert all(ledger == {"applied": [[0, M * STEPS]], "pending": []} for ledger in result.ledgers)
 
 
@@ -149,10 +142,6 @@ def test_pipedream_killed_keras_head_of_a_torch_owned_tie_recovers_bit_identical
     assert [r["rollback_to"] for r in result.recoveries] == [8]
 
     reference = fit(tied_mixed(source), source, executor="reference", **kwargs)
-    assert result.losses == reference.losses
-    for s, (got, want) in enumerate(zip(result.states, reference.states, strict=True)):
-        assert got.keys() == want.keys(), f"stage {s}"
-        for name in want:
-            assert (got[name] == want[name]).all(), f"stage {s}: {name} differs"
+    assert_runs_equal(result, reference)
     assert not result.states[2]["acc/0.kernel"].any()
     assert all(ledger == {"applied": [[0, M * STEPS]], "pending": []} for ledger in result.ledgers)
