@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from pipetrain.runtime.ties import TieMismatch
+from pipetrain.runtime.ties import TieMismatch, checked_ties
 from pipetrain.schedule.actions import Kind
 from pipetrain.stages import ties as framework
 
@@ -134,7 +134,8 @@ class TieCarrier:
         if not isinstance(tree, dict) or set(tree) != {"x", "tied"}:
             raise TieMismatch(f"stage {self.index}: the {what} from stage {sender} does not carry the tied "
                               f"weights {sorted(expected)} (expected {{'x': ..., 'tied': ...}})")
-        carried = self._checked(tree["tied"], expected, f"the {what} from stage {sender}")
+        carried = checked_ties(tree["tied"], expected, self.tied.ties,
+                               f"stage {self.index}: the {what} from stage {sender}")
         if up:
             self._values[(kind is Kind.RECV_EVAL, k)] = carried
         else:
@@ -146,21 +147,6 @@ class TieCarrier:
             carried = self._send_up.pop((kind is Kind.SEND_EVAL, k), {})
             return {"x": tree, "tied": carried} if self.up else tree
         return {"x": tree, "tied": self._send_down.pop(k)} if self.below else tree
-
-    def _checked(self, tree: Any, expected: dict, where: str) -> dict[str, np.ndarray]:
-        if not isinstance(tree, dict) or set(tree) != set(expected):
-            got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-            raise TieMismatch(f"stage {self.index}: {where} carries the ties {got}, expected {sorted(expected)}")
-        out = {}
-        for key, spec in expected.items():
-            a = np.asarray(tree[key])
-            if tuple(a.shape) != tuple(spec.shape) or a.dtype != np.dtype(spec.dtype):
-                tie = next(t for t in self.tied.ties if t.key == key)
-                raise TieMismatch(f"stage {self.index}: {where}: tie {tie.index} "
-                                  f"({', '.join(c.name for c in tie.copies)}) is {a.dtype}{list(a.shape)}, "
-                                  f"the tied parameter is {spec}")
-            out[key] = a
-        return out
 
 
 class CarryingLinks:

@@ -82,21 +82,27 @@ class TieReducer:
 
     def _checked(self, tree: Any, edge: int, *, sender: int, v: int) -> dict[str, np.ndarray]:
         """The message on edge (edge, edge + 1) as {key: array}, or ``TieMismatch`` naming what is wrong."""
-        expected = self.tied.specs_across(edge)
-        where = f"stage {self.index}: the tie sums for update {v} from stage {sender}"
-        if not isinstance(tree, dict) or set(tree) != set(expected):
-            got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-            raise TieMismatch(f"{where} hold {got}, expected the ties {sorted(expected)}")
-        out = {}
-        for key, spec in expected.items():
-            a = np.asarray(tree[key])
-            if tuple(a.shape) != tuple(spec.shape) or a.dtype != np.dtype(spec.dtype):
-                tie = next(t for t in self.tied.ties if t.key == key)
-                raise TieMismatch(f"{where}: tie {tie.index} ({', '.join(c.name for c in tie.copies)}) is "
-                                  f"{a.dtype}{list(a.shape)}, the tied parameter is {spec}")
-            out[key] = a
-        return out
+        return checked_ties(tree, self.tied.specs_across(edge), self.tied.ties,
+                            f"stage {self.index}: the tie sums for update {v} from stage {sender}")
 
     def grad_sq_norm(self) -> float:
         """The stage's squared norm for clipping, counting each tie at its first copy only."""
         return framework.grad_sq_norm_without(self.stage, self.skip_in_norm)
+
+
+def checked_ties(tree: Any, expected: dict, ties: Any, where: str) -> dict[str, np.ndarray]:
+    """A tie message's ``{key: array}``, each as ``expected`` (key -> the tied parameter's spec)
+    says, or ``TieMismatch`` saying ``where`` and which tie is wrong: what a peer sends is
+    checked before it is added to anything (the relay here, the carried ties of tie_carry.py)."""
+    if not isinstance(tree, dict) or set(tree) != set(expected):
+        got = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise TieMismatch(f"{where} holds the ties {got}, expected {sorted(expected)}")
+    out = {}
+    for key, spec in expected.items():
+        a = np.asarray(tree[key])
+        if tuple(a.shape) != tuple(spec.shape) or a.dtype != np.dtype(spec.dtype):
+            tie = next(t for t in ties if t.key == key)
+            raise TieMismatch(f"{where}: tie {tie.index} ({', '.join(c.name for c in tie.copies)}) is "
+                              f"{a.dtype}{list(a.shape)}, the tied parameter is {spec}")
+        out[key] = a
+    return out
