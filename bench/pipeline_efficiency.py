@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,21 +68,34 @@ TRANSPORT_PATHS = {"direct reads, acks ride": (True, True), "direct reads, ack f
                    "loop reads, ack frames": (False, False)}
 
 
-def compare_transport_paths(args: argparse.Namespace) -> None:
+def interleaved_rates(args: argparse.Namespace, variants: dict) -> dict[tuple[str, Any], list[float]]:
+    """Samples/s of every schedule under every variant, ``--repeats`` rounds interleaved on one
+    embedded cluster. ``variants``: label -> (setup run on the workers first, or None; record_events)."""
     data = SleepData(nbytes=1 << 20)
     part = partition(SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS), P, method="uniform",
                      example_input=data.inputs(0))
-    rates: dict[tuple[str, str], list[float]] = {}
+    rates: dict[tuple[str, Any], list[float]] = {}
     cluster = start_local_cluster(P)
     with Client(cluster) as client:
         for _ in range(args.repeats):
             for schedule in SCHEDULES:
-                for path, switches in TRANSPORT_PATHS.items():
-                    client.run(_use_transport_path, *switches)
+                for label, (setup, events) in variants.items():
+                    if setup is not None:
+                        setup(client)
                     result = fit(part, data, client=client, schedule=schedule, microbatches=M, steps=args.steps,
-                                 optimizer=Optimizer("sgd", lr=0.01), progress=False, record_events=True)
-                    rates.setdefault((schedule, path), []).append(measured_rate(result.history))
+                                 optimizer=Optimizer("sgd", lr=0.01), progress=False, record_events=events)
+                    rates.setdefault((schedule, label), []).append(measured_rate(result.history))
     cluster.close()
+    return rates
+
+
+def _path_setup(switches: tuple[bool, bool]):
+    return lambda client: client.run(_use_transport_path, *switches)
+
+
+def compare_transport_paths(args: argparse.Namespace) -> None:
+    rates = interleaved_rates(args, {path: (_path_setup(switches), True)
+                                     for path, switches in TRANSPORT_PATHS.items()})
     print(f"efficiency per run (measured / ideal), {args.repeats} runs each, interleaved:")
     for schedule in SCHEDULES:
         for path in TRANSPORT_PATHS:
@@ -103,19 +117,7 @@ def main() -> None:
         compare_transport_paths(args)
         return
 
-    data = SleepData(nbytes=1 << 20)
-    part = partition(SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS), P, method="uniform",
-                     example_input=data.inputs(0))
-    rates: dict[tuple[str, bool], list[float]] = {}
-    cluster = start_local_cluster(P)
-    with Client(cluster) as client:
-        for _ in range(args.repeats):
-            for schedule in SCHEDULES:
-                for events in (True, False):
-                    result = fit(part, data, client=client, schedule=schedule, microbatches=M, steps=args.steps,
-                                 optimizer=Optimizer("sgd", lr=0.01), progress=False, record_events=events)
-                    rates.setdefault((schedule, events), []).append(measured_rate(result.history))
-    cluster.close()
+    rates = interleaved_rates(args, {True: (None, True), False: (None, False)})  # events on / off
 
     efficiency, overheads = {}, []
     print(f"{P} stages, F {F_MS:.0f} ms, B {B_MS:.0f} ms, 1 MiB boundaries, {M} micro-batches per mini-batch, "
