@@ -6,6 +6,13 @@ pipeline's timing is decided by the schedule and the runtime, not by who
 gets a core. The maths is tiny but real (gradients, updates, weight
 versions), so a distributed run can still be checked against the
 reference executor, and the stage is a full ``Stage``: no framework needed.
+
+``grad_bytes`` > 0 gives each stage a float32 parameter ``pad`` of
+``grad_bytes // 4`` elements that scales the stage by ``1 + mean(pad)``: a real
+parameter with a real gradient (the same value in every element, so a backward
+costs one array add), there so that replicated pipelines have that many bytes of
+gradients to sum per stage and update. It starts at zero, so the first forward
+is the same as without it.
 """
 from __future__ import annotations
 
@@ -20,10 +27,14 @@ from pipetrain.stages.base import StageSpec, TensorSpec
 class SleepSequential:
     framework = "numpy"
 
-    def __init__(self, num_layers: int = 4, *, forward_ms: float = 10.0, backward_ms: float = 20.0, seed: int = 0):
+    def __init__(self, num_layers: int = 4, *, forward_ms: float = 10.0, backward_ms: float = 20.0, seed: int = 0,
+                 grad_bytes: int = 0):
+        if grad_bytes < 0:
+            raise ValueError(f"SleepSequential: grad_bytes must be >= 0, got {grad_bytes}")
         self.num_layers = num_layers
         self.forward_s, self.backward_s = forward_ms / 1000, backward_ms / 1000
         self.seed = seed
+        self.pad_size = grad_bytes // 4  # float32 elements of each stage's pad (0: none)
 
     def layer_names(self) -> list[str]:
         return [f"scale{i}" for i in range(self.num_layers)]
@@ -46,7 +57,8 @@ class SleepSequential:
 
 
 class SleepStage:
-    """y = x * prod(w) over the stage's layers; the last stage's loss is mean(y * t)."""
+    """y = x * s with s = prod(w) over the stage's layers (times 1 + mean(pad) when the model has
+    a pad); the last stage's loss is mean(y * t)."""
 
     framework = "numpy"
 
@@ -57,6 +69,21 @@ class SleepStage:
         self._saved: dict[int, tuple[np.ndarray, int, Any]] = {}
         self._acc = np.zeros_like(weights)
         self._count = 0
+        # Each weight version has its pad (pipedream keeps several); None: the model has none.
+        self._pads: dict[int, np.ndarray] | None = None
+        self._acc_pad: np.ndarray | None = None
+        if model.pad_size:
+            self._pads = {0: np.zeros(model.pad_size, dtype=np.float32)}
+            self._acc_pad = np.zeros(model.pad_size, dtype=np.float32)
+
+    def _pad_factor(self, version: int) -> float:
+        """1 + mean(pad) of ``version``; exactly 1.0 without a pad, so those runs keep their bits."""
+        if self._pads is None:
+            return 1.0
+        return 1.0 + float(np.mean(self._pads[version], dtype=np.float64))
+
+    def _scale(self, version: int) -> np.float32:
+        return np.float32(np.prod(self._versions[version]) * self._pad_factor(version))
 
     @staticmethod
     def _sleep_until(deadline: float) -> None:
@@ -72,7 +99,7 @@ class SleepStage:
                            f"held: {sorted(self._versions)}")
         deadline = time.perf_counter() + self.model.forward_s
         x = np.asarray(inputs, dtype=np.float32)
-        y = x * np.float32(np.prod(self._versions[version]))
+        y = x * self._scale(version)
         self._saved[k] = (x, version, targets)
         out = float(np.mean(y * targets, dtype=np.float64)) if self.spec.is_last else y
         self._sleep_until(deadline)
@@ -88,41 +115,93 @@ class SleepStage:
             g = np.asarray(targets, dtype=np.float32) / np.float32(x.size)
         else:
             g = np.asarray(grad_outputs, dtype=np.float32)
-        dscale = float(np.dot(g.ravel(), x.ravel()))
-        prod = float(np.prod(w))
-        self._acc += np.array([prod / wi * dscale for wi in w])
+        dscale = float(np.dot(g.ravel(), x.ravel()))  # d loss / d s
+        prod, factor = float(np.prod(w)), self._pad_factor(version)
+        self._acc += np.array([prod / wi * factor * dscale for wi in w])
+        if self._acc_pad is not None:
+            # d s / d pad_i = prod / n for every element i: one scalar, added to all of them.
+            self._acc_pad += np.float32(prod * dscale / self._acc_pad.size)
         self._count += 1
-        grad_in = None if self.spec.is_first else g * np.float32(prod)
+        grad_in = None if self.spec.is_first else g * np.float32(prod * factor)
         self._sleep_until(deadline)
         return grad_in
 
     def update(self, *, new_version: int) -> None:
-        latest = self._versions[max(self._versions)]
-        self._versions[new_version] = latest - self.lr * self._acc / max(1, self._count)
+        newest = max(self._versions)
+        self._versions[new_version] = self._versions[newest] - self.lr * self._acc / max(1, self._count)
         self._acc[:] = 0
+        if self._pads is not None:
+            self._pads[new_version] = self._pads[newest] - np.float32(self.lr) * self._acc_pad / np.float32(
+                max(1, self._count))
+            self._acc_pad[:] = 0
         self._count = 0
+
+    def accumulated_gradients(self) -> tuple[dict[str, np.ndarray], int]:
+        """The gradient sums accumulated since the last update, by parameter name, and how many
+        backwards they hold (host arrays; the reduction sums them across replicas)."""
+        grads = {"w": self._acc.copy()}
+        if self._acc_pad is not None:
+            grads["pad"] = self._acc_pad.copy()
+        return grads, self._count
+
+    def set_accumulated_gradients(self, grads: dict[str, np.ndarray], count: int) -> None:
+        """Replace them (the replicas' sum) and the count (the replicas' total): the next
+        update applies grads / count."""
+        mine = {"w": self._acc} if self._acc_pad is None else {"w": self._acc, "pad": self._acc_pad}
+        if set(grads) != set(mine):
+            raise ValueError(f"stage {self.spec.index}: set_accumulated_gradients got {sorted(grads)}, "
+                             f"the stage's parameters are {sorted(mine)}")
+        for name, acc in mine.items():
+            if np.shape(grads[name]) != acc.shape:
+                raise ValueError(f"stage {self.spec.index}: gradient {name!r} has shape {np.shape(grads[name])}, "
+                                 f"the parameter {acc.shape}")
+        if count < 0:
+            raise ValueError(f"stage {self.spec.index}: set_accumulated_gradients count must be >= 0, got {count}")
+        self._acc = np.array(grads["w"], dtype=self._acc.dtype)
+        if self._acc_pad is not None:
+            self._acc_pad = np.array(grads["pad"], dtype=np.float32)
+        self._count = int(count)
 
     def release(self, version: int) -> None:
         self._versions.pop(version, None)
+        if self._pads is not None:
+            self._pads.pop(version, None)
 
     def versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._versions))
 
     def evaluate(self, inputs: Any, *, targets: Any = None) -> Any:
-        w = self._versions[max(self._versions)]
-        y = np.asarray(inputs, dtype=np.float32) * np.float32(np.prod(w))
+        y = np.asarray(inputs, dtype=np.float32) * self._scale(max(self._versions))
         return float(np.mean(y * targets, dtype=np.float64)) if self.spec.is_last else y
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = {f"v{v}/w": w.copy() for v, w in self._versions.items()}
         state["acc/w"] = self._acc.copy()
+        if self._pads is not None:
+            state.update({f"v{v}/pad": pad.copy() for v, pad in self._pads.items()})
+            state["acc/pad"] = self._acc_pad.copy()
         state["meta/count"] = np.array(self._count)
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self._versions = {int(name[1:].split("/")[0]): np.array(a) for name, a in state.items()
-                          if name.startswith("v")}
+        def versions(param: str) -> dict[int, np.ndarray]:
+            return {int(name[1:].split("/")[0]): np.array(a) for name, a in state.items()
+                    if name.startswith("v") and name.endswith(f"/{param}")}
+
+        has_pad = "acc/pad" in state
+        if has_pad != (self._pads is not None):
+            raise ValueError(f"stage {self.spec.index}: the state {'has' if has_pad else 'lacks'} a pad, the model "
+                             f"has grad_bytes={4 * self.model.pad_size}")
+        self._versions = versions("w")
         self._acc = np.array(state["acc/w"])
+        if has_pad:
+            self._pads = versions("pad")
+            if set(self._pads) != set(self._versions) or any(p.shape != (self.model.pad_size,)
+                                                             for p in self._pads.values()):
+                raise ValueError(f"stage {self.spec.index}: the state's pads (versions {sorted(self._pads)}) do "
+                                 f"not match its weight versions {sorted(self._versions)} and "
+                                 f"{self.model.pad_size} elements")
+            self._acc_pad = np.array(state["acc/pad"], dtype=np.float32)
         self._count = int(state["meta/count"])
         self._saved.clear()
 
