@@ -73,3 +73,48 @@ def test_time_to_accuracy_pieces(monkeypatch):
         sync = tta.simulated_rate("1f1b", p, costs, 0.0)
         assert sync == pytest.approx(m * tta.MICROBATCH / ((m + p - 1) * 3.0) * 1e3)
         assert tta.simulated_rate("pipedream+dcasgd-a", p, costs, 0.0) / sync == pytest.approx((m + p - 1) / m)
+
+
+REPLICAS_BENCH = BENCH.parent / "replicas.py"
+
+
+def _replicas_bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import replicas
+
+    return replicas
+
+
+@pytest.mark.timeout(60)
+def test_replicas_rate_and_ideal(monkeypatch):
+    """bench/replicas.py's throughput: the job's micro-batches between stage 0's reports of step
+    ``first`` and the last step (the steps before ``first`` left out), by hand."""
+    bench = _replicas_bench(monkeypatch)
+    history = [{"step": 2, "stage0_done": 13.0}, {"step": 0, "stage0_done": 10.0}, {"step": 1, "stage0_done": 11.0},
+               {"step": 3, "stage0_done": 15.0}]
+    assert bench.steady_rate(history, first=0, microbatches_per_step=8) == pytest.approx(3 * 8 / 5.0)
+    assert bench.steady_rate(history, first=1, microbatches_per_step=4, samples_per_microbatch=32) == \
+        pytest.approx(2 * 4 * 32 / 4.0)
+    with pytest.raises(ValueError, match="need at least 5 steps"):
+        bench.steady_rate(history, first=3, microbatches_per_step=8)
+    # m = 16, p = 2, F + B = 30 ms: 16 / (17 * 0.03) micro-batches per second.
+    assert bench.ideal_rate(16) == pytest.approx(16 / (17 * 0.030))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_replicas_bench_smoke():
+    """bench/replicas.py --quick: d = 1, 2, 4 sleep pipelines and pipetrain d=2 against torch DDP
+    run end to end, keep the JSON contract, and the two DDP contestants train the same."""
+    out = subprocess.run([sys.executable, str(REPLICAS_BENCH), "--quick"], capture_output=True, text=True,
+                         timeout=380, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    eff = result["scaling_efficiency"]
+    assert set(eff) == {"1", "2", "4"} and eff["1"] == 1.0
+    # Loose, so a loaded machine cannot fail it: d replicas must still run faster than one.
+    assert all(eff[d] * int(d) > 1.0 for d in ("2", "4")), result
+    assert result["vs_torch_ddp"] > 0 and all(v > 0 for v in result["ddp_samples_per_s"].values())
+    # Same initial weights, micro-batches, SGD: the step losses agree (float32, another summation order).
+    loss = result["ddp_last_loss"]
+    assert loss["pipetrain"] == pytest.approx(loss["torch_ddp"], rel=1e-4)

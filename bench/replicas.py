@@ -1,0 +1,229 @@
+"""Replicated pipelines (pipeline x data parallelism): how pipetrain scales with d, and how it
+compares with torch DDP.
+
+Scaling: two sleep stages (F 10 ms, B 20 ms: the machine's two cores do not decide),
+1f1b, 16 micro-batches per replica and step, each stage holding 1 MiB of float32
+gradients (``SleepSequential(grad_bytes=1 << 20)``) that its d replicas sum before
+every update, 64 KiB boundaries; d = 1, 2, 4 pipelines (up to 8 worker processes) on
+one embedded Dask cluster of 8 single-threaded workers, interleaved each round (after
+one untimed d = 4 run). Throughput: the job's micro-batches (d * m per step) per
+second between stage 0's reports of the first and the last step (the first step's
+start-up left out), from ``FitResult.history``'s ``stage0_done``. Scaling
+efficiency: throughput(d) / (d x throughput(1)), from the best round of each d (and
+from the medians, next to it).
+
+vs DDP: the torch MLP of ``bench/ddp_baseline.py`` (4 x Linear(512, 512) + Tanh, a
+Linear(512, 10) head, 4 MiB of weights), d = 2 replicas of a 1-stage pipeline
+(``fit(part, data, replicas=2)``, on its own embedded cluster of 2 workers) against
+``DistributedDataParallel`` with gloo on 2 processes, one thread each everywhere,
+the same initial weights, micro-batches, SGD and number of steps: per replica and
+step m = 8 micro-batches of 32 (DDP: gradient accumulation under ``no_sync``, one
+all-reduce per step; why that is the fair one: see ddp_baseline.py). Samples/s over
+the steps after ``--warmup`` (pipetrain: stage 0's reports; DDP: rank 0's clock
+after a barrier), best of ``--repeats`` rounds, the order alternating each round.
+The two train the same: their step losses are printed side by side.
+
+    .venv/bin/python bench/replicas.py [--steps 6] [--repeats 3] [--part scaling|ddp|both] [--quick]
+
+Prints tables, then one JSON line:
+{"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+import ddp_baseline  # noqa: E402
+from models.synthetic import SleepData, SleepSequential  # noqa: E402
+
+P, F_MS, B_MS, GRAD_BYTES, BOUNDARY_BYTES = 2, 10.0, 20.0, 1 << 20, 1 << 16
+REPLICAS = (1, 2, 4)
+WORKERS = P * max(REPLICAS)
+DDP_WORLD, DDP_M, DDP_B = 2, 8, 32
+LR = 0.01
+ENV_BEFORE_DASK: dict[str, str] = {}
+
+
+def steady_rate(history: list[dict], *, first: int, microbatches_per_step: int, samples_per_microbatch: int = 1
+                ) -> float:
+    """Samples (or micro-batches) per second between stage 0's reports of step ``first`` and the last step."""
+    done = [h["stage0_done"] for h in sorted(history, key=lambda h: h["step"])]
+    if len(done) < first + 2:
+        raise ValueError(f"need at least {first + 2} steps to measure after step {first}, got {len(done)}")
+    steps = len(done) - 1 - first
+    return steps * microbatches_per_step * samples_per_microbatch / (done[-1] - done[first])
+
+
+def ideal_rate(m: int) -> float:
+    """One 1f1b pipeline's micro-batches/s with free messages and reductions: m / ((m + p - 1)(F + B))."""
+    return m / ((m + P - 1) * (F_MS + B_MS) / 1000)
+
+
+# ---------------------------------------------------------------- scaling with d
+
+def scaling_rates(client, args: argparse.Namespace) -> dict[int, list[float]]:
+    """Micro-batches/s of the job for each d, ``--repeats`` rounds, d interleaved (order turning each round)."""
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+    from pipetrain.partitioning import partition
+
+    data = SleepData(nbytes=BOUNDARY_BYTES)
+    model = SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS, grad_bytes=GRAD_BYTES)
+    part = partition(model, P, method="uniform", example_input=data.inputs(0))
+    def run(d: int, steps: int):
+        return fit(part, data, client=client, schedule=args.schedule, microbatches=args.microbatches,
+                   steps=steps, replicas=d, optimizer=Optimizer("sgd", lr=LR), progress=False)
+
+    run(max(REPLICAS), 2)  # untimed: every worker's first job (imports, first connections) out of the rounds
+    rates: dict[int, list[float]] = {d: [] for d in REPLICAS}
+    for r in range(args.repeats):
+        for d in REPLICAS[r % len(REPLICAS):] + REPLICAS[:r % len(REPLICAS)]:
+            rates[d].append(steady_rate(run(d, args.steps).history, first=0,
+                                        microbatches_per_step=d * args.microbatches))
+    return rates
+
+
+def report_scaling(rates: dict[int, list[float]], args: argparse.Namespace) -> dict:
+    best = {d: max(r) for d, r in rates.items()}
+    median = {d: statistics.median(r) for d, r in rates.items()}
+    eff = {d: best[d] / (d * best[1]) for d in REPLICAS}
+    eff_median = {d: median[d] / (d * median[1]) for d in REPLICAS}
+    ideal = ideal_rate(args.microbatches)
+    print(f"scaling: {P} sleep stages (F {F_MS:.0f} ms, B {B_MS:.0f} ms), {args.schedule}, m = {args.microbatches} "
+          f"per replica and step, {GRAD_BYTES >> 20} MiB of gradients per stage reduced across replicas every "
+          f"update, {BOUNDARY_BYTES >> 10} KiB boundaries, {args.steps} steps (rate over steps 1..), "
+          f"{args.repeats} rounds; one pipeline's ideal {ideal:.1f} mb/s")
+    print(f"{'d':>2} {'workers':>7} {'best mb/s':>9} {'median':>8} {'efficiency':>10} {'(median)':>8} "
+          f"{'vs ideal':>8}   each round")
+    for d in REPLICAS:
+        rounds = " ".join(f"{x:.1f}" for x in rates[d])
+        print(f"{d:>2} {P * d:>7} {best[d]:>9.2f} {median[d]:>8.2f} {eff[d]:>10.3f} {eff_median[d]:>8.3f} "
+              f"{best[d] / (d * ideal):>8.3f}   {rounds}")
+    return {"scaling_efficiency": {str(d): round(eff[d], 3) for d in REPLICAS},
+            "scaling_efficiency_median": {str(d): round(eff_median[d], 3) for d in REPLICAS},
+            "microbatches_per_s": {str(d): round(best[d], 2) for d in REPLICAS},
+            "targets_met": {"efficiency at d=4 >= 0.9": eff[4] >= 0.9, "goal 0.95": eff[4] >= 0.95}}
+
+
+# ---------------------------------------------------------------- against torch DDP
+
+def fit_ddp_twin(part, data, client, *, steps: int):
+    """pipetrain's contestant: d = 2 replicas of the 1-stage pipeline, DDP's micro-batches and SGD."""
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+
+    return fit(part, data, client=client, schedule="1f1b", microbatches=DDP_M, steps=steps, replicas=DDP_WORLD,
+               optimizer=Optimizer("sgd", lr=ddp_baseline.LR), progress=False)
+
+
+def run_pipetrain(part, data, client, args: argparse.Namespace) -> dict:
+    history = sorted(fit_ddp_twin(part, data, client, steps=args.warmup + args.steps).history,
+                     key=lambda h: h["step"])
+    rate = steady_rate(history, first=args.warmup - 1, microbatches_per_step=DDP_WORLD * DDP_M,
+                       samples_per_microbatch=DDP_B)
+    return {"samples_per_s": rate, "losses": [h["loss"] for h in history]}
+
+
+def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
+    from pipetrain.partitioning import partition
+
+    sizes = {"width": args.width, "depth": args.depth}
+    data = ddp_baseline.data_source(width=args.width, microbatch_size=DDP_B)
+    part = partition(ddp_baseline.build_model(**sizes), 1, method="uniform", example_input=data.inputs(0))
+    contestants = {
+        "pipetrain d=2 p=1": lambda: run_pipetrain(part, data, client, args),
+        "torch DDP (gloo)": lambda: ddp_baseline.run_ddp(world=DDP_WORLD, microbatches=DDP_M, microbatch_size=DDP_B,
+                                                         steps=args.steps, warmup=args.warmup, env=ENV_BEFORE_DASK,
+                                                         **sizes),
+    }
+    fit_ddp_twin(part, data, client, steps=2)  # untimed: the workers import torch and build the stage once
+    runs: dict[str, list[dict]] = {name: [] for name in contestants}
+    names = list(contestants)
+    for r in range(args.repeats):
+        for name in names[r % 2:] + names[:r % 2]:  # neither always goes first
+            runs[name].append(contestants[name]())
+    return runs
+
+
+def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
+    ours, peer = runs["pipetrain d=2 p=1"], runs["torch DDP (gloo)"]
+    best = {name: max(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
+    median = {name: statistics.median(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
+    ratio, ratio_median = best["pipetrain d=2 p=1"] / best["torch DDP (gloo)"], (
+        median["pipetrain d=2 p=1"] / median["torch DDP (gloo)"])
+    mib = ddp_baseline.weight_bytes(width=args.width, depth=args.depth) / (1 << 20)
+    print(f"\nvs torch DDP: MLP {args.depth} x Linear({args.width}, {args.width}) + Tanh, head "
+          f"Linear({args.width}, {ddp_baseline.CLASSES}) ({mib:.1f} MiB of weights), d = {DDP_WORLD} replicas, "
+          f"p = 1, {DDP_M} micro-batches of {DDP_B} per replica and step (global batch "
+          f"{DDP_WORLD * DDP_M * DDP_B}), SGD lr {ddp_baseline.LR}, 1 thread per process; {args.steps} steps "
+          f"after {args.warmup} warm-up, {args.repeats} rounds")
+    print(f"{'contestant':<20} {'best samples/s':>14} {'median':>9}   each round")
+    for name, rs in runs.items():
+        rounds = " ".join(f"{r['samples_per_s']:.0f}" for r in rs)
+        print(f"{name:<20} {best[name]:>14.1f} {median[name]:>9.1f}   {rounds}")
+    # Same weights, data, micro-batches and maths: the step losses must agree (float32 sums in another order).
+    last_ours, last_peer = ours[-1]["losses"], peer[-1]["losses"]
+    print(f"pipetrain / DDP: {ratio:.3f}x best, {ratio_median:.3f}x median; step losses, pipetrain vs DDP: "
+          + ", ".join(f"{a:.5f}/{b:.5f}" for a, b in list(zip(last_ours, last_peer))[-3:]))
+    return {"vs_torch_ddp": round(ratio, 3), "vs_torch_ddp_median": round(ratio_median, 3),
+            "ddp_samples_per_s": {"pipetrain": round(best["pipetrain d=2 p=1"], 1),
+                                  "torch_ddp": round(best["torch DDP (gloo)"], 1)},
+            "ddp_last_loss": {"pipetrain": round(last_ours[-1], 6), "torch_ddp": round(last_peer[-1], 6)},
+            "ddp_target_met": {"pipetrain >= 1.0 x DDP": ratio >= 1.0}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=6, help="steps per run (scaling: measured over steps 1..; "
+                                                         "vs DDP: measured after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2, help="vs DDP: steps run before measuring (>= 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds, interleaved")
+    ap.add_argument("--schedule", default="1f1b", help="the scaling part's schedule")
+    ap.add_argument("--microbatches", type=int, default=16, help="the scaling part's m per replica and step")
+    ap.add_argument("--part", choices=("scaling", "ddp", "both"), default="both")
+    ap.add_argument("--quick", action="store_true", help="toy sizes for the smoke test: 3 steps, 1 round, "
+                                                         "4 micro-batches, a narrow MLP")
+    ap.add_argument("--width", type=int, default=ddp_baseline.WIDTH, help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, default=ddp_baseline.DEPTH, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.repeats, args.microbatches, args.width = 3, 1, 1, 4, 64
+    if args.warmup < 1 or args.steps < 2:
+        ap.error("--warmup must be >= 1 and --steps >= 2")
+
+    from distributed import Client
+
+    from pipetrain.runtime.local import start_local_cluster
+
+    load_before = os.getloadavg()[0]
+    # The DDP processes start from the environment before the Dask cluster's nannies changed it
+    # (MALLOC_TRIM_THRESHOLD_, as in vs_torch_pipelining.py).
+    ENV_BEFORE_DASK.update(os.environ)
+    out: dict = {}
+    # Each part on its own embedded cluster: 8 workers for d = 4 x p = 2; the DDP twin's 2 workers
+    # import torch once and run every round (the other part's idle workers are gone).
+    parts = {"scaling": (WORKERS, scaling_rates, report_scaling), "ddp": (DDP_WORLD, ddp_rates, report_ddp)}
+    for name, (workers, measure, report) in parts.items():
+        if args.part not in (name, "both"):
+            continue
+        cluster = start_local_cluster(workers)
+        try:
+            with Client(cluster) as client:
+                rates = measure(client, args)
+        finally:
+            cluster.close()
+        out.update(report(rates, args))
+    out["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
