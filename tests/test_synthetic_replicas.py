@@ -159,3 +159,56 @@ def test_mismatches_are_clear_errors():
         stage.load_state_dict(last_stage(0).state_dict())
     with pytest.raises(ValueError, match="grad_bytes must be >= 0"):
         SleepSequential(2, grad_bytes=-4)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "pipedream"])
+def test_pad_trains_in_a_pipeline_and_a_zero_pad_run_has_no_pad(schedule):
+    """The reference executor runs the pad through every weight version a schedule keeps
+    (pipedream: several at once); its final state holds the newest pad, moved off zero, and the
+    run without a pad is the same model's losses at step 0 (the pad starts at zero)."""
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+    from pipetrain.partitioning import partition
+
+    data = SleepData(nbytes=256)
+    runs = {}
+    for grad_bytes in (0, 1 << 12):
+        part = partition(no_sleep(grad_bytes=grad_bytes), 2, method="uniform", example_input=data.inputs(0))
+        runs[grad_bytes] = fit(part, data, executor="reference", schedule=schedule, microbatches=4, steps=3,
+                               optimizer=Optimizer("sgd", lr=0.5), progress=False)
+    plain, padded = runs[0], runs[1 << 12]
+    assert not any("pad" in name for state in plain.states for name in state)
+    for state in padded.states:
+        pads = [name for name in state if name.endswith("/pad") and name.startswith("v")]
+        assert pads and all(state[name].shape == (1 << 10,) for name in pads)
+        assert np.abs(state[max(pads, key=lambda n: int(n[1:].split("/")[0]))]).max() > 0
+    first = range(4) if schedule == "1f1b" else range(1)  # pipedream updates after micro-batch 0
+    assert [padded.losses[k] for k in first] == [plain.losses[k] for k in first]  # no update yet: same bits
+    assert padded.losses[11] != plain.losses[11]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_padded_pipeline_on_dask_equals_the_reference_bit_for_bit():
+    """Real worker processes: the pad's versions, sums and updates are the same bits as in the
+    reference executor, and come back in the final states (pipedream keeps several versions)."""
+    from distributed import Client
+
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+    from pipetrain.partitioning import partition
+    from pipetrain.runtime.local import start_local_cluster
+    from stage_helpers import assert_runs_equal
+
+    data = SleepData(nbytes=1 << 12)
+    model = SleepSequential(2, forward_ms=1, backward_ms=2, grad_bytes=1 << 16)
+    part = partition(model, 2, method="uniform", example_input=data.inputs(0))
+    kwargs = dict(schedule="pipedream", microbatches=4, steps=3, optimizer=Optimizer("sgd", lr=0.5), progress=False)
+    cluster = start_local_cluster(2)
+    try:
+        with Client(cluster) as client:
+            dask_run = fit(part, data, client=client, **kwargs)
+    finally:
+        cluster.close()
+    assert_runs_equal(dask_run, fit(part, data, executor="reference", **kwargs))
+    assert all(any(name.endswith("/pad") for name in state) for state in dask_run.states)
