@@ -19,11 +19,11 @@ Linear(512, 10) head, 4 MiB of weights), d = 2 replicas of a 1-stage pipeline
 the same initial weights, micro-batches, SGD and number of steps: per replica and
 step m = 8 micro-batches of 32 (DDP: gradient accumulation under ``no_sync``, one
 all-reduce per step; why that is the fair one: see ddp_baseline.py). Samples/s over
-the steps after ``--warmup`` (pipetrain: stage 0's reports; DDP: rank 0's clock
+the ``--ddp-steps`` after ``--warmup`` (pipetrain: stage 0's reports; DDP: rank 0's clock
 after a barrier), best of ``--repeats`` rounds, the order alternating each round.
 The two train the same: their step losses are printed side by side.
 
-    .venv/bin/python bench/replicas.py [--steps 6] [--repeats 3] [--part scaling|ddp|both] [--quick]
+    .venv/bin/python bench/replicas.py [--steps 8] [--ddp-steps 20] [--repeats 3] [--part scaling|ddp|both] [--quick]
 
 Prints tables, then one JSON line:
 {"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., ...}.
@@ -61,6 +61,30 @@ def steady_rate(history: list[dict], *, first: int, microbatches_per_step: int, 
     return steps * microbatches_per_step * samples_per_microbatch / (done[-1] - done[first])
 
 
+def per_step_ms(result, *, first: int) -> list[dict[str, float]]:
+    """Each task's milliseconds per step in each action kind (F, B, U; SEND_R, RECV_R, R: the
+    replicas' gradient sum) between stage 0's reports of step ``first`` and the last step."""
+    import numpy as np
+
+    done = sorted((h["step"], h["stage0_done"]) for h in result.history)
+    start, end, steps = done[first][1], done[-1][1], len(done) - 1 - first
+    rows = []
+    for events in result.events:
+        inside = (events["start"] >= start) & (events["end"] <= end)
+        spent = (events["end"] - events["start"])[inside]
+        kinds = events["kind"][inside]
+        rows.append({str(kind): float(spent[kinds == kind].sum()) / steps * 1e3 for kind in np.unique(kinds)})
+    return rows
+
+
+def print_breakdown(title: str, rows: list[dict[str, float]]) -> None:
+    kinds = ("F", "B", "U", "SEND_R", "RECV_R", "R", "RECV_F", "RECV_B")
+    print(f"{title}: ms per step by action, each task (RECV_R: waiting for the other replicas' gradients)")
+    print(f"{'task':>6}" + "".join(f"{k:>8}" for k in kinds))
+    for task, row in enumerate(rows):
+        print(f"{task:>6}" + "".join(f"{row.get(k, 0.0):>8.1f}" for k in kinds))
+
+
 def ideal_rate(m: int) -> float:
     """One 1f1b pipeline's micro-batches/s with free messages and reductions: m / ((m + p - 1)(F + B))."""
     return m / ((m + P - 1) * (F_MS + B_MS) / 1000)
@@ -83,14 +107,18 @@ def scaling_rates(client, args: argparse.Namespace) -> dict[int, list[float]]:
 
     run(max(REPLICAS), 2)  # untimed: every worker's first job (imports, first connections) out of the rounds
     rates: dict[int, list[float]] = {d: [] for d in REPLICAS}
+    breakdowns: dict[int, list] = {}
     for r in range(args.repeats):
         for d in REPLICAS[r % len(REPLICAS):] + REPLICAS[:r % len(REPLICAS)]:
-            rates[d].append(steady_rate(run(d, args.steps).history, first=0,
-                                        microbatches_per_step=d * args.microbatches))
-    return rates
+            result = run(d, args.steps)
+            rates[d].append(steady_rate(result.history, first=0, microbatches_per_step=d * args.microbatches))
+            if rates[d][-1] == max(rates[d]):
+                breakdowns[d] = per_step_ms(result, first=0)
+    return {"rates": rates, "breakdown": breakdowns[max(REPLICAS)]}
 
 
-def report_scaling(rates: dict[int, list[float]], args: argparse.Namespace) -> dict:
+def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
+    rates = measured["rates"]
     best = {d: max(r) for d, r in rates.items()}
     median = {d: statistics.median(r) for d, r in rates.items()}
     eff = {d: best[d] / (d * best[1]) for d in REPLICAS}
@@ -106,6 +134,7 @@ def report_scaling(rates: dict[int, list[float]], args: argparse.Namespace) -> d
         rounds = " ".join(f"{x:.1f}" for x in rates[d])
         print(f"{d:>2} {P * d:>7} {best[d]:>9.2f} {median[d]:>8.2f} {eff[d]:>10.3f} {eff_median[d]:>8.3f} "
               f"{best[d] / (d * ideal):>8.3f}   {rounds}")
+    print_breakdown(f"d = {max(REPLICAS)}, its best round", measured["breakdown"])
     return {"scaling_efficiency": {str(d): round(eff[d], 3) for d in REPLICAS},
             "scaling_efficiency_median": {str(d): round(eff_median[d], 3) for d in REPLICAS},
             "microbatches_per_s": {str(d): round(best[d], 2) for d in REPLICAS},
@@ -124,11 +153,12 @@ def fit_ddp_twin(part, data, client, *, steps: int):
 
 
 def run_pipetrain(part, data, client, args: argparse.Namespace) -> dict:
-    history = sorted(fit_ddp_twin(part, data, client, steps=args.warmup + args.steps).history,
-                     key=lambda h: h["step"])
+    result = fit_ddp_twin(part, data, client, steps=args.warmup + args.ddp_steps)
+    history = sorted(result.history, key=lambda h: h["step"])
     rate = steady_rate(history, first=args.warmup - 1, microbatches_per_step=DDP_WORLD * DDP_M,
                        samples_per_microbatch=DDP_B)
-    return {"samples_per_s": rate, "losses": [h["loss"] for h in history]}
+    return {"samples_per_s": rate, "losses": [h["loss"] for h in history],
+            "breakdown": per_step_ms(result, first=args.warmup - 1)}
 
 
 def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -140,7 +170,7 @@ def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
     contestants = {
         "pipetrain d=2 p=1": lambda: run_pipetrain(part, data, client, args),
         "torch DDP (gloo)": lambda: ddp_baseline.run_ddp(world=DDP_WORLD, microbatches=DDP_M, microbatch_size=DDP_B,
-                                                         steps=args.steps, warmup=args.warmup, env=ENV_BEFORE_DASK,
+                                                         steps=args.ddp_steps, warmup=args.warmup, env=ENV_BEFORE_DASK,
                                                          **sizes),
     }
     fit_ddp_twin(part, data, client, steps=2)  # untimed: the workers import torch and build the stage once
@@ -162,7 +192,7 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     print(f"\nvs torch DDP: MLP {args.depth} x Linear({args.width}, {args.width}) + Tanh, head "
           f"Linear({args.width}, {ddp_baseline.CLASSES}) ({mib:.1f} MiB of weights), d = {DDP_WORLD} replicas, "
           f"p = 1, {DDP_M} micro-batches of {DDP_B} per replica and step (global batch "
-          f"{DDP_WORLD * DDP_M * DDP_B}), SGD lr {ddp_baseline.LR}, 1 thread per process; {args.steps} steps "
+          f"{DDP_WORLD * DDP_M * DDP_B}), SGD lr {ddp_baseline.LR}, 1 thread per process; {args.ddp_steps} steps "
           f"after {args.warmup} warm-up, {args.repeats} rounds")
     print(f"{'contestant':<20} {'best samples/s':>14} {'median':>9}   each round")
     for name, rs in runs.items():
@@ -172,6 +202,7 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     last_ours, last_peer = ours[-1]["losses"], peer[-1]["losses"]
     print(f"pipetrain / DDP: {ratio:.3f}x best, {ratio_median:.3f}x median; step losses, pipetrain vs DDP: "
           + ", ".join(f"{a:.5f}/{b:.5f}" for a, b in list(zip(last_ours, last_peer))[-3:]))
+    print_breakdown("pipetrain d=2 p=1, its best round", max(ours, key=lambda r: r["samples_per_s"])["breakdown"])
     return {"vs_torch_ddp": round(ratio, 3), "vs_torch_ddp_median": round(ratio_median, 3),
             "ddp_samples_per_s": {"pipetrain": round(best["pipetrain d=2 p=1"], 1),
                                   "torch_ddp": round(best["torch DDP (gloo)"], 1)},
@@ -181,8 +212,8 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6, help="steps per run (scaling: measured over steps 1..; "
-                                                         "vs DDP: measured after --warmup)")
+    ap.add_argument("--steps", type=int, default=8, help="the scaling part's steps per run (measured over steps 1..)")
+    ap.add_argument("--ddp-steps", type=int, default=20, help="vs DDP: steps measured per run, after --warmup")
     ap.add_argument("--warmup", type=int, default=2, help="vs DDP: steps run before measuring (>= 1)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds, interleaved")
     ap.add_argument("--schedule", default="1f1b", help="the scaling part's schedule")
@@ -194,9 +225,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=ddp_baseline.DEPTH, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.repeats, args.microbatches, args.width = 3, 1, 1, 4, 64
-    if args.warmup < 1 or args.steps < 2:
-        ap.error("--warmup must be >= 1 and --steps >= 2")
+        args.steps, args.ddp_steps, args.warmup, args.repeats, args.microbatches, args.width = 3, 3, 1, 1, 4, 64
+    if args.warmup < 1 or args.steps < 2 or args.ddp_steps < 1:
+        ap.error("--warmup and --ddp-steps must be >= 1, --steps >= 2")
 
     from distributed import Client
 
