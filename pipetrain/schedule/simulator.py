@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipetrain.schedule.actions import COMPUTE, EVALUATION, NORMS, TIES, Action, Kind
+from pipetrain.schedule.actions import COMPUTE, EVALUATION, NORMS, REPLICAS, TIES, Action, Kind
 from pipetrain.schedule.evaluation import check_eval_action
 from pipetrain.schedule.norms import NORM_RECVS, NORM_SENDS, check_norm_actions
+from pipetrain.schedule.replicas import check_replica_actions
 from pipetrain.schedule.ties import TIE_RECVS, TIE_SENDS, check_tie_actions
 from pipetrain.schedule.schedule import Schedule, ScheduleError, bubble_fraction_formula
 
@@ -161,6 +162,7 @@ def check_schedule(schedule: Schedule) -> tuple[StageMemory, ...]:
         _check_order(schedule, s)
         check_norm_actions(schedule, s)
         check_tie_actions(schedule, s)
+        check_replica_actions(schedule, s)
     _check_pairs(schedule)
     return tuple(_stage_memory(schedule, s) for s in range(schedule.num_stages))
 
@@ -183,7 +185,7 @@ def _check_order(schedule: Schedule, s: int) -> None:
         if a.kind in EVALUATION:
             check_eval_action(where, a, s, p, seen)
             continue
-        if a.kind in NORMS or a.kind in TIES:  # checked by check_norm_actions / check_tie_actions
+        if a.kind in NORMS or a.kind in TIES or a.kind in REPLICAS:  # checked by check_norm/tie/replica_actions
             continue
         if a.k is None or not first <= a.k < total:
             raise ScheduleError(f"{where}: micro-batch {a.k} is outside this schedule's range [{first}, {total})")
