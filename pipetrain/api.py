@@ -179,7 +179,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     evaluation = spec.evaluation(heldout)
     run_path = Path(spec.run_dir) if spec.run_dir else None
     metrics = MetricsLog(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
-    bar = Progress(schedule.steps, enabled=progress)
+    bar = Progress(schedule.steps, enabled=progress, stages=len(part.stages))
     # The held-out loss before training comes from the stages' first eval block (an EvalRecord).
     metrics.write(StartRecord(schedule=schedule.name, stages=len(part.stages), steps=schedule.steps,
                               microbatches=schedule.microbatches, heldout_loss=None, executor=executor))

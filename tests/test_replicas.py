@@ -167,3 +167,12 @@ def test_a_part_for_other_microbatches_or_shapes_is_refused_before_it_is_added()
         reducer.run(Action(0, Kind.SEND_REDUCE, 0))
         with pytest.raises(ReplicaMismatch, match=what):
             reducer.run(Action(0, Kind.RECV_REDUCE, 0))
+
+
+def test_the_simulator_charges_the_exchange_before_each_update():
+    schedule = ScheduleSpec("1f1b", num_stages=2, microbatches=4, steps=2, replicas=2).build()
+    free, costly = simulate(schedule).makespan, simulate(schedule, reduce_cost=3.0).makespan
+    # each step's update on the last stage to finish waits 3 more, and the next step waits for it
+    assert free < costly <= free + 2 * 3.0
+    with pytest.raises(ScheduleError, match="reduce_cost"):
+        simulate(schedule, reduce_cost=-1.0)

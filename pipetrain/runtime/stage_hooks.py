@@ -204,7 +204,7 @@ class StageHooks(Hooks):
 
     def on_action(self, action: Action, start: float, end: float) -> None:
         kind, meter = action.kind, self.meter
-        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE, Kind.EVAL_F):
+        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE, Kind.EVAL_F, Kind.REDUCE):
             meter.busy += end - start
         self.timeline.record(kind.value, action.k, action.version, start, end)
         if kind is Kind.FORWARD:
