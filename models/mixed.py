@@ -94,3 +94,34 @@ def heldout_source(*, n: int = 1024, microbatch_size: int = 32, seed: int = 0):
     from models import mlp
 
     return mlp.source(n, microbatch_size=microbatch_size, seed=seed + 1000)
+
+
+def _torch_loss(logits, labels):
+    import torch.nn.functional as functional
+
+    return functional.cross_entropy(logits, labels.long())
+
+
+def build_jax_torch(*, seed: int = 0):
+    """JAX (layers 0-1) -> torch (dense1, tanh, dense2, tanh, dense3 + the loss): two parts, the
+    same function as ``jax_twin`` (the torch layers start from its weights)."""
+    import torch
+    from torch import nn
+
+    from models import mlp
+    from pipetrain.stages.jax_stage import JaxSequential
+    from pipetrain.stages.mixed import MixedSequential
+    from pipetrain.stages.torch_stage import TorchSequential
+
+    twin = jax_twin(seed=seed)
+    params = twin.init_params()
+    layers: list = []
+    for name, (n_in, n_out), act in (("dense1", (SIZES[0], SIZES[1]), True), ("dense2", (SIZES[1], SIZES[2]), True),
+                                     ("dense3", (SIZES[2], NUM_CLASSES), False)):
+        linear = nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.asarray(params[name]["w"]).T.copy()))
+            linear.bias.copy_(torch.from_numpy(np.asarray(params[name]["b"]).copy()))
+        layers += [linear, nn.Tanh()] if act else [linear]
+    jax_part = JaxSequential(list(twin.layers[:2]), loss=mlp.loss_fn, seed=seed)
+    return MixedSequential([jax_part, TorchSequential(layers, loss=_torch_loss, seed=seed)])

@@ -45,10 +45,12 @@ class FitResult:
     executor: str = "dask"
     steps: int = 0
     resumed_from: int = 0  # the micro-batch this call started at: a resume's checkpoint cut, else 0
-    microbatches: int = 1  # per step
+    microbatches: int = 1  # per step: the job's (every replica's together)
+    replicas: int = 1  # copies of the pipeline (schedule/replicas.py)
     # Per stage, the exactly-once ledger of the final generation: "applied", the
     # runs [first, last + 1] of micro-batch ids each update folded into the
-    # weights, in order; "pending", ids accumulated but not yet applied.
+    # weights, in order; "pending", ids accumulated but not yet applied. With
+    # replicas, per task (replica r's stage s at r * p + s), each in the job's ids.
     ledgers: list[dict] = field(default_factory=list)
     evals: dict[int, float] = field(default_factory=dict)
 
@@ -177,7 +179,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     evaluation = spec.evaluation(heldout)
     run_path = Path(spec.run_dir) if spec.run_dir else None
     metrics = MetricsLog(run_path / METRICS_FILE if run_path else None, sinks=_sinks(spec, run_path, callbacks))
-    bar = Progress(schedule.steps, enabled=progress)
+    bar = Progress(schedule.steps, enabled=progress, stages=len(part.stages))
     # The held-out loss before training comes from the stages' first eval block (an EvalRecord).
     metrics.write(StartRecord(schedule=schedule.name, stages=len(part.stages), steps=schedule.steps,
                               microbatches=schedule.microbatches, heldout_loss=None, executor=executor))
@@ -190,19 +192,20 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
         plan = JobPlan(partition=part, source=data, spec=spec, schedule=schedule, resume=resume, supervisor=supervisor,
                        heldout=heldout if evaluation else None, evaluation=evaluation,
                        **({"job_id": job_id} if job_id else {}))
-        with _client(client, len(part.stages) + spec.cluster.spare_workers) as dask_client:
+        with _client(client, len(part.stages) * spec.replicas + spec.cluster.spare_workers) as dask_client:
             outcome = Driver(dask_client, plan, progress=bar, metrics=metrics).run()
     else:
         raise ValueError(f"fit: executor must be 'dask' or 'reference', got {executor!r}")
 
-    steps, microbatches = schedule.steps, schedule.microbatches
+    steps, microbatches = schedule.steps, schedule.microbatches * schedule.replicas  # the job's, per step
     result = FitResult(partition=part, schedule=schedule.name, history=outcome.history, losses=outcome.losses,
                        states=outcome.states, recoveries=outcome.recoveries, events=outcome.events,
                        run_dir=run_path, wall_seconds=outcome.wall_seconds,
                        samples=(steps * microbatches - outcome.resumed_from) * data.microbatch_size,
                        executor=executor, steps=steps, resumed_from=outcome.resumed_from,
                        microbatches=microbatches, ledgers=outcome.ledgers, evals=dict(outcome.evals),
-                       heldout_before=outcome.evals.get(0), heldout_after=outcome.evals.get(steps))
+                       heldout_before=outcome.evals.get(0), heldout_after=outcome.evals.get(steps),
+                       replicas=schedule.replicas)
     metrics.write(EndRecord(heldout_loss=result.heldout_after, wall_seconds=result.wall_seconds,
                             samples_per_s=result.samples_per_s, samples=result.samples, steps=steps,
                             steps_run=result.steps_run))
@@ -234,10 +237,11 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
 
     started = time.time()
     schedule = replace(spec, checkpoint_every=None).build()
-    result = run_reference(schedule, stages=build_stages(part, optimizer), source=data, heldout=heldout,
-                           evaluation=evaluation)
+    d = spec.replicas
+    result = run_reference(schedule, stages=[st for _ in range(d) for st in build_stages(part, optimizer)],
+                           source=data, heldout=heldout, evaluation=evaluation, replicas=d)
     wall = time.time() - started
-    m = spec.microbatches
+    m = spec.microbatches * d
     history = []
 
     def log_eval(step: int) -> None:
@@ -246,7 +250,7 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
             bar.eval(step, result.evals[step])
 
     log_eval(0)
-    figures = StepOptimizerMetrics(optimizer=optimizer, schedule=spec, num_stages=len(result.stages))
+    figures = StepOptimizerMetrics(optimizer=optimizer, schedule=spec, num_stages=len(result.stages), replicas=d)
     for s, norms in result.grad_norms.items():
         figures.add_norms(s, norms)
     for t, loss in enumerate(result.loss_history(m)):
@@ -270,10 +274,12 @@ def _trained_on(schedule: Any, checkpoint_url: str) -> Any:
     if latest is None or schedule.restart_at:
         return schedule
     before = latest.manifest.get("schedule") or {}
-    ended = int(before.get("steps", 0)) * int(before.get("microbatches", 0))
-    if latest.cut != ended or not 0 < ended < schedule.total_microbatches or ended % schedule.microbatches:
+    # (cuts are the job's micro-batches; each replica's schedule counts its own: schedule/replicas.py)
+    ended = int(before.get("steps", 0)) * int(before.get("microbatches", 0)) * int(before.get("replicas", 1))
+    local, rest = divmod(ended, schedule.replicas)
+    if latest.cut != ended or rest or not 0 < local < schedule.total_microbatches or local % schedule.microbatches:
         return schedule
-    return replace(schedule, restart_at=ended)
+    return replace(schedule, restart_at=local)
 
 
 @contextmanager

@@ -19,15 +19,20 @@ INTERRUPTED = 130  # 128 + SIGINT
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pipetrain.schedule.builders import build_schedule
+    from pipetrain.schedule.builders import ScheduleSpec
     from pipetrain.schedule.simulator import simulate
 
-    schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches,
-                              steps=args.steps, accumulate=args.accumulate)
+    schedule = ScheduleSpec(args.schedule, num_stages=args.stages, microbatches=args.microbatches,
+                            steps=args.steps, accumulate=args.accumulate, replicas=args.replicas).build()
     report = simulate(schedule, forward_cost=args.forward_cost, backward_cost=args.backward_cost,
                       update_cost=args.update_cost, send_cost=args.send_cost, weight_cost=args.weight_cost,
-                      split_backward=args.split_backward)
+                      split_backward=args.split_backward, reduce_cost=args.reduce_cost)
     print(report.render())
+    if args.replicas > 1:
+        print(_replicas_line(args.stages, args.replicas)
+              + f"; each update waits {args.reduce_cost:g} for the replicas' gradient exchange (--reduce-cost). "
+                f"The grid is one replica's: they all run it, each over its own micro-batches (k * "
+                f"{args.replicas} + r), {args.microbatches * args.replicas} of the job's per step")
     if args.model:
         print()
         print(_memory_table(_partition_of(args), schedule, args))
@@ -39,11 +44,18 @@ def _partition(args: argparse.Namespace) -> int:
 
     part = _partition_of(args)
     print(part)
+    if args.replicas > 1:
+        print(_replicas_line(len(part.stages), args.replicas) + "; each stage's estimate is one worker's")
     schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches, steps=2,
                               accumulate=args.accumulate)
     print()
     print(_memory_table(part, schedule, args))
     return 0
+
+
+def _replicas_line(stages: int, replicas: int) -> str:
+    return (f"x {replicas} replicas: {stages} stages x {replicas} = {stages * replicas} stage tasks, one worker "
+            f"each (replicas of a stage sum their gradients before every update)")
 
 
 def _partition_of(args: argparse.Namespace):
@@ -272,6 +284,9 @@ def parser() -> argparse.ArgumentParser:
                         "(as TorchSequential's split_backward; default never)")
     p.add_argument("--weight-cost", type=float, default=0.0,
                    help="the weight-gradient part of --backward-cost, run after the send when split (default 0)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of the pipeline (pipeline x data parallelism)")
+    p.add_argument("--reduce-cost", type=float, default=0.0,
+                   help="with --replicas: time of one update's gradient exchange between replicas (default 0)")
     _model_args(p, required=False)
     p.set_defaults(run=_simulate)
 
@@ -281,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="1f1b", help="for the memory estimate (default 1f1b)")
     p.add_argument("--microbatches", type=int, default=8, help="for the memory estimate (default 8)")
     p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="copies of the pipeline (pipeline x data parallelism)")
     p.set_defaults(run=_partition)
 
     p = sub.add_parser("trace", help="Chrome/Perfetto trace and Gantt chart of a run")

@@ -49,6 +49,7 @@ class PartitionConfig:
     stages: int = 2
     method: str = "params"  # uniform | params | flops | profile
     boundaries: tuple[int, ...] = ()
+    replicas: int = 1  # copies of the pipeline (pipeline x data parallelism): stages * replicas workers
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class JobConfig:
         _check(self.model.precision in PRECISIONS, "model.precision",
                f"{self.model.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.partition.stages >= 1, "partition.stages", "must be >= 1")
+        _check(self.partition.replicas >= 1, "partition.replicas", "must be >= 1 (copies of the pipeline)")
         _check(self.partition.method in ("uniform", "params", "flops", "profile"), "partition.method",
                f"{self.partition.method!r} is not one of uniform, params, flops, profile")
         _check(self.schedule.name in SCHEDULES, "schedule.name",

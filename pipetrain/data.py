@@ -101,3 +101,23 @@ def _rows(array: Any, idx: np.ndarray) -> np.ndarray:
     if hasattr(rows, "compute"):  # dask: compute just the chunks that hold idx
         rows = rows.compute(scheduler="synchronous")
     return np.asarray(rows)
+
+
+class ReplicaSource:
+    """What replica ``replica`` of ``replicas`` reads (``schedule/replicas.py``): its local
+    micro-batch j is the job's micro-batch ``j * replicas + replica`` of ``source``."""
+
+    def __init__(self, source: Any, *, replica: int, replicas: int):
+        if not 0 <= replica < replicas:
+            raise ValueError(f"replica {replica} is not one of 0..{replicas - 1}")
+        self.source, self.replica, self.replicas = source, replica, replicas
+        self.microbatch_size = source.microbatch_size
+
+    def global_id(self, k: int) -> int:
+        return k * self.replicas + self.replica
+
+    def inputs(self, k: int) -> Tree:
+        return self.source.inputs(self.global_id(k))
+
+    def targets(self, k: int) -> Tree:
+        return self.source.targets(self.global_id(k))

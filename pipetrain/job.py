@@ -144,8 +144,10 @@ def _run(cfg: JobConfig, *, job_id: str, scheduler: str | None, scheduler_file: 
         scheduler, scheduler_file = cfg.cluster.scheduler or None, cfg.cluster.scheduler_file or None
     where = scheduler or scheduler_file or (client.scheduler.address if client else "an embedded local Dask cluster")
     runner = "the reference executor (one process)" if executor == "reference" else f"Dask ({where})"
-    say(f"pipetrain: training {cfg.model.entry} as a {len(part.stages)}-stage '{cfg.schedule.name}' pipeline "
-        f"on {runner}")
+    copies = (f" x {cfg.partition.replicas} replicas ({len(part.stages) * cfg.partition.replicas} stage tasks)"
+              if cfg.partition.replicas > 1 else "")
+    say(f"pipetrain: training {cfg.model.entry} as a {len(part.stages)}-stage '{cfg.schedule.name}' pipeline"
+        f"{copies} on {runner}")
     say(str(part))
     client = client or _client_arg(scheduler, scheduler_file)
     result = fit(part, train, spec=JobSpec.from_config(cfg), heldout=heldout, client=client, executor=executor,

@@ -29,10 +29,10 @@ from pipetrain.stages.precision import check_precision
 DEFAULT_CHECKPOINT_EVERY = 64
 
 
-def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: int = 1) -> int:
+def default_checkpoint_every(*, schedule: str, microbatches: int, accumulate: int = 1, replicas: int = 1) -> int:
     from pipetrain.schedule.builders import microbatches_per_update
 
-    unit = microbatches_per_update(schedule, microbatches, accumulate)
+    unit = replicas * microbatches_per_update(schedule, microbatches, accumulate)
     return -(-DEFAULT_CHECKPOINT_EVERY // unit) * unit
 
 
@@ -50,12 +50,26 @@ class JobSpec:
     # "fp32" | "bf16" (stages/precision.py), fit's keyword; None: the partition's own (a job config's
     # [model] precision is given to the partition, like [model] remat, so it stays None here)
     precision: str | None = None
+    # Copies of the pipeline (schedule/replicas.py): each step runs schedule.microbatches on each
+    # of them, so a step is replicas * microbatches of the job's micro-batches; checkpoint.every
+    # counts the job's micro-batches.
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         for name in ("eval_microbatches", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or self.replicas < 1:
+            raise ValueError(f"replicas: must be an integer >= 1 (copies of the pipeline), got {self.replicas!r}")
+        from pipetrain.schedule.builders import microbatches_per_update
+
+        unit = self.replicas * microbatches_per_update(self.schedule.name, self.schedule.microbatches,
+                                                       self.schedule.accumulate)
+        if self.replicas > 1 and self.checkpoint.every % unit:
+            raise ValueError(f"checkpoint.every: with {self.replicas} replicas a cut must be a multiple of "
+                             f"{unit} of the job's micro-batches (replicas x micro-batches per update), got "
+                             f"{self.checkpoint.every}")
         if self.precision is not None:
             check_precision(self.precision, "JobSpec")
         # The optimizer carries the schedule's delay correction to the stages.
@@ -66,7 +80,8 @@ class JobSpec:
     def from_config(cls, cfg: JobConfig) -> JobSpec:
         return cls(schedule=cfg.schedule, optimizer=cfg.optimizer, checkpoint=cfg.checkpoint, cluster=cfg.cluster,
                    run_dir=cfg.run_dir, eval_microbatches=cfg.data.eval_microbatches,
-                   eval_every=cfg.data.eval_every, observe=cfg.observe)  # ([model] precision: the partition's)
+                   eval_every=cfg.data.eval_every, observe=cfg.observe,  # ([model] precision: the partition's)
+                   replicas=cfg.partition.replicas)
 
     @classmethod
     def from_settings(cls, *, schedule: str = "1f1b", microbatches: int = 8, steps: int = 10, accumulate: int = 1,
@@ -76,7 +91,8 @@ class JobSpec:
                       eval_every: int | None = 0,
                       resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
                       credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0, transport: str = "stream",
-                      record_events: bool = True, tensorboard: bool = False, precision: str | None = None) -> JobSpec:
+                      record_events: bool = True, tensorboard: bool = False, precision: str | None = None,
+                      replicas: int = 1) -> JobSpec:
         """``fit``'s keyword arguments, as one spec. ``checkpoint_every=None``: every
         ``DEFAULT_CHECKPOINT_EVERY`` micro-batches when ``checkpoint_dir`` is given, else none."""
         optimizer = optimizer or Optimizer()
@@ -84,7 +100,8 @@ class JobSpec:
             correction = getattr(optimizer, "correction", "none")
         if checkpoint_every is None:
             checkpoint_every = (default_checkpoint_every(schedule=schedule, microbatches=microbatches,
-                                                         accumulate=accumulate) if checkpoint_dir else 0)
+                                                         accumulate=accumulate, replicas=replicas)
+                                if checkpoint_dir else 0)
         return cls(schedule=ScheduleConfig(name=schedule, microbatches=microbatches, steps=steps,
                                            accumulate=accumulate, correction=correction),
                    optimizer=optimizer,
@@ -95,7 +112,7 @@ class JobSpec:
                                          spare_workers=spare_workers, transport=transport),
                    run_dir=run_dir, eval_microbatches=eval_microbatches, eval_every=eval_every or 0,
                    record_events=record_events,
-                   observe=ObserveConfig(tensorboard=tensorboard), precision=precision)
+                   observe=ObserveConfig(tensorboard=tensorboard), precision=precision, replicas=replicas)
 
     @property
     def checkpoint_url(self) -> str | None:
@@ -131,6 +148,7 @@ class JobSpec:
 
         s = self.schedule
         return ScheduleSpec(s.name, num_stages=num_stages, microbatches=s.microbatches, steps=s.steps,
-                            accumulate=s.accumulate, checkpoint_every=self.checkpoint.every or None,
+                            accumulate=s.accumulate,
+                            checkpoint_every=self.checkpoint.every // self.replicas or None,  # each replica's
                             clip=bool(getattr(self.optimizer, "clip_norm", None)),  # norm actions: clipping
-                            restart_at=getattr(s, "restart_at", 0))
+                            restart_at=getattr(s, "restart_at", 0) // self.replicas, replicas=self.replicas)

@@ -72,8 +72,12 @@ def _jsonable(value: Any) -> Any:
 
 
 class Progress:
-    def __init__(self, total_steps: int, *, enabled: bool = True, stream: IO[str] | None = None, every: int = 0):
+    def __init__(self, total_steps: int, *, enabled: bool = True, stream: IO[str] | None = None, every: int = 0,
+                 stages: int = 0):
+        """``stages``: the pipeline's, when it runs as replicas: the busy shares (one per task)
+        are then shown a replica at a time, ``busy 90% 80% | 91% 79%``."""
         self.total = total_steps
+        self.stages = stages
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
@@ -101,7 +105,9 @@ class Progress:
         if samples_per_s:
             parts.append(f"{samples_per_s:,.0f} samples/s")
         if busy:
-            parts.append("busy " + " ".join(f"{b:.0%}" for b in busy))
+            p = self.stages if self.stages and len(busy) > self.stages else len(busy)
+            parts.append("busy " + " | ".join(" ".join(f"{b:.0%}" for b in busy[r:r + p])
+                                              for r in range(0, len(busy), p)))
         if self.heldout is not None:
             parts.append(f"held-out {self.heldout[1]:.4f} (step {self.heldout[0]})")
         line = "  ".join(parts)

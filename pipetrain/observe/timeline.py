@@ -22,8 +22,8 @@ EVENT_DTYPE = np.dtype([("kind", "U6"), ("k", "i8"), ("version", "i8"), ("start"
 # "W": the weight gradients of a split backward, after its SEND_B (runtime/interpreter.py);
 # not a schedule action, but work the stage does.
 COMPUTE_KINDS = ("F", "B", "W")
-BUSY_KINDS = ("F", "B", "W", "U", "E")  # what a stage's "busy share" counts: work (held-out forwards
-# too, as the simulator counts them), not waiting or moving bytes
+BUSY_KINDS = ("F", "B", "W", "U", "E", "R")  # what a stage's "busy share" counts: work (held-out forwards
+# too, as the simulator counts them, and the replicas' sum), not waiting or moving bytes
 KINDS = ("F", "B", "W", "U", "C", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
 

@@ -45,6 +45,10 @@ KIND_STYLE = {  # kind: (legend label, colour, hatch)
     "SEND_B": ("send gradient", "#FFD0A8", None),
     "RECV_F": ("wait for activation", "#E5E5E5", "////"),
     "RECV_B": ("wait for gradient", "#BDBDBD", "\\\\\\\\"),
+    # replicated pipelines: the gradient exchange before each update (schedule/replicas.py)
+    "SEND_R": ("send to replicas", "#D0BBFF", None),
+    "RECV_R": ("wait for replicas", "#DCC6E0", "xx"),
+    "R": ("replica sum", "#6F4E9C", None),
 }
 GANTT_WIDTH_PX = 1400
 STEADY_STATE_MIN_MICROBATCHES = 33  # runs with more micro-batches than this get a steady-state window by default

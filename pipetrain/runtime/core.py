@@ -84,13 +84,14 @@ class JobCore:
         self.settings = settings
         self.phase = "new"  # new | placing | running | stopping | finding | over
         self.generation, self.cut, self.ledgers = 0, 0, {}
+        self.cut_replicas = settings.replicas  # the replicas that wrote the checkpoint at self.cut
         self.resumed_from = 0  # the cut this run's first generation started at
         self.placement: dict[int, str] = {}
         self.alive: set[str] = set()
         self.dead: set[str] = set()
         self.avoid: set[str] = set()
         self.restarts = 0
-        self.book = StepBook(settings.num_stages, settings.microbatches, settings.microbatch_size,
+        self.book = StepBook(settings.num_tasks, settings.microbatches, settings.microbatch_size,
                              metrics=settings.step_metrics())
         self.history: list[dict] = []
         self.evals: dict[int, float] = {}  # step -> held-out loss after it, as first reported
@@ -148,8 +149,16 @@ class JobCore:
                 f"({found}); `pipetrain train CONFIG --overwrite` starts the job over from the beginning"))
         if latest is None:
             out.append(Note("resume: no committed checkpoint found; starting from the beginning"))
+        elif latest.cut % self.settings.cut_unit:
+            return out + self._end(Fail(
+                f"resume: the checkpoint at micro-batch {latest.cut} ({latest.path}, written by {latest.replicas} "
+                f"replica(s)) is not a cut of {s.replicas} replica(s): their cuts are multiples of "
+                f"{s.cut_unit} micro-batches (replicas x micro-batches per update); resume with replicas = "
+                f"{latest.replicas}"))
         else:
-            out.append(Note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})"))
+            out.append(Note(f"resume: from the checkpoint at micro-batch {latest.cut} ({latest.path})"
+                            + (f", written by {latest.replicas} replica(s), going on with {s.replicas}"
+                               if latest.replicas != s.replicas else "")))
             self.history += self.book.restore(dict(latest.losses), latest.cut)
             self.evals.update(latest.evals)
             out.append(WriteRecord(ResumeRecord(generation=self.generation, rollback_to=latest.cut,
@@ -162,6 +171,7 @@ class JobCore:
         self.cut = latest.cut if latest else 0
         self.ledgers = dict(latest.ledgers) if latest else {}
         self.committed = latest
+        self.cut_replicas = latest.replicas if latest else self.settings.replicas
 
     def _place(self, now: float) -> list[Instruction]:
         self.phase, self.place_started = "placing", now
@@ -184,7 +194,7 @@ class JobCore:
                                             workers={str(stage): w for stage, w in placement.items()},
                                             hosts={str(stage): _host(w) for stage, w in placement.items()})),
                 Note(f"placement (generation {self.generation}): {where}"),
-                Submit(self.generation, self.cut, dict(self.ledgers), dict(placement))]
+                Submit(self.generation, self.cut, dict(self.ledgers), dict(placement), self.cut_replicas)]
 
     @_handle.register
     def _placement_failed(self, ev: PlacementFailed) -> list[Instruction]:
@@ -199,7 +209,7 @@ class JobCore:
     def _report(self, ev: Report) -> list[Instruction]:
         if self.phase != "running" or ev.generation != self.generation:
             return []  # an old generation's, or one being stopped: it no longer counts
-        if ev.stage is not None and not 0 <= ev.stage < self.settings.num_stages:
+        if ev.stage is not None and not 0 <= ev.stage < self.settings.num_tasks:
             return []  # no stage of this job (the queue is reachable by any client of the scheduler)
         return self._on_report(ev)
 
@@ -228,6 +238,8 @@ class JobCore:
     @_on_report.register
     def _shard(self, ev: ShardWritten) -> list[Instruction]:
         self.run.timer.heard_shard(ev)
+        if ev.stage >= self.settings.num_stages:
+            return []  # (only replica 0 writes shards: a stage is stored once)
         shards = self.run.shards.setdefault(ev.cut, {})
         shards[ev.stage] = ev.record
         if len(shards) < self.settings.num_stages:
@@ -340,16 +352,16 @@ class JobCore:
 
     def _maybe_finish(self, now: float) -> list[Instruction]:
         run = self.run
-        if self.phase != "running" or len(run.results) < self.settings.num_stages or run.committing:
+        if self.phase != "running" or len(run.results) < self.settings.num_tasks or run.committing:
             return []
         if run.done_by is None:
             run.done_by = now + DONE_GRACE
-        if len(run.done) < self.settings.num_stages and now < run.done_by:
+        if len(run.done) < self.settings.num_tasks and now < run.done_by:
             return []  # reports sent before the tasks returned may still be on their way
         return self._end(Finish(losses=dict(sorted(self.book.losses.items())), history=list(self.history),
                                 recoveries=[dict(r) for r in self.recoveries], generation=self.generation,
                                 wall_seconds=now - self.started_at, resumed_from=self.resumed_from,
-                                results=tuple(run.results[s] for s in range(self.settings.num_stages)),
+                                results=tuple(run.results[s] for s in range(self.settings.num_tasks)),
                                 evals=dict(sorted(self.evals.items()))))
 
     # -- checkpoints ----------------------------------------------------------

@@ -35,7 +35,7 @@ from pipetrain.runtime.messages import (  # noqa: F401 - the stages' reports are
 @dataclass(frozen=True)
 class JobSettings:
     num_stages: int
-    microbatches: int
+    microbatches: int  # the job's micro-batches per step: each replica's times the replicas
     steps: int
     microbatch_size: int
     job_id: str
@@ -47,19 +47,34 @@ class JobSettings:
     manifest: dict = field(default_factory=dict)  # the manifest's fixed fields (schedule, partition)
     optimizer: Any = None  # with the ScheduleSpec: each step record's lr and grad_norm (runtime/step_metrics.py)
     schedule_spec: Any = None
+    # Replicated pipelines: each stage runs this many times, as tasks r * num_stages + s
+    # (r the replica); reports, placement and results are per task, shards per stage.
+    replicas: int = 1
+
+    @property
+    def num_tasks(self) -> int:
+        return self.num_stages * self.replicas
+
+    @property
+    def cut_unit(self) -> int:
+        """The job's micro-batches between two possible cuts: replicas x micro-batches per update."""
+        per_update = self.schedule_spec.microbatches_per_update if self.schedule_spec is not None else 1
+        return self.replicas * per_update
 
     def step_metrics(self) -> Any:
         from pipetrain.runtime.step_metrics import StepOptimizerMetrics
 
         if self.schedule_spec is None:
             return None
-        return StepOptimizerMetrics(optimizer=self.optimizer, schedule=self.schedule_spec, num_stages=self.num_stages)
+        return StepOptimizerMetrics(optimizer=self.optimizer, schedule=self.schedule_spec, num_stages=self.num_stages,
+                                    replicas=self.replicas)
 
     @classmethod
     def from_plan(cls, plan: Any, store_root: str | None) -> JobSettings:
         """From a ``JobPlan``; ``store_root``: ``CheckpointStore.root``, None without checkpoints."""
         spec = plan.spec
-        return cls(num_stages=plan.num_stages, microbatches=plan.microbatches, steps=plan.steps,
+        return cls(num_stages=plan.num_stages, microbatches=plan.microbatches * plan.replicas, steps=plan.steps,
+                   replicas=plan.replicas,
                    microbatch_size=plan.source.microbatch_size, job_id=plan.job_id, store=store_root,
                    run_dir=spec.run_dir, max_restarts=spec.cluster.max_restarts,
                    stop_timeout=spec.cluster.stop_timeout, checkpoint_seconds=spec.checkpoint.seconds,
@@ -88,6 +103,7 @@ class CheckpointView:
     job_id: str | None = None
     evals: dict[int, float] = field(default_factory=dict)  # step -> held-out loss, known when it was committed
     skipped: tuple[tuple[int, str], ...] = ()  # newer step directories passed over: (cut, why)
+    replicas: int = 1  # the pipeline copies of the run that wrote it
 
     @classmethod
     def from_committed(cls, checkpoint: Any) -> CheckpointView | None:
@@ -100,7 +116,8 @@ class CheckpointView:
                             for s in range(checkpoint.num_stages)},
                    losses={int(k): float(v) for k, v in manifest.get("losses", {}).items()},
                    job_id=manifest.get("job_id"), skipped=tuple(checkpoint.skipped),
-                   evals={int(k): float(v) for k, v in manifest.get("evals", {}).items()})
+                   evals={int(k): float(v) for k, v in manifest.get("evals", {}).items()},
+                   replicas=int((manifest.get("schedule") or {}).get("replicas", 1)))
 
 
 @dataclass(frozen=True)
@@ -230,7 +247,10 @@ class Submit(Instruction):
     generation: int
     cut: int
     ledgers: dict[int, dict]  # stage -> resume ledger (empty: from the beginning)
-    placement: dict[int, str]
+    placement: dict[int, str]  # task -> worker (replica r's stage s is task r * num_stages + s)
+    # The replicas the checkpoint at ``cut`` was written by: another number than the job's means
+    # its weight versions are numbered by that layout's updates (runtime/replicas.py renumbers them).
+    cut_replicas: int = 1
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,9 @@ class Driver:
         elif isinstance(i, ev.RequestCut):
             self._control(i.generation).request_checkpoint(self.client, i.cut)
         elif isinstance(i, ev.Finish):
-            return RunOutcome(losses=i.losses, states=self._final_states(i.results),
+            # Per task (replica r's stage s is r * p + s): the events and ledgers; the states are
+            # replica 0's (every replica ends with the same).
+            return RunOutcome(losses=i.losses, states=self._final_states(i.results[:self.plan.num_stages]),
                               events=[r["events"] for r in i.results], history=i.history, recoveries=i.recoveries,
                               generation=i.generation, wall_seconds=i.wall_seconds, resumed_from=i.resumed_from,
                               ledgers=[r["ledger"] for r in i.results], evals=i.evals)
@@ -176,12 +178,15 @@ class Driver:
         asked (a stage whose schedule ends with one returns none), else as the tasks returned them."""
         if all(r.get("state") is not None for r in results):
             return [r["state"] for r in results]
-        return StoredStates(self.plan.checkpoint_url, self.plan.schedule.total_microbatches, len(results))
+        end = self.plan.schedule.total_microbatches * self.plan.replicas  # the job's last cut
+        return StoredStates(self.plan.checkpoint_url, end, len(results))
 
     def _place(self, i: ev.Place) -> ev.Event:
         from pipetrain.runtime.placement import PlacementError, StageNeed, wait_for_placement
 
-        needs = [StageNeed(stage=s, memory_bytes=b) for s, b in enumerate(self._memory_needs())]
+        p, per_stage = self.plan.num_stages, self._memory_needs()
+        needs = [StageNeed(stage=r * p + s, memory_bytes=b, replica=r)
+                 for r in range(self.plan.replicas) for s, b in enumerate(per_stage)]
         exclude = set(i.exclude) | (self.plan.supervisor.reserved_workers() if self.plan.supervisor else set())
         try:
             cluster = self.plan.spec.cluster
@@ -207,19 +212,25 @@ class Driver:
         plan = self.plan
         futures = []
         ties = plan_ties(plan.partition) or None
-        for spec in plan.partition.specs():
-            job = StageJob(job_id=plan.job_id, generation=i.generation, spec=spec, model=plan.partition.model,
-                           optimizer=plan.optimizer, schedule=plan.schedule.resumed_at(i.cut),
-                           source=plan.source, checkpoint_url=plan.checkpoint_url, resume_cut=i.cut or None,
-                           credits=plan.spec.cluster.credits, transport=plan.spec.cluster.transport,
-                           max_events=StageJob.max_events if plan.spec.record_events else 0,
-                           resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
-                           input_specs=boundary_specs(plan.partition, spec.index),
-                           output_specs=boundary_specs(plan.partition, spec.index + 1),
-                           heldout=plan.heldout, evaluation=plan.evaluation, ties=ties)
-            futures.append(self.client.submit(run_stage, job, workers=[i.placement[spec.index]],
-                                              allow_other_workers=False, pure=False, retries=0,
-                                              key=f"pipetrain-{plan.job_id}-g{i.generation}-stage{spec.index}"))
+        d = plan.replicas
+        # The job's cut i.cut is each replica's cut i.cut / d (schedule/replicas.py).
+        schedule = plan.schedule.resumed_at(i.cut // d)
+        for r in range(d):  # in task order: replica r's stage s is task r * p + s
+            for spec in plan.partition.specs():
+                job = StageJob(job_id=plan.job_id, generation=i.generation, spec=spec, model=plan.partition.model,
+                               optimizer=plan.optimizer, schedule=schedule,
+                               source=plan.source, checkpoint_url=plan.checkpoint_url, resume_cut=i.cut or None,
+                               credits=plan.spec.cluster.credits, transport=plan.spec.cluster.transport,
+                               max_events=StageJob.max_events if plan.spec.record_events else 0,
+                               resume_ledger=i.ledgers.get(spec.index), secret=plan.secret,
+                               input_specs=boundary_specs(plan.partition, spec.index),
+                               output_specs=boundary_specs(plan.partition, spec.index + 1),
+                               heldout=plan.heldout, evaluation=plan.evaluation, ties=ties, replica=r, replicas=d,
+                               cut_replicas=i.cut_replicas)
+                name = f"stage{spec.index}" if d == 1 else f"stage{spec.index}-replica{r}"
+                futures.append(self.client.submit(run_stage, job, workers=[i.placement[job.task]],
+                                                  allow_other_workers=False, pure=False, retries=0,
+                                                  key=f"pipetrain-{plan.job_id}-g{i.generation}-{name}"))
         return futures
 
     def _stop(self, i: ev.StopGeneration) -> ev.Event:

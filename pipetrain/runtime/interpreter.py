@@ -33,6 +33,13 @@ Under pipedream the ties have no actions: they ride on the F/B and eval
 messages (``runtime/tie_carry.py``'s ``TieCarrier``, which wraps the links and
 runs the stage's forward, backward and eval with the carried values).
 
+Replica actions (``schedule/replicas.py``, ``replicas`` > 1) run in
+``runtime/replicas.py``'s ``ReplicaReducer``: replica ``replica`` reads the
+job's micro-batch ``k * replicas + replica`` for its local k (losses are
+reported by that id too), and before each update sums the stage's gradients
+with its other replicas' (``Hooks.on_reduced`` hears which micro-batches the
+sum holds).
+
 Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
 latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
 last stage the held-out targets, from ``heldout``, and once it has every
@@ -48,7 +55,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from pipetrain.schedule.actions import NORMS, TIES, Action, Kind
+from pipetrain.schedule.actions import NORMS, REPLICAS, TIES, Action, Kind
 from pipetrain.schedule.schedule import Schedule
 from pipetrain.schedule.ties import CARRIED
 
@@ -79,6 +86,10 @@ class Hooks:
 
     def on_checkpoint(self, cut: int, stage: Any) -> None: ...
 
+    def on_reduced(self, version: int, ids: list[int]) -> None:
+        """Replicas: the update to ``version`` applies the gradients of the job's micro-batches
+        ``ids`` (every replica's, as their parts said: ``runtime/replicas.py``)."""
+
     def on_grad_norm(self, version: int, norm: float, *, stage: int) -> None:
         """The gradient norm stage ``stage``'s update to ``version`` clipped by (schedule/norms.py)."""
 
@@ -91,12 +102,18 @@ class Hooks:
 
 class StageProgram:
     def __init__(self, stage: Any, schedule: Schedule, *, source: Any, links: Links, hooks: Hooks | None = None,
-                 clock: Callable[[], float] = time.perf_counter, heldout: Any = None, evaluation: Any = None):
+                 clock: Callable[[], float] = time.perf_counter, heldout: Any = None, evaluation: Any = None,
+                 replica: int = 0, replicas: int = 1):
         self.stage = stage
         self.index = stage.spec.index
         self.actions = schedule.stage_actions(self.index)
         self.last_use = schedule.last_use(self.index)
         self.source, self.links = source, links
+        self.replica, self.replicas = replica, replicas
+        if replicas > 1:
+            from pipetrain.data import ReplicaSource
+
+            self.source = ReplicaSource(source, replica=replica, replicas=replicas)
         self.hooks = hooks or Hooks()
         self.clock = clock
         self.position = 0
@@ -126,6 +143,7 @@ class StageProgram:
                              f"the schedule has no norm actions: build it with clip=True (ScheduleSpec.clip)")
         self.carrier = None
         self.ties = self._tie_reducer(stage, schedule)
+        self.reducer = self._replica_reducer(stage, updates)
         if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
             raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
                              f"were given")
@@ -150,6 +168,21 @@ class StageProgram:
 
         return TieReducer(stage, tied, self.links, self._wait_follows)
 
+    def _replica_reducer(self, stage: Any, updates: bool) -> Any:
+        sums = any(a.kind is Kind.REDUCE for a in self.actions)
+        if sums and self.replicas == 1:
+            raise ValueError(f"stage {self.index}: the schedule sums replicas' gradients, but this program runs "
+                             f"no replicas (StageProgram(replicas=...))")
+        if self.replicas == 1:
+            return None
+        if updates and not sums:
+            raise ValueError(f"stage {self.index}: {self.replicas} replicas, but the schedule has no replica "
+                             f"actions: build it with ScheduleSpec(replicas={self.replicas})")
+        from pipetrain.runtime.replicas import ReplicaReducer
+
+        return ReplicaReducer(stage, self.links, replica=self.replica, replicas=self.replicas, hooks=self.hooks,
+                              wait_follows=self._wait_follows)
+
     @property
     def done(self) -> bool:
         return self.position >= len(self.actions)
@@ -163,6 +196,8 @@ class StageProgram:
             return False
         if a.kind in _RECVS:
             return self.links.ready(a.kind, a.k)
+        if a.kind is Kind.RECV_REDUCE:
+            return self.reducer.ready(a.k)
         return True
 
     def run_next(self) -> Action:
@@ -200,13 +235,16 @@ class StageProgram:
             forward = self.stage.forward if self.carrier is None else self.carrier.forward
             out = forward(a.k, x, version=a.version, targets=targets, **delay)
             if spec.is_last:
-                self.hooks.on_loss(a.k, float(out))
+                k = a.k if self.replicas == 1 else a.k * self.replicas + self.replica  # the job's id
+                self.hooks.on_loss(k, float(out))
             else:
                 self._outputs[a.k] = out
         elif a.kind is Kind.SEND_ACT:
             self.links.send(a.kind, a.k, a.version, self._outputs.pop(a.k), wait_follows=self._wait_follows())
         elif a.kind is Kind.BACKWARD:
             grad = None if spec.is_last else self._grads.pop(a.k)
+            if self.reducer is not None:
+                self.reducer.on_backward(a.k)
             if self.position in self._split_at:
                 self._input_grads[a.k] = self.stage.backward_input(a.k, grad)
                 self._weights_due = a.k
@@ -228,6 +266,8 @@ class StageProgram:
             self._norm(a)
         elif a.kind in TIES:
             self.ties.run(a)
+        elif a.kind in REPLICAS:
+            self.reducer.run(a)
         elif a.kind is Kind.CHECKPOINT:
             self.hooks.on_checkpoint(a.k, self.stage)
         elif a.kind is Kind.RECV_EVAL:

@@ -41,6 +41,8 @@ _CHANNEL_OF.update({Kind.SEND_NORM: Kind.SEND_GRAD, Kind.SEND_TOTAL: Kind.SEND_A
 _WIRE_KIND.update({Kind.RECV_TIE: MessageKind.TIE_PARTIAL, Kind.SEND_TIE: MessageKind.TIE_PARTIAL,
                    Kind.RECV_TIED: MessageKind.TIE_TOTAL, Kind.SEND_TIED: MessageKind.TIE_TOTAL})
 _CHANNEL_OF.update({Kind.SEND_TIE: Kind.SEND_GRAD, Kind.SEND_TIED: Kind.SEND_ACT})
+# Replicated pipelines (schedule/replicas.py): each replica's part goes to every other replica of the stage.
+_WIRE_KIND.update({Kind.SEND_REDUCE: MessageKind.REPLICA_PART, Kind.RECV_REDUCE: MessageKind.REPLICA_PART})
 
 
 class Stopped(RetryableError, RuntimeError):
@@ -123,13 +125,16 @@ class _Sender:
 
 class TransportLinks:
     def __init__(self, endpoint: Endpoint, *, to_next: Any, to_prev: Any, control: Any,
-                 wait_slice: float = 0.5, timeout: float = 600.0, expect_input: Any = None):
+                 wait_slice: float = 0.5, timeout: float = 600.0, expect_input: Any = None,
+                 to_replicas: tuple = ()):
         self.endpoint, self.control = endpoint, control
         self.wait_slice, self.timeout = wait_slice, timeout
         self.expect_input = expect_input
         self.senders = {kind: _Sender(self, channel)
                         for kind, channel in ((Kind.SEND_ACT, to_next), (Kind.SEND_GRAD, to_prev))
                         if channel is not None}
+        # One sender per other replica of this stage, so a slow one never holds back the rest.
+        self.replica_senders = [_Sender(self, channel) for channel in to_replicas]
 
     def ready(self, kind: Kind, k: int) -> bool:
         return self.endpoint.has(_WIRE_KIND[kind], k)
@@ -151,6 +156,11 @@ class TransportLinks:
         of a few hundred KiB takes the writer 0.1-0.5 ms on 2 busy cores."""
         # The host copy is made here, in the compute thread, so the stage's
         # arrays are never read while its next action runs.
+        if kind is Kind.SEND_REDUCE:  # the same host copy to every other replica (read only)
+            item = (_WIRE_KIND[kind], k, to_numpy(tree), version or 0)
+            for sender in self.replica_senders:
+                sender.submit(item, inline=False)
+            return
         self.senders[_CHANNEL_OF[kind]].submit((_WIRE_KIND[kind], k, to_numpy(tree), version or 0),
                                                inline=wait_follows)
 
@@ -162,12 +172,12 @@ class TransportLinks:
 
     def flush(self) -> None:
         """Wait until the neighbours took everything sent (before the task ends)."""
-        for sender in self.senders.values():
+        for sender in [*self.senders.values(), *self.replica_senders]:
             sender.drain()
             sender.channel.wait_acked(timeout=self.timeout)
 
     def close(self) -> None:
-        for sender in self.senders.values():
+        for sender in [*self.senders.values(), *self.replica_senders]:
             sender.close()
 
 
@@ -179,6 +189,8 @@ class _Endpoint(Endpoint):
 
     def _adopt(self, link: Any, admitted: Any) -> None:
         super()._adopt(link, admitted)
+        if admitted.sender in self.replica_peers:
+            return
         link.carries += ((MessageKind.TIE_TOTAL,) if admitted.sender == self.stage - 1
                          else (MessageKind.TIE_PARTIAL,))
 
@@ -266,6 +278,16 @@ def _expected_input(job: Any) -> Any:
     return carried_specs(job.ties.on_stage(job.spec.index), job.spec.index - 1, job.input_specs)
 
 
+def task_bounds(job: Any, replica_bytes: int = 0) -> dict[int, int]:
+    """``edge_bounds`` keyed by the senders' endpoint ids (replica r's stage s is r * p + s),
+    with each other replica's part bounded by the stage's gradient bytes (``replica_bytes``)."""
+    offset = job.task - job.spec.index
+    bounds = {sender + offset: bound for sender, bound in edge_bounds(job).items()}
+    for peer in job.replica_peers:
+        bounds[peer] = replica_bytes
+    return bounds
+
+
 def _credits(job: Any) -> int:
     # Enough for the schedule's in-flight bound, so credit never stalls a
     # stage that the schedule lets run ahead; the user may ask for fewer.
@@ -273,28 +295,38 @@ def _credits(job: Any) -> int:
 
 
 @contextmanager
-def open_links(job: Any, control: Any) -> Iterator[TransportLinks]:
-    spec = job.spec
-    endpoint = _Endpoint.start(stage=spec.index, secret=job.secret, job_id=job.job_id, host=_listen_host(),
+def open_links(job: Any, control: Any, *, replica_bytes: int = 0) -> Iterator[TransportLinks]:
+    """The stage's links; its endpoint is named by its task id (``StageJob.task``: replica r's
+    stage s is r * p + s), so one replica's stages are neighbours as a lone pipeline's are.
+    ``replica_bytes``: how large one of its replicas' parts of a gradient sum may be."""
+    spec, task = job.spec, job.task
+    senders = tuple(t for t, there in ((task - 1, not spec.is_first), (task + 1, not spec.is_last)) if there)
+    endpoint = _Endpoint.start(stage=task, secret=job.secret, job_id=job.job_id, host=_listen_host(),
                               security=_security(), credits=_credits(job), generation=job.generation,
-                              max_payload=edge_bounds(job), backend=job.transport)
+                              max_payload=task_bounds(job, replica_bytes), backend=job.transport,
+                              replica_peers=job.replica_peers,
+                              senders=senders + job.replica_peers if job.replica_peers else None)
     to_next = to_prev = links = None
+    to_replicas: list = []
     try:
-        control.publish_address(spec.index, endpoint.address)
+        control.publish_address(task, endpoint.address)
         if not spec.is_last:
-            to_next = endpoint.connect(control.peer_address(spec.index + 1, timeout=job.connect_timeout),
-                                       peer_stage=spec.index + 1)
+            to_next = endpoint.connect(control.peer_address(task + 1, timeout=job.connect_timeout),
+                                       peer_stage=task + 1)
         if not spec.is_first:
-            to_prev = endpoint.connect(control.peer_address(spec.index - 1, timeout=job.connect_timeout),
-                                       peer_stage=spec.index - 1)
+            to_prev = endpoint.connect(control.peer_address(task - 1, timeout=job.connect_timeout),
+                                       peer_stage=task - 1)
+        for peer in job.replica_peers:
+            to_replicas.append(endpoint.connect(control.peer_address(peer, timeout=job.connect_timeout),
+                                                peer_stage=peer))
         links = TransportLinks(endpoint, to_next=to_next, to_prev=to_prev, control=control,
-                               expect_input=_expected_input(job))
+                               expect_input=_expected_input(job), to_replicas=tuple(to_replicas))
         yield links
         links.flush()
     finally:
         if links is not None:
             links.close()
-        for channel in (to_next, to_prev):
+        for channel in (to_next, to_prev, *to_replicas):
             if channel is not None:
                 channel.close()
         endpoint.close()

@@ -82,6 +82,7 @@ class WorkerInfo:
 class StageNeed:
     stage: int
     memory_bytes: int = 0  # estimated peak host memory of the stage on its worker
+    replica: int = 0
 
 
 @dataclass(frozen=True)

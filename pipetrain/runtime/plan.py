@@ -54,7 +54,13 @@ class JobPlan:
 
     @property
     def microbatches(self) -> int:
+        """Per step, on each replica."""
         return self.schedule.microbatches
+
+    @property
+    def replicas(self) -> int:
+        """Copies of the pipeline (schedule/replicas.py): the job runs num_stages * replicas tasks."""
+        return self.schedule.replicas
 
     @property
     def steps(self) -> int:

@@ -8,6 +8,9 @@ published update rules in the tests) is what the distributed runs must match.
 Given a held-out source and an ``EvalSpec`` it runs the schedule's eval blocks
 (``schedule/evaluation.py``) as the Dask stages do; ``evaluate`` is the
 unpipelined held-out loss of a set of stages (one process, by design).
+With ``replicas = d`` it runs d copies of the pipeline (``schedule/replicas.py``):
+``stages`` holds p * d stages, replica r's stage s at ``r * p + s``, as the Dask
+runtime numbers its tasks; only replica 0 runs the eval blocks.
 """
 from __future__ import annotations
 
@@ -29,14 +32,19 @@ class _Mailboxes:
     def __init__(self, num_stages: int):
         self.boxes: list[dict[tuple[Kind, int], Tree]] = [{} for _ in range(num_stages)]
 
-    def links(self, stage: int) -> "_Links":
-        return _Links(self, stage)
+    def links(self, task: int, *, num_stages: int = 1, replicas: int = 1) -> "_Links":
+        return _Links(self, task, num_stages, replicas)
 
 
 @dataclass
 class _Links:
+    """``stage``: the task (replica r's stage s is r * num_stages + s): its pipeline neighbours
+    are tasks stage - 1 and stage + 1, its replicas every num_stages tasks."""
+
     mail: _Mailboxes
     stage: int
+    num_stages: int = 1
+    replicas: int = 1
 
     def ready(self, kind: Kind, k: int) -> bool:
         return (kind, k) in self.mail.boxes[self.stage]
@@ -57,6 +65,11 @@ class _Links:
             self.mail.boxes[self.stage - 1][(Kind.RECV_TIE, k)] = tree
         elif kind is Kind.SEND_TIED:
             self.mail.boxes[self.stage + 1][(Kind.RECV_TIED, k)] = tree
+        elif kind is Kind.SEND_REDUCE:  # replicas (schedule/replicas.py): to every other replica of the stage
+            s = self.stage % self.num_stages
+            for r in range(self.replicas):
+                if r * self.num_stages + s != self.stage:
+                    self.mail.boxes[r * self.num_stages + s][(Kind.RECV_REDUCE, k)] = tree
         else:
             self.mail.boxes[self.stage - 1][(Kind.RECV_GRAD, k)] = tree
 
@@ -84,7 +97,8 @@ class _Recorder(Hooks):
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
         if self.keep_checkpoints:
-            self.checkpoints.setdefault(cut, {})[stage.spec.index] = stage.state_dict()
+            # (with replicas, each replica's state at a cut is the same: replica 0's is kept)
+            self.checkpoints.setdefault(cut, {}).setdefault(stage.spec.index, stage.state_dict())
         self.also.on_checkpoint(cut, stage)
 
     def on_action(self, action: Any, start: float, end: float) -> None:
@@ -101,6 +115,7 @@ class ReferenceResult:
     checkpoints: dict[int, dict[int, dict[str, np.ndarray]]]
     evals: dict[int, float] = field(default_factory=dict)  # step -> mean held-out loss after it
     grad_norms: dict[int, dict[int, float]] = field(default_factory=dict)  # clipping: stage -> version -> norm
+    replica_stages: list[Any] = field(default_factory=list)  # every replica's stages (``stages``: replica 0's)
 
     def loss_history(self, microbatches_per_step: int) -> list[float]:
         """Mean loss per step, in step order."""
@@ -126,30 +141,34 @@ def build_stages(partition: Any, optimizer: Any) -> list[Any]:
 
 def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
                   keep_checkpoints: bool = False, hooks: Hooks | None = None, heldout: Any = None,
-                  evaluation: Any = None) -> ReferenceResult:
-    """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``); ``hooks``
+                  evaluation: Any = None, replicas: int = 1) -> ReferenceResult:
+    """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``, d times over with
+    ``replicas = d``: see the module); ``hooks``
     hear every stage's losses, checkpoints and action times as well. With
     ``evaluation`` (an ``EvalSpec``) and ``heldout``, the schedule gets its eval
     blocks (``EvalSpec.apply``) and the result's ``evals`` their losses."""
-    if len(stages) != schedule.num_stages:
-        raise ValueError(f"schedule has {schedule.num_stages} stages but {len(stages)} were given")
-    if evaluation is not None:
-        schedule = evaluation.apply(schedule)
+    p = schedule.num_stages
+    if len(stages) != p * replicas:
+        raise ValueError(f"schedule has {p} stages and {replicas} replica(s), so {p * replicas} stages are "
+                         f"needed, but {len(stages)} were given")
+    evaluated = evaluation.apply(schedule) if evaluation is not None else schedule
     mail = _Mailboxes(len(stages))
     recorder = _Recorder(keep_checkpoints=keep_checkpoints, also=hooks or Hooks())
-    programs = [StageProgram(st, schedule, source=source, links=mail.links(i), hooks=recorder, heldout=heldout,
-                             evaluation=evaluation)
+    programs = [StageProgram(st, evaluated if i < p else schedule, source=source,
+                             links=mail.links(i, num_stages=p, replicas=replicas), hooks=recorder,
+                             heldout=heldout, evaluation=evaluation, replica=i // p, replicas=replicas)
                 for i, st in enumerate(stages)]
-    while not all(p.done for p in programs):
+    while not all(program.done for program in programs):
         progressed = False
-        for p in programs:
-            while p.can_run():
-                p.run_next()
+        for program in programs:
+            while program.can_run():
+                program.run_next()
                 progressed = True
         if not progressed:
-            blocked = ", ".join(f"stage {p.index} at {p.next_action()!r}" for p in programs if not p.done)
+            blocked = ", ".join(f"stage {q.index} at {q.next_action()!r}" for q in programs if not q.done)
             raise RuntimeError(f"reference executor: schedule {schedule.name!r} deadlocked ({blocked})")
-    return ReferenceResult(recorder.losses, list(stages), recorder.checkpoints, recorder.evals, recorder.grad_norms)
+    return ReferenceResult(recorder.losses, list(stages[:p]), recorder.checkpoints, recorder.evals,
+                           recorder.grad_norms, replica_stages=list(stages))
 
 
 def evaluate(stages: Sequence[Any], source: Any, microbatch_ids: Sequence[int]) -> float:

@@ -16,6 +16,14 @@ routes each callback to the part that owns the concern:
   (``Schedule.cut_points``).
 - ``ShardWriter``: a checkpoint's snapshot on the compute thread, its write
   on the courier thread, and the report of either outcome.
+
+Replicated pipelines (``schedule/replicas.py``): the stage's schedule counts its
+replica's local micro-batches, while what it tells the driver is in the job's
+ids (``k * replicas + replica``; a cut K is the job's cut ``K * replicas``), so
+the driver and the checkpoints see one job whatever its replicas. The ledger
+records the job's ids: at each update, every replica's (``Hooks.on_reduced``,
+from the parts the sum was made of). Only replica 0 writes checkpoint shards
+(its replicas hold the same state at every cut) and reports gradient norms.
 """
 from __future__ import annotations
 
@@ -164,20 +172,26 @@ class StageHooks(Hooks):
 
     def __init__(self, job: Any, control: Any, store: Any, *, stage_object: Any, cut_points: dict[int, int],
                  worker: str, gauges: Any = None):
-        self.stage, self.m, self.is_last = job.spec.index, job.schedule.microbatches, job.spec.is_last
+        self.stage, self.m, self.is_last = job.task, job.schedule.microbatches, job.spec.is_last
+        self.replica, self.replicas = job.replica, job.replicas
         self.generation, self.control, self.stage_object = job.generation, control, stage_object
         self.ledger = Ledger(job.resume_ledger)
         self.timeline = Timeline(job.max_events)
         self.meter = StepMeter(job.generation, self.stage, self.m, control, gauges)
-        self.writer = ShardWriter(job.generation, self.stage, store, control, worker) if store is not None else None
-        self.cuts = RequestedCuts(cut_points)
+        writes = store is not None and job.replica == 0
+        self.writer = ShardWriter(job.generation, job.spec.index, store, control, worker) if writes else None
+        self.cuts = RequestedCuts({cut * self.replicas: point for cut, point in cut_points.items()})
         self.first_backward_reported = False
 
     def on_loss(self, k: int, loss: float) -> None:
         self.meter.losses[k] = loss
 
     def on_grad_norm(self, version: int, norm: float, *, stage: int) -> None:
-        self.meter.grad_norms[version] = norm
+        if self.replica == 0:  # (the replicas clip by the same norm)
+            self.meter.grad_norms[version] = norm
+
+    def on_reduced(self, version: int, ids: list[int]) -> None:
+        self.ledger.pending = list(ids)
 
     def on_eval(self, step: int, loss: float) -> None:
         self.control.report(msg.EvalReport(self.generation, self.stage, step=step, loss=loss))
@@ -190,13 +204,13 @@ class StageHooks(Hooks):
 
     def on_action(self, action: Action, start: float, end: float) -> None:
         kind, meter = action.kind, self.meter
-        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE, Kind.EVAL_F):
+        if kind in (Kind.FORWARD, Kind.BACKWARD, Kind.UPDATE, Kind.EVAL_F, Kind.REDUCE):
             meter.busy += end - start
         self.timeline.record(kind.value, action.k, action.version, start, end)
         if kind is Kind.FORWARD:
             meter.staleness = max(0, meter.latest_version - action.version)
         elif kind is Kind.BACKWARD:
-            self.ledger.backward(action.k)
+            self.ledger.backward(action.k * self.replicas + self.replica)
             if not self.first_backward_reported:
                 self.first_backward_reported = True
                 self.control.report(msg.FirstBackward(self.generation, self.stage, k=action.k, time=time.time()))
@@ -211,17 +225,22 @@ class StageHooks(Hooks):
         if due is not None:
             what, cut = due
             if what == "take":
-                self.on_checkpoint(cut, self.stage_object)
+                self._checkpoint(cut)
             else:  # heard of it too late: the driver drops this cut and asks again later
                 self.control.report(msg.CutMissed(self.generation, self.stage, cut=cut))
         if self.control.stopped():
             raise StopRequested(f"stage {self.stage}: stopped by the driver after {action!r}")
 
     def on_checkpoint(self, cut: int, stage: Any) -> None:
-        if self.writer is None:
-            return
+        self._checkpoint(cut * self.replicas)  # the schedule's cut, as the job's
+
+    def _checkpoint(self, cut: int) -> None:
+        """A checkpoint at the job's cut ``cut``."""
         # Losses before the cut reach the driver before this shard does, so the
-        # manifest it commits can carry the loss history up to the cut.
+        # manifest it commits can carry the loss history up to the cut (another
+        # replica's last stage sends its own at the same point of its schedule).
         if self.is_last:
             self.meter.flush_losses()
-        self.writer.checkpoint(cut, stage, self.ledger)
+        if self.writer is None:
+            return
+        self.writer.checkpoint(cut, self.stage_object, self.ledger)

@@ -22,12 +22,13 @@ __all__ = ["StepOptimizerMetrics"]
 
 
 class StepOptimizerMetrics:
-    def __init__(self, *, optimizer: Any, schedule: Any, num_stages: int):
+    def __init__(self, *, optimizer: Any, schedule: Any, num_stages: int, replicas: int = 1):
         """``schedule``: the job's ``ScheduleSpec``; ``optimizer``: a pipetrain Optimizer (else no LR is logged)."""
         from pipetrain.optim import Optimizer
         from pipetrain.schedule.norms import is_global
 
         self.p, self.m, self.per_update = num_stages, schedule.microbatches, schedule.microbatches_per_update
+        self.replicas = replicas  # versions count each replica's micro-batches; cuts are the job's
         self.optimizer = optimizer if isinstance(optimizer, Optimizer) else None
         self.clip = "off" if not schedule.clip else ("global" if is_global(schedule.name) else "local")
         self.norms: dict[tuple[int, int], float] = {}  # (stage, version) -> the norm that update clipped by
@@ -60,5 +61,5 @@ class StepOptimizerMetrics:
 
     def forget_from(self, cut: int) -> None:
         """After a rollback to ``cut``, the updates after it run (and report) again."""
-        first = cut // self.per_update
+        first = cut // self.replicas // self.per_update
         self.norms = {key: n for key, n in self.norms.items() if key[1] <= first}

@@ -63,6 +63,22 @@ class StageJob:
     heldout: Any = None  # the held-out source the eval blocks read (JobPlan.heldout)
     evaluation: Any = None  # EvalSpec, or None: no eval blocks
     ties: Any = None  # pipetrain.ties.TiePlan of the partition, or None: no tied weights
+    # Replicated pipelines (schedule/replicas.py): this task runs stage spec.index of replica
+    # ``replica`` of ``replicas``; only replica 0 writes checkpoint shards and runs eval blocks.
+    replica: int = 0
+    replicas: int = 1
+    cut_replicas: int = 1  # the replicas that wrote the checkpoint at resume_cut (runtime/replicas.renumbered)
+
+    @property
+    def task(self) -> int:
+        """The task's id in its job, and its endpoint's: replica r's stage s is r * p + s."""
+        return self.replica * self.spec.num_stages + self.spec.index
+
+    @property
+    def replica_peers(self) -> tuple[int, ...]:
+        """The task ids of this stage's other replicas."""
+        p, s = self.spec.num_stages, self.spec.index
+        return tuple(r * p + s for r in range(self.replicas) if r != self.replica)
 
 
 def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseException) -> dict | None:
@@ -86,7 +102,7 @@ def _ended_by_recovery(job: StageJob, control: StageControl, error: BaseExceptio
     from pipetrain.runtime.links import Stopped
     from pipetrain.runtime.transport import PeerLost, TransportError
 
-    stage = job.spec.index
+    stage = job.task
     text = short_error(error)
     if isinstance(error, (Stopped, StopRequested)):
         pass
@@ -143,7 +159,7 @@ def _install_gauges(job: StageJob) -> Any:
         return None
     from pipetrain.observe.dashboard import StageGauges
 
-    return StageGauges(stage=job.spec.index, job_id=job.job_id).install(worker)
+    return StageGauges(stage=job.task, job_id=job.job_id).install(worker)
 
 
 def _keep_freed_memory() -> None:
@@ -168,6 +184,19 @@ def _keep_freed_memory() -> None:
         return
     libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum on 64-bit
+
+
+def _replica_part_bytes(job: StageJob, stage: Any) -> int:
+    """The most payload one of this stage's replicas' parts of a gradient sum takes
+    (runtime/replicas.py): its gradients, an id per micro-batch of an update, the count."""
+    if job.replicas == 1:
+        return 0
+    from pipetrain.runtime.transport import wire
+    from pipetrain.stages import replica_grads
+
+    grads, _ = replica_grads.read(stage)
+    ids = 8 * job.schedule.microbatches_per_update
+    return sum(g.nbytes + wire.ALIGN for g in grads.values()) + ids + 8 + 2 * wire.ALIGN
 
 
 def run_stage(job: StageJob) -> dict:
@@ -201,8 +230,9 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     from pipetrain.runtime.links import open_links
 
     schedule = job.schedule.build()
-    if job.evaluation is not None:
-        schedule = job.evaluation.apply(schedule)
+    evaluation = job.evaluation if job.replica == 0 else None  # the replicas hold the same weights
+    if evaluation is not None:
+        schedule = evaluation.apply(schedule)
     stage = job.model.build_stage(job.spec, optimizer=job.optimizer)
     if job.ties:
         from pipetrain.ties import prepare_stage
@@ -210,19 +240,25 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
         prepare_stage(stage, job.ties, job.model)  # (a resumed stage's copies come from its shard next)
     built = time.time()
     if job.resume_cut:
-        stage.load_state_dict(store.load_shard(job.resume_cut, job.spec.index))
+        state = store.load_shard(job.resume_cut, job.spec.index)
+        if job.cut_replicas != job.replicas:  # another layout counted other updates to the same weights
+            from pipetrain.runtime.replicas import renumbered
+
+            state = renumbered(state, latest=max(schedule.initial_versions[job.spec.index]))
+        stage.load_state_dict(state)
     loaded = time.time()
     hooks = StageHooks(job, control, store, stage_object=stage, cut_points=schedule.cut_points(job.spec.index),
                        worker=_worker_address(), gauges=gauges)
-    with open_links(job, control) as links:
+    with open_links(job, control, replica_bytes=_replica_part_bytes(job, stage)) as links:
         hooks.meter.endpoint = links.endpoint
-        control.report(msg.StageReady(job.generation, job.spec.index, time=time.time(), seconds=time.time() - started,
+        control.report(msg.StageReady(job.generation, job.task, time=time.time(), seconds=time.time() - started,
                                       build_seconds=built - started, load_seconds=loaded - built,
                                       connect_seconds=time.time() - loaded))
         StageProgram(stage, schedule, source=job.source, links=links, hooks=hooks, clock=time.time,
-                     heldout=job.heldout, evaluation=job.evaluation).run_all()
+                     heldout=job.heldout, evaluation=evaluation, replica=job.replica,
+                     replicas=job.replicas).run_all()
         hooks.meter.flush_losses()
-    control.report(msg.StageDone(job.generation, job.spec.index, seconds=time.time() - started))
+    control.report(msg.StageDone(job.generation, job.task, seconds=time.time() - started))
     # The last action of a schedule with checkpoints is the one at its end (or an eval block after it).
     final_in_store = store is not None and job.schedule.checkpoint_every is not None
     return {"state": None if final_in_store else stage.state_dict(), "events": hooks.timeline.array(),

@@ -10,7 +10,8 @@ cut before micro-batch 16, ``1RECV_F3`` stage 1 receiving the activation of 3,
 (``schedule/evaluation.py``: an eval block's messages are numbered by the pass),
 ``1N4`` stage 1 adding its squared gradient norm for the update to version 4
 (``schedule/norms.py``), ``3TIE4`` stage 3 adding its tied copies' gradients
-for the update to version 4 (``schedule/ties.py``).
+for the update to version 4 (``schedule/ties.py``), ``2R4`` stage 2 summing its
+replicas' gradients for the update to version 4 (``schedule/replicas.py``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class Kind(str, Enum):
     RECV_TIE = "RECV_G"        # receive the partial sums of the copies on stages > s from stage + 1
     SEND_TIED = "SEND_S"       # send the tied parameters' summed gradients to stage + 1
     RECV_TIED = "RECV_S"       # receive them from stage - 1
+    # Replicated pipelines (schedule/replicas.py): k is the version the next UPDATE produces.
+    SEND_REDUCE = "SEND_R"     # send the stage's accumulated gradients to its other replicas
+    RECV_REDUCE = "RECV_R"     # receive theirs (from every other replica of this stage)
+    REDUCE = "R"               # sum them in replica order: every replica then holds the same gradients
 
 
 COMPUTE = (Kind.FORWARD, Kind.BACKWARD)
@@ -50,6 +55,7 @@ COMMUNICATION = (Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD)
 EVALUATION = (Kind.EVAL_F, Kind.SEND_EVAL, Kind.RECV_EVAL)
 NORMS = (Kind.NORM, Kind.SEND_NORM, Kind.RECV_NORM, Kind.SEND_TOTAL, Kind.RECV_TOTAL)
 TIES = (Kind.TIE, Kind.SEND_TIE, Kind.RECV_TIE, Kind.SEND_TIED, Kind.RECV_TIED)
+REPLICAS = (Kind.SEND_REDUCE, Kind.RECV_REDUCE, Kind.REDUCE)
 
 
 @dataclass(frozen=True, slots=True)

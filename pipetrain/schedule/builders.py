@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from pipetrain.schedule.actions import Action, B, C, F, Kind, U
 from pipetrain.schedule.norms import with_norms
+from pipetrain.schedule.replicas import with_replicas
 from pipetrain.schedule.ties import check_tie_schedule, with_ties
 from pipetrain.schedule.schedule import (  # noqa: F401 - ScheduleError, bubble_fraction_formula re-exported
     FLUSH_SCHEDULES, SCHEDULES, Schedule, ScheduleError, bubble_fraction_formula)
@@ -175,6 +176,9 @@ class ScheduleSpec:
     restart_at: int = 0  # the pipeline starts again, empty, at this micro-batch (see the docstring)
     # Tied weights (schedule/ties.py): per tie, its (lowest, highest) holding stage.
     ties: tuple[tuple[int, int], ...] = ()
+    # Replicated pipelines (schedule/replicas.py): this many copies run this schedule, each over
+    # its own micro-batch ids, and sum their gradients before every UPDATE. Ids here are local.
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         _validate(self.name, self.num_stages, self.microbatches, self.steps, self.accumulate,
@@ -183,6 +187,8 @@ class ScheduleSpec:
         if not _is_int(r) or r < 0 or r % self.microbatches or r >= self.total_microbatches:
             raise ScheduleError(f"restart_at: must be a step boundary in [0, {self.total_microbatches}), got {r!r}")
         object.__setattr__(self, "ties", tuple((int(lo), int(hi)) for lo, hi in self.ties))  # (JSON gives lists)
+        if not _is_int(self.replicas) or self.replicas < 1:
+            raise ScheduleError(f"replicas: must be an integer >= 1, got {self.replicas!r}")
         check_tie_schedule(self.name, self.ties)
 
     @property
@@ -204,6 +210,8 @@ class ScheduleSpec:
             del d["clip"]
         if not self.restart_at:
             del d["restart_at"]
+        if self.replicas == 1:
+            del d["replicas"]
         if not self.ties:
             del d["ties"]
         else:
@@ -211,7 +219,8 @@ class ScheduleSpec:
         return d
 
     def _passes(self, schedule: Schedule) -> Schedule:
-        """The passes over the built actions: tie sums, then the norms right before each U."""
+        """The passes over the built actions: the replicas' sum, tie sums, then the norms right before each U."""
+        schedule = with_replicas(schedule) if self.replicas > 1 else schedule
         schedule = with_ties(schedule, self.ties) if self.ties else schedule
         return with_norms(schedule) if self.clip else schedule
 
@@ -219,10 +228,11 @@ class ScheduleSpec:
         if self.restart_at:
             r, first = self.restart_at, self.first_microbatch
             fresh = replace(self, steps=self.steps - r // self.microbatches, first_microbatch=max(first - r, 0),
-                            restart_at=0, clip=False, ties=()).build()
+                            restart_at=0, clip=False, ties=(), replicas=1).build()
             moved = shifted(fresh, microbatches=r, versions=r // self.microbatches_per_update)
             if first < r:  # the run before the restart drains at r, then the pipeline fills again
-                before = replace(self, steps=r // self.microbatches, restart_at=0, clip=False, ties=()).build()
+                before = replace(self, steps=r // self.microbatches, restart_at=0, clip=False, ties=(),
+                                 replicas=1).build()
                 moved = replace(moved, first_microbatch=first, initial_versions=before.initial_versions,
                                 actions=tuple(a + b for a, b in zip(before.actions, moved.actions)))
             return self._passes(moved)

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipetrain.schedule.actions import COMPUTE, EVALUATION, NORMS, TIES, Action, Kind
+from pipetrain.schedule.actions import COMPUTE, EVALUATION, NORMS, REPLICAS, TIES, Action, Kind
 from pipetrain.schedule.evaluation import check_eval_action
 from pipetrain.schedule.norms import NORM_RECVS, NORM_SENDS, check_norm_actions
+from pipetrain.schedule.replicas import check_replica_actions
 from pipetrain.schedule.ties import TIE_RECVS, TIE_SENDS, check_tie_actions
 from pipetrain.schedule.schedule import Schedule, ScheduleError, bubble_fraction_formula
 
@@ -100,8 +101,13 @@ class SimulationReport:
 def simulate(schedule: Schedule, *, forward_cost: float | Sequence[float] = 1.0,
              backward_cost: float | Sequence[float] = 2.0, update_cost: float | Sequence[float] = 0.0,
              send_cost: float = 0.0, credits: int | None = None, weight_cost: float | Sequence[float] = 0.0,
-             split_backward: str = "never") -> SimulationReport:
+             split_backward: str = "never", reduce_cost: float = 0.0) -> SimulationReport:
     """Check ``schedule``'s invariants and time it; raise ``ScheduleError`` naming the fault.
+
+    ``reduce_cost``: with replicas (``schedule/replicas.py``), how long the exchange of a
+    stage's gradients with its other replicas takes; every replica runs the same schedule
+    at the same pace, so a ``RECV_R v`` waits until ``reduce_cost`` after its own ``SEND_R v``
+    (the grid is one replica's).
 
     ``weight_cost``: the part of each stage's ``backward_cost`` that computes
     weight gradients; a B that runs split under ``split_backward`` ("never",
@@ -124,8 +130,10 @@ def simulate(schedule: Schedule, *, forward_cost: float | Sequence[float] = 1.0,
         raise ScheduleError(f"send_cost: must be a number >= 0, got {send_cost!r}")
     if credits is not None and (not isinstance(credits, int) or credits < 1):
         raise ScheduleError(f"credits: must be None (unbounded) or an integer >= 1, got {credits!r}")
+    if not isinstance(reduce_cost, (int, float)) or reduce_cost < 0:
+        raise ScheduleError(f"reduce_cost: must be a number >= 0, got {reduce_cost!r}")
     memory = check_schedule(schedule)
-    timeline, weights = _run(schedule, fwd, bwd, upd, float(send_cost), credits, wgt, split)
+    timeline, weights = _run(schedule, fwd, bwd, upd, float(send_cost), credits, wgt, split, float(reduce_cost))
     makespan = max((e.end for t in (*timeline, *weights) for e in t), default=0.0)
     busy = tuple(sum(e.end - e.start for e in t if e.action.kind in (*COMPUTE, Kind.UPDATE, Kind.EVAL_F))
                  + sum(e.end - e.start for e in w) for t, w in zip(timeline, weights))
@@ -161,6 +169,7 @@ def check_schedule(schedule: Schedule) -> tuple[StageMemory, ...]:
         _check_order(schedule, s)
         check_norm_actions(schedule, s)
         check_tie_actions(schedule, s)
+        check_replica_actions(schedule, s)
     _check_pairs(schedule)
     return tuple(_stage_memory(schedule, s) for s in range(schedule.num_stages))
 
@@ -183,7 +192,7 @@ def _check_order(schedule: Schedule, s: int) -> None:
         if a.kind in EVALUATION:
             check_eval_action(where, a, s, p, seen)
             continue
-        if a.kind in NORMS or a.kind in TIES:  # checked by check_norm_actions / check_tie_actions
+        if a.kind in NORMS or a.kind in TIES or a.kind in REPLICAS:  # checked by check_norm/tie/replica_actions
             continue
         if a.k is None or not first <= a.k < total:
             raise ScheduleError(f"{where}: micro-batch {a.k} is outside this schedule's range [{first}, {total})")
@@ -325,7 +334,8 @@ def _edge(a: Action) -> tuple[str, int]:
 
 def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd: tuple[float, ...],
          send_cost: float, credits: int | None, wgt: tuple[float, ...],
-         split: tuple[frozenset[int], ...]) -> tuple[tuple[tuple[TimedAction, ...], ...], ...]:
+         split: tuple[frozenset[int], ...],
+         reduce_cost: float = 0.0) -> tuple[tuple[tuple[TimedAction, ...], ...], ...]:
     """Per stage, the timeline of its actions and that of its split backwards' weight halves."""
     p, actions = schedule.num_stages, schedule.actions
     position, clock = [0] * p, [0.0] * p
@@ -335,10 +345,13 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
     arrival: dict[tuple[str, int, int], float] = {}
     sent: dict[tuple[str, int], int] = defaultdict(int)           # per edge (direction, sender)
     received: dict[tuple[str, int], list[float]] = defaultdict(list)  # receipt times, in order
+    posted: dict[tuple[int, int], float] = {}  # (stage, version) -> when its replicas' exchange began
 
     def start_time(a: Action) -> float | None:
         """When ``a`` can start on its stage, or None while it waits on another stage."""
         now = clock[a.stage]
+        if a.kind is Kind.RECV_REDUCE:  # (the other replicas posted theirs at the same time)
+            return max(now, posted[a.stage, a.k] + reduce_cost)
         if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS, *TIE_RECVS):
             message = _message(a)
             return None if message not in arrival else max(now, arrival[message])
@@ -367,6 +380,8 @@ def _run(schedule: Schedule, fwd: tuple[float, ...], bwd: tuple[float, ...], upd
                     sent[_edge(a)] += 1
                 elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, *NORM_RECVS, *TIE_RECVS):
                     received[_edge(a)].append(start)
+                elif a.kind is Kind.SEND_REDUCE:
+                    posted[s, a.k] = start
                 timeline[s].append(TimedAction(a, start, start + cost))
                 clock[s] = start + cost
                 if a.kind is Kind.SEND_GRAD and owed[s] is not None:

@@ -76,9 +76,15 @@ class Endpoint:
     _live: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, *, stage: int, secret: bytes, job_id: str, security: Any, backend: str, credits: int,
-                 generation: int, max_payload: int | Mapping[int, int], handshake_timeout: float):
+                 generation: int, max_payload: int | Mapping[int, int], handshake_timeout: float,
+                 replica_peers: tuple[int, ...] = (), senders: tuple[int, ...] | None = None):
         self.backend = choose_backend(backend, security)
         self.stage = stage
+        # Replicated pipelines: the stage's replicas (their endpoint ids), whose connections carry
+        # only REPLICA_PART; ``senders``: every stage this one hears from (None: stage - 1 and + 1).
+        self.replica_peers = tuple(replica_peers)
+        self.senders = None if senders is None and not replica_peers else (
+            tuple(senders) if senders is not None else (stage - 1, stage + 1, *replica_peers))
         self.credits = credits
         self.security = security
         self.credentials = Credentials(secret, job_id)
@@ -121,16 +127,21 @@ class Endpoint:
         timeout: float = 30,
         max_payload: int | Mapping[int, int] = DEFAULT_MAX_PAYLOAD,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        replica_peers: tuple[int, ...] = (),
+        senders: tuple[int, ...] | None = None,
     ) -> Endpoint:
         """Start the loop thread and listen. ``secret``: the job's key (at least 16 bytes),
         which every peer must prove it holds; ``security`` is a
         ``distributed.security.Security`` (tls:// when it has TLS settings, else tcp://);
         ``backend``: a name in ``BACKENDS`` ("stream", or "dask" on loopback for benchmarks);
         ``max_payload``: the most bytes one message's arrays may take, for every
-        sender or per sending stage (a mapping; stages it omits get DEFAULT_MAX_PAYLOAD)."""
+        sender or per sending stage (a mapping; stages it omits get DEFAULT_MAX_PAYLOAD);
+        ``replica_peers``: the endpoints of this stage's replicas (replicated pipelines), which
+        send it only their parts of the gradient sums (``MessageKind.REPLICA_PART``);
+        ``senders``: every endpoint allowed to connect (None: stage - 1, stage + 1 and the peers)."""
         endpoint = cls(stage=stage, secret=secret, job_id=job_id, security=security, backend=backend,
                        credits=credits, generation=generation, max_payload=max_payload,
-                       handshake_timeout=handshake_timeout)
+                       handshake_timeout=handshake_timeout, replica_peers=replica_peers, senders=senders)
         try:
             endpoint._io.run(endpoint._listen(host, port), timeout)
         except BaseException:
@@ -308,7 +319,7 @@ class Endpoint:
 
     async def _listen(self, host: str, port: int) -> None:
         self._gate = Gate(self.credentials, stage=self.stage, generation=lambda: self.generation,
-                          timeout=self.handshake_timeout, on_rejected=self._reject_connection)
+                          timeout=self.handshake_timeout, on_rejected=self._reject_connection, senders=self.senders)
         inbound = Inbound(gate=self._gate, pool=self._pool, on_message=self._on_message, on_closed=self._on_closed,
                           bound=self.payload_bound, adopt=self._adopt, refuse=self._reject_connection)
         self._server, self.address = await self.backend.listen(host, port, inbound)
@@ -328,6 +339,10 @@ class Endpoint:
 
     def _adopt(self, link: Any, admitted: Admitted) -> None:
         link.admitted = admitted
+        if admitted.sender in self.replica_peers:  # another replica of this stage: its gradient parts only
+            link.carries = (MessageKind.REPLICA_PART, MessageKind.CONTROL)
+            self._links.add(link)
+            return
         # What this edge carries: activations from s - 1, gradients from s + 1 (CONTROL from either);
         # eval activations (forward-only evaluation) from s - 1 only.
         link.carries = (MessageKind.ACTIVATION if admitted.sender == self.stage - 1 else MessageKind.GRADIENT,

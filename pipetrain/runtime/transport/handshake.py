@@ -89,8 +89,11 @@ class Admitted:
     generation: int
 
 
-async def accept(io: Any, credentials: Credentials, *, stage: int, generation: int) -> Admitted:
-    """The listener's side. Raises ``Rejected`` naming why."""
+async def accept(io: Any, credentials: Credentials, *, stage: int, generation: int,
+                 senders: tuple[int, ...] | None = None) -> Admitted:
+    """The listener's side. Raises ``Rejected`` naming why. ``senders``: the stages this one
+    hears from (default its pipeline neighbours, stage - 1 and stage + 1)."""
+    senders = (stage - 1, stage + 1) if senders is None else senders
     nonce = os.urandom(NONCE)
     await io.send(HELLO.pack(HELLO_MAGIC, nonce))
     magic = await io.recv(4)
@@ -104,9 +107,10 @@ async def accept(io: Any, credentials: Credentials, *, stage: int, generation: i
         raise Rejected("the handshake is for another job")
     if their_generation != generation:
         raise Rejected(f"the handshake is for generation {their_generation}, this endpoint is at {generation}")
-    if receiver != stage or sender not in (stage - 1, stage + 1):
+    if receiver != stage or sender not in senders:
         raise Rejected(f"the handshake is for the edge stage {sender} -> stage {receiver}; "
-                       f"this is stage {stage}, which hears only from stages {stage - 1} and {stage + 1}")
+                       f"this is stage {stage}, which hears only from stages "
+                       f"{', '.join(map(str, senders[:-1]))} and {senders[-1]}")
     await io.send(CONFIRM.pack(CONFIRM_MAGIC, credentials.mac(b"pipetrain/confirm", record)))
     return Admitted(sender=sender, generation=generation)
 
@@ -137,8 +141,8 @@ class Gate:
     MAX_PENDING = 64
 
     def __init__(self, credentials: Credentials, *, stage: int, generation: Callable[[], int], timeout: float,
-                 on_rejected: Callable[[str, str], None]):
-        self.credentials, self.stage, self.timeout = credentials, stage, timeout
+                 on_rejected: Callable[[str, str], None], senders: tuple[int, ...] | None = None):
+        self.credentials, self.stage, self.timeout, self.senders = credentials, stage, timeout, senders
         self._generation, self._on_rejected = generation, on_rejected
         self._pending: dict[asyncio.Task, Any] = {}  # in arrival order: the first is the oldest
         self._evicted: set[asyncio.Task] = set()
@@ -162,7 +166,8 @@ class Gate:
         started = time.monotonic()
         try:
             return await asyncio.wait_for(
-                accept(io, self.credentials, stage=self.stage, generation=self._generation()), self.timeout)
+                accept(io, self.credentials, stage=self.stage, generation=self._generation(), senders=self.senders),
+                self.timeout)
         except Rejected as error:
             reason = str(error)
         except asyncio.TimeoutError:

@@ -66,6 +66,7 @@ class MessageKind(enum.IntEnum):
     EVAL_ACTIVATION = 8  # forward-only evaluation (schedule/evaluation.py): stage i -> i+1
     TIE_PARTIAL = 9  # tied weights (schedule/ties.py): partial sums of tied gradients, stage i -> i-1
     TIE_TOTAL = 10  # the tied gradients' sums, stage i -> i+1
+    REPLICA_PART = 11  # replicated pipelines (schedule/replicas.py): a replica's gradient sums, to each other one
 
 
 @dataclass

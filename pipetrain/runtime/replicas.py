@@ -1,0 +1,140 @@
+"""The replica actions of one stage (``schedule/replicas.py``), for ``StageProgram``.
+
+Keyed by the update version v. ``SEND_R v`` reads the stage's accumulated
+gradient sums and their count (``stages/replica_grads.py``) and sends them,
+with the local ids of the micro-batches they hold, to every other replica of
+this stage; on the wire each part is numbered ``v * d + r`` by its sender's
+replica r, so the d - 1 parts of one update never collide. ``RECV_R v`` takes
+the others' parts, each checked before it is used: the same parameter names,
+shapes and dtypes as this replica's, the same count and the same micro-batch
+ids (every replica runs the same schedule, so a part for other micro-batches
+is a broken peer, not a timing). ``R v`` adds the d parts in replica order
+and writes the sum and the total count back: the update then applies the
+mean over the d replicas' micro-batches, and the job's ids those are
+(``global_id``) go to ``Hooks.on_reduced``, the ledger's evidence.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from pipetrain.errors import PipetrainError
+from pipetrain.schedule.actions import Action, Kind
+from pipetrain.schedule.replicas import global_id
+from pipetrain.stages import replica_grads
+
+
+class ReplicaMismatch(PipetrainError, ValueError):
+    """A replica's part of a gradient sum that does not match this replica's (a broken peer:
+    not worth a retry)."""
+
+
+class ReplicaReducer:
+    def __init__(self, stage: Any, links: Any, *, replica: int, replicas: int, hooks: Any,
+                 wait_follows: Callable[[], bool]):
+        if not 0 <= replica < replicas:
+            raise ValueError(f"replica {replica} is not one of 0..{replicas - 1}")
+        self.stage, self.links, self.hooks, self.wait_follows = stage, links, hooks, wait_follows
+        self.replica, self.replicas = replica, replicas
+        self.index = stage.spec.index
+        self._pending: list[int] = []  # local ids of the backwards since the last update
+        self._parts: dict[int, dict[int, dict]] = {}  # v -> replica -> its part
+
+    def peers(self) -> list[int]:
+        return [r for r in range(self.replicas) if r != self.replica]
+
+    def wire_k(self, version: int, replica: int) -> int:
+        return version * self.replicas + replica
+
+    def on_backward(self, k: int) -> None:
+        self._pending.append(k)
+
+    def ready(self, version: int) -> bool:
+        """Whether RECV_R ``version`` would return at once (every other replica's part is here)."""
+        return all(self.links.ready(Kind.RECV_REDUCE, self.wire_k(version, r)) for r in self.peers())
+
+    def run(self, a: Action) -> None:
+        v = a.k
+        if a.kind is Kind.SEND_REDUCE:
+            grads, count = replica_grads.read(self.stage)
+            ids = np.asarray(self._pending, dtype=np.int64)
+            self._parts.setdefault(v, {})[self.replica] = {"grads": grads, "count": count, "ids": ids}
+            tree = {"grads": grads, "count": np.asarray(count, np.int64), "ids": ids}
+            self.links.send(a.kind, self.wire_k(v, self.replica), v, tree, wait_follows=False)
+        elif a.kind is Kind.RECV_REDUCE:
+            own = self._parts[v][self.replica]
+            for r in self.peers():
+                self._parts[v][r] = self._checked(self.links.recv(a.kind, self.wire_k(v, r)), own, sender=r, v=v)
+        else:  # REDUCE
+            self._reduce(v)
+
+    def _reduce(self, v: int) -> None:
+        parts = self._parts.pop(v)
+        order = [parts[r] for r in range(self.replicas)]  # replica order, whatever order they arrived in
+        total = {}
+        for name in order[0]["grads"]:
+            acc = order[0]["grads"][name]
+            for part in order[1:]:
+                acc = acc + part["grads"][name]
+            total[name] = acc
+        replica_grads.write(self.stage, total, sum(p["count"] for p in order))
+        ids = sorted(global_id(int(k), replica=r, replicas=self.replicas)
+                     for r, part in enumerate(order) for k in part["ids"])
+        self._pending = []
+        self.hooks.on_reduced(v, ids)
+
+    def _checked(self, tree: Any, own: dict, *, sender: int, v: int) -> dict:
+        where = f"stage {self.index} replica {self.replica}: the gradients for update {v} from replica {sender}"
+        if not isinstance(tree, dict) or set(tree) != {"grads", "count", "ids"} or not isinstance(tree["grads"], dict):
+            raise ReplicaMismatch(f"{where} are not a replica part ({type(tree).__name__} "
+                                  f"{sorted(tree) if isinstance(tree, dict) else ''})")
+        grads = tree["grads"]
+        if set(grads) != set(own["grads"]):
+            raise ReplicaMismatch(f"{where} name the parameters {sorted(grads)[:4]}..., this stage has "
+                                  f"{sorted(own['grads'])[:4]}...")
+        out = {}
+        for name, mine in own["grads"].items():
+            g = np.asarray(grads[name])
+            if g.shape != mine.shape or g.dtype != mine.dtype:
+                raise ReplicaMismatch(f"{where}: {name} is {g.dtype}{list(g.shape)}, this stage's is "
+                                      f"{mine.dtype}{list(mine.shape)}")
+            out[name] = g
+        ids = np.asarray(tree["ids"])
+        if ids.dtype != np.int64 or ids.shape != own["ids"].shape or not np.array_equal(ids, own["ids"]):
+            raise ReplicaMismatch(f"{where} hold micro-batches {ids.tolist()[:8]}, this replica's hold "
+                                  f"{own['ids'].tolist()[:8]} (every replica runs the same schedule)")
+        count = np.asarray(tree["count"])
+        if count.shape != () or int(count) != own["count"]:
+            raise ReplicaMismatch(f"{where} count {count.tolist()} backwards, this replica's {own['count']}")
+        return {"grads": out, "count": int(count), "ids": ids}
+
+
+def renumbered(state: dict[str, np.ndarray], *, latest: int) -> dict[str, np.ndarray]:
+    """A stage's checkpoint ``state`` with its weight versions renumbered so its latest is ``latest``.
+
+    A job checkpointed with d replicas and resumed with d' has the same weights at the cut
+    (micro-batch G of the job: the first G micro-batches applied), but each replica's schedule
+    counts its own updates, G / d / (micro-batches per update) of them, so the same version has
+    another number under d'. Every version moves by the same offset, and what it is numbered by in
+    the state (``v{n}/...``, a predicting correction's ``corr/step/v{n}/...``, ``meta/versions``,
+    ``meta/latest``) with it; the optimizer's own step count is the updates actually applied and
+    stays.
+    """
+    import re
+
+    if "meta/latest" not in state:
+        raise NotImplementedError("replicas: a checkpoint without meta/latest cannot be resumed with another "
+                                  "number of replicas")
+    offset = latest - int(state["meta/latest"])
+    if offset == 0:
+        return state
+
+    def moved(name: str) -> str:
+        return re.sub(r"(^|/)v(\d+)/", lambda m: f"{m.group(1)}v{int(m.group(2)) + offset}/", name, count=1)
+
+    out = {moved(name): value for name, value in state.items()}
+    out["meta/latest"] = np.asarray(latest, np.int64)
+    if "meta/versions" in out:
+        out["meta/versions"] = np.asarray(state["meta/versions"], np.int64) + offset
+    return out

@@ -1,0 +1,58 @@
+"""What the replica reduction (``runtime/replicas.py``) needs from a stage: its accumulated
+gradients as host arrays, and a way to put the replicas' sum back. Kept out of the adapters,
+like ``stages/ties.py``, whose accumulator access it shares.
+
+A stage of any kind may offer the two methods itself (the synthetic sleep stage does)::
+
+    accumulated_gradients() -> (dict[name, np.ndarray], count)
+    set_accumulated_gradients(grads: dict[name, np.ndarray], count: int)
+
+otherwise the JAX, torch and Keras adapters' own accumulators are read and written. The sums
+move as host numpy arrays of the accumulator's dtype (float32 also under bf16 compute), so
+adding the replicas' parts is one numpy addition per parameter: the same bits in every
+framework and process.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipetrain.stages import ties as framework
+
+
+def names(stage: Any) -> tuple[str, ...]:
+    """The accumulator's parameter names, in the stage's own fixed order."""
+    if stage.framework == "jax":
+        from pipetrain.stages import jax_trees
+
+        return tuple(n for n, _ in jax_trees.named_leaves(stage._acc))
+    if stage.framework == "torch":
+        return tuple(stage._names)
+    if stage.framework == "tf":
+        return tuple(stage._all_names)
+    raise NotImplementedError(f"stage {stage.spec.index}: replicas need the accumulated gradients of a "
+                              f"{stage.framework!r} stage: give it accumulated_gradients() and "
+                              f"set_accumulated_gradients() (pipetrain.stages.replica_grads)")
+
+
+def read(stage: Any) -> tuple[dict[str, np.ndarray], int]:
+    """The gradient sums accumulated since the last update, by name (host copies), and their count."""
+    if hasattr(stage, "accumulated_gradients"):
+        grads, count = stage.accumulated_gradients()
+        return {n: np.asarray(g) for n, g in grads.items()}, int(count)
+    keys = names(stage)
+    return dict(zip(keys, framework.read_grads(stage, keys))), framework.accumulated(stage)
+
+
+def write(stage: Any, grads: dict[str, np.ndarray], count: int) -> None:
+    """Replace the accumulated sums by ``grads`` and their count by ``count`` (the replicas' totals):
+    the next update applies ``grads / count``."""
+    if hasattr(stage, "set_accumulated_gradients"):
+        stage.set_accumulated_gradients(grads, count)
+        return
+    framework.write_grads(stage, grads)
+    if stage.framework == "jax":
+        stage._count = int(count)
+    else:
+        stage._accumulated = int(count)

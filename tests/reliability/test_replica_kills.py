@@ -1,0 +1,63 @@
+"""SIGKILL one replica's worker in a replicated pipeline (p = 2 stages x d = 2 replicas,
+four worker processes): every replica rolls back to the last committed cut and the run
+equals the uninterrupted reference run of the same layout bit for bit, every micro-batch
+of the job applied exactly once on every task."""
+from collections import Counter
+
+import pytest
+
+from models import mlp
+from pipetrain.api import fit
+from pipetrain.optim import Optimizer
+from pipetrain.partitioning import partition
+from pipetrain.stages import replica_grads
+from reliability.chaos import ChaosModel, ChaosStage, Fault, fired
+from stage_helpers import assert_runs_equal
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
+
+DATA = mlp.source(2048, microbatch_size=16, seed=1)
+M, STEPS, D = 4, 4, 2  # the job's micro-batches 0..31 (8 per step), each replica's 0..15
+EVERY = 8  # the job's micro-batches: cuts 8, 16, 24 (each replica's 4, 8, 12)
+
+
+class ReplicaChaosStage(ChaosStage):
+    """ChaosStage offering the replica sum its inner stage's accumulated gradients."""
+
+    def accumulated_gradients(self):
+        return replica_grads.read(self.inner)
+
+    def set_accumulated_gradients(self, grads, count):
+        replica_grads.write(self.inner, grads, count)
+
+
+class ReplicaChaosModel(ChaosModel):
+    def build_stage(self, spec, *, optimizer):
+        mine = [f for f in self.faults if f.stage == spec.index]
+        return ReplicaChaosStage(self.model.build_stage(spec, optimizer=optimizer), mine, self.marker_dir,
+                                 self.checkpoint_dir)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "pipedream"])
+def test_a_killed_replica_rolls_every_replica_back_bit_identical(client, tmp_path, schedule):
+    # Local micro-batch 5 of stage 1 (in each replica's second step, after the job's cut 8):
+    # whichever replica gets there first is killed.
+    fault = Fault(1, "B", 5, after_commit=8)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    chaos = ReplicaChaosModel(mlp.build(sizes=(32, 32)), faults=[fault], marker_dir=str(markers),
+                              checkpoint_dir=str(tmp_path / "checkpoints"))
+    part = partition(chaos, 2, method="uniform", example_input=DATA.inputs(0))
+    kwargs = dict(schedule=schedule, microbatches=M, steps=STEPS, optimizer=Optimizer("adam", lr=1e-2),
+                  progress=False, replicas=D)
+    result = fit(part, DATA, client=client, checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=EVERY,
+                 placement_timeout=30.0, job_id=f"replica-kill-{schedule}", **kwargs)
+    assert fired(markers, fault) is not None
+    assert 8 in [r["rollback_to"] for r in result.recoveries]
+
+    plain = partition(mlp.build(sizes=(32, 32)), 2, method="uniform", example_input=DATA.inputs(0))
+    assert_runs_equal(result, fit(plain, DATA, executor="reference", **kwargs))
+    total = M * STEPS * D
+    for task, ledger in enumerate(result.ledgers):
+        counts = Counter(k for first, end in ledger["applied"] for k in range(first, end))
+        assert sorted(counts) == list(range(total)) and set(counts.values()) == {1}, f"task {task}"
