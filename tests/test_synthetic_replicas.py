@@ -212,3 +212,53 @@ def test_padded_pipeline_on_dask_equals_the_reference_bit_for_bit():
         cluster.close()
     assert_runs_equal(dask_run, fit(part, data, executor="reference", **kwargs))
     assert all(any(name.endswith("/pad") for name in state) for state in dask_run.states)
+
+
+def test_two_replicas_of_the_padded_pipeline_equal_one_with_twice_the_microbatches():
+    """fit(replicas=2) through the stage's accumulated_gradients / set_accumulated_gradients:
+    each sync update is the mean over the d * m micro-batches, so the run equals one pipeline
+    with 2m micro-batches per step (within float32: the sums add in another order)."""
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+    from pipetrain.partitioning import partition
+
+    data = SleepData(nbytes=256)
+    part = partition(no_sleep(grad_bytes=1 << 12), 2, method="uniform", example_input=data.inputs(0))
+    common = dict(executor="reference", schedule="1f1b", steps=3, optimizer=Optimizer("sgd", lr=0.5), progress=False)
+    replicated = fit(part, data, microbatches=4, replicas=2, **common)
+    single = fit(part, data, microbatches=8, **common)
+    assert sorted(replicated.losses) == sorted(single.losses) == list(range(24))
+    np.testing.assert_allclose([replicated.losses[k] for k in range(24)], [single.losses[k] for k in range(24)],
+                               rtol=1e-6)
+    for got, want in zip(replicated.states, single.states, strict=True):
+        newest = max(int(name[1:].split("/")[0]) for name in want if name.startswith("v"))
+        np.testing.assert_allclose(got[f"v{newest}/w"], want[f"v{newest}/w"], rtol=1e-9)
+        np.testing.assert_allclose(got[f"v{newest}/pad"], want[f"v{newest}/pad"], rtol=1e-5)
+        assert np.abs(got[f"v{newest}/pad"]).max() > 0
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+def test_replicated_padded_pipeline_on_dask_equals_the_reference_bit_for_bit():
+    """d = 2 x p = 2 real worker processes summing 64 KiB pads: the reference executor's bits."""
+    from distributed import Client
+
+    from pipetrain.api import fit
+    from pipetrain.optim import Optimizer
+    from pipetrain.partitioning import partition
+    from pipetrain.runtime.local import start_local_cluster
+    from stage_helpers import assert_runs_equal
+
+    data = SleepData(nbytes=1 << 12)
+    part = partition(SleepSequential(2, forward_ms=1, backward_ms=2, grad_bytes=1 << 16), 2, method="uniform",
+                     example_input=data.inputs(0))
+    kwargs = dict(schedule="1f1b", microbatches=4, steps=3, replicas=2, optimizer=Optimizer("sgd", lr=0.5),
+                  progress=False)
+    cluster = start_local_cluster(4)
+    try:
+        with Client(cluster) as client:
+            dask_run = fit(part, data, client=client, **kwargs)
+    finally:
+        cluster.close()
+    assert_runs_equal(dask_run, fit(part, data, executor="reference", **kwargs))
+    assert sorted(dask_run.losses) == list(range(24))  # every job micro-batch once, d * m per step
