@@ -20,10 +20,12 @@ the same initial weights, micro-batches, SGD and number of steps: per replica an
 step m = 8 micro-batches of 32 (DDP: gradient accumulation under ``no_sync``, one
 all-reduce per step; why that is the fair one: see ddp_baseline.py). Samples/s over
 the ``--ddp-steps`` after ``--warmup`` (pipetrain: stage 0's reports; DDP: rank 0's clock
-after a barrier), best of ``--repeats`` rounds, the order alternating each round.
+after a barrier), best of ``--ddp-repeats`` rounds, the order alternating each round
+(and the median of the rounds' paired ratios, the figure least moved by other jobs' load).
 The two train the same: their step losses are printed side by side.
 
-    .venv/bin/python bench/replicas.py [--steps 8] [--ddp-steps 20] [--repeats 3] [--part scaling|ddp|both] [--quick]
+    .venv/bin/python bench/replicas.py [--steps 8] [--repeats 3] [--ddp-steps 20] [--ddp-repeats 5]
+                                       [--part scaling|ddp|both] [--quick]
 
 Prints tables, then one JSON line:
 {"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., ...}.
@@ -176,7 +178,7 @@ def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
     fit_ddp_twin(part, data, client, steps=2)  # untimed: the workers import torch and build the stage once
     runs: dict[str, list[dict]] = {name: [] for name in contestants}
     names = list(contestants)
-    for r in range(args.repeats):
+    for r in range(args.ddp_repeats):
         for name in names[r % 2:] + names[:r % 2]:  # neither always goes first
             runs[name].append(contestants[name]())
     return runs
@@ -188,22 +190,28 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     median = {name: statistics.median(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
     ratio, ratio_median = best["pipetrain d=2 p=1"] / best["torch DDP (gloo)"], (
         median["pipetrain d=2 p=1"] / median["torch DDP (gloo)"])
+    # Each round's two runs are next to each other in time, under the same load from other jobs:
+    # the median of the rounds' ratios is the least load-sensitive figure on a shared machine.
+    paired = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, peer)]
     mib = ddp_baseline.weight_bytes(width=args.width, depth=args.depth) / (1 << 20)
     print(f"\nvs torch DDP: MLP {args.depth} x Linear({args.width}, {args.width}) + Tanh, head "
           f"Linear({args.width}, {ddp_baseline.CLASSES}) ({mib:.1f} MiB of weights), d = {DDP_WORLD} replicas, "
           f"p = 1, {DDP_M} micro-batches of {DDP_B} per replica and step (global batch "
           f"{DDP_WORLD * DDP_M * DDP_B}), SGD lr {ddp_baseline.LR}, 1 thread per process; {args.ddp_steps} steps "
-          f"after {args.warmup} warm-up, {args.repeats} rounds")
+          f"after {args.warmup} warm-up, {args.ddp_repeats} rounds")
     print(f"{'contestant':<20} {'best samples/s':>14} {'median':>9}   each round")
     for name, rs in runs.items():
         rounds = " ".join(f"{r['samples_per_s']:.0f}" for r in rs)
         print(f"{name:<20} {best[name]:>14.1f} {median[name]:>9.1f}   {rounds}")
     # Same weights, data, micro-batches and maths: the step losses must agree (float32 sums in another order).
     last_ours, last_peer = ours[-1]["losses"], peer[-1]["losses"]
-    print(f"pipetrain / DDP: {ratio:.3f}x best, {ratio_median:.3f}x median; step losses, pipetrain vs DDP: "
+    print(f"pipetrain / DDP: {ratio:.3f}x best, {ratio_median:.3f}x median, each round "
+          + " ".join(f"{x:.2f}" for x in paired) + f" (median {statistics.median(paired):.3f}x)")
+    print("step losses, pipetrain vs DDP: "
           + ", ".join(f"{a:.5f}/{b:.5f}" for a, b in list(zip(last_ours, last_peer))[-3:]))
     print_breakdown("pipetrain d=2 p=1, its best round", max(ours, key=lambda r: r["samples_per_s"])["breakdown"])
     return {"vs_torch_ddp": round(ratio, 3), "vs_torch_ddp_median": round(ratio_median, 3),
+            "vs_torch_ddp_paired_median": round(statistics.median(paired), 3),
             "ddp_samples_per_s": {"pipetrain": round(best["pipetrain d=2 p=1"], 1),
                                   "torch_ddp": round(best["torch DDP (gloo)"], 1)},
             "ddp_last_loss": {"pipetrain": round(last_ours[-1], 6), "torch_ddp": round(last_peer[-1], 6)},
@@ -215,7 +223,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="the scaling part's steps per run (measured over steps 1..)")
     ap.add_argument("--ddp-steps", type=int, default=20, help="vs DDP: steps measured per run, after --warmup")
     ap.add_argument("--warmup", type=int, default=2, help="vs DDP: steps run before measuring (>= 1)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds, interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="the scaling part's rounds, d interleaved")
+    ap.add_argument("--ddp-repeats", type=int, default=5, help="vs DDP: rounds, the two interleaved")
     ap.add_argument("--schedule", default="1f1b", help="the scaling part's schedule")
     ap.add_argument("--microbatches", type=int, default=16, help="the scaling part's m per replica and step")
     ap.add_argument("--part", choices=("scaling", "ddp", "both"), default="both")
@@ -225,7 +234,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=ddp_baseline.DEPTH, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.ddp_steps, args.warmup, args.repeats, args.microbatches, args.width = 3, 3, 1, 1, 4, 64
+        args.steps, args.ddp_steps, args.warmup, args.microbatches, args.width = 3, 3, 1, 4, 64
+        args.repeats = args.ddp_repeats = 1
     if args.warmup < 1 or args.steps < 2 or args.ddp_steps < 1:
         ap.error("--warmup and --ddp-steps must be >= 1, --steps >= 2")
 
