@@ -119,6 +119,18 @@ def test_a_replica_keeps_off_other_replicas_hosts_when_as_few_hosts_do():
     assert host_grid(place(workers, needs), workers, 4, 2) == [["a", "a", "a", "b"], ["c", "d", "d", "d"]]
 
 
+def test_a_run_stops_short_of_a_stage_another_replica_holds_on_that_host():
+    # Found by comparing against a search without short runs. Replica 1 ends on host e (stages
+    # 2, 3); replica 2 reaches e at stage 1 and takes only that stage there, not 1-2, so that
+    # no stage has two replicas on one host (four hosts rather than three).
+    limits = {"a": [8], "b": [None, 8], "c": [None, None, None, 64], "d": [64], "e": [8, 8, 8, 8], "f": [64]}
+    workers = [worker(h, p, memory=m and m * GiB) for h, ms in limits.items() for p, m in enumerate(ms, 1)]
+    needs = replica_needs(4, 3, memory=lambda s: 32 * GiB if s == 0 else 0)
+    grid = host_grid(place(workers, needs), workers, 4, 3)
+    assert grid == [["c", "c", "c", "c"], ["b", "b", "e", "e"], ["d", "e", "a", "f"]]
+    assert all(len({grid[r][s] for r in range(3)}) == 3 for s in range(4))
+
+
 def test_a_memory_limited_mix_is_still_placed_when_grouping_cannot():
     # Packing replica 0 onto host a would take both big workers; replica 1's big stage would then
     # fit nowhere. The plain rule still places every task, each on a worker that fits it.
@@ -131,6 +143,29 @@ def test_a_memory_limited_mix_is_still_placed_when_grouping_cannot():
 
     with pytest.raises(PlacementError, match="too little memory"):
         place(workers, replica_needs(2, 2, memory=lambda s: 32 * GiB))
+
+
+def test_replicas_are_placed_whenever_any_assignment_exists():
+    # Oracle: the same tasks as one pipeline (replica 0 throughout) go through the plain rule,
+    # which never strands a need that some assignment could place.
+    rng = random.Random(0)
+    placed = refused = 0
+    for _ in range(300):
+        workers = [worker(h, p, memory=rng.choice([None, 8 * GiB, 32 * GiB, 64 * GiB]))
+                   for h in "abcdef"[:rng.randint(1, 6)] for p in range(1, rng.randint(2, 5))]
+        num_stages, num_replicas = rng.randint(1, 4), rng.randint(2, 3)
+        memory = [rng.choice([0, 4 * GiB, 16 * GiB, 48 * GiB]) for _ in range(num_stages)]
+        needs = replica_needs(num_stages, num_replicas, memory=memory.__getitem__)
+        try:
+            place(workers, [StageNeed(n.stage, n.memory_bytes) for n in needs])
+        except PlacementError:
+            with pytest.raises(PlacementError):
+                place(workers, needs)
+            refused += 1
+            continue
+        assert_one_task_per_worker(place(workers, needs), workers, needs)
+        placed += 1
+    assert placed > 100 and refused > 30  # both sides of the oracle were exercised
 
 
 def test_replica_placement_is_deterministic_whatever_the_order_of_the_worker_list():

@@ -297,7 +297,7 @@ def _plan_replica(memory: list[int], free: Mapping[str, list[WorkerInfo]],
         if nodes > _PLAN_BUDGET or (best[0] is not None and bound >= best[0]):
             return
         options = []
-        for (limits, held, host_load), hosts in kinds.items():
+        for (limits, _, host_load), hosts in kinds.items():
             host = next((h for h in hosts if h not in used), None)
             if host is None:
                 continue
