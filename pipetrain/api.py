@@ -182,7 +182,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     bar = Progress(schedule.steps, enabled=progress, stages=len(part.stages))
     # The held-out loss before training comes from the stages' first eval block (an EvalRecord).
     metrics.write(StartRecord(schedule=schedule.name, stages=len(part.stages), steps=schedule.steps,
-                              microbatches=schedule.microbatches, heldout_loss=None, executor=executor))
+                              microbatches=schedule.microbatches, heldout_loss=None, executor=executor,
+                              replicas=schedule.replicas))
 
     if executor == "reference":
         outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics, heldout, evaluation)

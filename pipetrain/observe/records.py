@@ -78,6 +78,7 @@ class StartRecord(Record):
     microbatches: int
     heldout_loss: float | None
     executor: str
+    replicas: int = 1  # copies of the pipeline: the run's timelines are stages x replicas tasks
 
 
 @dataclass(frozen=True, kw_only=True)

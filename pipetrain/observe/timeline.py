@@ -38,6 +38,7 @@ class RunInfo:
     accumulate: int
     checkpoint_every: int | None
     first_microbatch: int
+    replicas: int = 1  # num_stages counts tasks: stages x replicas (replica r's stage s at r * p + s)
 
     def title(self) -> str:
         name = self.schedule or "unknown schedule"
@@ -112,7 +113,8 @@ def run_info(run_dir: str | Path, events: list[np.ndarray], metrics: list[Record
         # not recorded by the Python API: one U per `accumulate` backwards
         updates = int(np.sum(stage0["kind"] == "U"))
         accumulate = max(1, round(int(np.sum(stage0["kind"] == "B")) / updates)) if updates else 1
-    return RunInfo(schedule=name, num_stages=len(events),
+    replicas = int((config.get("partition", {}) or {}).get("replicas") or (start.replicas if start else 1) or 1)
+    return RunInfo(schedule=name, num_stages=len(events), replicas=replicas,
                    microbatches=sched.get("microbatches") or (start.microbatches if start else None),
                    steps=sched.get("steps") or (start.steps if start else None), accumulate=accumulate or 1,
                    checkpoint_every=every, first_microbatch=int(forwards.min()) if forwards.size else 0)

@@ -175,7 +175,8 @@ def measured_figures(run_dir: str | Path) -> TraceFigures:
     stages = tuple(StageFigures(
         stage=s, forward_median=fwd[s], backward_median=bwd[s], busy_seconds=busy[s],
         busy_share=busy[s] / span if span > 0 else 0.0, waiting_share=waiting[s] / span if span > 0 else 0.0,
-        predicted_busy_share=(report.busy[s] / report.makespan if report and report.makespan else None))
+        predicted_busy_share=(report.busy[s % len(report.busy)] / report.makespan
+                              if report and report.makespan else None))
         for s in range(p))
     bubble = 1.0 - sum(busy) / (p * span) if span > 0 and p else 0.0
     return TraceFigures(info=info, span=span, bubble=bubble, stages=stages, send_cost=send_cost,
@@ -210,18 +211,20 @@ def message_latency(events: list[np.ndarray]) -> float:
 
 
 def _simulate(info: RunInfo, fwd: list, bwd: list, send_cost: float):
-    from pipetrain.schedule.builders import ScheduleError, build_schedule
+    from pipetrain.schedule.builders import ScheduleError, ScheduleSpec
     from pipetrain.schedule.simulator import simulate
 
     if not (info.schedule and info.microbatches and info.steps):
         return None, "the run directory does not say which schedule ran (no job.json, no start record)"
     if any(c is None or c <= 0 for c in fwd + bwd):
         return None, "a stage recorded no F or no B with a positive duration"
+    p, d = info.num_stages // info.replicas, info.replicas  # (replicas: every one runs replica 0's schedule)
     try:
-        schedule = build_schedule(info.schedule, num_stages=info.num_stages, microbatches=info.microbatches,
-                                  steps=info.steps, accumulate=info.accumulate,
-                                  checkpoint_every=info.checkpoint_every, first_microbatch=info.first_microbatch)
-        return simulate(schedule, forward_cost=fwd, backward_cost=bwd, send_cost=send_cost), ""
+        schedule = ScheduleSpec(info.schedule, num_stages=p, microbatches=info.microbatches, steps=info.steps,
+                                accumulate=info.accumulate,
+                                checkpoint_every=info.checkpoint_every // d if info.checkpoint_every else None,
+                                first_microbatch=info.first_microbatch, replicas=d).build()
+        return simulate(schedule, forward_cost=fwd[:p], backward_cost=bwd[:p], send_cost=send_cost), ""
     except ScheduleError as e:
         return None, f"could not rebuild the schedule: {e}"
 

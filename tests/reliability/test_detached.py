@@ -200,7 +200,7 @@ def _driver_with(supervisor):
 
     driver = object.__new__(Driver)  # no cluster: only placement and the poll's stop check are exercised
     driver.plan = SimpleNamespace(job_id="j1", supervisor=supervisor, partition=SimpleNamespace(stages=[]), poll=0.0,
-                                  scheduler_timeout=1.0,
+                                  scheduler_timeout=1.0, num_stages=0, replicas=1,
                                   spec=SimpleNamespace(cluster=SimpleNamespace(resource="GPU", placement_timeout=1)))
     driver.client, driver.progress, driver._stop_asked = None, SimpleNamespace(note=lambda text: None), False
     driver._needs = []  # no stages, so no memory estimate to make
