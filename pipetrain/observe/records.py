@@ -78,7 +78,7 @@ class StartRecord(Record):
     microbatches: int
     heldout_loss: float | None
     executor: str
-    replicas: int = 1  # copies of the pipeline: the run's timelines are stages x replicas tasks
+    replicas: int | None = None  # copies of the pipeline (None: one, a log from before replicas)
 
 
 @dataclass(frozen=True, kw_only=True)
