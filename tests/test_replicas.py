@@ -176,3 +176,20 @@ def test_the_simulator_charges_the_exchange_before_each_update():
     assert free < costly <= free + 2 * 3.0
     with pytest.raises(ScheduleError, match="reduce_cost"):
         simulate(schedule, reduce_cost=-1.0)
+
+
+@pytest.mark.parametrize("name,d,clip", [("1f1b", 1, True), ("pipedream", 1, True), ("1f1b", 2, False),
+                                         ("pipedream", 2, True), ("2bw", 2, True)])
+def test_the_last_eval_block_sees_the_last_update_whatever_the_passes_put_before_it(name, d, clip):
+    # The eval pass places its block after the step's last B *and* what belongs to it: the norm,
+    # tie and replica actions before the U, and the U itself (it once stopped at the first of them).
+    from pipetrain.runtime.reference import evaluate
+    from pipetrain.schedule.evaluation import EvalSpec
+
+    part = _part(2)
+    optimizer = Optimizer("sgd", lr=0.1, clip_norm=0.5 if clip else None)
+    schedule = ScheduleSpec(name, num_stages=2, microbatches=4, steps=2, replicas=d, clip=clip).build()
+    stages = [st for _ in range(d) for st in build_stages(part, optimizer)]
+    result = run_reference(schedule, stages=stages, source=SOURCE, replicas=d, heldout=SOURCE,
+                           evaluation=EvalSpec(3, every=1))
+    assert result.evals[2] == evaluate(result.stages, SOURCE, range(3))

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipetrain.schedule.actions import Action, Kind
+from pipetrain.schedule.actions import NORMS, REPLICAS, TIES, Action, Kind
 from pipetrain.schedule.schedule import Schedule, ScheduleError
 
 
@@ -108,12 +108,13 @@ class EvalSpec:
 
 def _after_backward(actions: list[Action], k: int, s: int, *, start: int) -> int:
     """The position right after stage ``s``'s B of micro-batch ``k`` and what belongs to it
-    (its SEND_B, the U that follows; not a CHECKPOINT), looking from ``start`` on."""
+    (its SEND_B, the U that follows and the passes' actions before that U: clipping's norms,
+    the tie relay, the replicas' sum; not a CHECKPOINT), looking from ``start`` on."""
     for i in range(start, len(actions)):
         a = actions[i]
         if a.kind is Kind.BACKWARD and a.k == k:
             i += 1
-            while i < len(actions) and actions[i].kind in (Kind.SEND_GRAD, Kind.UPDATE):
+            while i < len(actions) and actions[i].kind in (Kind.SEND_GRAD, Kind.UPDATE, *NORMS, *TIES, *REPLICAS):
                 i += 1
             return i
     raise ScheduleError(f"stage {s}: no B of micro-batch {k} to place an evaluation after")
