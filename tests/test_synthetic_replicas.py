@@ -192,25 +192,15 @@ def test_pad_trains_in_a_pipeline_and_a_zero_pad_run_has_no_pad(schedule):
 def test_padded_pipeline_on_dask_equals_the_reference_bit_for_bit():
     """Real worker processes: the pad's versions, sums and updates are the same bits as in the
     reference executor, and come back in the final states (pipedream keeps several versions)."""
-    from distributed import Client
 
-    from pipetrain.api import fit
     from pipetrain.optim import Optimizer
     from pipetrain.partitioning import partition
-    from pipetrain.runtime.local import start_local_cluster
-    from stage_helpers import assert_runs_equal
 
     data = SleepData(nbytes=1 << 12)
     model = SleepSequential(2, forward_ms=1, backward_ms=2, grad_bytes=1 << 16)
     part = partition(model, 2, method="uniform", example_input=data.inputs(0))
     kwargs = dict(schedule="pipedream", microbatches=4, steps=3, optimizer=Optimizer("sgd", lr=0.5), progress=False)
-    cluster = start_local_cluster(2)
-    try:
-        with Client(cluster) as client:
-            dask_run = fit(part, data, client=client, **kwargs)
-    finally:
-        cluster.close()
-    assert_runs_equal(dask_run, fit(part, data, executor="reference", **kwargs))
+    dask_run = _dask_equals_reference(part, data, workers=2, **kwargs)
     assert all(any(name.endswith("/pad") for name in state) for state in dask_run.states)
 
 
@@ -241,24 +231,33 @@ def test_two_replicas_of_the_padded_pipeline_equal_one_with_twice_the_microbatch
 @pytest.mark.timeout(180)
 def test_replicated_padded_pipeline_on_dask_equals_the_reference_bit_for_bit():
     """d = 2 x p = 2 real worker processes summing 64 KiB pads: the reference executor's bits."""
-    from distributed import Client
 
-    from pipetrain.api import fit
     from pipetrain.optim import Optimizer
     from pipetrain.partitioning import partition
-    from pipetrain.runtime.local import start_local_cluster
-    from stage_helpers import assert_runs_equal
 
     data = SleepData(nbytes=1 << 12)
     part = partition(SleepSequential(2, forward_ms=1, backward_ms=2, grad_bytes=1 << 16), 2, method="uniform",
                      example_input=data.inputs(0))
     kwargs = dict(schedule="1f1b", microbatches=4, steps=3, replicas=2, optimizer=Optimizer("sgd", lr=0.5),
                   progress=False)
-    cluster = start_local_cluster(4)
+    dask_run = _dask_equals_reference(part, data, workers=4, **kwargs)
+    assert sorted(dask_run.losses) == list(range(24))  # every job micro-batch once, d * m per step
+
+
+def _dask_equals_reference(part, data, *, workers: int, **kwargs):
+    """``fit`` on a fresh local cluster of ``workers`` processes, checked bit for bit against the
+    reference executor; returns the Dask run."""
+    from distributed import Client
+
+    from pipetrain.api import fit
+    from pipetrain.runtime.local import start_local_cluster
+    from stage_helpers import assert_runs_equal
+
+    cluster = start_local_cluster(workers)
     try:
         with Client(cluster) as client:
             dask_run = fit(part, data, client=client, **kwargs)
     finally:
         cluster.close()
     assert_runs_equal(dask_run, fit(part, data, executor="reference", **kwargs))
-    assert sorted(dask_run.losses) == list(range(24))  # every job micro-batch once, d * m per step
+    return dask_run

@@ -148,6 +148,17 @@ class ChaosStage:
         self._reach("L", 0)
         self.inner.load_state_dict(state)
 
+    # replicated pipelines: the replicas' sum reads and writes the inner stage's accumulator
+    def accumulated_gradients(self) -> tuple[dict, int]:
+        from pipetrain.stages import replica_grads
+
+        return replica_grads.read(self.inner)
+
+    def set_accumulated_gradients(self, grads: dict, count: int) -> None:
+        from pipetrain.stages import replica_grads
+
+        replica_grads.write(self.inner, grads, count)
+
 
 def corrupt_newest(checkpoint_dir: str, how: str) -> Path:
     """Damage the newest committed checkpoint in ``checkpoint_dir``; returns its directory."""

@@ -10,8 +10,7 @@ from models import mlp
 from pipetrain.api import fit
 from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
-from pipetrain.stages import replica_grads
-from reliability.chaos import ChaosModel, ChaosStage, Fault, fired
+from reliability.chaos import ChaosModel, Fault, fired
 from stage_helpers import assert_runs_equal
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
@@ -21,23 +20,6 @@ M, STEPS, D = 4, 4, 2  # the job's micro-batches 0..31 (8 per step), each replic
 EVERY = 8  # the job's micro-batches: cuts 8, 16, 24 (each replica's 4, 8, 12)
 
 
-class ReplicaChaosStage(ChaosStage):
-    """ChaosStage offering the replica sum its inner stage's accumulated gradients."""
-
-    def accumulated_gradients(self):
-        return replica_grads.read(self.inner)
-
-    def set_accumulated_gradients(self, grads, count):
-        replica_grads.write(self.inner, grads, count)
-
-
-class ReplicaChaosModel(ChaosModel):
-    def build_stage(self, spec, *, optimizer):
-        mine = [f for f in self.faults if f.stage == spec.index]
-        return ReplicaChaosStage(self.model.build_stage(spec, optimizer=optimizer), mine, self.marker_dir,
-                                 self.checkpoint_dir)
-
-
 @pytest.mark.parametrize("schedule", ["1f1b", "pipedream"])
 def test_a_killed_replica_rolls_every_replica_back_bit_identical(client, tmp_path, schedule):
     # Local micro-batch 5 of stage 1 (in each replica's second step, after the job's cut 8):
@@ -45,8 +27,8 @@ def test_a_killed_replica_rolls_every_replica_back_bit_identical(client, tmp_pat
     fault = Fault(1, "B", 5, after_commit=8)
     markers = tmp_path / "markers"
     markers.mkdir()
-    chaos = ReplicaChaosModel(mlp.build(sizes=(32, 32)), faults=[fault], marker_dir=str(markers),
-                              checkpoint_dir=str(tmp_path / "checkpoints"))
+    chaos = ChaosModel(mlp.build(sizes=(32, 32)), faults=[fault], marker_dir=str(markers),
+                       checkpoint_dir=str(tmp_path / "checkpoints"))
     part = partition(chaos, 2, method="uniform", example_input=DATA.inputs(0))
     kwargs = dict(schedule=schedule, microbatches=M, steps=STEPS, optimizer=Optimizer("adam", lr=1e-2),
                   progress=False, replicas=D)
