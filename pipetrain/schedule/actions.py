@@ -56,6 +56,8 @@ EVALUATION = (Kind.EVAL_F, Kind.SEND_EVAL, Kind.RECV_EVAL)
 NORMS = (Kind.NORM, Kind.SEND_NORM, Kind.RECV_NORM, Kind.SEND_TOTAL, Kind.RECV_TOTAL)
 TIES = (Kind.TIE, Kind.SEND_TIE, Kind.RECV_TIE, Kind.SEND_TIED, Kind.RECV_TIED)
 REPLICAS = (Kind.SEND_REDUCE, Kind.RECV_REDUCE, Kind.REDUCE)
+# What the passes put between an update's last B (and its SEND_B) and the U: part of that update.
+BEFORE_UPDATE = (*NORMS, *TIES, *REPLICAS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipetrain.schedule.actions import NORMS, REPLICAS, TIES, Action, Kind
+from pipetrain.schedule.actions import BEFORE_UPDATE, Action, Kind
 from pipetrain.schedule.schedule import Schedule, ScheduleError
 
 
@@ -114,7 +114,7 @@ def _after_backward(actions: list[Action], k: int, s: int, *, start: int) -> int
         a = actions[i]
         if a.kind is Kind.BACKWARD and a.k == k:
             i += 1
-            while i < len(actions) and actions[i].kind in (Kind.SEND_GRAD, Kind.UPDATE, *NORMS, *TIES, *REPLICAS):
+            while i < len(actions) and actions[i].kind in (Kind.SEND_GRAD, Kind.UPDATE, *BEFORE_UPDATE):
                 i += 1
             return i
     raise ScheduleError(f"stage {s}: no B of micro-batch {k} to place an evaluation after")

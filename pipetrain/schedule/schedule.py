@@ -43,7 +43,7 @@ import itertools
 from dataclasses import dataclass
 
 from pipetrain.errors import PipetrainError
-from pipetrain.schedule.actions import COMPUTE, NORMS, REPLICAS, TIES, Action, Kind
+from pipetrain.schedule.actions import BEFORE_UPDATE, COMPUTE, Action, Kind
 
 
 class ScheduleError(PipetrainError, ValueError):
@@ -145,7 +145,7 @@ class Schedule:
             for j in range(i + 1, len(actions)):
                 if actions[j].kind is Kind.UPDATE:
                     point = j
-                if actions[j].kind not in (Kind.SEND_GRAD, Kind.UPDATE, *NORMS, *TIES, *REPLICAS):  # (the passes)
+                if actions[j].kind not in (Kind.SEND_GRAD, Kind.UPDATE, *BEFORE_UPDATE):
                     break
             points[a.k + 1] = point
         return points
