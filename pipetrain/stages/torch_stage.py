@@ -6,9 +6,10 @@ tensor, or a tuple / list / dict of them) and returns the next one. The loss
 the last stage.
 
 Weight stashing: a stage holds ``{version: {param name: tensor}}`` and runs
-its layers with ``torch.func.functional_call`` over the version a forward
-names, so forward and backward of a micro-batch see the same weights however
-many updates happen in between. Each forward builds its own autograd graph
+its layers with the tensors of the version a forward names in place of their
+parameters (``torch_swap``, a lean ``torch.func.functional_call``), so
+forward and backward of a micro-batch see the same weights however many
+updates happen in between. Each forward builds its own autograd graph
 from fresh leaf views of that version's tensors (views, not copies).
 
 The optimizer is applied functionally on tensors (``torch_optim.py``) rather
@@ -48,7 +49,7 @@ from torch import nn
 
 from pipetrain.memory import check_remat
 from pipetrain.optim import Optimizer, squared_norm
-from pipetrain.stages import corrections, flat_state, torch_split_backward
+from pipetrain.stages import corrections, flat_state, torch_split_backward, torch_swap
 from pipetrain.stages.precision import TorchCasts, check_masters, check_precision
 from pipetrain.stages.torch_optim import TensorOptimizer as _TensorOptimizer
 from pipetrain.stages.versions import VersionedParams
@@ -311,8 +312,23 @@ class TorchStage(VersionedParams):
         roots, seeds = self._roots(out, grad_outputs, seed_loss=True)
         trainable = [n for n in self._names if params[n].requires_grad]
         x_leaves, x_structure = flatten(x)
-        wrt = [params[n] for n in trainable] + [t for t in x_leaves if t.requires_grad]
-        grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
+        x_wrt = [t for t in x_leaves if t.requires_grad]
+        wrt = [params[n] for n in trainable] + x_wrt
+        if not (roots and wrt):
+            grads = []
+        elif self._accumulated and not self._corr.corrects_gradients:
+            # Autograd adds each weight gradient into the accumulator itself, as it is made (the
+            # leaf's .grad is the accumulator: AccumulateGrad's in-place add, the same bits as
+            # ``acc += g``), while the gradient is still in cache; a separate pass afterwards
+            # reads both back from memory.
+            for n in trainable:
+                params[n].grad = self._acc[n]
+            torch.autograd.backward(roots, grad_tensors=seeds, inputs=wrt)
+            self._accumulated += 1
+            return None if self.spec.is_first else _input_gradient_tree(x_leaves, x_structure,
+                                                                        [t.grad for t in x_wrt])
+        else:
+            grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True)
         self._accumulate(k, zip(trainable, grads))
         return None if self.spec.is_first else _input_gradient_tree(x_leaves, x_structure, grads[len(trainable):])
 
@@ -423,7 +439,7 @@ class TorchStage(VersionedParams):
 def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: Tree, casts: TorchCasts) -> Tree:
     """``module(x)`` with ``params`` in place of its own (what remat checkpoints; under
     bf16 the casts to the compute dtype inside it, so a recomputation redoes them)."""
-    return torch.func.functional_call(module, casts.module_values(module, params), (x,))
+    return torch_swap.call_with(module, casts.module_values(module, params), x)
 
 
 def _meta_tensor(x: Any) -> torch.Tensor:
