@@ -169,6 +169,30 @@ def test_a_part_for_other_microbatches_or_shapes_is_refused_before_it_is_added()
             reducer.run(Action(0, Kind.RECV_REDUCE, 0))
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize("replica", [0, 1, 2])
+def test_the_sum_is_the_left_fold_in_replica_order_and_never_writes_this_replicas_part(replica, fresh):
+    """The order matters in float32 (1e8 + 1 - 1e8 is 0 one way, 1 another): every replica gets
+    (p0 + p1) + p2 bit for bit, its own part (a view of its accumulator) unchanged, and a
+    received part is summed into only where the links say it is the receiver's own buffer."""
+    rng = np.random.default_rng(replica)
+    parts = [rng.standard_normal(1000).astype(np.float32) * scale for scale in (1e8, 1.0, 1e-3)]
+    parts[0][:3], parts[1][:3], parts[2][:3] = 1e8, 1.0, -1e8
+    want = (parts[0] + parts[1]) + parts[2]
+    given = [p.copy() for p in parts]
+    links = _Links({})
+    links.received_are_fresh = fresh
+    reducer = ReplicaReducer(build_stages(_part(1), Optimizer("sgd", lr=0.1))[0], links, replica=replica,
+                             replicas=3, hooks=None, wait_follows=lambda: False)
+    total = reducer._summed(given)
+    assert total.tobytes() == want.tobytes()
+    assert given[replica].tobytes() == parts[replica].tobytes()
+    into_received = any(np.shares_memory(total, g) for r, g in enumerate(given) if r != replica)
+    assert into_received == fresh
+    if not fresh:
+        assert all(g.tobytes() == p.tobytes() for g, p in zip(given, parts))
+
+
 def test_the_simulator_charges_the_exchange_before_each_update():
     schedule = ScheduleSpec("1f1b", num_stages=2, microbatches=4, steps=2, replicas=2).build()
     free, costly = simulate(schedule).makespan, simulate(schedule, reduce_cost=3.0).makespan

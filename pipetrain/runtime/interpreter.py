@@ -64,7 +64,9 @@ _RECVS = (Kind.RECV_ACT, Kind.RECV_GRAD, Kind.RECV_EVAL, Kind.RECV_NORM, Kind.RE
 
 
 class Links(Protocol):
-    """How a stage reaches its neighbours."""
+    """How a stage reaches its neighbours. Links whose every received message is a buffer of
+    its own, the receiver's to write, say so with ``received_are_fresh = True`` (the replica
+    reduction then sums into it; the default is False)."""
 
     def ready(self, kind: Kind, k: int) -> bool:
         """Whether RECV ``kind`` of micro-batch k would return at once."""

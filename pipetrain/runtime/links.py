@@ -124,6 +124,9 @@ class _Sender:
 
 
 class TransportLinks:
+    # Every message is decoded into a buffer of its own (wire.BufferPool), which its receiver may write.
+    received_are_fresh = True
+
     def __init__(self, endpoint: Endpoint, *, to_next: Any, to_prev: Any, control: Any,
                  wait_slice: float = 0.5, timeout: float = 600.0, expect_input: Any = None,
                  to_replicas: tuple = ()):

@@ -57,7 +57,9 @@ class ReplicaReducer:
     def run(self, a: Action) -> None:
         v = a.k
         if a.kind is Kind.SEND_REDUCE:
-            grads, count = replica_grads.read(self.stage)
+            # Views, not copies: nothing changes this accumulator after the update's last backward
+            # (R v replaces it, see replica_grads.write), so the channel threads may send it as is.
+            grads, count = replica_grads.read(self.stage, copy=False)
             ids = np.asarray(self._pending, dtype=np.int64)
             self._parts.setdefault(v, {})[self.replica] = {"grads": grads, "count": count, "ids": ids}
             tree = {"grads": grads, "count": np.asarray(count, np.int64), "ids": ids}
@@ -72,17 +74,26 @@ class ReplicaReducer:
     def _reduce(self, v: int) -> None:
         parts = self._parts.pop(v)
         order = [parts[r] for r in range(self.replicas)]  # replica order, whatever order they arrived in
-        total = {}
-        for name in order[0]["grads"]:
-            acc = order[0]["grads"][name]
-            for part in order[1:]:
-                acc = acc + part["grads"][name]
-            total[name] = acc
-        replica_grads.write(self.stage, total, sum(p["count"] for p in order))
+        total = {name: self._summed([part["grads"][name] for part in order]) for name in order[0]["grads"]}
+        replica_grads.write(self.stage, total, sum(p["count"] for p in order), copy=False)
         ids = sorted(global_id(int(k), replica=r, replicas=self.replicas)
                      for r, part in enumerate(order) for k in part["ids"])
         self._pending = []
         self.hooks.on_reduced(v, ids)
+
+    def _summed(self, parts: list[np.ndarray]) -> np.ndarray:
+        """``parts[0] + parts[1] + ... + parts[d-1]``, left to right (the same bits on every replica),
+        into a received part's own buffer where the links say each message arrives in a buffer of its
+        own (``received_are_fresh``: the transport decodes into one; the reference executor hands
+        the sender's arrays over). This replica's part is a view of its accumulator and is never
+        written; without a fresh writable part a new array takes the sum."""
+        mine, fresh = parts[self.replica], getattr(self.links, "received_are_fresh", False)
+        into = next((p for r, p in enumerate(parts[:2]) if fresh and r != self.replica and p.flags.writeable
+                     and not np.may_share_memory(p, mine)), None)
+        total = np.add(parts[0], parts[1], out=into)
+        for part in parts[2:]:
+            np.add(total, part, out=total)
+        return total
 
     def _checked(self, tree: Any, own: dict, *, sender: int, v: int) -> dict:
         where = f"stage {self.index} replica {self.replica}: the gradients for update {v} from replica {sender}"

@@ -155,6 +155,10 @@ class CarryingLinks:
     def __init__(self, links: Any, carrier: TieCarrier):
         self.links, self.carrier = links, carrier
 
+    @property
+    def received_are_fresh(self) -> bool:
+        return getattr(self.links, "received_are_fresh", False)
+
     def ready(self, kind: Kind, k: int) -> bool:
         return self.links.ready(kind, k)
 

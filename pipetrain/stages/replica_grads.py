@@ -36,22 +36,28 @@ def names(stage: Any) -> tuple[str, ...]:
                               f"set_accumulated_gradients() (pipetrain.stages.replica_grads)")
 
 
-def read(stage: Any) -> tuple[dict[str, np.ndarray], int]:
-    """The gradient sums accumulated since the last update, by name (host copies), and their count."""
+def read(stage: Any, *, copy: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """The gradient sums accumulated since the last update, by name, and their count: host copies,
+    or with ``copy=False`` views of the accumulator where it is on the host (see ``write``)."""
     if hasattr(stage, "accumulated_gradients"):
         grads, count = stage.accumulated_gradients()
         return {n: np.asarray(g) for n, g in grads.items()}, int(count)
     keys = names(stage)
-    return dict(zip(keys, framework.read_grads(stage, keys))), framework.accumulated(stage)
+    return dict(zip(keys, framework.read_grads(stage, keys, copy=copy))), framework.accumulated(stage)
 
 
-def write(stage: Any, grads: dict[str, np.ndarray], count: int) -> None:
+def write(stage: Any, grads: dict[str, np.ndarray], count: int, *, copy: bool = True) -> None:
     """Replace the accumulated sums by ``grads`` and their count by ``count`` (the replicas' totals):
-    the next update applies ``grads / count``."""
+    the next update applies ``grads / count``.
+
+    The views ``read(copy=False)`` gives stay valid after this: every adapter replaces its
+    accumulator here and at the first backward after the update (``TorchStage._accumulate``),
+    and changes in place only the one it holds, so the views read before keep their values. With
+    ``copy=False`` a torch stage keeps ``grads``' writable arrays themselves as its accumulator."""
     if hasattr(stage, "set_accumulated_gradients"):
         stage.set_accumulated_gradients(grads, count)
         return
-    framework.write_grads(stage, grads)
+    framework.write_grads(stage, grads, copy=copy)
     if stage.framework == "jax":
         stage._count = int(count)
     else:

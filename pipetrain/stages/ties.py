@@ -80,22 +80,27 @@ def accumulated(stage: Any) -> int:
     return int(stage._count if stage.framework == "jax" else stage._accumulated)
 
 
-def read_grads(stage: Any, names: tuple[str, ...]) -> list[np.ndarray]:
-    """The accumulated (summed, not averaged) gradients of ``names``, as host copies."""
+def read_grads(stage: Any, names: tuple[str, ...], *, copy: bool = True) -> list[np.ndarray]:
+    """The accumulated (summed, not averaged) gradients of ``names``, as host copies; with
+    ``copy=False`` as views where the accumulator is on the host (JAX and torch), for a caller
+    that knows the stage replaces its accumulator rather than changing it from here on."""
     if stage.framework == "jax":
         from pipetrain.stages import jax_trees
 
         leaves = dict(jax_trees.named_leaves(stage._acc))
-        return [np.array(leaves[n], copy=True) for n in names]
+        return [np.array(leaves[n], copy=True) if copy else np.asarray(leaves[n]) for n in names]
     if stage.framework == "torch":
-        return [stage._acc[n].detach().cpu().numpy().copy() for n in names]
+        views = [stage._acc[n].detach().cpu().numpy() for n in names]
+        return [v.copy() for v in views] if copy else views
     if stage.framework == "tf":
         return [np.array(stage._acc[n].numpy(), copy=True) for n in names]
     raise NotImplementedError(f"tied weights: no gradient access for a {stage.framework!r} stage")
 
 
-def write_grads(stage: Any, values: dict[str, np.ndarray]) -> None:
-    """Replace the accumulated gradients of the names in ``values`` (between backwards and the update)."""
+def write_grads(stage: Any, values: dict[str, np.ndarray], *, copy: bool = True) -> None:
+    """Replace the accumulated gradients of the names in ``values`` (between backwards and the update).
+    With ``copy=False`` a torch stage takes the writable arrays it is given as its accumulator (the
+    update may change them in place): for a caller that hands over arrays no one else uses."""
     if stage.framework == "jax":
         import jax
 
@@ -110,7 +115,8 @@ def write_grads(stage: Any, values: dict[str, np.ndarray]) -> None:
         import torch
 
         for n, v in values.items():
-            stage._acc[n] = torch.from_numpy(np.array(v, copy=True)).to(stage._acc[n].device)
+            owned = v if not copy and isinstance(v, np.ndarray) and v.flags.writeable else np.array(v, copy=True)
+            stage._acc[n] = torch.from_numpy(owned).to(stage._acc[n].device)
     elif stage.framework == "tf":
         import tensorflow as tf
 
