@@ -118,3 +118,18 @@ def test_replicas_bench_smoke():
     # Same initial weights, micro-batches, SGD: the step losses agree (float32, another summation order).
     loss = result["ddp_last_loss"]
     assert loss["pipetrain"] == pytest.approx(loss["torch_ddp"], rel=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_torch_adapter_bench_smoke():
+    """bench/torch_adapter.py --quick: the three contestants run, train the same model (the two
+    stage bindings to the bit), and the JSON keeps its keys."""
+    pytest.importorskip("torch")
+    bench = Path(__file__).resolve().parent.parent / "bench" / "torch_adapter.py"
+    out = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=110,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["ms_per_step"]) == {"plain torch", "TorchStage", "TorchStage (functional_call)"}
+    assert result["same_bits"] is True and result["plain_close"] is True
+    assert all(row["best_ms"] > 0 for row in result["ms_per_step"].values())
