@@ -80,11 +80,11 @@ def _torch(model: Any, example_input: Any) -> list[int]:
     import torch
 
     from pipetrain.stages.precision import TorchCasts
-    from pipetrain.stages.torch_stage import _meta_tensor
+    from pipetrain.stages.torch_trees import meta_tensor
     from pipetrain.tree import tree_map
 
     casts = TorchCasts(getattr(model, "precision", "fp32"), torch)
-    x = tree_map(_meta_tensor, example_input)
+    x = tree_map(meta_tensor, example_input)
     out = []
     for i in range(len(model)):
         layer = model._meta_layer(i)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from pipetrain.stages.tensors import to_torch
-from pipetrain.stages.torch_stage import _float_leaves, _grad_leaf, _meta_tensor, default_device
+from pipetrain.stages.torch_stage import default_device
+from pipetrain.stages.torch_trees import float_leaves, grad_leaf, meta_tensor
 from pipetrain.tree import Tree, flatten, tree_map
 
 
@@ -17,15 +18,15 @@ def layer_flops(model: Any, example_input: Tree) -> list[float]:
     """Each layer's forward + backward FLOPs (torch's flop counter, on the meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = tree_map(_meta_tensor, example_input)
+    x = tree_map(meta_tensor, example_input)
     costs = []
     for i in range(len(model)):
         layer = model._meta_layer(i)
-        x_in = tree_map(_grad_leaf, x)
+        x_in = tree_map(grad_leaf, x)
         counter = FlopCounterMode(display=False)
         with counter, torch.enable_grad():
             out = layer(x_in)
-            _backward_ones(out, [*layer.parameters(), *_float_leaves(x_in)])
+            _backward_ones(out, [*layer.parameters(), *float_leaves(x_in)])
         costs.append(float(counter.get_total_flops()))
         x = tree_map(torch.Tensor.detach, out)
     return costs
@@ -40,12 +41,12 @@ def layer_profile(model: Any, example_input: Tree, *, repeats: int) -> list[floa
         layer = model.make_layer(i, device=device)
         times = []
         for r in range(repeats + 1):  # the first run warms up caches and kernels
-            x_in = tree_map(_grad_leaf, x)
+            x_in = tree_map(grad_leaf, x)
             _sync(device)
             start = time.perf_counter()
             with torch.enable_grad():
                 out = layer(x_in)
-                _backward_ones(out, [*layer.parameters(), *_float_leaves(x_in)])
+                _backward_ones(out, [*layer.parameters(), *float_leaves(x_in)])
             _sync(device)
             if r:
                 times.append(time.perf_counter() - start)

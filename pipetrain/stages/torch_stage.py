@@ -52,10 +52,11 @@ from pipetrain.optim import Optimizer, squared_norm
 from pipetrain.stages import corrections, flat_state, torch_split_backward, torch_swap
 from pipetrain.stages.precision import TorchCasts, check_masters, check_precision
 from pipetrain.stages.torch_optim import TensorOptimizer as _TensorOptimizer
+from pipetrain.stages.torch_trees import grad_leaf, input_gradient_tree, meta_tensor, numpy_copy
 from pipetrain.stages.versions import VersionedParams
 from pipetrain.stages.base import PartitionError, StageSpec, TensorSpec
-from pipetrain.stages.tensors import to_numpy, to_torch
-from pipetrain.tree import Tree, dtype_name, flatten, pair_with_gradients, tree_map, unflatten
+from pipetrain.stages.tensors import to_torch
+from pipetrain.tree import Tree, dtype_name, flatten, pair_with_gradients, tree_map
 
 LayerLike = nn.Module | Callable[[], nn.Module]
 
@@ -160,7 +161,7 @@ class TorchSequential:
         return [sum(p.numel() for p in self._meta_layer(i).parameters()) for i in range(len(self))]
 
     def trace_specs(self, example_input: Tree) -> list[Tree]:
-        x = tree_map(_meta_tensor, example_input)
+        x = tree_map(meta_tensor, example_input)
         specs = []
         for i in range(len(self)):
             x = self._run_layer_checked(self._meta_layer(i), i, x)
@@ -265,7 +266,7 @@ class TorchStage(VersionedParams):
             self._read[k] = (self._params(version), delay)
         x = to_torch(inputs, device=self.device)
         if not self.spec.is_first:
-            x = tree_map(_grad_leaf, x)
+            x = tree_map(grad_leaf, x)
         with torch.enable_grad():
             out = self._run(params, x)
             if self.spec.is_last:
@@ -293,7 +294,7 @@ class TorchStage(VersionedParams):
             return self._fused_backward(k, params, x, out, grad_outputs)
         roots, seeds = self._roots(out, grad_outputs, seed_loss=False)
         grads, self._weights_pending[k] = torch_split_backward.input_gradients(roots, seeds, wrt, params)
-        return _input_gradient_tree(x_leaves, x_structure, grads)
+        return input_gradient_tree(x_leaves, x_structure, grads)
 
     def _take_pending(self, k: int) -> tuple:
         if k not in self._pending:
@@ -325,12 +326,12 @@ class TorchStage(VersionedParams):
                 params[n].grad = self._acc[n]
             torch.autograd.backward(roots, grad_tensors=seeds, inputs=wrt)
             self._accumulated += 1
-            return None if self.spec.is_first else _input_gradient_tree(x_leaves, x_structure,
-                                                                        [t.grad for t in x_wrt])
+            return None if self.spec.is_first else input_gradient_tree(x_leaves, x_structure,
+                                                                       [t.grad for t in x_wrt])
         else:
             grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True)
         self._accumulate(k, zip(trainable, grads))
-        return None if self.spec.is_first else _input_gradient_tree(x_leaves, x_structure, grads[len(trainable):])
+        return None if self.spec.is_first else input_gradient_tree(x_leaves, x_structure, grads[len(trainable):])
 
     def backward_weights(self, k: int) -> None:
         """The second half of a split backward: accumulate micro-batch k's weight gradients."""
@@ -410,7 +411,7 @@ class TorchStage(VersionedParams):
         # backward overwrites them): a checkpoint stores zeros, its meaning.
         acc = self._acc if self._accumulated else {n: torch.zeros_like(t) for n, t in self._acc.items()}
         return flat_state.pack(self._versions, self._opt_state, acc, latest=self._latest,
-                               accumulated=self._accumulated, to_numpy=_numpy_copy,
+                               accumulated=self._accumulated, to_numpy=numpy_copy,
                                correction={**corrections.flat(self._corr.state), **self._corr.flat_steps()})
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -440,34 +441,3 @@ def _call_with(module: nn.Module, params: dict[str, torch.Tensor], x: Tree, cast
     """``module(x)`` with ``params`` in place of its own (what remat checkpoints; under
     bf16 the casts to the compute dtype inside it, so a recomputation redoes them)."""
     return torch_swap.call_with(module, casts.module_values(module, params), x)
-
-
-def _meta_tensor(x: Any) -> torch.Tensor:
-    if isinstance(x, TensorSpec):
-        return torch.empty(x.shape, dtype=getattr(torch, x.dtype), device="meta")
-    t = to_torch(x) if not isinstance(x, torch.Tensor) else x
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-
-def _grad_leaf(t: torch.Tensor) -> torch.Tensor:
-    """A new autograd leaf over the same storage (inputs of non-first stages)."""
-    return t.detach().requires_grad_(t.is_floating_point())
-
-
-def _float_leaves(tree: Tree) -> list[torch.Tensor]:
-    return [t for t in flatten(tree)[0] if t.requires_grad]
-
-
-def _input_gradient_tree(x_leaves: list, x_structure: Any, grads: Sequence) -> Tree:
-    """The inputs' tree with their gradients (in order, one per leaf that
-    requires grad): zeros where autograd found no path, None on int leaves."""
-    found = iter(grads)
-    return unflatten(x_structure, [_zero_if_none(next(found), t) if t.requires_grad else None for t in x_leaves])
-
-
-def _zero_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like).detach() if g is None else g.detach()
-
-
-def _numpy_copy(t: torch.Tensor) -> np.ndarray:
-    return np.array(to_numpy(t), copy=True)
