@@ -194,7 +194,7 @@ def _replica_part_bytes(job: StageJob, stage: Any) -> int:
     from pipetrain.runtime.transport import wire
     from pipetrain.stages import replica_grads
 
-    grads, _ = replica_grads.read(stage)
+    grads, _ = replica_grads.read(stage, copy=False)  # only their sizes
     ids = 8 * job.schedule.microbatches_per_update
     return sum(g.nbytes + wire.ALIGN for g in grads.values()) + ids + 8 + 2 * wire.ALIGN
 
