@@ -87,9 +87,10 @@ class ReplicaReducer:
         own (``received_are_fresh``: the transport decodes into one; the reference executor hands
         the sender's arrays over). This replica's part is a view of its accumulator and is never
         written; without a fresh writable part a new array takes the sum."""
-        mine, fresh = parts[self.replica], getattr(self.links, "received_are_fresh", False)
-        into = next((p for r, p in enumerate(parts[:2]) if fresh and r != self.replica and p.flags.writeable
-                     and not np.may_share_memory(p, mine)), None)
+        into, mine = None, parts[self.replica]
+        if getattr(self.links, "received_are_fresh", False):
+            into = next((p for r, p in enumerate(parts[:2]) if r != self.replica and p.flags.writeable
+                         and not np.may_share_memory(p, mine)), None)
         total = np.add(parts[0], parts[1], out=into)
         for part in parts[2:]:
             np.add(total, part, out=total)

@@ -315,9 +315,7 @@ class TorchStage(VersionedParams):
         x_leaves, x_structure = flatten(x)
         x_wrt = [t for t in x_leaves if t.requires_grad]
         wrt = [params[n] for n in trainable] + x_wrt
-        if not (roots and wrt):
-            grads = []
-        elif self._accumulated and not self._corr.corrects_gradients:
+        if roots and wrt and self._accumulated and not self._corr.corrects_gradients:
             # Autograd adds each weight gradient into the accumulator itself, as it is made (the
             # leaf's .grad is the accumulator: AccumulateGrad's in-place add, the same bits as
             # ``acc += g``), while the gradient is still in cache; a separate pass afterwards
@@ -326,12 +324,12 @@ class TorchStage(VersionedParams):
                 params[n].grad = self._acc[n]
             torch.autograd.backward(roots, grad_tensors=seeds, inputs=wrt)
             self._accumulated += 1
-            return None if self.spec.is_first else input_gradient_tree(x_leaves, x_structure,
-                                                                       [t.grad for t in x_wrt])
+            x_grads = [t.grad for t in x_wrt]
         else:
-            grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True)
-        self._accumulate(k, zip(trainable, grads))
-        return None if self.spec.is_first else input_gradient_tree(x_leaves, x_structure, grads[len(trainable):])
+            grads = torch.autograd.grad(roots, wrt, grad_outputs=seeds, allow_unused=True) if roots and wrt else []
+            self._accumulate(k, zip(trainable, grads))
+            x_grads = grads[len(trainable):]
+        return None if self.spec.is_first else input_gradient_tree(x_leaves, x_structure, x_grads)
 
     def backward_weights(self, k: int) -> None:
         """The second half of a split backward: accumulate micro-batch k's weight gradients."""
