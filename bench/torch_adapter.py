@@ -2,7 +2,8 @@
 
 No Dask, no network, one thread: the MLP of ``bench/ddp_baseline.py`` (4 MiB of
 weights), ``--microbatches`` micro-batches of 32 per step, SGD. Three contestants,
-interleaved round by round so the machine's drift hits them alike:
+interleaved round by round, each round starting with the next one, so the machine's drift
+hits them alike:
 
 - ``plain torch``: ``nn.Sequential``, ``loss.backward()`` per micro-batch (divided
   by m), ``torch.optim.SGD.step()`` — what a DDP rank runs, without the all-reduce;
@@ -120,13 +121,18 @@ def main() -> None:
     _run_stage(stages["functional_call"], batches, binding="functional_call", steps=1, start_step=0)
     plain_run(1)
     done = 1
+    contestants = {
+        "plain torch": lambda: plain_run(args.steps),
+        "TorchStage": lambda: _run_stage(stages["swap"], batches, binding="swap", steps=args.steps,
+                                         start_step=done),
+        "TorchStage (functional_call)": lambda: _run_stage(stages["functional_call"], batches,
+                                                           binding="functional_call", steps=args.steps,
+                                                           start_step=done),
+    }
+    names = list(contestants)
     for r in range(args.rounds):
-        times["plain torch"].append(plain_run(args.steps))
-        times["TorchStage"].append(_run_stage(stages["swap"], batches, binding="swap", steps=args.steps,
-                                              start_step=done))
-        times["TorchStage (functional_call)"].append(
-            _run_stage(stages["functional_call"], batches, binding="functional_call", steps=args.steps,
-                       start_step=done))
+        for name in names[r % 3:] + names[:r % 3]:  # no contestant always goes first
+            times[name].append(contestants[name]())
         done += args.steps
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()),
               file=sys.stderr, flush=True)
