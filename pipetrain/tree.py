@@ -107,6 +107,19 @@ def itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
+_DTYPE_NAMES: dict[Any, str] = {}  # once per dtype: numpy computes a dtype's name in Python, every time
+
+
 def dtype_name(array: Any) -> str:
     """numpy-style dtype name of any framework's array ("bfloat16" included)."""
-    return str(getattr(array.dtype, "name", array.dtype)).replace("torch.", "").replace("<dtype: '", "").rstrip("'>")
+    dtype = array.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # not seen yet, or a framework's dtype that cannot be a key
+        pass
+    name = str(getattr(dtype, "name", dtype)).replace("torch.", "").replace("<dtype: '", "").rstrip("'>")
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name

@@ -118,11 +118,11 @@ def _dtype(name: Any) -> np.dtype:
     return dtype
 
 
-_KIND_OF = {int(kind): kind for kind in MessageKind}
+KIND_OF = {int(kind): kind for kind in MessageKind}
 # Clipping's norm messages are one float64 scalar each: anything else is refused before any allocation.
-_SCALAR_KINDS = (int(MessageKind.NORM_PARTIAL), int(MessageKind.NORM_TOTAL))
-_ONE_FLOAT64 = [["float64", [], 8]]
-_MAX_ACKS = 1024  # = acks.MAX_ACKS (not imported: acks.py is the endpoint's, wire.py imports no transport module)
+SCALAR_KINDS = (int(MessageKind.NORM_PARTIAL), int(MessageKind.NORM_TOTAL))
+ONE_FLOAT64 = [["float64", [], 8]]
+MAX_ACKS = 1024  # = acks.MAX_ACKS (not imported: acks.py is the endpoint's, wire.py imports no transport module)
 
 
 def check_meta(meta: Any) -> int:
@@ -131,7 +131,7 @@ def check_meta(meta: Any) -> int:
     (Once per message: written for speed, it costs about what parsing the JSON does.)"""
     try:
         if not (type(meta["g"]) is type(meta["s"]) is type(meta["k"]) is type(meta["v"]) is type(meta["seq"])
-                is int and meta["kind"] in _KIND_OF):
+                is int and meta["kind"] in KIND_OF):
             raise Rejected("the frame's meta has a header field that is not an integer, or an unknown kind")
         end = 0
         for dtype, shape, nbytes in meta["leaves"]:
@@ -144,11 +144,11 @@ def check_meta(meta: Any) -> int:
                 raise Rejected(f"a leaf declares {str(nbytes)[:20]} bytes, but {dtype}{list(shape)} takes {size}")
             end += -end % ALIGN + size
         acks = meta.get("acks")  # credits riding on the frame (acks.py): a short list of sequence numbers
-        if acks is not None and not (type(acks) is list and len(acks) <= _MAX_ACKS
+        if acks is not None and not (type(acks) is list and len(acks) <= MAX_ACKS
                                      and all(type(seq) is int for seq in acks)):
-            raise Rejected(f"a frame's acks are {str(acks)[:60]}, not a list of at most {_MAX_ACKS} integers")
-        if meta["kind"] in _SCALAR_KINDS and meta["leaves"] != _ONE_FLOAT64:
-            raise Rejected(f"a {_KIND_OF[meta['kind']].name} frame must hold one float64 scalar, not "
+            raise Rejected(f"a frame's acks are {str(acks)[:60]}, not a list of at most {MAX_ACKS} integers")
+        if meta["kind"] in SCALAR_KINDS and meta["leaves"] != ONE_FLOAT64:
+            raise Rejected(f"a {KIND_OF[meta['kind']].name} frame must hold one float64 scalar, not "
                            f"{str(meta['leaves'])[:60]}")
         return end
     except (KeyError, TypeError, ValueError):  # not a dict, a field missing, a leaf not [dtype, shape, nbytes]
@@ -171,8 +171,12 @@ def host_array(leaf: Any, where: str) -> np.ndarray:
 def encode(message: Message, seq: int) -> tuple[dict, list[np.ndarray]]:
     """The message's meta (JSON-able) and its leaves as flat uint8 arrays (views, no copy)."""
     leaves, structure = flatten(message.tree)
-    names = paths(message.tree) if leaves else []
-    arrays = [host_array(leaf, name) for leaf, name in zip(leaves, names)]
+    try:
+        arrays = [host_array(leaf, "") for leaf in leaves]
+    except TypeError:  # not sendable: name the tensor (names are built only then: they cost per message)
+        for leaf, name in zip(leaves, paths(message.tree)):
+            host_array(leaf, name)
+        raise
     meta = {
         "g": message.generation,
         "s": message.stage,
@@ -215,6 +219,11 @@ def frames(meta: dict, buffers: list[np.ndarray]) -> list[Any]:
     if len(head) > MAX_META:  # the receiver would drop it: say so here, where the tree is
         raise ValueError(f"{len(meta['leaves'])} leaves need a {len(head)}-byte meta, over the wire's "
                          f"{MAX_META}-byte limit: send fewer, larger tensors across a stage boundary")
+    return payload_frames(head, meta, buffers)
+
+
+def payload_frames(head: bytes, meta: dict, buffers: list[np.ndarray]) -> list[Any]:
+    """The prefix, ``head`` (the meta's bytes, JSON or ``compact.py``'s) and ``meta``'s leaves, aligned."""
     offsets, total = leaf_offsets(meta)
     out: list[Any] = [PREFIX.pack(MAGIC, len(head), total) + head]
     position = 0
@@ -242,7 +251,7 @@ def decode(meta: dict, payload: np.ndarray | list[np.ndarray]) -> Message:
             end += nbytes
             total += nbytes
     return Message(
-        kind=_KIND_OF[meta["kind"]],
+        kind=KIND_OF[meta["kind"]],
         k=meta["k"],
         tree=unflatten(meta["tree"], leaves),
         version=meta["v"],
@@ -270,6 +279,7 @@ class BufferPool:
         self._free: dict[int, deque] = {}
         self.allocated = 0
         self.reused = 0
+        self._watching: dict[int, weakref.ref] = {}
 
     def take(self, nbytes: int) -> np.ndarray:
         size = max(self.MIN_CLASS, 1 << max(0, nbytes - 1).bit_length())
@@ -283,7 +293,11 @@ class BufferPool:
             raw = spare[start : start + size]
             self.allocated += 1
         buffer = np.frombuffer(memoryview(raw), np.uint8, count=nbytes)
-        weakref.finalize(buffer.base, free.append, raw)
+        # A weakref with a callback (kept alive in _watching until it fires): a third of what
+        # weakref.finalize costs per message.
+        # (keyed by id: a weakref hashes as its referent, and a writable memoryview has no hash)
+        ref = weakref.ref(buffer.base, lambda ref: (self._watching.pop(id(ref), None), free.append(raw)))
+        self._watching[id(ref)] = ref
         return buffer
 
 
