@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipetrain.runtime.transport import wire
+from pipetrain.runtime.transport import compact, wire
 from pipetrain.runtime.transport.errors import Rejected
 
 __all__ = ["FrameReader"]
@@ -28,7 +28,8 @@ class FrameReader:
     Every declared size is checked before anything is allocated for it
     (``Rejected``, which ends the link): the meta against ``wire.MAX_META``
     (so it always fits in staging), the payload against ``max_payload``, the
-    leaves against both (``wire.check_meta``).
+    leaves against both (``wire.check_meta``; a compact meta against the
+    layout its link named, ``compact.py``).
     """
 
     STAGING = 256 * 1024
@@ -43,6 +44,7 @@ class FrameReader:
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_meta: dict | None = None
+        self._layouts = compact.LayoutTable()  # what the peer's compact metas refer to
 
     def buffer(self) -> memoryview:
         if self._payload_view is not None:
@@ -78,13 +80,18 @@ class FrameReader:
             head_end = position + wire.PREFIX.size + meta_len
             if head_end > self._filled:
                 break  # the rest of the meta is still on its way (it fits: STAGING > MAX_META)
-            try:
-                meta = json.loads(bytes(view[position + wire.PREFIX.size : head_end]))
-            except (ValueError, RecursionError):
-                raise Rejected("a frame's meta is not valid JSON") from None
-            needed = wire.check_meta(meta)
-            if needed != payload_len:
-                raise Rejected(f"a frame's leaves take {needed} bytes but its prefix declares {payload_len}")
+            head = view[position + wire.PREFIX.size : head_end]
+            if meta_len and head[0] == compact.TAG:  # a layout this link named before (compact.py)
+                meta = self._layouts.meta(head, payload_len)
+            else:
+                try:
+                    meta = json.loads(bytes(head))
+                except (ValueError, RecursionError):
+                    raise Rejected("a frame's meta is not valid JSON") from None
+                needed = wire.check_meta(meta)
+                if needed != payload_len:
+                    raise Rejected(f"a frame's leaves take {needed} bytes but its prefix declares {payload_len}")
+                self._layouts.named(meta, payload_len)
             payload = self._pool.take(payload_len) if payload_len else _EMPTY
             have = min(payload_len, self._filled - head_end)
             if have:

@@ -33,6 +33,7 @@ import numpy as np
 
 from pipetrain.runtime.transport import direct, wire
 from pipetrain.runtime.transport.backend import Handshake, Inbound, Outbound, contact_address, host_port
+from pipetrain.runtime.transport.compact import LayoutWriter
 from pipetrain.runtime.transport.handshake import SocketIO
 from pipetrain.runtime.transport.direct import Readiness
 from pipetrain.runtime.transport.reader import FrameReader
@@ -131,6 +132,7 @@ class SocketLink:
         self._reader = FrameReader(pool, lambda meta, payload: on_message(self, meta, payload),
                                    max_payload=max_payload)
         self._lock = threading.Lock()
+        self._layouts = LayoutWriter()
         self._out: deque[memoryview] = deque()
         self._writer_armed = False
         self._close_when_flushed = False
@@ -173,10 +175,10 @@ class SocketLink:
 
     # -- writing (any thread)
     def write(self, meta: dict, buffers: list[np.ndarray]) -> None:
-        frames = [memoryview(frame).cast("B") for frame in wire.frames(meta, buffers)]
-        with self._lock:
+        with self._lock:  # the frames too: a layout is named (compact.py) before a frame uses it
             if self._done:
                 return  # on_closed has reported it
+            frames = [memoryview(frame).cast("B") for frame in self._layouts.frames(meta, buffers)]
             backlog = bool(self._out)
             self._out.extend(frames)
             if not backlog:
