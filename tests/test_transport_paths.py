@@ -77,6 +77,29 @@ def test_a_waiting_get_reads_the_socket_in_its_own_thread(two_way):
     assert threads == [got["me"]]  # filed by the thread that waited: no hand-off from the loop thread
 
 
+def test_a_waiter_claims_only_the_links_that_carry_what_it_waits_for():
+    """Stage 1 waits for an activation (the link from stage 0 only); a gradient arriving from
+    stage 2 meanwhile is the loop's to read, and the activation is still the waiter's."""
+    with start(0) as s0, start(1) as s1, start(2) as s2:
+        to_1_from_0 = s0.connect(s1.address, peer_stage=1)
+        to_1_from_2 = s2.connect(s1.address, peer_stage=1)
+        to_1_from_2.put(MessageKind.GRADIENT, 9, np.zeros(2, np.float32))  # both links admitted first
+        s1.get(MessageKind.GRADIENT, 9, timeout=10)
+        threads = filing_threads(s1)
+        got = {}
+        waiter = threading.Thread(target=lambda: got.update(m=s1.get(MessageKind.ACTIVATION, 0, timeout=10)))
+        waiter.start()
+        time.sleep(0.2)  # the waiter is in get, polling the link from stage 0 only
+        to_1_from_2.put(MessageKind.GRADIENT, 3, np.ones(2, np.float32))
+        wait_until(lambda: s1.has(MessageKind.GRADIENT, 3))  # filed while the waiter still waits
+        assert waiter.is_alive() and threads[0] != waiter.ident
+        to_1_from_0.put(MessageKind.ACTIVATION, 0, np.arange(5, dtype=np.float32))
+        waiter.join(10)
+        np.testing.assert_array_equal(got["m"].tree, np.arange(5, dtype=np.float32))
+        assert threads[1:] == [waiter.ident]  # the activation: read by the thread that waited for it
+        assert s1.get(MessageKind.GRADIENT, 3, timeout=1).tree.tolist() == [1, 1]
+
+
 def test_while_nobody_waits_the_loop_reads(two_way):
     """A message arriving while the stage computes is read meanwhile (a large activation overlaps
     compute), and the loop stops reading once a waiter claims the links, and reads again after."""

@@ -63,7 +63,9 @@ same rules to what its links deliver.
   the calling thread sends what the kernel takes at once (a memoryview of
   the caller's arrays, under a lock), the loop thread sends any remainder;
   reads go straight into pooled buffers, in the waiting thread or the loop
-  (``direct.py``); leaves are numpy views on them.
+  (``direct.py``); leaves are numpy views on them. A link names each tree
+  layout (structure, dtypes, shapes) once in a JSON meta and then sends its
+  messages with 40-byte binary metas checked against it (``compact.py``).
   When the ``Security`` has TLS settings for the worker role,
   ``TlsBackend`` (``tls.py``): tls:// on asyncio's SSL transport with the
   cluster's contexts (``get_listen_args("worker")`` /
@@ -118,7 +120,8 @@ the waiting thread); ``inbox.py`` the inbox; ``handshake.py`` the
 handshake; ``wire.py`` the framing and ``MessageKind``; ``backend.py`` the
 backends' interface and what they share; ``stream.py``, ``tls.py``,
 ``dask_comm.py``, ``ucx.py`` one backend each, with its link;
-``reader.py`` the frame parser the two stream links share; ``loop.py`` the
+``reader.py`` the frame parser the two stream links share; ``compact.py``
+tcp://'s binary metas for layouts a link named; ``loop.py`` the
 loop thread; ``errors.py`` the errors.
 """
 from __future__ import annotations

@@ -8,18 +8,21 @@ waits; the loop reads them only while nobody waits (a large activation still
 arrives while the stage computes).
 
 Ownership is kept by the kernel, not by hand-offs. Each link's socket is in
-two epoll sets of its endpoint's ``Readiness``:
+the loop's epoll set of its endpoint's ``Readiness`` with ``EPOLLONESHOT``:
+when it fires the loop reads the link (under the link's ``read_lock``) and
+re-arms it.
 
-- the loop's, with ``EPOLLONESHOT``: when it fires the loop reads the link
-  (under the link's ``read_lock``) and re-arms it;
-- the waiter's, level-triggered, polled only by a thread inside ``get``.
-
-A waiter ``claim``s every link (takes its ``read_lock``, disarms it in the
-loop's set), polls its own set and reads what is ready, and on ``release``
-gives each lock back and re-arms the loop. A loop wake-up that races a claim
-finds the lock taken and does nothing: the claimer re-arms when it lets go.
-No thread wakes another on the common path. Linux (epoll) only; elsewhere the
-loop reads everything, as before (``available()``).
+A waiter ``claim``s the links that can carry the kind it waits for (an
+activation comes only on the link from stage s - 1: one link, not all of
+them): it takes each one's ``read_lock``, disarms it in the loop's set,
+``poll``s their sockets (a ``select.poll`` made for the claim: no syscall to
+set it up) and reads what is ready, and on ``release`` gives each lock back
+and re-arms the loop. Every other link stays the loop's meanwhile. A loop
+wake-up that races a claim finds the lock taken and does nothing: the
+claimer re-arms when it lets go. No thread wakes another on the common path,
+and a wait costs two ``epoll_ctl`` per link it claims (one before this:
+two per link of the endpoint). Linux (epoll) only; elsewhere the loop reads
+everything, as before (``available()``).
 """
 from __future__ import annotations
 
@@ -27,23 +30,32 @@ import select
 import threading
 from typing import Any
 
-__all__ = ["Readiness", "available"]
+__all__ = ["Claim", "Readiness", "available"]
 
 
 def available() -> bool:
     return hasattr(select, "epoll")
 
 
+class Claim:
+    """The links one waiter reads, and the poll set of their sockets."""
+
+    def __init__(self, links: list):
+        self.links = links
+        self.by_fd = {link.fd: link for link in links}
+        self.poller = select.poll()
+        for fd in self.by_fd:
+            self.poller.register(fd, select.POLLIN)
+
+
 class Readiness:
-    """The two epoll sets of one endpoint's plain tcp:// links. Made on the loop thread."""
+    """The loop's epoll set of one endpoint's plain tcp:// links, and who reads each. Made on the loop thread."""
 
     def __init__(self, loop: Any):
         self.loop = loop
         self.loop_thread = threading.get_ident()
         self._loop_set = select.epoll()
-        self._wait_set = select.epoll()
         self._links: dict[int, Any] = {}  # fd -> link, every link not finished
-        self._waited: set[int] = set()  # fds registered in the waiter's set
         self._claim = threading.Lock()  # one waiter reads at a time; others wait on the endpoint's condition
         loop.add_reader(self._loop_set.fileno(), self._loop_ready)
 
@@ -58,17 +70,14 @@ class Readiness:
         """Stop watching ``link`` (from any thread; it is finished)."""
         if self._links.get(link.fd) is link:
             del self._links[link.fd]
-            for epoll in (self._loop_set, self._wait_set):
-                try:
-                    epoll.unregister(link.fd)
-                except (OSError, ValueError):  # not registered there, or the set is closed
-                    pass
-            self._waited.discard(link.fd)
+            try:
+                self._loop_set.unregister(link.fd)
+            except (OSError, ValueError):  # not registered there, or the set is closed
+                pass
 
     def close(self) -> None:  # on the loop thread, after every link finished
         self.loop.remove_reader(self._loop_set.fileno())
         self._loop_set.close()
-        self._wait_set.close()
 
     # -- the loop thread
     def _loop_ready(self) -> None:
@@ -90,40 +99,39 @@ class Readiness:
                 pass
 
     # -- the waiting thread
-    def claim(self) -> list | None:
-        """Take every link's reads from the loop; None if another thread is waiting already."""
+    def claim(self, kind: Any) -> Claim | None:
+        """Take the reads of every link that carries ``kind`` from the loop; None if another
+        thread is waiting already, or no link carries it yet (the loop files what comes)."""
         if not self._claim.acquire(blocking=False):
             return None
-        claimed = []
-        for link in list(self._links.values()):
+        links = [link for link in list(self._links.values()) if kind in getattr(link, "carries", ())]
+        if not links:
+            self._claim.release()
+            return None
+        for link in links:
             link.read_lock.acquire()  # the loop holds it only while it reads
-            claimed.append(link)
             try:
-                if link.fd not in self._waited:
-                    self._wait_set.register(link.fd, select.EPOLLIN)
-                    self._waited.add(link.fd)
                 # ONESHOT without EPOLLIN: a hang-up is reported once, not on every loop wake-up
                 self._loop_set.modify(link.fd, select.EPOLLONESHOT)
             except (OSError, ValueError):  # finished meanwhile: nothing to read there
                 pass
-        return claimed
+        return Claim(links)
 
-    def pump(self, claimed: list, timeout: float) -> None:
+    def pump(self, claim: Claim, timeout: float) -> None:
         """Wait up to ``timeout`` s for bytes on the claimed links and read all there is."""
-        try:
-            events = self._wait_set.poll(max(timeout, 0))
-        except ValueError:  # closed: the endpoint is shutting down
-            return
-        if not events:
-            return
-        by_fd = {link.fd: link for link in claimed}
+        events = claim.poller.poll(max(timeout, 0) * 1e3)
         for fd, _ in events:
-            link = by_fd.get(fd)
-            if link is not None and not link.finished:
-                link.read_ready(limit=None)
+            link = claim.by_fd.get(fd)
+            if link is None:
+                continue
+            if link.finished:  # its socket is closing: poll would report it at once, every time
+                claim.poller.unregister(fd)
+                del claim.by_fd[fd]
+                continue
+            link.read_ready(limit=None)
 
-    def release(self, claimed: list) -> None:
-        for link in claimed:
+    def release(self, claim: Claim) -> None:
+        for link in claim.links:
             link.read_lock.release()  # before re-arming: a wake-up in between would find it taken
             self._arm(link)
         self._claim.release()

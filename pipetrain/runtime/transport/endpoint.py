@@ -249,7 +249,7 @@ class Endpoint:
         thread reads the links itself meanwhile (``direct.py``); else the loop thread files
         what it reads and wakes this one."""
         readiness = self._wait_reads()
-        claimed = readiness.claim() if readiness is not None else None
+        claimed = readiness.claim(kind) if readiness is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
