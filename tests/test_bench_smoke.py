@@ -65,14 +65,32 @@ def test_time_to_accuracy_pieces(monkeypatch):
                "pipedream/acc8+predict": {"mean": 2.83}, "2bw": {"mean": 3.1}, "2bw+predict": {"mean": 3.2}}
     assert tta.best_configs(summary) == ["1f1b", "gpipe", "pipedream+dcasgd-a", "pipedream/acc8+predict", "2bw"]
 
+    # Several convergence files: each configuration at the lr of its lowest mean held-out loss.
+    def run(config, seed, heldout):
+        return {"config": config, "seed": seed, "heldout": heldout, "train_last": heldout, "max_delay": [0]}
+
+    at_1e3 = {"args": {"lr": 1e-3}, "runs": [run("1f1b", s, 2.5) for s in (0, 1)]
+              + [run("pipedream", s, 2.4) for s in (0, 1)]}
+    at_2e3 = {"args": {"lr": 2e-3}, "runs": [run("1f1b", 0, 2.3), run("1f1b", 1, 2.45)]
+              + [run("pipedream", s, 2.6) for s in (0, 1)]}
+    lr_of, runs, summary = tta.best_learning_rates([at_1e3, at_2e3])
+    assert lr_of == {"1f1b": 2e-3, "pipedream": 1e-3}
+    assert [r["heldout"] for r in runs["1f1b"]] == [2.3, 2.45] and summary["1f1b"]["mean"] == pytest.approx(2.375)
+
     # With F=1, B=2 ms on every stage and free updates and messages, a flush step takes
     # (m+p-1)(F+B) and a step without one m(F+B): the ratio is the flush bound.
     m = tta.M
     for p in (2, 4, 8):
         costs = {"F": [1.0] * p, "B": [2.0] * p, "U": [0.0] * p}
-        sync = tta.simulated_rate("1f1b", p, costs, 0.0)
+        sync = tta.simulated_rate("1f1b", p, costs, 0.0, clip=False)
         assert sync == pytest.approx(m * tta.MICROBATCH / ((m + p - 1) * 3.0) * 1e3)
-        assert tta.simulated_rate("pipedream+dcasgd-a", p, costs, 0.0) / sync == pytest.approx((m + p - 1) / m)
+        no_flush = tta.simulated_rate("pipedream+dcasgd-a", p, costs, 0.0, clip=False)
+        assert no_flush / sync == pytest.approx((m + p - 1) / m)
+        # The recipe's clipping: 1f1b's chain of 2(p-1) norm messages (0.5 ms each) runs while the
+        # backward drains towards stage 0, so it costs 1f1b nothing here; pipedream clips per stage.
+        for config in ("1f1b", "pipedream"):
+            plain = tta.simulated_rate(config, p, costs, 0.5, clip=False)
+            assert tta.simulated_rate(config, p, costs, 0.5, clip=True) == pytest.approx(plain)
 
 
 REPLICAS_BENCH = BENCH.parent / "replicas.py"

@@ -6,6 +6,8 @@ pytree of host arrays. On a byte stream one message is::
     prefix   16 bytes: magic "PTW1", meta length (u32), payload length (u64)
     meta     JSON: header, per-channel sequence number, tree structure,
              and per leaf [dtype, shape, nbytes]; at most MAX_META bytes
+             (over tcp://, a layout's later messages carry a 40-byte
+             binary meta instead: ``compact.py``)
     payload  the leaves' raw bytes, each starting on a 64-byte boundary;
              at most the receiving edge's bound (``max_payload``)
 
