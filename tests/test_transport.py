@@ -199,11 +199,15 @@ def test_non_numeric_leaves_are_refused_by_name(pair):
 def test_a_closed_peer_is_a_clear_error_not_a_hang(pair):
     _, receiver, channel = pair
     channel.put(MessageKind.ACTIVATION, 0, np.zeros(3))
+    delivery = channel.put(MessageKind.ACTIVATION, 1, np.zeros(3))  # never taken: the receiver closes
     receiver.close()
     with pytest.raises(PeerLost, match="connection to .* lost"):
-        for k in range(1, 10):  # the loss is noticed within a put or two
+        for k in range(2, 10):  # the loss is noticed within a put or two
             channel.put(MessageKind.ACTIVATION, k, np.zeros(3), timeout=5)
             time.sleep(0.1)
+    assert delivery.done()
+    with pytest.raises(PeerLost, match="connection to .* lost"):
+        delivery.result(timeout=1)  # what was never taken fails with the loss, at once
 
 
 def _sender_then_die(address: str, secret: bytes) -> None:

@@ -37,8 +37,9 @@ returns a credit: an ACK frame, or, on an edge the receiver also sends back
 on, the sequence number riding in its next message's meta (``acks.py``: it
 waits at most until the receiver's next transport call, and never while the
 receiver blocks). The channel keeps every sent tree until its
-ACK, so no send buffer is reused early; ``put`` returns a future that
-resolves on that ACK for callers that recycle buffers. A dropped frame is
+ACK, so no send buffer is reused early; ``put`` returns a ``Delivery``
+(``done()``, ``result(timeout)``, like a Future) that is done on that ACK,
+for callers that recycle buffers. A dropped frame is
 acknowledged too, so a sender's credit never leaks.
 
 Fencing: the owner sets the generation (``set_generation``, bumped by the

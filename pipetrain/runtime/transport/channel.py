@@ -7,7 +7,6 @@ every message, whatever its endpoint's generation later becomes.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import threading
 from typing import Any
@@ -16,7 +15,29 @@ from pipetrain.runtime.transport import wire
 from pipetrain.runtime.transport.errors import PeerLost, TransportError, TransportTimeout
 from pipetrain.runtime.transport.wire import Message, MessageKind
 
-__all__ = ["Channel"]
+__all__ = ["Channel", "Delivery"]
+
+
+class Delivery:
+    """What ``put`` returns: done when the receiver has taken the message (its ack came back),
+    or failed with the channel's loss. A ``concurrent.futures.Future``'s ``done`` and ``result``,
+    without a Future's own Condition per message: it waits on its channel's."""
+
+    __slots__ = ("_channel", "_done", "_error")
+
+    def __init__(self, channel: "Channel"):
+        self._channel, self._done, self._error = channel, False, None
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> None:
+        cond = self._channel._cond
+        with cond:
+            if not cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"message to {self._channel.peer} not taken within {timeout}s")
+        if self._error is not None:
+            raise self._error
 
 
 class Channel:
@@ -31,7 +52,7 @@ class Channel:
         self._link: Any = None
         self._seq = itertools.count()
         self._cond = threading.Condition()
-        self._unacked: dict[int, tuple[concurrent.futures.Future, Any]] = {}
+        self._unacked: dict[int, tuple[Delivery, Any]] = {}
         self._error: TransportError | None = None
         self._closing = False
 
@@ -48,10 +69,10 @@ class Channel:
         version: int = 0,
         info: Any = None,
         timeout: float | None = None,
-    ) -> concurrent.futures.Future:
+    ) -> Delivery:
         """Send one message; block while ``credits`` messages are unacknowledged.
 
-        Returns a future resolved when the receiver has taken the message
+        Returns a ``Delivery`` (``done()``, ``result(timeout)``), done when the receiver has taken the message
         (its ``get`` returned); the channel keeps ``tree`` alive until then.
         """
         ep = self._endpoint
@@ -62,7 +83,8 @@ class Channel:
             # acks meanwhile: reading them here, as get reads, cost streaming throughput.)
             ep.flush_acks()
         with self._cond:
-            ok = self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout)
+            ok = (not self._error and len(self._unacked) < self.credits  # the common case, without a wait
+                  or self._cond.wait_for(lambda: self._error or len(self._unacked) < self.credits, timeout))
             if self._error:
                 raise self._error
             if not ok:
@@ -71,7 +93,7 @@ class Channel:
                     f"{len(self._unacked)} messages unacknowledged (the receiver has not taken them)"
                 )
             seq = next(self._seq)
-            done: concurrent.futures.Future = concurrent.futures.Future()
+            done = Delivery(self)
             self._unacked[seq] = (done, tree)
         riding = None
         try:
@@ -125,9 +147,9 @@ class Channel:
     def _acked(self, seq: int) -> None:
         with self._cond:
             done, _ = self._unacked.pop(seq, (None, None))
+            if done is not None:
+                done._done = True
             self._cond.notify_all()
-        if done is not None:
-            done.set_result(None)
 
     def _lost(self, reason: str) -> None:
         with self._cond:
@@ -135,8 +157,7 @@ class Channel:
                 f"stage {self._endpoint.stage}: connection to {self.peer} lost ({reason}); "
                 f"{len(self._unacked)} messages unacknowledged"
             )
-            pending = [done for done, _ in self._unacked.values()]
+            for done, _ in self._unacked.values():
+                if not done._done:
+                    done._done, done._error = True, self._error
             self._cond.notify_all()
-        for done in pending:
-            if not done.done():
-                done.set_exception(self._error)
