@@ -49,7 +49,7 @@ def test_workers_that_cannot_write_the_checkpoint_location_fail_the_job_at_once(
 def _block_after_first_commit(checkpoints: Path, block) -> threading.Thread:
     def go() -> None:
         wait_until(lambda: (checkpoints / f"step-{jobs.EVERY:010d}" / "COMMITTED").exists(), timeout=60,
-                   what="the first checkpoint")
+                   what="the first checkpoint", poll=0.005)
         block(checkpoints / f"step-{2 * jobs.EVERY:010d}")
 
     thread = threading.Thread(target=go, daemon=True)
@@ -62,11 +62,14 @@ def test_a_checkpoint_write_that_fails_mid_run_stops_the_job(client, tmp_path, w
     checkpoints = tmp_path / "checkpoints"
     # A directory where a file must go, made whether or not the stages have made the step's
     # directory yet (a plain file in its place raced them: under load they could be first).
-    # Stage 0 reaches cut 16 last, so its shard is not written before the block.
+    # Stage 0 reaches cut 16 last, so its shard is not written before the block: the block has
+    # stage 0's next 8 micro-batches after the first commit (sleep_scale 10: ~0.5 s). At 3
+    # (~0.15 s, less the commit's own latency) a loaded CI machine once lost that race: the shard
+    # was there first (FileExistsError in the blocking thread, and the job finished).
     blocked = "stage-0.safetensors" if where == "stage-shard" else "manifest.json"
     _block_after_first_commit(checkpoints, lambda step: (step / blocked).mkdir(parents=True))
     with pytest.raises(JobFailed) as failure:
-        run(client, tmp_path, "1f1b", [], sleep_scale=3)
+        run(client, tmp_path, "1f1b", [], sleep_scale=10)
     message = str(failure.value)
     assert "a checkpoint could not be written" in message
     assert str(checkpoints) in message
