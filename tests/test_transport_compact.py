@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipetrain.runtime.transport import Endpoint, MessageKind, compact, wire
-from test_transport_security import SECRET, assert_healthy, authenticated, guarded, wait_until  # noqa: F401
+from test_transport_security import (SECRET, assert_broken_frame_ends_its_link, authenticated,  # noqa: F401
+                                     guarded, wait_until)
 
 
 def start(stage: int) -> Endpoint:
@@ -93,14 +94,8 @@ COMPACT_ATTACKS = {  # a peer past the handshake; each ends the link, nothing de
 def test_a_compact_frame_is_checked_against_the_layout_its_link_named(guarded, caplog, attack):  # noqa: F811
     _, receiver, channel = guarded
     data, reason = COMPACT_ATTACKS[attack]
-    allocated = receiver._pool.allocated
-    with authenticated(receiver.address) as sock:
-        sock.sendall(data)
-        assert sock.recv(1) == b""  # the endpoint closed it
-    wait_until(lambda: receiver.stats["rejected_frames"] == 1)
-    assert reason in caplog.text
-    assert_healthy(receiver, channel)
-    assert receiver._pool.allocated <= allocated + 2  # the named message's and the healthy one's buffers
+    # the named message's buffer and the healthy one's
+    assert_broken_frame_ends_its_link(receiver, channel, caplog, data, reason, buffers=2)
 
 
 def test_layouts_are_per_link_a_second_connection_cannot_use_the_firsts(guarded, caplog):  # noqa: F811
