@@ -96,7 +96,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     ``optimizer``, ``checkpoint_dir``, ``checkpoint_every``, ``checkpoint_seconds``,
     ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``eval_every``, ``resource``,
     ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
-    ``spare_workers``, ``transport``, ``record_events``, ``tensorboard``, ``precision``).
+    ``spare_workers``, ``transport``, ``record_events``, ``tensorboard``, ``precision``,
+    ``replicas``, ``reduce_bucket_mib``).
 
     ``precision``: "fp32" or "bf16" (``pipetrain.stages.precision``: bfloat16 compute
     and boundary tensors, float32 master weights, optimizer state and loss); None,
@@ -186,7 +187,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
                               replicas=schedule.replicas))
 
     if executor == "reference":
-        outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics, heldout, evaluation)
+        outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics, heldout, evaluation,
+                                 bucket_bytes=spec.cluster.reduce_bucket_bytes)
     elif executor == "dask":
         from pipetrain.runtime.driver import Driver, JobPlan
 
@@ -230,7 +232,7 @@ def _sinks(spec: JobSpec, run_path: Path | None, callbacks: Any) -> list[Any]:
 
 
 def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progress, metrics: MetricsLog,
-                   heldout: Any, evaluation: Any) -> Any:
+                   heldout: Any, evaluation: Any, *, bucket_bytes: int | None = None) -> Any:
     """Every stage in this process (the numerics oracle; one process by design), eval blocks included."""
     from pipetrain.runtime.plan import RunOutcome
     from pipetrain.runtime.reference import build_stages, run_reference
@@ -240,7 +242,8 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
     schedule = replace(spec, checkpoint_every=None).build()
     d = spec.replicas
     result = run_reference(schedule, stages=[st for _ in range(d) for st in build_stages(part, optimizer)],
-                           source=data, heldout=heldout, evaluation=evaluation, replicas=d)
+                           source=data, heldout=heldout, evaluation=evaluation, replicas=d,
+                           bucket_bytes=bucket_bytes)
     wall = time.time() - started
     m = spec.microbatches * d
     history = []

@@ -93,10 +93,20 @@ class ClusterConfig:
     # The stage-to-stage transport backend: "stream" (tcp://, tls:// with a TLS Security) or "ucx"
     # (ucx:// through ucxx, the pipetrain[ucx] extra: runtime/transport/ucx.py).
     transport: str = "stream"
+    # Replicated pipelines: the gradient bucket a stage's replicas exchange as one message, sent as
+    # soon as the update's last backward has finished it (torch stages; runtime/replicas.py).
+    reduce_bucket_mib: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.transport in TRANSPORTS, "cluster.transport",
                f"{self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        mib = self.reduce_bucket_mib
+        _check(isinstance(mib, (int, float)) and not isinstance(mib, bool) and mib > 0, "cluster.reduce_bucket_mib",
+               f"must be > 0 (MiB of gradients per message), got {self.reduce_bucket_mib!r}")
+
+    @property
+    def reduce_bucket_bytes(self) -> int:
+        return max(1, int(self.reduce_bucket_mib * (1 << 20)))
 
 
 @dataclass(frozen=True)

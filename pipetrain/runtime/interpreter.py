@@ -38,7 +38,8 @@ Replica actions (``schedule/replicas.py``, ``replicas`` > 1) run in
 job's micro-batch ``k * replicas + replica`` for its local k (losses are
 reported by that id too), and before each update sums the stage's gradients
 with its other replicas' (``Hooks.on_reduced`` hears which micro-batches the
-sum holds).
+sum holds); the update's last backward runs through the reducer where the stage
+can stream it, so its first gradient buckets leave while it computes the rest.
 
 Eval blocks (``schedule/evaluation.py``) run forward-only with the stage's
 latest weights (``stage.evaluate``): stage 0 reads the held-out inputs, the
@@ -105,13 +106,13 @@ class Hooks:
 class StageProgram:
     def __init__(self, stage: Any, schedule: Schedule, *, source: Any, links: Links, hooks: Hooks | None = None,
                  clock: Callable[[], float] = time.perf_counter, heldout: Any = None, evaluation: Any = None,
-                 replica: int = 0, replicas: int = 1):
+                 replica: int = 0, replicas: int = 1, bucket_bytes: int | None = None):
         self.stage = stage
         self.index = stage.spec.index
         self.actions = schedule.stage_actions(self.index)
         self.last_use = schedule.last_use(self.index)
         self.source, self.links = source, links
-        self.replica, self.replicas = replica, replicas
+        self.replica, self.replicas, self.bucket_bytes = replica, replicas, bucket_bytes
         if replicas > 1:
             from pipetrain.data import ReplicaSource
 
@@ -146,6 +147,7 @@ class StageProgram:
         self.carrier = None
         self.ties = self._tie_reducer(stage, schedule)
         self.reducer = self._replica_reducer(stage, updates)
+        self._stream_at = self._streamed_backwards()
         if any(a.kind is Kind.EVAL_F for a in self.actions) and (heldout is None or evaluation is None):
             raise ValueError(f"stage {self.index}: the schedule evaluates, but no held-out source and EvalSpec "
                              f"were given")
@@ -183,7 +185,21 @@ class StageProgram:
         from pipetrain.runtime.replicas import ReplicaReducer
 
         return ReplicaReducer(stage, self.links, replica=self.replica, replicas=self.replicas, hooks=self.hooks,
-                              wait_follows=self._wait_follows)
+                              wait_follows=self._wait_follows, bucket_bytes=self.bucket_bytes)
+
+    def _streamed_backwards(self) -> dict[int, int]:
+        """Position -> update version of each update's last backward, where the replica reduction
+        sends its gradient buckets during the backward (``ReplicaReducer.backward``): not a split
+        backward (its weight half runs later) nor one the tie carrier wraps."""
+        if self.reducer is None or not self.reducer.streams or self.carrier is not None:
+            return {}
+        out, last_backward = {}, None
+        for i, a in enumerate(self.actions):
+            if a.kind is Kind.BACKWARD:
+                last_backward = i
+            elif a.kind is Kind.SEND_REDUCE and last_backward is not None and last_backward not in self._split_at:
+                out[last_backward], last_backward = a.k, None
+        return out
 
     @property
     def done(self) -> bool:
@@ -253,7 +269,10 @@ class StageProgram:
                 if self.carrier is not None:  # (a relay: holders never split, see check_carried_holder)
                     self.carrier.after_backward(a.k)
             else:
-                grad_in = self.stage.backward(a.k, grad)
+                if self.position in self._stream_at:
+                    grad_in = self.reducer.backward(a.k, grad, version=self._stream_at[self.position])
+                else:
+                    grad_in = self.stage.backward(a.k, grad)
                 if self.carrier is not None:
                     self.carrier.after_backward(a.k)
                 if not spec.is_first:

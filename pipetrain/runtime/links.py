@@ -298,10 +298,13 @@ def _credits(job: Any) -> int:
 
 
 @contextmanager
-def open_links(job: Any, control: Any, *, replica_bytes: int = 0) -> Iterator[TransportLinks]:
+def open_links(job: Any, control: Any, *, replica_bytes: int = 0, replica_messages: int = 1
+               ) -> Iterator[TransportLinks]:
     """The stage's links; its endpoint is named by its task id (``StageJob.task``: replica r's
     stage s is r * p + s), so one replica's stages are neighbours as a lone pipeline's are.
-    ``replica_bytes``: how large one of its replicas' parts of a gradient sum may be."""
+    ``replica_bytes``: how large one of its replicas' parts of a gradient sum may be;
+    ``replica_messages``: how many messages (buckets) one part takes. A replica channel has
+    credit for two updates' parts, so a replica one update ahead never waits for credit."""
     spec, task = job.spec, job.task
     senders = tuple(t for t, there in ((task - 1, not spec.is_first), (task + 1, not spec.is_last)) if there)
     endpoint = _Endpoint.start(stage=task, secret=job.secret, job_id=job.job_id, host=_listen_host(),
@@ -321,7 +324,8 @@ def open_links(job: Any, control: Any, *, replica_bytes: int = 0) -> Iterator[Tr
                                        peer_stage=task - 1)
         for peer in job.replica_peers:
             to_replicas.append(endpoint.connect(control.peer_address(peer, timeout=job.connect_timeout),
-                                                peer_stage=peer))
+                                                peer_stage=peer,
+                                                credits=max(_credits(job), 2 * replica_messages)))
         links = TransportLinks(endpoint, to_next=to_next, to_prev=to_prev, control=control,
                                expect_input=_expected_input(job), to_replicas=tuple(to_replicas))
         yield links

@@ -141,7 +141,7 @@ def build_stages(partition: Any, optimizer: Any) -> list[Any]:
 
 def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
                   keep_checkpoints: bool = False, hooks: Hooks | None = None, heldout: Any = None,
-                  evaluation: Any = None, replicas: int = 1) -> ReferenceResult:
+                  evaluation: Any = None, replicas: int = 1, bucket_bytes: int | None = None) -> ReferenceResult:
     """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``, d times over with
     ``replicas = d``: see the module); ``hooks``
     hear every stage's losses, checkpoints and action times as well. With
@@ -156,7 +156,8 @@ def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
     recorder = _Recorder(keep_checkpoints=keep_checkpoints, also=hooks or Hooks())
     programs = [StageProgram(st, evaluated if i < p else schedule, source=source,
                              links=mail.links(i, num_stages=p, replicas=replicas), hooks=recorder,
-                             heldout=heldout, evaluation=evaluation, replica=i // p, replicas=replicas)
+                             heldout=heldout, evaluation=evaluation, replica=i // p, replicas=replicas,
+                             bucket_bytes=bucket_bytes)
                 for i, st in enumerate(stages)]
     while not all(program.done for program in programs):
         progressed = False

@@ -12,6 +12,16 @@ is a broken peer, not a timing). ``R v`` adds the d parts in replica order
 and writes the sum and the total count back: the update then applies the
 mean over the d replicas' micro-batches, and the job's ids those are
 (``global_id``) go to ``Hooks.on_reduced``, the ledger's evidence.
+
+Buckets (``replica_grads.buckets``): a stage whose backward reports each parameter's
+sum as it becomes final (``backward_streaming``: torch stages) has its gradients cut
+into groups of about 1 MiB, in the order the backward finishes them; the update's last
+backward runs through ``backward`` here, which sends every bucket but the last to the
+other replicas the moment it is complete, while the backward computes the rest (DDP's
+overlap). ``SEND_R v`` sends what is left (every bucket not sent yet, and the last one
+with the count and the ids). A part is then n_buckets messages, numbered
+``(v * d + r) * n_buckets + b``; each is checked to hold exactly its bucket's names.
+The sums are the same arrays either way, so bucketing changes no bit of the result.
 """
 from __future__ import annotations
 
@@ -32,44 +42,100 @@ class ReplicaMismatch(PipetrainError, ValueError):
 
 class ReplicaReducer:
     def __init__(self, stage: Any, links: Any, *, replica: int, replicas: int, hooks: Any,
-                 wait_follows: Callable[[], bool]):
+                 wait_follows: Callable[[], bool], bucket_bytes: int | None = None):
         if not 0 <= replica < replicas:
             raise ValueError(f"replica {replica} is not one of 0..{replicas - 1}")
         self.stage, self.links, self.hooks, self.wait_follows = stage, links, hooks, wait_follows
         self.replica, self.replicas = replica, replicas
         self.index = stage.spec.index
+        self.buckets = replica_grads.buckets(stage, bucket_bytes=bucket_bytes)
+        self._bucket_of = {name: b for b, names in enumerate(self.buckets[:-1]) for name in names}
         self._pending: list[int] = []  # local ids of the backwards since the last update
         self._parts: dict[int, dict[int, dict]] = {}  # v -> replica -> its part
+        self._sent: dict[int, set[int]] = {}  # v -> the buckets its last backward sent already
+
+    @property
+    def streams(self) -> bool:
+        """Whether the update's last backward should run through ``backward`` (it sends buckets)."""
+        return len(self.buckets) > 1
 
     def peers(self) -> list[int]:
         return [r for r in range(self.replicas) if r != self.replica]
 
-    def wire_k(self, version: int, replica: int) -> int:
-        return version * self.replicas + replica
+    def wire_k(self, version: int, replica: int, bucket: int | None = None) -> int:
+        """The wire's k of replica ``replica``'s bucket ``bucket`` (default: the last, which carries
+        the count and ids) of update ``version``: unique per message of a generation."""
+        n = len(self.buckets)
+        return (version * self.replicas + replica) * n + (n - 1 if bucket is None else bucket)
 
     def on_backward(self, k: int) -> None:
         self._pending.append(k)
 
     def ready(self, version: int) -> bool:
         """Whether RECV_R ``version`` would return at once (every other replica's part is here)."""
-        return all(self.links.ready(Kind.RECV_REDUCE, self.wire_k(version, r)) for r in self.peers())
+        return all(self.links.ready(Kind.RECV_REDUCE, self.wire_k(version, r, b))
+                   for r in self.peers() for b in range(len(self.buckets)))
+
+    def backward(self, k: int, grad_outputs: Any, *, version: int) -> Any:
+        """Update ``version``'s last backward, sending each bucket but the last as soon as its sums are final."""
+        left = [set(names) for names in self.buckets[:-1]]
+        sent = self._sent.setdefault(version, set())
+
+        def on_final(name: str) -> None:
+            b = self._bucket_of.get(name)
+            if b is not None and name in left[b]:
+                left[b].discard(name)
+                if not left[b]:
+                    self._send_bucket(version, b)
+                    sent.add(b)
+
+        return self.stage.backward_streaming(k, grad_outputs, on_final)
+
+    def _send_bucket(self, v: int, b: int, grads: dict | None = None) -> None:
+        # Views, not copies: nothing changes a final sum after the update's last backward
+        # (R v replaces the accumulator, see replica_grads.write), so the channel threads may send it as is.
+        if grads is None:
+            grads, _ = replica_grads.read(self.stage, copy=False, only=self.buckets[b])
+        tree = {"grads": {name: grads[name] for name in self.buckets[b]}}
+        self.links.send(Kind.SEND_REDUCE, self.wire_k(v, self.replica, b), v, tree, wait_follows=False)
 
     def run(self, a: Action) -> None:
         v = a.k
         if a.kind is Kind.SEND_REDUCE:
-            # Views, not copies: nothing changes this accumulator after the update's last backward
-            # (R v replaces it, see replica_grads.write), so the channel threads may send it as is.
             grads, count = replica_grads.read(self.stage, copy=False)
             ids = np.asarray(self._pending, dtype=np.int64)
             self._parts.setdefault(v, {})[self.replica] = {"grads": grads, "count": count, "ids": ids}
-            tree = {"grads": grads, "count": np.asarray(count, np.int64), "ids": ids}
+            sent = self._sent.pop(v, set())
+            for b in range(len(self.buckets) - 1):
+                if b not in sent:
+                    self._send_bucket(v, b, grads)
+            last = {name: grads[name] for name in self.buckets[-1]}
+            tree = {"grads": last, "count": np.asarray(count, np.int64), "ids": ids}
             self.links.send(a.kind, self.wire_k(v, self.replica), v, tree, wait_follows=False)
         elif a.kind is Kind.RECV_REDUCE:
             own = self._parts[v][self.replica]
             for r in self.peers():
-                self._parts[v][r] = self._checked(self.links.recv(a.kind, self.wire_k(v, r)), own, sender=r, v=v)
+                self._parts[v][r] = self._checked(self._received(v, r), own, sender=r, v=v)
         else:  # REDUCE
             self._reduce(v)
+
+    def _received(self, v: int, r: int) -> Any:
+        """Replica r's part of update v, its buckets put together (each checked to hold its own names)."""
+        if len(self.buckets) == 1:
+            return self.links.recv(Kind.RECV_REDUCE, self.wire_k(v, r))
+        grads: dict = {}
+        for b, names in enumerate(self.buckets):
+            tree = self.links.recv(Kind.RECV_REDUCE, self.wire_k(v, r, b))
+            keys = {"grads", "count", "ids"} if b == len(self.buckets) - 1 else {"grads"}
+            if not isinstance(tree, dict) or set(tree) != keys or not isinstance(tree["grads"], dict) \
+                    or set(tree["grads"]) != set(names):
+                got = sorted(tree["grads"])[:4] if isinstance(tree, dict) and isinstance(tree.get("grads"), dict) \
+                    else type(tree).__name__
+                raise ReplicaMismatch(f"stage {self.index} replica {self.replica}: bucket {b} of update {v} from "
+                                      f"replica {r} is not that bucket ({got}, expected {sorted(names)[:4]}...)")
+            grads.update(tree["grads"])
+            last = tree
+        return {"grads": grads, "count": last["count"], "ids": last["ids"]}
 
     def _reduce(self, v: int) -> None:
         parts = self._parts.pop(v)

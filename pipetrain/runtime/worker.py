@@ -68,6 +68,7 @@ class StageJob:
     replica: int = 0
     replicas: int = 1
     cut_replicas: int = 1  # the replicas that wrote the checkpoint at resume_cut (runtime/replicas.renumbered)
+    bucket_bytes: int | None = None  # gradient bytes per replica message (cluster.reduce_bucket_mib)
 
     @property
     def task(self) -> int:
@@ -228,6 +229,7 @@ def run_stage(job: StageJob) -> dict:
 
 def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started: float) -> dict:
     from pipetrain.runtime.links import open_links
+    from pipetrain.stages import replica_grads
 
     schedule = job.schedule.build()
     evaluation = job.evaluation if job.replica == 0 else None  # the replicas hold the same weights
@@ -249,14 +251,15 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     loaded = time.time()
     hooks = StageHooks(job, control, store, stage_object=stage, cut_points=schedule.cut_points(job.spec.index),
                        worker=_worker_address(), gauges=gauges)
-    with open_links(job, control, replica_bytes=_replica_part_bytes(job, stage)) as links:
+    messages = 1 if job.replicas == 1 else len(replica_grads.buckets(stage, bucket_bytes=job.bucket_bytes))
+    with open_links(job, control, replica_bytes=_replica_part_bytes(job, stage), replica_messages=messages) as links:
         hooks.meter.endpoint = links.endpoint
         control.report(msg.StageReady(job.generation, job.task, time=time.time(), seconds=time.time() - started,
                                       build_seconds=built - started, load_seconds=loaded - built,
                                       connect_seconds=time.time() - loaded))
         StageProgram(stage, schedule, source=job.source, links=links, hooks=hooks, clock=time.time,
                      heldout=job.heldout, evaluation=evaluation, replica=job.replica,
-                     replicas=job.replicas).run_all()
+                     replicas=job.replicas, bucket_bytes=job.bucket_bytes).run_all()
         hooks.meter.flush_losses()
     control.report(msg.StageDone(job.generation, job.task, seconds=time.time() - started))
     # The last action of a schedule with checkpoints is the one at its end (or an eval block after it).

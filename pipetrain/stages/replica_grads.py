@@ -11,6 +11,10 @@ otherwise the JAX, torch and Keras adapters' own accumulators are read and writt
 move as host numpy arrays of the accumulator's dtype (float32 also under bf16 compute), so
 adding the replicas' parts is one numpy addition per parameter: the same bits in every
 framework and process.
+
+A stage whose backward can say when each parameter's sum is final (``backward_streaming``,
+torch stages) has its gradients cut into buckets (``buckets``), so the reduction sends the first
+ones while the update's last backward still computes the rest, as DDP's gradient buckets do.
 """
 from __future__ import annotations
 
@@ -36,14 +40,50 @@ def names(stage: Any) -> tuple[str, ...]:
                               f"set_accumulated_gradients() (pipetrain.stages.replica_grads)")
 
 
-def read(stage: Any, *, copy: bool = True) -> tuple[dict[str, np.ndarray], int]:
+def read(stage: Any, *, copy: bool = True, only: tuple[str, ...] | None = None
+         ) -> tuple[dict[str, np.ndarray], int]:
     """The gradient sums accumulated since the last update, by name, and their count: host copies,
-    or with ``copy=False`` views of the accumulator where it is on the host (see ``write``)."""
+    or with ``copy=False`` views of the accumulator where it is on the host (see ``write``).
+    ``only``: just these names (a bucket), for stages that stream their backward."""
     if hasattr(stage, "accumulated_gradients"):
         grads, count = stage.accumulated_gradients()
-        return {n: np.asarray(g) for n, g in grads.items()}, int(count)
-    keys = names(stage)
+        return {n: np.asarray(g) for n, g in grads.items() if only is None or n in only}, int(count)
+    keys = names(stage) if only is None else only
     return dict(zip(keys, framework.read_grads(stage, keys, copy=copy))), framework.accumulated(stage)
+
+
+# How many gradient bytes one bucket holds at least (its last parameter may take it past this).
+# DDP's first bucket is 1 MiB too; on these hosts a message costs about 0.15 ms besides its bytes,
+# so buckets much smaller than this would spend more on messages than the overlap wins.
+BUCKET_BYTES = 1 << 20
+
+
+def buckets(stage: Any, *, bucket_bytes: int | None = None) -> tuple[tuple[str, ...], ...]:
+    """The stage's gradients as the replica reduction sends them: groups of parameter names, one
+    message each, in the order the stage's backward tends to finish them (``gradient_order``:
+    the last layer's first), each at least ``bucket_bytes`` but the last. A pure function of the
+    stage's parameters, so every replica cuts the same buckets. A stage that cannot stream its
+    backward (no ``backward_streaming``) sends one bucket: everything, once its backward is done."""
+    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    if not hasattr(stage, "backward_streaming"):
+        return (tuple(read(stage, copy=False)[0]),)
+    order = list(stage.gradient_order())
+    if sorted(order) != sorted(names(stage)):
+        raise ValueError(f"stage {stage.spec.index}: gradient_order() names {sorted(order)[:4]}..., its "
+                         f"accumulator {sorted(names(stage))[:4]}...")
+    sizes = dict(zip(order, (g.nbytes for g in framework.read_grads(stage, tuple(order), copy=False))))
+    out: list[tuple[str, ...]] = []
+    current: list[str] = []
+    filled = 0
+    for name in order:
+        current.append(name)
+        filled += sizes[name]
+        if filled >= bucket_bytes:
+            out.append(tuple(current))
+            current, filled = [], 0
+    if current:
+        out.append(tuple(current))
+    return tuple(out)
 
 
 def write(stage: Any, grads: dict[str, np.ndarray], count: int, *, copy: bool = True) -> None:

@@ -40,6 +40,7 @@ training mode) is not supported.
 from __future__ import annotations
 
 import copy
+from functools import partial
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -309,20 +310,32 @@ class TorchStage(VersionedParams):
         pairs = [(o, g.to(o.dtype)) for o, g in pairs if o.requires_grad]
         return [o for o, _ in pairs], [g for _, g in pairs]
 
-    def _fused_backward(self, k: int, params: dict, x: Tree, out: Tree, grad_outputs: Tree | None) -> Tree | None:
+    def _fused_backward(self, k: int, params: dict, x: Tree, out: Tree, grad_outputs: Tree | None,
+                        on_final: Callable[[str], None] | None = None) -> Tree | None:
         roots, seeds = self._roots(out, grad_outputs, seed_loss=True)
         trainable = [n for n in self._names if params[n].requires_grad]
         x_leaves, x_structure = flatten(x)
         x_wrt = [t for t in x_leaves if t.requires_grad]
         wrt = [params[n] for n in trainable] + x_wrt
-        if roots and wrt and self._accumulated and not self._corr.corrects_gradients:
+        if roots and wrt and (self._accumulated or on_final) and not self._corr.corrects_gradients:
             # Autograd adds each weight gradient into the accumulator itself, as it is made (the
             # leaf's .grad is the accumulator: AccumulateGrad's in-place add, the same bits as
             # ``acc += g``), while the gradient is still in cache; a separate pass afterwards
-            # reads both back from memory.
+            # reads both back from memory. Streaming (``on_final``), a hook hears each sum as
+            # soon as it is final; the first backward after an update lets autograd make it.
+            first = self._accumulated == 0
+            hooks = [params[n].register_post_accumulate_grad_hook(partial(self._final, n, first, on_final))
+                     for n in trainable] if on_final else []
             for n in trainable:
-                params[n].grad = self._acc[n]
-            torch.autograd.backward(roots, grad_tensors=seeds, inputs=wrt)
+                params[n].grad = None if first else self._acc[n]
+            try:
+                torch.autograd.backward(roots, grad_tensors=seeds, inputs=wrt)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            for n in trainable if first else ():
+                if params[n].grad is None:  # not reached by this loss: a zero gradient, as _accumulate has it
+                    self._acc[n].zero_()
             self._accumulated += 1
             x_grads = [t.grad for t in x_wrt]
         else:
@@ -330,6 +343,24 @@ class TorchStage(VersionedParams):
             self._accumulate(k, zip(trainable, grads))
             x_grads = grads[len(trainable):]
         return None if self.spec.is_first else input_gradient_tree(x_leaves, x_structure, x_grads)
+
+    def _final(self, name: str, first: bool, on_final: Callable[[str], None], leaf: torch.Tensor) -> None:
+        if first:
+            self._acc[name] = leaf.grad
+        on_final(name)
+
+    def backward_streaming(self, k: int, grad_outputs: Tree | None, on_final: Callable[[str], None]) -> Tree | None:
+        """``backward``, calling ``on_final(name)`` as soon as each parameter's accumulated sum is
+        final, so the replica reduction sends it while the rest of the backward runs
+        (``runtime/replicas.py``). A split backward, or a correction that changes every gradient
+        (DC-ASGD) after the backward, reports nothing: its sums are sent after it."""
+        if self.split_backward == "always" or self._corr.corrects_gradients:
+            return self.backward(k, grad_outputs)
+        return self._fused_backward(k, *self._take_pending(k), grad_outputs, on_final=on_final)
+
+    def gradient_order(self) -> list[str]:
+        """The parameters in the order a backward finishes their gradients, roughly: the last layer's first."""
+        return [name for name, _ in reversed(list(self._chain.named_parameters()))]
 
     def backward_weights(self, k: int) -> None:
         """The second half of a split backward: accumulate micro-batch k's weight gradients."""

@@ -106,3 +106,22 @@ def test_a_checkpoint_that_is_no_cut_of_the_new_layout_is_refused(client, tmp_pa
     with pytest.raises(Exception, match="not a cut of 2 replica"):
         fit(_part(), SOURCE, client=client, replicas=2, steps=4, resume=True, checkpoint_every=8, **kwargs)
     assert Path(ckpt / "step-0000000012" / "COMMITTED").exists()  # kept for the resume that fits
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_torch_replicas_with_streamed_gradient_buckets_equal_the_reference_bit_for_bit(client, p):
+    """Small buckets (5 KB: two or more per stage) over the real transport: the update's last
+    backward sends them while it runs, each replica channel has credit for two updates' parts."""
+    pytest.importorskip("torch")
+    from pipetrain.stages import replica_grads
+    from test_replica_buckets import SOURCE as TORCH_SOURCE, _part as torch_part
+
+    part = torch_part(p, split_backward=False)
+    stage = part.model.build_stage(part.specs()[0], optimizer=ADAM)
+    assert len(replica_grads.buckets(stage, bucket_bytes=5000)) >= 2
+    kwargs = dict(schedule="1f1b", microbatches=4, steps=3, optimizer=ADAM, progress=False, replicas=2,
+                  reduce_bucket_mib=5000 / (1 << 20))
+    dask_run = fit(part, TORCH_SOURCE, client=client, **kwargs)
+    assert_runs_equal(dask_run, fit(part, TORCH_SOURCE, executor="reference", **kwargs))
+    assert_runs_equal(dask_run, fit(part, TORCH_SOURCE, executor="reference", **{**kwargs, "reduce_bucket_mib": 64}))
+    _assert_exactly_once(dask_run, 3 * 4 * 2)
