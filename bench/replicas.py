@@ -22,13 +22,16 @@ all-reduce per step; why that is the fair one: see ddp_baseline.py). Samples/s o
 the ``--ddp-steps`` after ``--warmup`` (pipetrain: stage 0's reports; DDP: rank 0's clock
 after a barrier), best of ``--ddp-repeats`` rounds, the order alternating each round
 (and the median of the rounds' paired ratios, the figure least moved by other jobs' load).
-The two train the same: their step losses are printed side by side.
+The two train the same: their step losses are printed side by side. A third contestant in
+the same rounds is pipetrain sending each replica's part as one message after the backward
+(``reduce_bucket_mib`` large) instead of 1 MiB buckets during the update's last backward:
+what the buckets win, paired per round.
 
     .venv/bin/python bench/replicas.py [--steps 8] [--repeats 3] [--ddp-steps 20] [--ddp-repeats 5]
                                        [--part scaling|ddp|both] [--quick]
 
 Prints tables, then one JSON line:
-{"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., ...}.
+{"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., "bucket_gain_paired_median": ..., ...}.
 """
 from __future__ import annotations
 
@@ -145,17 +148,22 @@ def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------- against torch DDP
 
-def fit_ddp_twin(part, data, client, *, steps: int):
-    """pipetrain's contestant: d = 2 replicas of the 1-stage pipeline, DDP's micro-batches and SGD."""
+def fit_ddp_twin(part, data, client, *, steps: int, bucket_mib: float = 1.0):
+    """pipetrain's contestant: d = 2 replicas of the 1-stage pipeline, DDP's micro-batches and SGD;
+    ``bucket_mib``: the gradient buckets sent during the update's last backward (a large value: one
+    message per part, after the backward)."""
     from pipetrain.api import fit
     from pipetrain.optim import Optimizer
 
     return fit(part, data, client=client, schedule="1f1b", microbatches=DDP_M, steps=steps, replicas=DDP_WORLD,
-               optimizer=Optimizer("sgd", lr=ddp_baseline.LR), progress=False)
+               optimizer=Optimizer("sgd", lr=ddp_baseline.LR), progress=False, reduce_bucket_mib=bucket_mib)
 
 
-def run_pipetrain(part, data, client, args: argparse.Namespace) -> dict:
-    result = fit_ddp_twin(part, data, client, steps=args.warmup + args.ddp_steps)
+OURS, ONE_MESSAGE, DDP = "pipetrain d=2 p=1", "  one message/part", "torch DDP (gloo)"
+
+
+def run_pipetrain(part, data, client, args: argparse.Namespace, *, bucket_mib: float = 1.0) -> dict:
+    result = fit_ddp_twin(part, data, client, steps=args.warmup + args.ddp_steps, bucket_mib=bucket_mib)
     history = sorted(result.history, key=lambda h: h["step"])
     rate = steady_rate(history, first=args.warmup - 1, microbatches_per_step=DDP_WORLD * DDP_M,
                        samples_per_microbatch=DDP_B)
@@ -170,8 +178,9 @@ def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
     data = ddp_baseline.data_source(width=args.width, microbatch_size=DDP_B)
     part = partition(ddp_baseline.build_model(**sizes), 1, method="uniform", example_input=data.inputs(0))
     contestants = {
-        "pipetrain d=2 p=1": lambda: run_pipetrain(part, data, client, args),
-        "torch DDP (gloo)": lambda: ddp_baseline.run_ddp(world=DDP_WORLD, microbatches=DDP_M, microbatch_size=DDP_B,
+        OURS: lambda: run_pipetrain(part, data, client, args),
+        ONE_MESSAGE: lambda: run_pipetrain(part, data, client, args, bucket_mib=1 << 20),
+        DDP: lambda: ddp_baseline.run_ddp(world=DDP_WORLD, microbatches=DDP_M, microbatch_size=DDP_B,
                                                          steps=args.ddp_steps, warmup=args.warmup, env=ENV_BEFORE_DASK,
                                                          **sizes),
     }
@@ -179,20 +188,20 @@ def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {name: [] for name in contestants}
     names = list(contestants)
     for r in range(args.ddp_repeats):
-        for name in names[r % 2:] + names[:r % 2]:  # neither always goes first
+        for name in names[r % 3:] + names[:r % 3]:  # none always goes first
             runs[name].append(contestants[name]())
     return runs
 
 
 def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
-    ours, peer = runs["pipetrain d=2 p=1"], runs["torch DDP (gloo)"]
+    ours, peer, unbucketed = runs[OURS], runs[DDP], runs[ONE_MESSAGE]
     best = {name: max(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
     median = {name: statistics.median(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
-    ratio, ratio_median = best["pipetrain d=2 p=1"] / best["torch DDP (gloo)"], (
-        median["pipetrain d=2 p=1"] / median["torch DDP (gloo)"])
+    ratio, ratio_median = best[OURS] / best[DDP], median[OURS] / median[DDP]
     # Each round's two runs are next to each other in time, under the same load from other jobs:
     # the median of the rounds' ratios is the least load-sensitive figure on a shared machine.
     paired = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, peer)]
+    bucket_gain = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, unbucketed)]
     mib = ddp_baseline.weight_bytes(width=args.width, depth=args.depth) / (1 << 20)
     print(f"\nvs torch DDP: MLP {args.depth} x Linear({args.width}, {args.width}) + Tanh, head "
           f"Linear({args.width}, {ddp_baseline.CLASSES}) ({mib:.1f} MiB of weights), d = {DDP_WORLD} replicas, "
@@ -207,13 +216,19 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     last_ours, last_peer = ours[-1]["losses"], peer[-1]["losses"]
     print(f"pipetrain / DDP: {ratio:.3f}x best, {ratio_median:.3f}x median, each round "
           + " ".join(f"{x:.2f}" for x in paired) + f" (median {statistics.median(paired):.3f}x)")
+    print(f"buckets / one message per part: {best[OURS] / best[ONE_MESSAGE]:.3f}x best, each round "
+          + " ".join(f"{x:.2f}" for x in bucket_gain) + f" (median {statistics.median(bucket_gain):.3f}x)")
     print("step losses, pipetrain vs DDP: "
           + ", ".join(f"{a:.5f}/{b:.5f}" for a, b in list(zip(last_ours, last_peer))[-3:]))
     print_breakdown("pipetrain d=2 p=1, its best round", max(ours, key=lambda r: r["samples_per_s"])["breakdown"])
+    print_breakdown("one message per part, its best round",
+                    max(unbucketed, key=lambda r: r["samples_per_s"])["breakdown"])
     return {"vs_torch_ddp": round(ratio, 3), "vs_torch_ddp_median": round(ratio_median, 3),
             "vs_torch_ddp_paired_median": round(statistics.median(paired), 3),
-            "ddp_samples_per_s": {"pipetrain": round(best["pipetrain d=2 p=1"], 1),
-                                  "torch_ddp": round(best["torch DDP (gloo)"], 1)},
+            "ddp_samples_per_s": {"pipetrain": round(best[OURS], 1),
+                                  "pipetrain_one_message": round(best[ONE_MESSAGE], 1),
+                                  "torch_ddp": round(best[DDP], 1)},
+            "bucket_gain_paired_median": round(statistics.median(bucket_gain), 3),
             "ddp_last_loss": {"pipetrain": round(last_ours[-1], 6), "torch_ddp": round(last_peer[-1], 6)},
             "ddp_target_met": {"pipetrain >= 1.0 x DDP": ratio >= 1.0}}
 
