@@ -148,3 +148,17 @@ def test_a_bucket_that_holds_other_parameters_is_refused(monkeypatch):
     reducer.links.sent.update(swapped)
     with pytest.raises(ReplicaMismatch, match="bucket 0 of update 0 from replica 1 is not that bucket"):
         reducer.run(Action(0, Kind.RECV_REDUCE, 0))
+
+
+def test_the_bucket_size_is_a_cluster_setting_checked_by_name(tmp_path):
+    from pipetrain.config import ConfigError, from_dict
+    from pipetrain.jobspec import JobSpec
+
+    raw = {"run_dir": str(tmp_path), "model": {"entry": "models.mlp:build"},
+           "data": {"train": "models.mlp:train_source"}}
+    config = from_dict({**raw, "cluster": {"reduce_bucket_mib": 2}}, origin="job.toml")
+    assert config.cluster.reduce_bucket_bytes == 2 << 20
+    for bad in (0, -1.0, "big"):
+        with pytest.raises(ConfigError, match="cluster.reduce_bucket_mib"):
+            from_dict({**raw, "cluster": {"reduce_bucket_mib": bad}}, origin="job.toml")
+    assert JobSpec.from_settings(reduce_bucket_mib=0.5).cluster.reduce_bucket_bytes == 1 << 19
