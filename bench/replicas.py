@@ -28,7 +28,11 @@ the same rounds is pipetrain sending each replica's part as one message after th
 what the buckets win, paired per round.
 
     .venv/bin/python bench/replicas.py [--steps 8] [--repeats 3] [--ddp-steps 20] [--ddp-repeats 5]
-                                       [--part scaling|ddp|both] [--quick]
+                                       [--part scaling|ddp|both] [--quick] [--shape-loopback GBIT]
+
+``--shape-loopback GBIT`` (root) limits the loopback device to GBIT Gbit/s while it runs
+(``tc ... tbf``): the wire then costs time, as between hosts, instead of the CPU time a
+2-core machine's loopback copy takes from the compute.
 
 Prints tables, then one JSON line:
 {"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., "bucket_gain_paired_median": ..., ...}.
@@ -36,9 +40,12 @@ Prints tables, then one JSON line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -233,6 +240,29 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             "ddp_target_met": {"pipetrain >= 1.0 x DDP": ratio >= 1.0}}
 
 
+@contextlib.contextmanager
+def shaped_loopback(gbit: float):
+    """The loopback device limited to ``gbit`` Gbit/s for the block (nothing for 0): one token
+    bucket that every loopback packet of the machine passes, both directions of every connection
+    (Dask's, the stage transport's, gloo's) sharing it. Needs root and ``tc`` (iproute2)."""
+    if not gbit:
+        yield
+        return
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        raise SystemExit("--shape-loopback needs root and tc (iproute2)")
+    add = ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{gbit}gbit", "burst", "512kb",
+           "latency", "100ms"]
+    done = subprocess.run(add, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"--shape-loopback: {' '.join(add)} failed: {done.stderr.strip()} (another qdisc on lo? "
+                         f"'tc qdisc del dev lo root' removes it)")
+    print(f"loopback shaped to {gbit:g} Gbit/s (tc tbf), both directions sharing it")
+    try:
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8, help="the scaling part's steps per run (measured over steps 1..)")
@@ -245,6 +275,9 @@ def main() -> None:
     ap.add_argument("--part", choices=("scaling", "ddp", "both"), default="both")
     ap.add_argument("--quick", action="store_true", help="toy sizes for the smoke test: 3 steps, 1 round, "
                                                          "4 micro-batches, a narrow MLP")
+    ap.add_argument("--shape-loopback", type=float, default=0.0, metavar="GBIT",
+                    help="shape the loopback device to GBIT Gbit/s (tc tbf; root) while the bench runs: a "
+                         "wire that costs time rather than CPU, as between hosts")
     ap.add_argument("--width", type=int, default=ddp_baseline.WIDTH, help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, default=ddp_baseline.DEPTH, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -266,16 +299,19 @@ def main() -> None:
     # Each part on its own embedded cluster: 8 workers for d = 4 x p = 2; the DDP twin's 2 workers
     # import torch once and run every round (the other part's idle workers are gone).
     parts = {"scaling": (WORKERS, scaling_rates, report_scaling), "ddp": (DDP_WORLD, ddp_rates, report_ddp)}
-    for name, (workers, measure, report) in parts.items():
-        if args.part not in (name, "both"):
-            continue
-        cluster = start_local_cluster(workers)
-        try:
-            with Client(cluster) as client:
-                rates = measure(client, args)
-        finally:
-            cluster.close()
-        out.update(report(rates, args))
+    with shaped_loopback(args.shape_loopback):
+        for name, (workers, measure, report) in parts.items():
+            if args.part not in (name, "both"):
+                continue
+            cluster = start_local_cluster(workers)
+            try:
+                with Client(cluster) as client:
+                    rates = measure(client, args)
+            finally:
+                cluster.close()
+            out.update(report(rates, args))
+    if args.shape_loopback:
+        out["loopback_gbit"] = args.shape_loopback
     out["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(json.dumps(out))

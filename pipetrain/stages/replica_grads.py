@@ -63,9 +63,10 @@ def buckets(stage: Any, *, bucket_bytes: int | None = None) -> tuple[tuple[str, 
     message each, in the order the stage's backward tends to finish them (``gradient_order``:
     the last layer's first), each at least ``bucket_bytes`` but the last. A pure function of the
     stage's parameters, so every replica cuts the same buckets. A stage that cannot stream its
-    backward (no ``backward_streaming``) sends one bucket: everything, once its backward is done."""
+    backward (no ``backward_streaming``, or ``streams_gradients`` False) sends one bucket:
+    everything, once its backward is done."""
     bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
-    if not hasattr(stage, "backward_streaming"):
+    if not hasattr(stage, "backward_streaming") or not getattr(stage, "streams_gradients", True):
         return (tuple(read(stage, copy=False)[0]),)
     order = list(stage.gradient_order())
     if sorted(order) != sorted(names(stage)):

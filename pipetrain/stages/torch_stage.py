@@ -358,6 +358,13 @@ class TorchStage(VersionedParams):
             return self.backward(k, grad_outputs)
         return self._fused_backward(k, *self._take_pending(k), grad_outputs, on_final=on_final)
 
+    @property
+    def streams_gradients(self) -> bool:
+        """Whether the replica reduction should send buckets during the backward: on the host only.
+        A bucket leaves as a host copy made in the hook, which on a GPU would wait for the kernels
+        queued so far and stall the rest of the backward (an asynchronous copy is not built)."""
+        return self.device.type == "cpu"
+
     def gradient_order(self) -> list[str]:
         """The parameters in the order a backward finishes their gradients, roughly: the last layer's first."""
         return [name for name, _ in reversed(list(self._chain.named_parameters()))]
