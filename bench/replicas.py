@@ -175,7 +175,17 @@ def run_pipetrain(part, data, client, args: argparse.Namespace, *, bucket_mib: f
     rate = steady_rate(history, first=args.warmup - 1, microbatches_per_step=DDP_WORLD * DDP_M,
                        samples_per_microbatch=DDP_B)
     return {"samples_per_s": rate, "losses": [h["loss"] for h in history],
-            "breakdown": per_step_ms(result, first=args.warmup - 1)}
+            "breakdown": per_step_ms(result, first=args.warmup - 1), "skew_ms": replica_skew_ms(result)}
+
+
+def replica_skew_ms(result) -> float:
+    """Median over the updates of how far apart the two replicas started SEND_R: how long the
+    earlier one waits for the later one's part in RECV_R, whatever the wire."""
+    import numpy as np
+
+    starts = [events["start"][events["kind"] == "SEND_R"] for events in result.events]
+    n = min(len(s) for s in starts)
+    return float(np.median(np.abs(starts[0][:n] - starts[1][:n]))) * 1e3
 
 
 def ddp_rates(client, args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -227,6 +237,9 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
           + " ".join(f"{x:.2f}" for x in bucket_gain) + f" (median {statistics.median(bucket_gain):.3f}x)")
     print("step losses, pipetrain vs DDP: "
           + ", ".join(f"{a:.5f}/{b:.5f}" for a, b in list(zip(last_ours, last_peer))[-3:]))
+    print("the replicas' SEND_R apart, median ms per update, each round: buckets "
+          + " ".join(f"{r['skew_ms']:.1f}" for r in ours) + "; one message " +
+          " ".join(f"{r['skew_ms']:.1f}" for r in unbucketed))
     print_breakdown("pipetrain d=2 p=1, its best round", max(ours, key=lambda r: r["samples_per_s"])["breakdown"])
     print_breakdown("one message per part, its best round",
                     max(unbucketed, key=lambda r: r["samples_per_s"])["breakdown"])
