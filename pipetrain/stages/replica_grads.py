@@ -69,10 +69,10 @@ def buckets(stage: Any, *, bucket_bytes: int | None = None) -> tuple[tuple[str, 
     if not hasattr(stage, "backward_streaming") or not getattr(stage, "streams_gradients", True):
         return (tuple(read(stage, copy=False)[0]),)
     order = list(stage.gradient_order())
-    if sorted(order) != sorted(names(stage)):
+    sizes = {name: g.nbytes for name, g in read(stage, copy=False)[0].items()}
+    if sorted(order) != sorted(sizes):
         raise ValueError(f"stage {stage.spec.index}: gradient_order() names {sorted(order)[:4]}..., its "
-                         f"accumulator {sorted(names(stage))[:4]}...")
-    sizes = dict(zip(order, (g.nbytes for g in framework.read_grads(stage, tuple(order), copy=False))))
+                         f"accumulator {sorted(sizes)[:4]}...")
     out: list[tuple[str, ...]] = []
     current: list[str] = []
     filled = 0

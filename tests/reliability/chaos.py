@@ -7,7 +7,10 @@ fault's point: ``(stage, kind, k)`` with kind
 - ``"F"`` / ``"B"``: at the start of the forward / backward of micro-batch k;
 - ``"C"``: while the stage snapshots its state for the checkpoint at cut k
   (the runtime calls ``state_dict`` there, before the shard is written);
-- ``"L"``: while the stage loads a checkpoint (only a resumed generation does).
+- ``"L"``: while the stage loads a checkpoint (only a resumed generation does);
+- ``"S"``: inside the streamed backward of micro-batch k (an update's last, whose
+  gradient buckets leave while it runs: runtime/replicas.py), once it has reported
+  ``finals`` parameter sums final, so the buckets those complete have been sent.
 
 and ``action``: ``"kill"`` sends SIGKILL to its own worker process (a real
 kill of a real process: no cleanup runs, sockets reset, the nanny restarts
@@ -32,12 +35,13 @@ from typing import Any
 @dataclass(frozen=True)
 class Fault:
     stage: int
-    kind: str  # F | B | C | L
+    kind: str  # F | B | C | L | S
     k: int = 0
     action: str = "kill"  # kill | stop | corrupt-truncate | corrupt-flip | corrupt-manifest | corrupt-marker
     # Wait (up to 20 s) until the checkpoint at this cut is committed before
     # acting, so the rollback point is known exactly.
     after_commit: int | None = None
+    finals: int = 1  # "S": after this many sums of the streamed backward were final
 
     @property
     def name(self) -> str:
@@ -130,6 +134,30 @@ class ChaosStage:
 
     def update(self, *, new_version: int) -> None:
         self.inner.update(new_version=new_version)
+
+    def __getattr__(self, name: str) -> Any:
+        # Streamed replica buckets, where the inner stage streams: its order and switch, as they are,
+        # and its streamed backward with the "S" faults inside.
+        if name in ("gradient_order", "streams_gradients"):
+            return getattr(self.inner, name)
+        if name == "backward_streaming" and hasattr(self.inner, name):
+            return self._backward_streaming
+        raise AttributeError(name)
+
+    def _backward_streaming(self, k: int, grad_outputs: Any, on_final: Any) -> Any:
+        self._reach("B", k)
+        self.last_backward = k
+        reported = []
+
+        def final(name: str) -> None:
+            on_final(name)
+            reported.append(name)
+            for fault in self.faults:
+                if fault.kind == "S" and fault.k == k and fault.finals == len(reported):
+                    time.sleep(0.2)  # the channel thread writes the bucket just handed to it
+                    self._fire(fault)
+
+        return self.inner.backward_streaming(k, grad_outputs, final)
 
     def release(self, version: int) -> None:
         self.inner.release(version)

@@ -43,3 +43,37 @@ def test_a_killed_replica_rolls_every_replica_back_bit_identical(client, tmp_pat
     for task, ledger in enumerate(result.ledgers):
         counts = Counter(k for first, end in ledger["applied"] for k in range(first, end))
         assert sorted(counts) == list(range(total)) and set(counts.values()) == {1}, f"task {task}"
+
+
+def test_a_replica_killed_while_its_gradient_buckets_stream_rolls_every_replica_back_bit_identical(
+        client, tmp_path):
+    """Torch stages that stream their buckets during each update's last backward (800-byte
+    buckets: stage 1 sends [6.bias, 6.weight, 4.bias] while it computes 4.weight): stage 1's
+    streamed backward of local micro-batch 7 kills its worker right after its first bucket left,
+    so the other replica holds part of a part of an update that never happens."""
+    pytest.importorskip("torch")
+    from test_replica_buckets import _model as torch_model
+
+    fault = Fault(1, "S", 7, after_commit=8, finals=3)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    chaos = ChaosModel(torch_model(split_backward=False), faults=[fault], marker_dir=str(markers),
+                       checkpoint_dir=str(tmp_path / "checkpoints"))
+    part = partition(chaos, 2, method="uniform", example_input=DATA.inputs(0))
+    kwargs = dict(schedule="1f1b", microbatches=M, steps=STEPS, optimizer=Optimizer("adam", lr=1e-2),
+                  progress=False, replicas=D, reduce_bucket_mib=800 / (1 << 20))
+    from pipetrain.stages import replica_grads
+
+    stage1 = part.model.build_stage(part.specs()[1], optimizer=kwargs["optimizer"])
+    assert replica_grads.buckets(stage1, bucket_bytes=800) == (("6.bias", "6.weight", "4.bias"), ("4.weight",))
+    result = fit(part, DATA, client=client, checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=EVERY,
+                 placement_timeout=30.0, job_id="replica-kill-streaming", **kwargs)
+    assert fired(markers, fault) is not None
+    assert 8 in [r["rollback_to"] for r in result.recoveries]
+
+    plain = partition(torch_model(split_backward=False), 2, method="uniform", example_input=DATA.inputs(0))
+    assert_runs_equal(result, fit(plain, DATA, executor="reference", **kwargs))
+    total = M * STEPS * D
+    for task, ledger in enumerate(result.ledgers):
+        counts = Counter(k for first, end in ledger["applied"] for k in range(first, end))
+        assert sorted(counts) == list(range(total)) and set(counts.values()) == {1}, f"task {task}"
