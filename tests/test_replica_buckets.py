@@ -72,8 +72,11 @@ class _RecordingLinks:
         return True
 
     def send(self, kind, k, version, tree, *, wait_follows=False):
+        # A copy at send time, as the transport's bytes are: a bucket sent before its sums were
+        # final would show the partial values.
         self.log.append(("send", k))
-        self.sent[k] = tree
+        self.sent[k] = {key: ({n: np.array(g, copy=True) for n, g in value.items()} if key == "grads"
+                              else np.array(value, copy=True)) for key, value in tree.items()}
 
     def recv(self, kind, k):
         return self.sent[k]
