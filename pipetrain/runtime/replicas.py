@@ -127,13 +127,12 @@ class ReplicaReducer:
         for b, names in enumerate(self.buckets):
             tree = self.links.recv(Kind.RECV_REDUCE, self.wire_k(v, r, b))
             keys = {"grads", "count", "ids"} if b == len(self.buckets) - 1 else {"grads"}
-            if not isinstance(tree, dict) or set(tree) != keys or not isinstance(tree["grads"], dict) \
-                    or set(tree["grads"]) != set(names):
-                got = sorted(tree["grads"])[:4] if isinstance(tree, dict) and isinstance(tree.get("grads"), dict) \
-                    else type(tree).__name__
+            held = tree.get("grads") if isinstance(tree, dict) else None
+            if not isinstance(held, dict) or set(tree) != keys or set(held) != set(names):
+                got = sorted(held)[:4] if isinstance(held, dict) else type(tree).__name__
                 raise ReplicaMismatch(f"stage {self.index} replica {self.replica}: bucket {b} of update {v} from "
                                       f"replica {r} is not that bucket ({got}, expected {sorted(names)[:4]}...)")
-            grads.update(tree["grads"])
+            grads.update(held)
             last = tree
         return {"grads": grads, "count": last["count"], "ids": last["ids"]}
 
