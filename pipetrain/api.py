@@ -97,7 +97,7 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
     ``keep_checkpoints``, ``run_dir``, ``eval_microbatches``, ``eval_every``, ``resource``,
     ``placement_timeout``, ``max_restarts``, ``credits``, ``stop_timeout``,
     ``spare_workers``, ``transport``, ``record_events``, ``tensorboard``, ``precision``,
-    ``replicas``, ``reduce_bucket_mib``).
+    ``replicas``, ``reduce_bucket_mib``, ``reduce_exchange``).
 
     ``precision``: "fp32" or "bf16" (``pipetrain.stages.precision``: bfloat16 compute
     and boundary tensors, float32 master weights, optimizer state and loss); None,
@@ -188,7 +188,8 @@ def fit(model: Any, data: Any, *, spec: JobSpec | None = None, heldout: Any = No
 
     if executor == "reference":
         outcome = _run_reference(part, spec.optimizer, schedule, data, bar, metrics, heldout, evaluation,
-                                 bucket_bytes=spec.cluster.reduce_bucket_bytes)
+                                 bucket_bytes=spec.cluster.reduce_bucket_bytes,
+                                 exchange=spec.cluster.reduce_exchange)
     elif executor == "dask":
         from pipetrain.runtime.driver import Driver, JobPlan
 
@@ -232,7 +233,7 @@ def _sinks(spec: JobSpec, run_path: Path | None, callbacks: Any) -> list[Any]:
 
 
 def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progress, metrics: MetricsLog,
-                   heldout: Any, evaluation: Any, *, bucket_bytes: int | None = None) -> Any:
+                   heldout: Any, evaluation: Any, *, bucket_bytes: int | None = None, exchange: str = "auto") -> Any:
     """Every stage in this process (the numerics oracle; one process by design), eval blocks included."""
     from pipetrain.runtime.plan import RunOutcome
     from pipetrain.runtime.reference import build_stages, run_reference
@@ -243,7 +244,7 @@ def _run_reference(part: Any, optimizer: Any, spec: Any, data: Any, bar: Progres
     d = spec.replicas
     result = run_reference(schedule, stages=[st for _ in range(d) for st in build_stages(part, optimizer)],
                            source=data, heldout=heldout, evaluation=evaluation, replicas=d,
-                           bucket_bytes=bucket_bytes)
+                           bucket_bytes=bucket_bytes, exchange=exchange)
     wall = time.time() - started
     m = spec.microbatches * d
     history = []

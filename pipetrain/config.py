@@ -78,6 +78,7 @@ class CheckpointConfig:
 
 
 TRANSPORTS = ("stream", "ucx")  # cluster.transport: runtime/transport's backends a job may run on
+REDUCE_EXCHANGES = ("auto", "direct", "scatter")  # cluster.reduce_exchange (runtime/replicas.py)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ class ClusterConfig:
     # Replicated pipelines: the gradient bucket a stage's replicas exchange as one message, sent as
     # soon as the update's last backward has finished it (torch stages; runtime/replicas.py).
     reduce_bucket_mib: float = 1.0
+    # How a stage's replicas sum their gradients (runtime/replicas.py): "direct" (each sends its whole
+    # part to each other one), "scatter" (each sums a d-th and shares that sum), "auto": scatter from d = 3.
+    reduce_exchange: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.transport in TRANSPORTS, "cluster.transport",
@@ -103,6 +107,8 @@ class ClusterConfig:
         mib = self.reduce_bucket_mib
         _check(isinstance(mib, (int, float)) and not isinstance(mib, bool) and mib > 0, "cluster.reduce_bucket_mib",
                f"must be > 0 (MiB of gradients per message), got {self.reduce_bucket_mib!r}")
+        _check(self.reduce_exchange in REDUCE_EXCHANGES, "cluster.reduce_exchange",
+               f"{self.reduce_exchange!r} is not one of {', '.join(REDUCE_EXCHANGES)}")
 
     @property
     def reduce_bucket_bytes(self) -> int:

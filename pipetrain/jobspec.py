@@ -92,7 +92,7 @@ class JobSpec:
                       resource: str = "GPU", placement_timeout: float = 60.0, max_restarts: int = 3,
                       credits: int = 0, stop_timeout: float = 10.0, spare_workers: int = 0, transport: str = "stream",
                       record_events: bool = True, tensorboard: bool = False, precision: str | None = None,
-                      replicas: int = 1, reduce_bucket_mib: float = 1.0) -> JobSpec:
+                      replicas: int = 1, reduce_bucket_mib: float = 1.0, reduce_exchange: str = "auto") -> JobSpec:
         """``fit``'s keyword arguments, as one spec. ``checkpoint_every=None``: every
         ``DEFAULT_CHECKPOINT_EVERY`` micro-batches when ``checkpoint_dir`` is given, else none."""
         optimizer = optimizer or Optimizer()
@@ -110,7 +110,7 @@ class JobSpec:
                    cluster=ClusterConfig(resource=resource, placement_timeout=placement_timeout,
                                          max_restarts=max_restarts, credits=credits, stop_timeout=stop_timeout,
                                          spare_workers=spare_workers, transport=transport,
-                                         reduce_bucket_mib=reduce_bucket_mib),
+                                         reduce_bucket_mib=reduce_bucket_mib, reduce_exchange=reduce_exchange),
                    run_dir=run_dir, eval_microbatches=eval_microbatches, eval_every=eval_every or 0,
                    record_events=record_events,
                    observe=ObserveConfig(tensorboard=tensorboard), precision=precision, replicas=replicas)

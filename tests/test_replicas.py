@@ -163,7 +163,9 @@ def test_a_part_for_other_microbatches_or_shapes_is_refused_before_it_is_added()
              "count": {**good, "count": np.asarray(3, np.int64)},
              "not a replica part": [1, 2]}
     for what, bad in cases.items():
-        reducer = ReplicaReducer(stage, _Links({1: bad}), replica=0, replicas=2, hooks=None, wait_follows=lambda: False)
+        links = _Links({})
+        reducer = ReplicaReducer(stage, links, replica=0, replicas=2, hooks=None, wait_follows=lambda: False)
+        links.parts[reducer.wire_k(0, 1)] = bad
         reducer.run(Action(0, Kind.SEND_REDUCE, 0))
         with pytest.raises(ReplicaMismatch, match=what):
             reducer.run(Action(0, Kind.RECV_REDUCE, 0))

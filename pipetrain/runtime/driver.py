@@ -226,7 +226,8 @@ class Driver:
                                input_specs=boundary_specs(plan.partition, spec.index),
                                output_specs=boundary_specs(plan.partition, spec.index + 1),
                                heldout=plan.heldout, evaluation=plan.evaluation, ties=ties, replica=r, replicas=d,
-                               cut_replicas=i.cut_replicas, bucket_bytes=plan.spec.cluster.reduce_bucket_bytes)
+                               cut_replicas=i.cut_replicas, bucket_bytes=plan.spec.cluster.reduce_bucket_bytes,
+                               exchange=plan.spec.cluster.reduce_exchange)
                 name = f"stage{spec.index}" if d == 1 else f"stage{spec.index}-replica{r}"
                 futures.append(self.client.submit(run_stage, job, workers=[i.placement[job.task]],
                                                   allow_other_workers=False, pure=False, retries=0,

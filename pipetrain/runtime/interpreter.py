@@ -74,9 +74,11 @@ class Links(Protocol):
 
     def recv(self, kind: Kind, k: int) -> Tree: ...
 
-    def send(self, kind: Kind, k: int, version: int, tree: Tree, *, wait_follows: bool = False) -> None:
+    def send(self, kind: Kind, k: int, version: int, tree: Tree, *, wait_follows: bool = False,
+             to: int | None = None) -> None:
         """``wait_follows``: the stage's next action will wait for a message
-        (a hint: an executor may write inline then, and hand off otherwise)."""
+        (a hint: an executor may write inline then, and hand off otherwise).
+        ``to``: a SEND_R for replica ``to`` alone (by default every other replica)."""
 
 
 class Hooks:
@@ -106,13 +108,14 @@ class Hooks:
 class StageProgram:
     def __init__(self, stage: Any, schedule: Schedule, *, source: Any, links: Links, hooks: Hooks | None = None,
                  clock: Callable[[], float] = time.perf_counter, heldout: Any = None, evaluation: Any = None,
-                 replica: int = 0, replicas: int = 1, bucket_bytes: int | None = None):
+                 replica: int = 0, replicas: int = 1, bucket_bytes: int | None = None, exchange: str = "auto"):
         self.stage = stage
         self.index = stage.spec.index
         self.actions = schedule.stage_actions(self.index)
         self.last_use = schedule.last_use(self.index)
         self.source, self.links = source, links
         self.replica, self.replicas, self.bucket_bytes = replica, replicas, bucket_bytes
+        self.exchange = exchange  # how the replicas sum their gradients (runtime/replicas.py)
         if replicas > 1:
             from pipetrain.data import ReplicaSource
 
@@ -185,7 +188,8 @@ class StageProgram:
         from pipetrain.runtime.replicas import ReplicaReducer
 
         return ReplicaReducer(stage, self.links, replica=self.replica, replicas=self.replicas, hooks=self.hooks,
-                              wait_follows=self._wait_follows, bucket_bytes=self.bucket_bytes)
+                              wait_follows=self._wait_follows, bucket_bytes=self.bucket_bytes,
+                              exchange=self.exchange)
 
     def _streamed_backwards(self) -> dict[int, int]:
         """Position -> update version of each update's last backward, where the replica reduction
@@ -216,6 +220,8 @@ class StageProgram:
             return self.links.ready(a.kind, a.k)
         if a.kind is Kind.RECV_REDUCE:
             return self.reducer.ready(a.k)
+        if a.kind is Kind.REDUCE:  # (the scatter exchange waits for the other replicas' sums here)
+            return self.reducer.ready_to_reduce(a.k)
         return True
 
     def run_next(self) -> Action:

@@ -129,15 +129,15 @@ class TransportLinks:
 
     def __init__(self, endpoint: Endpoint, *, to_next: Any, to_prev: Any, control: Any,
                  wait_slice: float = 0.5, timeout: float = 600.0, expect_input: Any = None,
-                 to_replicas: tuple = ()):
+                 to_replicas: dict | None = None):
         self.endpoint, self.control = endpoint, control
         self.wait_slice, self.timeout = wait_slice, timeout
         self.expect_input = expect_input
         self.senders = {kind: _Sender(self, channel)
                         for kind, channel in ((Kind.SEND_ACT, to_next), (Kind.SEND_GRAD, to_prev))
                         if channel is not None}
-        # One sender per other replica of this stage, so a slow one never holds back the rest.
-        self.replica_senders = [_Sender(self, channel) for channel in to_replicas]
+        # One sender per other replica of this stage (by replica index), so a slow one never holds back the rest.
+        self.replica_senders = {r: _Sender(self, channel) for r, channel in (to_replicas or {}).items()}
 
     def ready(self, kind: Kind, k: int) -> bool:
         return self.endpoint.has(_WIRE_KIND[kind], k)
@@ -151,8 +151,10 @@ class TransportLinks:
             except TransportTimeout:
                 self._check_stop_or_deadline(deadline, f"waiting for {kind.value} of micro-batch {k}")
 
-    def send(self, kind: Kind, k: int, version: int | None, tree: Any, *, wait_follows: bool = False) -> None:
-        """Send ``tree``. With ``wait_follows`` (the stage's next action waits for
+    def send(self, kind: Kind, k: int, version: int | None, tree: Any, *, wait_follows: bool = False,
+             to: int | None = None) -> None:
+        """Send ``tree``. ``to``: only to replica ``to`` of this stage (a SEND_R; by default a
+        replica part goes to every other replica). With ``wait_follows`` (the stage's next action waits for
         a message that is not there yet) the compute thread writes it itself:
         the lowest latency, at no cost to a stage that would idle. Otherwise the
         channel's thread writes it while the stage computes on: a loopback write
@@ -161,8 +163,9 @@ class TransportLinks:
         # arrays are never read while its next action runs.
         if kind is Kind.SEND_REDUCE:  # the same host copy to every other replica (read only)
             item = (_WIRE_KIND[kind], k, to_numpy(tree), version or 0)
-            for sender in self.replica_senders:
-                sender.submit(item, inline=False)
+            for r, sender in self.replica_senders.items():
+                if to is None or r == to:
+                    sender.submit(item, inline=False)
             return
         self.senders[_CHANNEL_OF[kind]].submit((_WIRE_KIND[kind], k, to_numpy(tree), version or 0),
                                                inline=wait_follows)
@@ -175,12 +178,12 @@ class TransportLinks:
 
     def flush(self) -> None:
         """Wait until the neighbours took everything sent (before the task ends)."""
-        for sender in [*self.senders.values(), *self.replica_senders]:
+        for sender in [*self.senders.values(), *self.replica_senders.values()]:
             sender.drain()
             sender.channel.wait_acked(timeout=self.timeout)
 
     def close(self) -> None:
-        for sender in [*self.senders.values(), *self.replica_senders]:
+        for sender in [*self.senders.values(), *self.replica_senders.values()]:
             sender.close()
 
 
@@ -313,7 +316,7 @@ def open_links(job: Any, control: Any, *, replica_bytes: int = 0, replica_messag
                               replica_peers=job.replica_peers,
                               senders=senders + job.replica_peers if job.replica_peers else None)
     to_next = to_prev = links = None
-    to_replicas: list = []
+    to_replicas: dict = {}
     try:
         control.publish_address(task, endpoint.address)
         if not spec.is_last:
@@ -322,18 +325,18 @@ def open_links(job: Any, control: Any, *, replica_bytes: int = 0, replica_messag
         if not spec.is_first:
             to_prev = endpoint.connect(control.peer_address(task - 1, timeout=job.connect_timeout),
                                        peer_stage=task - 1)
-        for peer in job.replica_peers:
-            to_replicas.append(endpoint.connect(control.peer_address(peer, timeout=job.connect_timeout),
-                                                peer_stage=peer,
-                                                credits=max(_credits(job), 2 * replica_messages)))
+        for peer in job.replica_peers:  # (replica r's stage s is task r * p + s)
+            to_replicas[peer // spec.num_stages] = endpoint.connect(
+                control.peer_address(peer, timeout=job.connect_timeout), peer_stage=peer,
+                credits=max(_credits(job), 2 * replica_messages))
         links = TransportLinks(endpoint, to_next=to_next, to_prev=to_prev, control=control,
-                               expect_input=_expected_input(job), to_replicas=tuple(to_replicas))
+                               expect_input=_expected_input(job), to_replicas=to_replicas)
         yield links
         links.flush()
     finally:
         if links is not None:
             links.close()
-        for channel in (to_next, to_prev, *to_replicas):
+        for channel in (to_next, to_prev, *to_replicas.values()):
             if channel is not None:
                 channel.close()
         endpoint.close()

@@ -52,7 +52,8 @@ class _Links:
     def recv(self, kind: Kind, k: int) -> Tree:
         return self.mail.boxes[self.stage].pop((kind, k))
 
-    def send(self, kind: Kind, k: int, version: int | None, tree: Tree, *, wait_follows: bool = False) -> None:
+    def send(self, kind: Kind, k: int, version: int | None, tree: Tree, *, wait_follows: bool = False,
+             to: int | None = None) -> None:
         if kind is Kind.SEND_ACT:
             self.mail.boxes[self.stage + 1][(Kind.RECV_ACT, k)] = tree
         elif kind is Kind.SEND_EVAL:
@@ -67,7 +68,7 @@ class _Links:
             self.mail.boxes[self.stage + 1][(Kind.RECV_TIED, k)] = tree
         elif kind is Kind.SEND_REDUCE:  # replicas (schedule/replicas.py): to every other replica of the stage
             s = self.stage % self.num_stages
-            for r in range(self.replicas):
+            for r in range(self.replicas) if to is None else (to,):  # (to: only replica ``to``)
                 if r * self.num_stages + s != self.stage:
                     self.mail.boxes[r * self.num_stages + s][(Kind.RECV_REDUCE, k)] = tree
         else:
@@ -141,7 +142,8 @@ def build_stages(partition: Any, optimizer: Any) -> list[Any]:
 
 def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
                   keep_checkpoints: bool = False, hooks: Hooks | None = None, heldout: Any = None,
-                  evaluation: Any = None, replicas: int = 1, bucket_bytes: int | None = None) -> ReferenceResult:
+                  evaluation: Any = None, replicas: int = 1, bucket_bytes: int | None = None,
+                  exchange: str = "auto") -> ReferenceResult:
     """Run ``schedule`` on ``stages`` (built, e.g., by ``build_stages``, d times over with
     ``replicas = d``: see the module); ``hooks``
     hear every stage's losses, checkpoints and action times as well. With
@@ -157,7 +159,7 @@ def run_reference(schedule: Schedule, *, stages: Sequence[Any], source: Any,
     programs = [StageProgram(st, evaluated if i < p else schedule, source=source,
                              links=mail.links(i, num_stages=p, replicas=replicas), hooks=recorder,
                              heldout=heldout, evaluation=evaluation, replica=i // p, replicas=replicas,
-                             bucket_bytes=bucket_bytes)
+                             bucket_bytes=bucket_bytes, exchange=exchange)
                 for i, st in enumerate(stages)]
     while not all(program.done for program in programs):
         progressed = False

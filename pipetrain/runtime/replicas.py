@@ -22,6 +22,18 @@ overlap). ``SEND_R v`` sends what is left (every bucket not sent yet, and the la
 with the count and the ids). A part is then n_buckets messages, numbered
 ``(v * d + r) * n_buckets + b``; each is checked to hold exactly its bucket's names.
 The sums are the same arrays either way, so bucketing changes no bit of the result.
+
+Exchanges (``exchange_for``). ``direct``: every replica sends its whole part to each of the
+others and adds all d parts itself: one hop, (d - 1) x the stage's gradient bytes out and in.
+``scatter`` (the default from d = 3): replica q owns the q-th d-th of every parameter's
+flattened elements (``share``); each replica sends every other replica q only share q of its
+part (in SEND_R, and the streamed buckets during the backward), RECV_R adds the d parts of
+its own share in replica order and sends that sum to the others, and R puts the d shares'
+sums together. Two hops, 2 (d - 1) / d x the bytes each way (a ring's, without its 2 (d - 1)
+hops) and 1 / d of the additions. Each element is still ``p0 + p1 + ... + p(d-1)``, left to
+right, so both exchanges give the same bits (tested), and R waits for the others' sums
+(``ready_to_reduce``). On the wire a replica's shares are numbered as its parts, odd where they
+are sums: ``2 * ((v * d + r) * n_buckets + b) + summed``.
 """
 from __future__ import annotations
 
@@ -29,6 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipetrain.config import REDUCE_EXCHANGES as EXCHANGES
 from pipetrain.errors import PipetrainError
 from pipetrain.schedule.actions import Action, Kind
 from pipetrain.schedule.replicas import global_id
@@ -40,19 +53,38 @@ class ReplicaMismatch(PipetrainError, ValueError):
     not worth a retry)."""
 
 
+def exchange_for(replicas: int, exchange: str = "auto") -> str:
+    """The exchange a stage's ``replicas`` use (see the module): ``auto`` is direct up to d = 2,
+    where scatter moves the same bytes in two hops instead of one, and scatter from d = 3."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"the replica exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+    if exchange == "auto":
+        return "scatter" if replicas >= 3 else "direct"
+    return exchange
+
+
+def share(array: np.ndarray, q: int, d: int) -> np.ndarray:
+    """Replica q's share of ``array`` under the scatter exchange: its flattened elements
+    ``size * q // d`` up to ``size * (q + 1) // d`` (a view where ``array`` is contiguous)."""
+    flat = array.reshape(-1)
+    return flat[flat.size * q // d: flat.size * (q + 1) // d]
+
+
 class ReplicaReducer:
     def __init__(self, stage: Any, links: Any, *, replica: int, replicas: int, hooks: Any,
-                 wait_follows: Callable[[], bool], bucket_bytes: int | None = None):
+                 wait_follows: Callable[[], bool], bucket_bytes: int | None = None, exchange: str = "auto"):
         if not 0 <= replica < replicas:
             raise ValueError(f"replica {replica} is not one of 0..{replicas - 1}")
         self.stage, self.links, self.hooks, self.wait_follows = stage, links, hooks, wait_follows
         self.replica, self.replicas = replica, replicas
+        self.exchange = exchange_for(replicas, exchange)
         self.index = stage.spec.index
         self.buckets = replica_grads.buckets(stage, bucket_bytes=bucket_bytes)
         self._bucket_of = {name: b for b, names in enumerate(self.buckets[:-1]) for name in names}
         self._pending: list[int] = []  # local ids of the backwards since the last update
         self._parts: dict[int, dict[int, dict]] = {}  # v -> replica -> its part
         self._sent: dict[int, set[int]] = {}  # v -> the buckets its last backward sent already
+        self._own_sums: dict[int, dict[str, np.ndarray]] = {}  # v -> this replica's share of the total (scatter)
 
     @property
     def streams(self) -> bool:
@@ -62,11 +94,12 @@ class ReplicaReducer:
     def peers(self) -> list[int]:
         return [r for r in range(self.replicas) if r != self.replica]
 
-    def wire_k(self, version: int, replica: int, bucket: int | None = None) -> int:
+    def wire_k(self, version: int, replica: int, bucket: int | None = None, *, summed: bool = False) -> int:
         """The wire's k of replica ``replica``'s bucket ``bucket`` (default: the last, which carries
-        the count and ids) of update ``version``: unique per message of a generation."""
+        the count and ids) of update ``version``, or of its share's sum (``summed``, scatter):
+        unique per message of a generation."""
         n = len(self.buckets)
-        return (version * self.replicas + replica) * n + (n - 1 if bucket is None else bucket)
+        return 2 * ((version * self.replicas + replica) * n + (n - 1 if bucket is None else bucket)) + summed
 
     def on_backward(self, k: int) -> None:
         self._pending.append(k)
@@ -75,6 +108,12 @@ class ReplicaReducer:
         """Whether RECV_R ``version`` would return at once (every other replica's part is here)."""
         return all(self.links.ready(Kind.RECV_REDUCE, self.wire_k(version, r, b))
                    for r in self.peers() for b in range(len(self.buckets)))
+
+    def ready_to_reduce(self, version: int) -> bool:
+        """Whether R ``version`` would return at once (scatter: every other share's sum is here)."""
+        return self.exchange == "direct" or all(
+            self.links.ready(Kind.RECV_REDUCE, self.wire_k(version, r, b, summed=True))
+            for r in self.peers() for b in range(len(self.buckets)))
 
     def backward(self, k: int, grad_outputs: Any, *, version: int) -> Any:
         """Update ``version``'s last backward, sending each bucket but the last as soon as its sums are final."""
@@ -91,13 +130,19 @@ class ReplicaReducer:
 
         return self.stage.backward_streaming(k, grad_outputs, on_final)
 
-    def _send_bucket(self, v: int, b: int, grads: dict | None = None) -> None:
+    def _send_bucket(self, v: int, b: int, grads: dict | None = None, *, extra: dict | None = None) -> None:
         # Views, not copies: nothing changes a final sum after the update's last backward
         # (R v replaces the accumulator, see replica_grads.write), so the channel threads may send it as is.
         if grads is None:
             grads, _ = replica_grads.read(self.stage, copy=False, only=self.buckets[b])
-        tree = {"grads": {name: grads[name] for name in self.buckets[b]}}
-        self.links.send(Kind.SEND_REDUCE, self.wire_k(v, self.replica, b), v, tree, wait_follows=False)
+        k, names = self.wire_k(v, self.replica, b), self.buckets[b]
+        if self.exchange == "direct":
+            tree = {"grads": {name: grads[name] for name in names}, **(extra or {})}
+            self.links.send(Kind.SEND_REDUCE, k, v, tree, wait_follows=False)
+            return
+        for q in self.peers():  # scatter: replica q sums share q
+            tree = {"grads": {name: share(grads[name], q, self.replicas) for name in names}, **(extra or {})}
+            self.links.send(Kind.SEND_REDUCE, k, v, tree, wait_follows=False, to=q)
 
     def run(self, a: Action) -> None:
         v = a.k
@@ -109,24 +154,40 @@ class ReplicaReducer:
             for b in range(len(self.buckets) - 1):
                 if b not in sent:
                     self._send_bucket(v, b, grads)
-            last = {name: grads[name] for name in self.buckets[-1]}
-            tree = {"grads": last, "count": np.asarray(count, np.int64), "ids": ids}
-            self.links.send(a.kind, self.wire_k(v, self.replica), v, tree, wait_follows=False)
+            self._send_bucket(v, len(self.buckets) - 1, grads,
+                              extra={"count": np.asarray(count, np.int64), "ids": ids})
         elif a.kind is Kind.RECV_REDUCE:
             own = self._parts[v][self.replica]
+            if self.exchange == "scatter":  # the others' parts of this replica's share
+                mine = {name: share(g, self.replica, self.replicas) for name, g in own["grads"].items()}
+                own = {**own, "grads": mine}
+                self._parts[v][self.replica] = own
             for r in self.peers():
                 self._parts[v][r] = self._checked(self._received(v, r), own, sender=r, v=v)
+            if self.exchange == "scatter":
+                self._send_own_sum(v)
         else:  # REDUCE
             self._reduce(v)
 
-    def _received(self, v: int, r: int) -> Any:
-        """Replica r's part of update v, its buckets put together (each checked to hold its own names)."""
-        if len(self.buckets) == 1:
+    def _send_own_sum(self, v: int) -> None:
+        """Scatter: add the d parts of this replica's share, in replica order, and send the sum to the others."""
+        order = [self._parts[v][r]["grads"] for r in range(self.replicas)]
+        sums = {name: self._summed([part[name] for part in order]) for name in order[0]}
+        self._own_sums[v] = sums
+        for b, names in enumerate(self.buckets):
+            tree = {"grads": {name: sums[name] for name in names}}
+            self.links.send(Kind.SEND_REDUCE, self.wire_k(v, self.replica, b, summed=True), v, tree,
+                            wait_follows=False)
+
+    def _received(self, v: int, r: int, *, summed: bool = False) -> Any:
+        """Replica r's part of update v (or, ``summed``, its share's sum), its buckets put together
+        (each checked to hold its own names)."""
+        if len(self.buckets) == 1 and not summed:
             return self.links.recv(Kind.RECV_REDUCE, self.wire_k(v, r))
         grads: dict = {}
         for b, names in enumerate(self.buckets):
-            tree = self.links.recv(Kind.RECV_REDUCE, self.wire_k(v, r, b))
-            keys = {"grads", "count", "ids"} if b == len(self.buckets) - 1 else {"grads"}
+            tree = self.links.recv(Kind.RECV_REDUCE, self.wire_k(v, r, b, summed=summed))
+            keys = {"grads", "count", "ids"} if b == len(self.buckets) - 1 and not summed else {"grads"}
             held = tree.get("grads") if isinstance(tree, dict) else None
             if not isinstance(held, dict) or set(tree) != keys or set(held) != set(names):
                 got = sorted(held)[:4] if isinstance(held, dict) else type(tree).__name__
@@ -134,17 +195,40 @@ class ReplicaReducer:
                                       f"replica {r} is not that bucket ({got}, expected {sorted(names)[:4]}...)")
             grads.update(held)
             last = tree
-        return {"grads": grads, "count": last["count"], "ids": last["ids"]}
+        return {"grads": grads} if summed else {"grads": grads, "count": last["count"], "ids": last["ids"]}
 
     def _reduce(self, v: int) -> None:
         parts = self._parts.pop(v)
         order = [parts[r] for r in range(self.replicas)]  # replica order, whatever order they arrived in
-        total = {name: self._summed([part["grads"][name] for part in order]) for name in order[0]["grads"]}
+        if self.exchange == "scatter":
+            total = self._gathered(v)
+        else:
+            total = {name: self._summed([part["grads"][name] for part in order]) for name in order[0]["grads"]}
         replica_grads.write(self.stage, total, sum(p["count"] for p in order), copy=False)
         ids = sorted(global_id(int(k), replica=r, replicas=self.replicas)
                      for r, part in enumerate(order) for k in part["ids"])
         self._pending = []
         self.hooks.on_reduced(v, ids)
+
+    def _gathered(self, v: int) -> dict[str, np.ndarray]:
+        """Scatter: the total, put together from this replica's share's sum and the others' (each
+        checked to be share r of this stage's parameter, shape and dtype)."""
+        sums = {self.replica: self._own_sums.pop(v)}
+        for r in self.peers():
+            sums[r] = self._received(v, r, summed=True)["grads"]
+        grads, _ = replica_grads.read(self.stage, copy=False)
+        total = {}
+        for name, g in grads.items():
+            out = np.empty(g.shape, g.dtype)
+            for r in range(self.replicas):
+                part, want = np.asarray(sums[r][name]), share(g, r, self.replicas)
+                if part.shape != want.shape or part.dtype != g.dtype:
+                    raise ReplicaMismatch(f"stage {self.index} replica {self.replica}: replica {r}'s sum of its "
+                                          f"share of {name} for update {v} is {part.dtype}{list(part.shape)}, "
+                                          f"expected {g.dtype}{list(want.shape)}")
+                share(out, r, self.replicas)[...] = part
+            total[name] = out
+        return total
 
     def _summed(self, parts: list[np.ndarray]) -> np.ndarray:
         """``parts[0] + parts[1] + ... + parts[d-1]``, left to right (the same bits on every replica),

@@ -69,6 +69,7 @@ class StageJob:
     replicas: int = 1
     cut_replicas: int = 1  # the replicas that wrote the checkpoint at resume_cut (runtime/replicas.renumbered)
     bucket_bytes: int | None = None  # gradient bytes per replica message (cluster.reduce_bucket_mib)
+    exchange: str = "auto"  # how the replicas sum their gradients (cluster.reduce_exchange)
 
     @property
     def task(self) -> int:
@@ -229,6 +230,7 @@ def run_stage(job: StageJob) -> dict:
 
 def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started: float) -> dict:
     from pipetrain.runtime.links import open_links
+    from pipetrain.runtime.replicas import exchange_for
     from pipetrain.stages import replica_grads
 
     schedule = job.schedule.build()
@@ -252,6 +254,8 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     hooks = StageHooks(job, control, store, stage_object=stage, cut_points=schedule.cut_points(job.spec.index),
                        worker=_worker_address(), gauges=gauges)
     messages = 1 if job.replicas == 1 else len(replica_grads.buckets(stage, bucket_bytes=job.bucket_bytes))
+    if job.replicas > 1 and exchange_for(job.replicas, job.exchange) == "scatter":
+        messages *= 2  # (each update's parts, then the shares' sums)
     with open_links(job, control, replica_bytes=_replica_part_bytes(job, stage), replica_messages=messages) as links:
         hooks.meter.endpoint = links.endpoint
         control.report(msg.StageReady(job.generation, job.task, time=time.time(), seconds=time.time() - started,
@@ -259,7 +263,7 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
                                       connect_seconds=time.time() - loaded))
         StageProgram(stage, schedule, source=job.source, links=links, hooks=hooks, clock=time.time,
                      heldout=job.heldout, evaluation=evaluation, replica=job.replica,
-                     replicas=job.replicas, bucket_bytes=job.bucket_bytes).run_all()
+                     replicas=job.replicas, bucket_bytes=job.bucket_bytes, exchange=job.exchange).run_all()
         hooks.meter.flush_losses()
     control.report(msg.StageDone(job.generation, job.task, seconds=time.time() - started))
     # The last action of a schedule with checkpoints is the one at its end (or an eval block after it).

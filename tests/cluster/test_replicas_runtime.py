@@ -125,3 +125,22 @@ def test_torch_replicas_with_streamed_gradient_buckets_equal_the_reference_bit_f
     assert_runs_equal(dask_run, fit(part, TORCH_SOURCE, executor="reference", **kwargs))
     assert_runs_equal(dask_run, fit(part, TORCH_SOURCE, executor="reference", **{**kwargs, "reduce_bucket_mib": 64}))
     _assert_exactly_once(dask_run, 3 * 4 * 2)
+
+
+@pytest.mark.parametrize("framework,d,schedule", [("jax", 3, "pipedream"), ("torch", 4, "1f1b")])
+def test_scatter_replicas_equal_the_direct_reference_bit_for_bit(client, framework, d, schedule):
+    """d = 3 and 4 (one worker each, p = 1): each replica sums a d-th of every gradient and
+    shares that sum over the real transport (torch: 5 KB buckets streamed during the backward);
+    the run equals the reference executor's direct exchange bit for bit."""
+    if framework == "torch":
+        pytest.importorskip("torch")
+        from test_replica_buckets import SOURCE as source, _part as torch_part
+
+        part, extra = torch_part(1, split_backward=False), {"reduce_bucket_mib": 5000 / (1 << 20)}
+    else:
+        source, extra = SOURCE, {}
+        part = partition(mlp.build(sizes=(32, 32)), 1, example_input=SOURCE.inputs(0))
+    kwargs = dict(schedule=schedule, microbatches=4, steps=3, optimizer=ADAM, progress=False, replicas=d, **extra)
+    dask_run = fit(part, source, client=client, **kwargs)
+    assert_runs_equal(dask_run, fit(part, source, executor="reference", reduce_exchange="direct", **kwargs))
+    _assert_exactly_once(dask_run, 3 * 4 * d)

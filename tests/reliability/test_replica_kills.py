@@ -77,3 +77,35 @@ def test_a_replica_killed_while_its_gradient_buckets_stream_rolls_every_replica_
     for task, ledger in enumerate(result.ledgers):
         counts = Counter(k for first, end in ledger["applied"] for k in range(first, end))
         assert sorted(counts) == list(range(total)) and set(counts.values()) == {1}, f"task {task}"
+
+
+@pytest.mark.parametrize("fault", [Fault(0, "B", 7, after_commit=12), Fault(0, "S", 7, after_commit=12, finals=3)],
+                         ids=["before-its-shares", "while-its-shares-stream"])
+def test_a_replica_killed_in_the_scatter_exchange_rolls_every_replica_back_bit_identical(client, tmp_path, fault):
+    """d = 3 (the scatter exchange: each replica sums a third of every gradient and shares
+    that sum), one torch stage streaming 800-byte buckets: local micro-batch 7, the update's
+    last backward of each replica's second step, kills its worker before any of its shares left
+    ("B") or after the first bucket's shares left while the backward still runs ("S"). The
+    other replicas have sent it their shares and wait for its own."""
+    pytest.importorskip("torch")
+    from test_replica_buckets import _model as torch_model
+
+    d, every = 3, 12  # the job's cuts 12, 24, 36 (each replica's 4, 8, 12)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    chaos = ChaosModel(torch_model(split_backward=False), faults=[fault], marker_dir=str(markers),
+                       checkpoint_dir=str(tmp_path / "checkpoints"))
+    part = partition(chaos, 1, method="uniform", example_input=DATA.inputs(0))
+    kwargs = dict(schedule="1f1b", microbatches=M, steps=STEPS, optimizer=Optimizer("adam", lr=1e-2),
+                  progress=False, replicas=d, reduce_bucket_mib=800 / (1 << 20))
+    result = fit(part, DATA, client=client, checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=every,
+                 placement_timeout=30.0, job_id=f"replica-kill-scatter-{fault.kind}", **kwargs)
+    assert fired(markers, fault) is not None
+    assert 12 in [r["rollback_to"] for r in result.recoveries]
+
+    plain = partition(torch_model(split_backward=False), 1, method="uniform", example_input=DATA.inputs(0))
+    assert_runs_equal(result, fit(plain, DATA, executor="reference", reduce_exchange="direct", **kwargs))
+    total = M * STEPS * d
+    for task, ledger in enumerate(result.ledgers):
+        counts = Counter(k for first, end in ledger["applied"] for k in range(first, end))
+        assert sorted(counts) == list(range(total)) and set(counts.values()) == {1}, f"task {task}"
