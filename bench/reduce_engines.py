@@ -1,18 +1,21 @@
-"""How long d processes take to sum one stage's gradients: pipetrain's replica exchange
+"""How long d processes take to sum one stage's gradients: pipetrain's replica exchanges
 over the stage transport against torch.distributed's gloo all_reduce, side by side.
 
 Why this matters: before every update, each stage's d replicas sum their gradients
-(schedule/replicas.py). pipetrain does it over its own stage transport (every replica
-sends its part to each other one, then all add the d parts in replica order: the
-same bits on every replica and every run, and no torch import in a JAX or Keras stage).
+(schedule/replicas.py). pipetrain does it over its own stage transport, in one of two
+exchanges (runtime/replicas.py), both adding the d parts in replica order (the same bits on
+every replica and every run, and no torch import in a JAX or Keras stage): "direct", every
+replica sends its part to each other one and adds all d parts; "scatter", replica q sums the
+q-th d-th of the elements and sends that sum to the others (2(d-1)/d of the bytes).
 The alternative a torch user would pick is gloo's all_reduce (ring / halving-doubling
-over TCP). Both run here on the same payload, d processes at a time, interleaved rounds;
-the table gives the median time of one reduction and the ratio transport / gloo.
+over TCP). All run here on the same payload, d processes at a time, interleaved rounds;
+the table gives the median time of one reduction and the ratios to gloo.
 
     .venv/bin/python bench/reduce_engines.py [--sizes 262144,1048576,4194304] [--replicas 2,4]
 
-Prints a table, then one JSON line: {"reduce_ms": {"tcp d=2 1 MiB": ..., "gloo d=2 1 MiB": ...},
-"ratio": {"d=2 1 MiB": transport / gloo, ...}}.
+Prints a table, then one JSON line: {"reduce_ms": {"direct d=2 1 MiB": ..., "scatter d=2 1 MiB": ...,
+"gloo d=2 1 MiB": ...}, "ratio": {"d=2 1 MiB": direct / gloo, ...}, "scatter_ratio": {"d=2 1 MiB":
+scatter / gloo, ...}}.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SECRET = b"bench-reduce-engines-secret-0123"
 
 
-def _transport_worker(rank: int, d: int, nbytes: int, iterations: int, addresses: dict, out: mp.Queue) -> None:
+def _transport_worker(rank: int, d: int, nbytes: int, iterations: int, addresses: dict, out: mp.Queue,
+                      exchange: str = "direct") -> None:
     from pipetrain.runtime.transport import Endpoint, MessageKind
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -45,21 +49,47 @@ def _transport_worker(rank: int, d: int, nbytes: int, iterations: int, addresses
             time.sleep(0.01)
         channels = {r: endpoint.connect(addresses[r], peer_stage=r) for r in peers}
         times = []
+        reduce = _direct if exchange == "direct" else _scatter
         for it in range(iterations):
             start = time.perf_counter()
-            for r in peers:
-                channels[r].put(MessageKind.REPLICA_PART, it * d + rank, grads, timeout=60)
-            parts = {rank: grads}
-            for r in peers:
-                parts[r] = endpoint.get(MessageKind.REPLICA_PART, it * d + r, timeout=60).tree
-            total = parts[0]["w"]
-            for r in range(1, d):  # replica order: the same sum on every replica
-                total = total + parts[r]["w"]
+            total = reduce(endpoint, channels, MessageKind.REPLICA_PART, it, rank, d, grads["w"])
             times.append(time.perf_counter() - start)
-        assert float(total[0]) == sum(range(1, d + 1))
+        assert np.all(total == sum(range(1, d + 1))), exchange
         for channel in channels.values():
             channel.wait_acked(timeout=60)
     out.put((rank, times))
+
+
+def _direct(endpoint, channels, kind, it, rank, d, grads):
+    for r in channels:
+        channels[r].put(kind, it * d + rank, {"w": grads}, timeout=60)
+    parts = {rank: grads}
+    for r in channels:
+        parts[r] = endpoint.get(kind, it * d + r, timeout=60).tree["w"]
+    total = parts[0]
+    for r in range(1, d):  # replica order: the same sum on every replica
+        total = total + parts[r]
+    return total
+
+
+def _scatter(endpoint, channels, kind, it, rank, d, grads):
+    from pipetrain.runtime.replicas import share
+
+    for r in channels:  # replica r sums share r
+        channels[r].put(kind, 2 * (it * d + rank), {"w": share(grads, r, d)}, timeout=60)
+    parts = {rank: share(grads, rank, d)}
+    for r in channels:
+        parts[r] = endpoint.get(kind, 2 * (it * d + r), timeout=60).tree["w"]
+    mine = parts[0]
+    for r in range(1, d):
+        mine = mine + parts[r]
+    for r in channels:
+        channels[r].put(kind, 2 * (it * d + rank) + 1, {"w": mine}, timeout=60)
+    total = np.empty_like(grads)
+    share(total, rank, d)[...] = mine
+    for r in channels:
+        share(total, r, d)[...] = endpoint.get(kind, 2 * (it * d + r) + 1, timeout=60).tree["w"]
+    return total
 
 
 def _gloo_worker(rank: int, d: int, nbytes: int, iterations: int, port: int, out: mp.Queue) -> None:
@@ -92,10 +122,10 @@ def run_engine(engine: str, d: int, nbytes: int, iterations: int) -> float:
     """Median seconds of one reduction (the slowest rank's per iteration), warm-up dropped."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    if engine == "tcp":
+    if engine in ("direct", "scatter"):
         manager = ctx.Manager()
         addresses = manager.dict()
-        procs = [ctx.Process(target=_transport_worker, args=(r, d, nbytes, iterations, addresses, out))
+        procs = [ctx.Process(target=_transport_worker, args=(r, d, nbytes, iterations, addresses, out, engine))
                  for r in range(d)]
     else:
         port = _free_port()
@@ -105,7 +135,7 @@ def run_engine(engine: str, d: int, nbytes: int, iterations: int) -> float:
     results = dict(out.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    if engine == "tcp":
+    if engine != "gloo":
         manager.shutdown()
     per_iteration = [max(results[r][i] for r in results) for i in range(iterations)]
     return statistics.median(per_iteration[max(1, iterations // 5):])
@@ -118,7 +148,7 @@ def _label(nbytes: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="262144,1048576,4194304", help="payload bytes, comma-separated")
-    parser.add_argument("--replicas", default="2,4", help="process counts d, comma-separated")
+    parser.add_argument("--replicas", default="2,3,4", help="process counts d, comma-separated")
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best median is kept")
     args = parser.parse_args()
@@ -128,17 +158,21 @@ def main() -> None:
     for _ in range(args.repeats):
         for d in ds:
             for nbytes in sizes:
-                for engine in ("tcp", "gloo"):
+                for engine in ("direct", "scatter", "gloo"):
                     key = f"{engine} d={d} {_label(nbytes)}"
                     best[key] = min(best.get(key, float("inf")), run_engine(engine, d, nbytes, args.iterations))
-    print(f"{'replicas':>8} {'payload':>8} {'transport ms':>13} {'gloo ms':>9} {'transport/gloo':>15}")
-    ratios = {}
+    print(f"{'replicas':>8} {'payload':>8} {'direct ms':>10} {'scatter ms':>11} {'gloo ms':>9} "
+          f"{'direct/gloo':>12} {'scatter/gloo':>13}")
+    ratios, scatter_ratios = {}, {}
     for d in ds:
         for nbytes in sizes:
-            t, g = best[f"tcp d={d} {_label(nbytes)}"], best[f"gloo d={d} {_label(nbytes)}"]
-            ratios[f"d={d} {_label(nbytes)}"] = round(t / g, 3)
-            print(f"{d:>8} {_label(nbytes):>8} {t * 1e3:>13.2f} {g * 1e3:>9.2f} {t / g:>15.2f}")
-    print(json.dumps({"reduce_ms": {k: round(v * 1e3, 3) for k, v in best.items()}, "ratio": ratios}))
+            label = f"d={d} {_label(nbytes)}"
+            t, sc, g = (best[f"{e} {label}"] for e in ("direct", "scatter", "gloo"))
+            ratios[label], scatter_ratios[label] = round(t / g, 3), round(sc / g, 3)
+            print(f"{d:>8} {_label(nbytes):>8} {t * 1e3:>10.2f} {sc * 1e3:>11.2f} {g * 1e3:>9.2f} "
+                  f"{t / g:>12.2f} {sc / g:>13.2f}")
+    print(json.dumps({"reduce_ms": {k: round(v * 1e3, 3) for k, v in best.items()}, "ratio": ratios,
+                      "scatter_ratio": scatter_ratios}))
 
 
 if __name__ == "__main__":

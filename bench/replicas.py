@@ -10,7 +10,10 @@ one untimed d = 4 run). Throughput: the job's micro-batches (d * m per step) per
 second between stage 0's reports of the first and the last step (the first step's
 start-up left out), from ``FitResult.history``'s ``stage0_done``. Scaling
 efficiency: throughput(d) / (d x throughput(1)), from the best round of each d (and
-from the medians, next to it).
+from the medians, next to it). A fourth contestant each round is d = 4 with the scatter
+exchange (``reduce_exchange = "scatter"``: each replica sums a quarter of every gradient and
+shares that sum, half the bytes) against the default for 1 MiB stages, the direct exchange
+(each replica sends its whole part to the three others): what scattering wins, paired per round.
 
 vs DDP: the torch MLP of ``bench/ddp_baseline.py`` (4 x Linear(512, 512) + Tanh, a
 Linear(512, 10) head, 4 MiB of weights), d = 2 replicas of a 1-stage pipeline
@@ -35,7 +38,8 @@ what the buckets win, paired per round.
 2-core machine's loopback copy takes from the compute.
 
 Prints tables, then one JSON line:
-{"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "vs_torch_ddp": ..., "bucket_gain_paired_median": ..., ...}.
+{"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "scatter_gain_d4_paired_median": ..., "vs_torch_ddp": ...,
+ "bucket_gain_paired_median": ..., ...}.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ from models.synthetic import SleepData, SleepSequential  # noqa: E402
 
 P, F_MS, B_MS, GRAD_BYTES, BOUNDARY_BYTES = 2, 10.0, 20.0, 1 << 20, 1 << 16
 REPLICAS = (1, 2, 4)
+SCATTER = "4 scatter"  # the scaling part's fourth contestant: d = 4, reduce_exchange = "scatter"
 WORKERS = P * max(REPLICAS)
 DDP_WORLD, DDP_M, DDP_B = 2, 8, 32
 LR = 0.01
@@ -113,20 +118,23 @@ def scaling_rates(client, args: argparse.Namespace) -> dict[int, list[float]]:
     data = SleepData(nbytes=BOUNDARY_BYTES)
     model = SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS, grad_bytes=GRAD_BYTES)
     part = partition(model, P, method="uniform", example_input=data.inputs(0))
-    def run(d: int, steps: int):
+    def run(d: int, steps: int, exchange: str = "auto"):
         return fit(part, data, client=client, schedule=args.schedule, microbatches=args.microbatches,
-                   steps=steps, replicas=d, optimizer=Optimizer("sgd", lr=LR), progress=False)
+                   steps=steps, replicas=d, optimizer=Optimizer("sgd", lr=LR), progress=False,
+                   reduce_exchange=exchange)
 
     run(max(REPLICAS), 2)  # untimed: every worker's first job (imports, first connections) out of the rounds
-    rates: dict[int, list[float]] = {d: [] for d in REPLICAS}
-    breakdowns: dict[int, list] = {}
+    contestants = [*REPLICAS, SCATTER]
+    rates: dict = {c: [] for c in contestants}
+    breakdowns: dict = {}
     for r in range(args.repeats):
-        for d in REPLICAS[r % len(REPLICAS):] + REPLICAS[:r % len(REPLICAS)]:
-            result = run(d, args.steps)
-            rates[d].append(steady_rate(result.history, first=0, microbatches_per_step=d * args.microbatches))
-            if rates[d][-1] == max(rates[d]):
-                breakdowns[d] = per_step_ms(result, first=0)
-    return {"rates": rates, "breakdown": breakdowns[max(REPLICAS)]}
+        for c in contestants[r % len(contestants):] + contestants[:r % len(contestants)]:
+            d = 4 if c == SCATTER else c
+            result = run(d, args.steps, "scatter" if c == SCATTER else "auto")
+            rates[c].append(steady_rate(result.history, first=0, microbatches_per_step=d * args.microbatches))
+            if rates[c][-1] == max(rates[c]):
+                breakdowns[c] = per_step_ms(result, first=0)
+    return {"rates": rates, "breakdown": breakdowns[max(REPLICAS)], "breakdown_scatter": breakdowns[SCATTER]}
 
 
 def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
@@ -135,6 +143,8 @@ def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
     median = {d: statistics.median(r) for d, r in rates.items()}
     eff = {d: best[d] / (d * best[1]) for d in REPLICAS}
     eff_median = {d: median[d] / (d * median[1]) for d in REPLICAS}
+    eff_scatter, eff_scatter_median = best[SCATTER] / (4 * best[1]), median[SCATTER] / (4 * median[1])
+    gain = statistics.median(a / b for a, b in zip(rates[SCATTER], rates[4]))  # paired per round
     ideal = ideal_rate(args.microbatches)
     print(f"scaling: {P} sleep stages (F {F_MS:.0f} ms, B {B_MS:.0f} ms), {args.schedule}, m = {args.microbatches} "
           f"per replica and step, {GRAD_BYTES >> 20} MiB of gradients per stage reduced across replicas every "
@@ -146,9 +156,16 @@ def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
         rounds = " ".join(f"{x:.1f}" for x in rates[d])
         print(f"{d:>2} {P * d:>7} {best[d]:>9.2f} {median[d]:>8.2f} {eff[d]:>10.3f} {eff_median[d]:>8.3f} "
               f"{best[d] / (d * ideal):>8.3f}   {rounds}")
+    rounds = " ".join(f"{x:.1f}" for x in rates[SCATTER])
+    print(f"{'4 (scatter exchange)':>20} {best[SCATTER]:>7.2f} {median[SCATTER]:>8.2f} {eff_scatter:>10.3f} "
+          f"{eff_scatter_median:>8.3f} {best[SCATTER] / (4 * ideal):>8.3f}   {rounds}")
+    print(f"d = 4: the scatter exchange / the direct one (the default here), paired per round: median {gain:.3f}x")
     print_breakdown(f"d = {max(REPLICAS)}, its best round", measured["breakdown"])
+    print_breakdown("d = 4 with the scatter exchange, its best round", measured["breakdown_scatter"])
     return {"scaling_efficiency": {str(d): round(eff[d], 3) for d in REPLICAS},
             "scaling_efficiency_median": {str(d): round(eff_median[d], 3) for d in REPLICAS},
+            "scaling_efficiency_scatter_d4": round(eff_scatter, 3),
+            "scatter_gain_d4_paired_median": round(gain, 3),
             "microbatches_per_s": {str(d): round(best[d], 2) for d in REPLICAS},
             "targets_met": {"efficiency at d=4 >= 0.9": eff[4] >= 0.9, "goal 0.95": eff[4] >= 0.95}}
 

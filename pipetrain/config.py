@@ -98,7 +98,8 @@ class ClusterConfig:
     # soon as the update's last backward has finished it (torch stages; runtime/replicas.py).
     reduce_bucket_mib: float = 1.0
     # How a stage's replicas sum their gradients (runtime/replicas.py): "direct" (each sends its whole
-    # part to each other one), "scatter" (each sums a d-th and shares that sum), "auto": scatter from d = 3.
+    # part to each other one), "scatter" (each sums a d-th and shares that sum), "auto": scatter from
+    # d = 3 where a stage has 4 MiB of gradients or more.
     reduce_exchange: str = "auto"
 
     def __post_init__(self) -> None:

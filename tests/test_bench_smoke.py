@@ -132,6 +132,7 @@ def test_replicas_bench_smoke():
     assert set(eff) == {"1", "2", "4"} and eff["1"] == 1.0
     # Loose, so a loaded machine cannot fail it: d replicas must still run faster than one.
     assert all(eff[d] * int(d) > 1.0 for d in ("2", "4")), result
+    assert result["scaling_efficiency_scatter_d4"] > 0 and result["scatter_gain_d4_paired_median"] > 0
     assert result["vs_torch_ddp"] > 0 and all(v > 0 for v in result["ddp_samples_per_s"].values())
     # Same initial weights, micro-batches, SGD: the step losses agree (float32, another summation order).
     loss = result["ddp_last_loss"]
@@ -151,3 +152,18 @@ def test_torch_adapter_bench_smoke():
     assert set(result["ms_per_step"]) == {"plain torch", "TorchStage", "TorchStage (functional_call)"}
     assert result["same_bits"] is True and result["plain_close"] is True
     assert all(row["best_ms"] > 0 for row in result["ms_per_step"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_reduce_engines_bench_smoke():
+    """bench/reduce_engines.py: both of pipetrain's exchanges and gloo reduce the same buffer at
+    d = 3 (each process checks every element of its sum), and the JSON keeps its keys."""
+    pytest.importorskip("torch")
+    bench = Path(__file__).resolve().parent.parent / "bench" / "reduce_engines.py"
+    out = subprocess.run([sys.executable, str(bench), "--sizes", "65536", "--replicas", "3", "--iterations", "3",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["reduce_ms"]) == {f"{e} d=3 64 KiB" for e in ("direct", "scatter", "gloo")}
+    assert result["ratio"]["d=3 64 KiB"] > 0 and result["scatter_ratio"]["d=3 64 KiB"] > 0

@@ -11,7 +11,7 @@ from pipetrain.optim import Optimizer
 from pipetrain.partitioning import partition
 from pipetrain.runtime import reference
 from pipetrain.runtime.reference import build_stages, run_reference
-from pipetrain.runtime.replicas import ReplicaMismatch, ReplicaReducer, exchange_for, share
+from pipetrain.runtime.replicas import SCATTER_BYTES, ReplicaMismatch, ReplicaReducer, exchange_for, share
 from pipetrain.schedule.actions import Action, Kind
 from pipetrain.schedule.builders import ScheduleSpec
 from pipetrain.stages import replica_grads
@@ -53,8 +53,10 @@ def _assert_same_bits(x, y):
         assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
 
 
-def test_auto_is_direct_up_to_two_replicas_and_scatter_from_three():
+def test_auto_is_direct_up_to_two_replicas_and_for_small_stages_and_scatter_otherwise():
     assert [exchange_for(d) for d in (1, 2, 3, 4, 8)] == ["direct", "direct", "scatter", "scatter", "scatter"]
+    assert exchange_for(4, nbytes=SCATTER_BYTES - 1) == "direct" and exchange_for(4, nbytes=SCATTER_BYTES) == "scatter"
+    assert exchange_for(2, nbytes=1 << 30) == "direct"
     assert exchange_for(4, "direct") == "direct" and exchange_for(2, "scatter") == "scatter"
     with pytest.raises(ValueError, match="one of auto, direct, scatter"):
         exchange_for(3, "ring")

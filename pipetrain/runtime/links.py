@@ -165,7 +165,7 @@ class TransportLinks:
             item = (_WIRE_KIND[kind], k, to_numpy(tree), version or 0)
             for r, sender in self.replica_senders.items():
                 if to is None or r == to:
-                    sender.submit(item, inline=False)
+                    sender.submit(item, inline=wait_follows)
             return
         self.senders[_CHANNEL_OF[kind]].submit((_WIRE_KIND[kind], k, to_numpy(tree), version or 0),
                                                inline=wait_follows)

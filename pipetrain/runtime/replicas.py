@@ -53,14 +53,29 @@ class ReplicaMismatch(PipetrainError, ValueError):
     not worth a retry)."""
 
 
-def exchange_for(replicas: int, exchange: str = "auto") -> str:
-    """The exchange a stage's ``replicas`` use (see the module): ``auto`` is direct up to d = 2,
-    where scatter moves the same bytes in two hops instead of one, and scatter from d = 3."""
+# The least gradient bytes per stage for which ``auto`` scatters. bench/reduce_engines.py, d = 3
+# and 4 processes on 2 cores: scattered, 256 KiB took 1.25-1.44x the direct exchange's time (the
+# second hop costs more than the bytes it saves), 1 MiB 0.81-1.0x, 4 MiB 0.70-0.79x; in a
+# pipeline of 1 MiB stages (bench/replicas.py, d = 4) the two were at parity.
+SCATTER_BYTES = 4 << 20
+
+
+def exchange_for(replicas: int, exchange: str = "auto", nbytes: int | None = None) -> str:
+    """The exchange a stage's ``replicas`` use (see the module) for ``nbytes`` of gradients:
+    ``auto`` is direct up to d = 2, where scatter moves the same bytes in two hops instead of one,
+    and for stages under ``SCATTER_BYTES``; scatter otherwise."""
     if exchange not in EXCHANGES:
         raise ValueError(f"the replica exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
     if exchange == "auto":
-        return "scatter" if replicas >= 3 else "direct"
+        big = nbytes is None or nbytes >= SCATTER_BYTES
+        return "scatter" if replicas >= 3 and big else "direct"
     return exchange
+
+
+def stage_exchange(stage: Any, replicas: int, exchange: str = "auto") -> str:
+    """``exchange_for`` this stage's gradients: the same on every replica of the stage."""
+    grads, _ = replica_grads.read(stage, copy=False)  # only their sizes
+    return exchange_for(replicas, exchange, sum(g.nbytes for g in grads.values()))
 
 
 def share(array: np.ndarray, q: int, d: int) -> np.ndarray:
@@ -77,7 +92,7 @@ class ReplicaReducer:
             raise ValueError(f"replica {replica} is not one of 0..{replicas - 1}")
         self.stage, self.links, self.hooks, self.wait_follows = stage, links, hooks, wait_follows
         self.replica, self.replicas = replica, replicas
-        self.exchange = exchange_for(replicas, exchange)
+        self.exchange = stage_exchange(stage, replicas, exchange)
         self.index = stage.spec.index
         self.buckets = replica_grads.buckets(stage, bucket_bytes=bucket_bytes)
         self._bucket_of = {name: b for b, names in enumerate(self.buckets[:-1]) for name in names}
@@ -176,8 +191,9 @@ class ReplicaReducer:
         self._own_sums[v] = sums
         for b, names in enumerate(self.buckets):
             tree = {"grads": {name: sums[name] for name in names}}
+            # R comes next and waits for the others' sums: the compute thread may as well write its own.
             self.links.send(Kind.SEND_REDUCE, self.wire_k(v, self.replica, b, summed=True), v, tree,
-                            wait_follows=False)
+                            wait_follows=True)
 
     def _received(self, v: int, r: int, *, summed: bool = False) -> Any:
         """Replica r's part of update v (or, ``summed``, its share's sum), its buckets put together

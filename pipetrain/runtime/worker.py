@@ -230,7 +230,7 @@ def run_stage(job: StageJob) -> dict:
 
 def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started: float) -> dict:
     from pipetrain.runtime.links import open_links
-    from pipetrain.runtime.replicas import exchange_for
+    from pipetrain.runtime.replicas import stage_exchange
     from pipetrain.stages import replica_grads
 
     schedule = job.schedule.build()
@@ -254,7 +254,7 @@ def _run(job: StageJob, control: StageControl, store: Any, gauges: Any, started:
     hooks = StageHooks(job, control, store, stage_object=stage, cut_points=schedule.cut_points(job.spec.index),
                        worker=_worker_address(), gauges=gauges)
     messages = 1 if job.replicas == 1 else len(replica_grads.buckets(stage, bucket_bytes=job.bucket_bytes))
-    if job.replicas > 1 and exchange_for(job.replicas, job.exchange) == "scatter":
+    if job.replicas > 1 and stage_exchange(stage, job.replicas, job.exchange) == "scatter":
         messages *= 2  # (each update's parts, then the shares' sums)
     with open_links(job, control, replica_bytes=_replica_part_bytes(job, stage), replica_messages=messages) as links:
         hooks.meter.endpoint = links.endpoint

@@ -141,6 +141,6 @@ def test_scatter_replicas_equal_the_direct_reference_bit_for_bit(client, framewo
         source, extra = SOURCE, {}
         part = partition(mlp.build(sizes=(32, 32)), 1, example_input=SOURCE.inputs(0))
     kwargs = dict(schedule=schedule, microbatches=4, steps=3, optimizer=ADAM, progress=False, replicas=d, **extra)
-    dask_run = fit(part, source, client=client, **kwargs)
+    dask_run = fit(part, source, client=client, reduce_exchange="scatter", **kwargs)
     assert_runs_equal(dask_run, fit(part, source, executor="reference", reduce_exchange="direct", **kwargs))
     _assert_exactly_once(dask_run, 3 * 4 * d)

@@ -99,7 +99,8 @@ def test_a_replica_killed_in_the_scatter_exchange_rolls_every_replica_back_bit_i
     kwargs = dict(schedule="1f1b", microbatches=M, steps=STEPS, optimizer=Optimizer("adam", lr=1e-2),
                   progress=False, replicas=d, reduce_bucket_mib=800 / (1 << 20))
     result = fit(part, DATA, client=client, checkpoint_dir=str(tmp_path / "checkpoints"), checkpoint_every=every,
-                 placement_timeout=30.0, job_id=f"replica-kill-scatter-{fault.kind}", **kwargs)
+                 placement_timeout=30.0, job_id=f"replica-kill-scatter-{fault.kind}", reduce_exchange="scatter",
+                 **kwargs)
     assert fired(markers, fault) is not None
     assert 12 in [r["rollback_to"] for r in result.recoveries]
 
