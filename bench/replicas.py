@@ -10,10 +10,11 @@ one untimed d = 4 run). Throughput: the job's micro-batches (d * m per step) per
 second between stage 0's reports of the first and the last step (the first step's
 start-up left out), from ``FitResult.history``'s ``stage0_done``. Scaling
 efficiency: throughput(d) / (d x throughput(1)), from the best round of each d (and
-from the medians, next to it). A fourth contestant each round is d = 4 with the scatter
-exchange (``reduce_exchange = "scatter"``: each replica sums a quarter of every gradient and
-shares that sum, half the bytes) against the default for 1 MiB stages, the direct exchange
-(each replica sends its whole part to the three others): what scattering wins, paired per round.
+from the medians, next to it). A fourth contestant each round is d = 4 with the other
+exchange than the default one for the stages' size (runtime/replicas.py; 1 MiB stages: direct,
+each replica sends its whole part to the three others; from 4 MiB, ``--grad-mib``: scatter,
+each replica sums a quarter of every gradient and shares that sum, half the bytes): what
+scattering wins, paired per round.
 
 vs DDP: the torch MLP of ``bench/ddp_baseline.py`` (4 x Linear(512, 512) + Tanh, a
 Linear(512, 10) head, 4 MiB of weights), d = 2 replicas of a 1-stage pipeline
@@ -32,6 +33,7 @@ what the buckets win, paired per round.
 
     .venv/bin/python bench/replicas.py [--steps 8] [--repeats 3] [--ddp-steps 20] [--ddp-repeats 5]
                                        [--part scaling|ddp|both] [--quick] [--shape-loopback GBIT]
+                                       [--grad-mib 1]
 
 ``--shape-loopback GBIT`` (root) limits the loopback device to GBIT Gbit/s while it runs
 (``tc ... tbf``): the wire then costs time, as between hosts, instead of the CPU time a
@@ -61,7 +63,7 @@ from models.synthetic import SleepData, SleepSequential  # noqa: E402
 
 P, F_MS, B_MS, GRAD_BYTES, BOUNDARY_BYTES = 2, 10.0, 20.0, 1 << 20, 1 << 16
 REPLICAS = (1, 2, 4)
-SCATTER = "4 scatter"  # the scaling part's fourth contestant: d = 4, reduce_exchange = "scatter"
+OTHER = "4 other"  # the scaling part's fourth contestant: d = 4 with the exchange auto does not pick
 WORKERS = P * max(REPLICAS)
 DDP_WORLD, DDP_M, DDP_B = 2, 8, 32
 LR = 0.01
@@ -116,7 +118,7 @@ def scaling_rates(client, args: argparse.Namespace) -> dict[int, list[float]]:
     from pipetrain.partitioning import partition
 
     data = SleepData(nbytes=BOUNDARY_BYTES)
-    model = SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS, grad_bytes=GRAD_BYTES)
+    model = SleepSequential(P, forward_ms=F_MS, backward_ms=B_MS, grad_bytes=grad_bytes(args))
     part = partition(model, P, method="uniform", example_input=data.inputs(0))
     def run(d: int, steps: int, exchange: str = "auto"):
         return fit(part, data, client=client, schedule=args.schedule, microbatches=args.microbatches,
@@ -124,17 +126,30 @@ def scaling_rates(client, args: argparse.Namespace) -> dict[int, list[float]]:
                    reduce_exchange=exchange)
 
     run(max(REPLICAS), 2)  # untimed: every worker's first job (imports, first connections) out of the rounds
-    contestants = [*REPLICAS, SCATTER]
+    contestants = [*REPLICAS, OTHER]
+    other = exchanges_at_d4(args)[1]
     rates: dict = {c: [] for c in contestants}
     breakdowns: dict = {}
     for r in range(args.repeats):
         for c in contestants[r % len(contestants):] + contestants[:r % len(contestants)]:
-            d = 4 if c == SCATTER else c
-            result = run(d, args.steps, "scatter" if c == SCATTER else "auto")
+            d = 4 if c == OTHER else c
+            result = run(d, args.steps, other if c == OTHER else "auto")
             rates[c].append(steady_rate(result.history, first=0, microbatches_per_step=d * args.microbatches))
             if rates[c][-1] == max(rates[c]):
                 breakdowns[c] = per_step_ms(result, first=0)
-    return {"rates": rates, "breakdown": breakdowns[max(REPLICAS)], "breakdown_scatter": breakdowns[SCATTER]}
+    return {"rates": rates, "breakdown": breakdowns[max(REPLICAS)], "breakdown_other": breakdowns[OTHER]}
+
+
+def grad_bytes(args: argparse.Namespace) -> int:
+    return int(args.grad_mib * (1 << 20))
+
+
+def exchanges_at_d4(args: argparse.Namespace) -> tuple[str, str]:
+    """The exchange d = 4 replicas of these stages use by default (``reduce_exchange = "auto"``), and the other."""
+    from pipetrain.runtime.replicas import exchange_for
+
+    default = exchange_for(4, "auto", grad_bytes(args))
+    return default, "direct" if default == "scatter" else "scatter"
 
 
 def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
@@ -143,11 +158,13 @@ def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
     median = {d: statistics.median(r) for d, r in rates.items()}
     eff = {d: best[d] / (d * best[1]) for d in REPLICAS}
     eff_median = {d: median[d] / (d * median[1]) for d in REPLICAS}
-    eff_scatter, eff_scatter_median = best[SCATTER] / (4 * best[1]), median[SCATTER] / (4 * median[1])
-    gain = statistics.median(a / b for a, b in zip(rates[SCATTER], rates[4]))  # paired per round
+    default, other = exchanges_at_d4(args)
+    eff_other, eff_other_median = best[OTHER] / (4 * best[1]), median[OTHER] / (4 * median[1])
+    scatter, direct = (rates[OTHER], rates[4]) if other == "scatter" else (rates[4], rates[OTHER])
+    gain = statistics.median(a / b for a, b in zip(scatter, direct))  # paired per round
     ideal = ideal_rate(args.microbatches)
     print(f"scaling: {P} sleep stages (F {F_MS:.0f} ms, B {B_MS:.0f} ms), {args.schedule}, m = {args.microbatches} "
-          f"per replica and step, {GRAD_BYTES >> 20} MiB of gradients per stage reduced across replicas every "
+          f"per replica and step, {args.grad_mib:g} MiB of gradients per stage reduced across replicas every "
           f"update, {BOUNDARY_BYTES >> 10} KiB boundaries, {args.steps} steps (rate over steps 1..), "
           f"{args.repeats} rounds; one pipeline's ideal {ideal:.1f} mb/s")
     print(f"{'d':>2} {'workers':>7} {'best mb/s':>9} {'median':>8} {'efficiency':>10} {'(median)':>8} "
@@ -156,15 +173,16 @@ def report_scaling(measured: dict, args: argparse.Namespace) -> dict:
         rounds = " ".join(f"{x:.1f}" for x in rates[d])
         print(f"{d:>2} {P * d:>7} {best[d]:>9.2f} {median[d]:>8.2f} {eff[d]:>10.3f} {eff_median[d]:>8.3f} "
               f"{best[d] / (d * ideal):>8.3f}   {rounds}")
-    rounds = " ".join(f"{x:.1f}" for x in rates[SCATTER])
-    print(f"{'4 (scatter exchange)':>20} {best[SCATTER]:>7.2f} {median[SCATTER]:>8.2f} {eff_scatter:>10.3f} "
-          f"{eff_scatter_median:>8.3f} {best[SCATTER] / (4 * ideal):>8.3f}   {rounds}")
-    print(f"d = 4: the scatter exchange / the direct one (the default here), paired per round: median {gain:.3f}x")
-    print_breakdown(f"d = {max(REPLICAS)}, its best round", measured["breakdown"])
-    print_breakdown("d = 4 with the scatter exchange, its best round", measured["breakdown_scatter"])
+    rounds = " ".join(f"{x:.1f}" for x in rates[OTHER])
+    print(f"{f'4 ({other} exchange)':>20} {best[OTHER]:>7.2f} {median[OTHER]:>8.2f} {eff_other:>10.3f} "
+          f"{eff_other_median:>8.3f} {best[OTHER] / (4 * ideal):>8.3f}   {rounds}")
+    print(f"d = 4: the scatter exchange / the direct one ({default} is the default here), paired per round: "
+          f"median {gain:.3f}x")
+    print_breakdown(f"d = {max(REPLICAS)} ({default} exchange), its best round", measured["breakdown"])
+    print_breakdown(f"d = 4 with the {other} exchange, its best round", measured["breakdown_other"])
     return {"scaling_efficiency": {str(d): round(eff[d], 3) for d in REPLICAS},
             "scaling_efficiency_median": {str(d): round(eff_median[d], 3) for d in REPLICAS},
-            "scaling_efficiency_scatter_d4": round(eff_scatter, 3),
+            f"scaling_efficiency_{other}_d4": round(eff_other, 3),
             "scatter_gain_d4_paired_median": round(gain, 3),
             "microbatches_per_s": {str(d): round(best[d], 2) for d in REPLICAS},
             "targets_met": {"efficiency at d=4 >= 0.9": eff[4] >= 0.9, "goal 0.95": eff[4] >= 0.95}}
@@ -302,6 +320,8 @@ def main() -> None:
     ap.add_argument("--ddp-repeats", type=int, default=5, help="vs DDP: rounds, the two interleaved")
     ap.add_argument("--schedule", default="1f1b", help="the scaling part's schedule")
     ap.add_argument("--microbatches", type=int, default=16, help="the scaling part's m per replica and step")
+    ap.add_argument("--grad-mib", type=float, default=GRAD_BYTES / (1 << 20),
+                    help="the scaling part's gradients per stage, MiB")
     ap.add_argument("--part", choices=("scaling", "ddp", "both"), default="both")
     ap.add_argument("--quick", action="store_true", help="toy sizes for the smoke test: 3 steps, 1 round, "
                                                          "4 micro-batches, a narrow MLP")
