@@ -33,6 +33,7 @@ from reliability.chaos import Fault, fired
 from reliability.conftest import WORKERS, start_cluster
 from reliability.jobs import assert_bit_identical, assert_exactly_once, run
 from reliability.test_recovery_paths import _stage_workers
+from pipetrain.runtime.control import unbatched
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.cluster]
 
@@ -79,7 +80,7 @@ def test_woken_old_generation_stage_cannot_corrupt_the_new_run(client, tmp_path)
     finally:
         thread.join()
         _sigcont(fired(markers, fault))
-    stale = [m for m in Queue("pipetrain/pausedstage/g0/reports", client=client).get(batch=True)
+    stale = [m for m in unbatched(Queue("pipetrain/pausedstage/g0/reports", client=client).get(batch=True))
              if m.get("type") == "error"]
 
     (recovery,) = result.recoveries
