@@ -46,11 +46,25 @@ def _partition(args: argparse.Namespace) -> int:
     print(part)
     if args.replicas > 1:
         print(_replicas_line(len(part.stages), args.replicas) + "; each stage's estimate is one worker's")
+        print(_exchange_line(part, args.replicas, args.reduce_exchange))
     schedule = build_schedule(args.schedule, num_stages=args.stages, microbatches=args.microbatches, steps=2,
                               accumulate=args.accumulate)
     print()
     print(_memory_table(part, schedule, args))
     return 0
+
+
+def _exchange_line(part: Any, replicas: int, exchange: str) -> str:
+    """How each stage's replicas sum their gradients, and what one replica sends per update
+    (float32 accumulators: 4 bytes per parameter)."""
+    from pipetrain.memory import format_bytes
+    from pipetrain.runtime.replicas import bytes_sent, exchange_for
+
+    shown = []
+    for st in part.stages:
+        kind = exchange_for(replicas, exchange, 4 * st.params)
+        shown.append(f"stage {st.index} {kind}, {format_bytes(bytes_sent(kind, replicas, 4 * st.params))}")
+    return f"gradient exchange per update ({exchange}; sent by each replica): " + "; ".join(shown)
 
 
 def _replicas_line(stages: int, replicas: int) -> str:
@@ -297,6 +311,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=int, default=8, help="for the memory estimate (default 8)")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--replicas", type=int, default=1, help="copies of the pipeline (pipeline x data parallelism)")
+    p.add_argument("--reduce-exchange", default="auto", choices=("auto", "direct", "scatter"),
+                   help="with --replicas: how each stage's replicas sum their gradients (default auto: scatter "
+                        "from 3 replicas for stages of 4 MiB of gradients or more)")
     p.set_defaults(run=_partition)
 
     p = sub.add_parser("trace", help="Chrome/Perfetto trace and Gantt chart of a run")

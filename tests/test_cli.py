@@ -200,3 +200,18 @@ def test_status_and_logs_of_a_run_directory_need_no_scheduler(tmp_path, capsys):
     assert "checkpoint committed at micro-batch 2 (generation 0)" in lines
     assert lines[-1] == "driver: cancelled: interrupted; the stages were stopped"
     assert not any(line.startswith("[##") for line in lines), "the progress line repeats the step records"
+
+
+def test_partition_with_replicas_shows_each_stages_gradient_exchange(capsys):
+    gpt = ["partition", "models.gpt:build", "--stages", "2", "--replicas", "4",
+           "--kwargs", '{"n_layers": 4, "d_model": 256}']  # about 6 MiB of float32 gradients per stage
+    assert main(gpt) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gradient exchange"))
+    assert "(auto;" in line and line.count("scatter") == 2  # 2 (d - 1) / d of 6.2 MiB each
+    assert main([*gpt, "--reduce-exchange", "direct"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gradient exchange"))
+    assert "stage 0 direct, 18.5 MiB" in line  # d - 1 = 3 whole parts
+    assert main(["partition", "models.gpt:build", "--stages", "2", "--replicas", "4",
+                 "--kwargs", '{"n_layers": 2, "d_model": 32}']) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gradient exchange"))
+    assert line.count("direct") == 2  # small stages: the second hop would cost more than it saves

@@ -72,6 +72,15 @@ def exchange_for(replicas: int, exchange: str = "auto", nbytes: int | None = Non
     return exchange
 
 
+def bytes_sent(exchange: str, replicas: int, nbytes: int) -> int:
+    """The gradient bytes one replica of a stage with ``nbytes`` of gradients sends per update:
+    d - 1 whole parts (direct), or its d - 1 other shares and its own share's sum to d - 1 replicas."""
+    d = replicas
+    if d == 1:
+        return 0
+    return (d - 1) * nbytes if exchange == "direct" else 2 * nbytes * (d - 1) // d
+
+
 def stage_exchange(stage: Any, replicas: int, exchange: str = "auto") -> str:
     """``exchange_for`` this stage's gradients: the same on every replica of the stage."""
     grads, _ = replica_grads.read(stage, copy=False)  # only their sizes
