@@ -29,7 +29,9 @@ after a barrier), best of ``--ddp-repeats`` rounds, the order alternating each r
 The two train the same: their step losses are printed side by side. A third contestant in
 the same rounds is pipetrain sending each replica's part as one message after the backward
 (``reduce_bucket_mib`` large) instead of 1 MiB buckets during the update's last backward:
-what the buckets win, paired per round.
+what the buckets win, paired per round. It also prints the share of a core this process
+(the driver, and the embedded cluster's scheduler and nannies, on one event loop) used
+during pipetrain's runs: the Dask apparatus DDP does not have.
 
     .venv/bin/python bench/replicas.py [--steps 8] [--repeats 3] [--ddp-steps 20] [--ddp-repeats 5]
                                        [--part scaling|ddp|both] [--quick] [--shape-loopback GBIT]
@@ -41,7 +43,7 @@ what the buckets win, paired per round.
 
 Prints tables, then one JSON line:
 {"scaling_efficiency": {"1": ..., "2": ..., "4": ...}, "scatter_gain_d4_paired_median": ..., "vs_torch_ddp": ...,
- "bucket_gain_paired_median": ..., ...}.
+ "bucket_gain_paired_median": ..., "client_cpu_share": ..., ...}.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -205,11 +208,15 @@ OURS, ONE_MESSAGE, DDP = "pipetrain d=2 p=1", "  one message/part", "torch DDP (
 
 
 def run_pipetrain(part, data, client, args: argparse.Namespace, *, bucket_mib: float = 1.0) -> dict:
+    # This process's CPU over the run: the embedded cluster's scheduler and nannies share its
+    # event loop with the driver, so this is the Dask apparatus besides the two workers.
+    cpu, wall = time.process_time(), time.perf_counter()
     result = fit_ddp_twin(part, data, client, steps=args.warmup + args.ddp_steps, bucket_mib=bucket_mib)
+    client_cpu = (time.process_time() - cpu) / (time.perf_counter() - wall)
     history = sorted(result.history, key=lambda h: h["step"])
     rate = steady_rate(history, first=args.warmup - 1, microbatches_per_step=DDP_WORLD * DDP_M,
                        samples_per_microbatch=DDP_B)
-    return {"samples_per_s": rate, "losses": [h["loss"] for h in history],
+    return {"samples_per_s": rate, "losses": [h["loss"] for h in history], "client_cpu": client_cpu,
             "breakdown": per_step_ms(result, first=args.warmup - 1), "skew_ms": replica_skew_ms(result)}
 
 
@@ -275,6 +282,9 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     print("the replicas' SEND_R apart, median ms per update, each round: buckets "
           + " ".join(f"{r['skew_ms']:.1f}" for r in ours) + "; one message " +
           " ".join(f"{r['skew_ms']:.1f}" for r in unbucketed))
+    client_cpu = statistics.median(r["client_cpu"] for r in ours + unbucketed)
+    print(f"the client process (driver, scheduler, nannies) during pipetrain's runs: median {client_cpu:.1%} "
+          f"of a core")
     print_breakdown("pipetrain d=2 p=1, its best round", max(ours, key=lambda r: r["samples_per_s"])["breakdown"])
     print_breakdown("one message per part, its best round",
                     max(unbucketed, key=lambda r: r["samples_per_s"])["breakdown"])
@@ -284,6 +294,7 @@ def report_ddp(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
                                   "pipetrain_one_message": round(best[ONE_MESSAGE], 1),
                                   "torch_ddp": round(best[DDP], 1)},
             "bucket_gain_paired_median": round(statistics.median(bucket_gain), 3),
+            "client_cpu_share": round(client_cpu, 3),
             "ddp_last_loss": {"pipetrain": round(last_ours[-1], 6), "torch_ddp": round(last_peer[-1], 6)},
             "ddp_target_met": {"pipetrain >= 1.0 x DDP": ratio >= 1.0}}
 

@@ -135,6 +135,7 @@ def test_replicas_bench_smoke():
     # (1 MiB stages scatter only when asked: the fourth contestant)
     assert result["scaling_efficiency_scatter_d4"] > 0 and result["scatter_gain_d4_paired_median"] > 0
     assert result["vs_torch_ddp"] > 0 and all(v > 0 for v in result["ddp_samples_per_s"].values())
+    assert 0 < result["client_cpu_share"] < 2
     # Same initial weights, micro-batches, SGD: the step losses agree (float32, another summation order).
     loss = result["ddp_last_loss"]
     assert loss["pipetrain"] == pytest.approx(loss["torch_ddp"], rel=1e-4)
