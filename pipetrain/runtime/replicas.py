@@ -3,7 +3,7 @@
 Keyed by the update version v. ``SEND_R v`` reads the stage's accumulated
 gradient sums and their count (``stages/replica_grads.py``) and sends them,
 with the local ids of the micro-batches they hold, to every other replica of
-this stage; on the wire each part is numbered ``v * d + r`` by its sender's
+this stage; on the wire each part is numbered by v and its sender's
 replica r, so the d - 1 parts of one update never collide. ``RECV_R v`` takes
 the others' parts, each checked before it is used: the same parameter names,
 shapes and dtypes as this replica's, the same count and the same micro-batch
@@ -20,7 +20,7 @@ backward runs through ``backward`` here, which sends every bucket but the last t
 other replicas the moment it is complete, while the backward computes the rest (DDP's
 overlap). ``SEND_R v`` sends what is left (every bucket not sent yet, and the last one
 with the count and the ids). A part is then n_buckets messages, numbered
-``(v * d + r) * n_buckets + b``; each is checked to hold exactly its bucket's names.
+``2 * ((v * d + r) * n_buckets + b)``; each is checked to hold exactly its bucket's names.
 The sums are the same arrays either way, so bucketing changes no bit of the result.
 
 Exchanges (``exchange_for``). ``direct``: every replica sends its whole part to each of the
