@@ -56,7 +56,8 @@ class ReplicaMismatch(PipetrainError, ValueError):
 # The least gradient bytes per stage for which ``auto`` scatters. bench/reduce_engines.py, d = 3
 # and 4 processes on 2 cores: scattered, 256 KiB took 1.25-1.44x the direct exchange's time (the
 # second hop costs more than the bytes it saves), 1 MiB 0.81-1.0x, 4 MiB 0.70-0.79x; in a
-# pipeline of 1 MiB stages (bench/replicas.py, d = 4) the two were at parity.
+# pipeline (bench/replicas.py, d = 4) the two were at parity with 1 MiB stages, and scatter
+# gave 1.00-1.08x the throughput with 8 MiB stages.
 SCATTER_BYTES = 4 << 20
 
 
