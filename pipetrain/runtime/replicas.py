@@ -186,17 +186,17 @@ class ReplicaReducer:
             if self.exchange == "scatter":  # the others' parts of this replica's share
                 mine = {name: share(g, self.replica, self.replicas) for name, g in own["grads"].items()}
                 own = {**own, "grads": mine}
-                self._parts[v][self.replica] = own
             for r in self.peers():
                 self._parts[v][r] = self._checked(self._received(v, r), own, sender=r, v=v)
             if self.exchange == "scatter":
-                self._send_own_sum(v)
+                self._send_own_sum(v, own["grads"])
         else:  # REDUCE
             self._reduce(v)
 
-    def _send_own_sum(self, v: int) -> None:
-        """Scatter: add the d parts of this replica's share, in replica order, and send the sum to the others."""
-        order = [self._parts[v][r]["grads"] for r in range(self.replicas)]
+    def _send_own_sum(self, v: int, mine: dict[str, np.ndarray]) -> None:
+        """Scatter: add the d parts of this replica's share (``mine``: its own part of it), in replica
+        order, and send the sum to the others."""
+        order = [mine if r == self.replica else self._parts[v][r]["grads"] for r in range(self.replicas)]
         sums = {name: self._summed([part[name] for part in order]) for name in order[0]}
         self._own_sums[v] = sums
         for b, names in enumerate(self.buckets):
@@ -227,7 +227,7 @@ class ReplicaReducer:
         parts = self._parts.pop(v)
         order = [parts[r] for r in range(self.replicas)]  # replica order, whatever order they arrived in
         if self.exchange == "scatter":
-            total = self._gathered(v)
+            total = self._gathered(v, order[self.replica]["grads"])
         else:
             total = {name: self._summed([part["grads"][name] for part in order]) for name in order[0]["grads"]}
         replica_grads.write(self.stage, total, sum(p["count"] for p in order), copy=False)
@@ -236,13 +236,12 @@ class ReplicaReducer:
         self._pending = []
         self.hooks.on_reduced(v, ids)
 
-    def _gathered(self, v: int) -> dict[str, np.ndarray]:
+    def _gathered(self, v: int, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Scatter: the total, put together from this replica's share's sum and the others' (each
-        checked to be share r of this stage's parameter, shape and dtype)."""
+        checked to be share r of the parameter in ``grads``, this replica's part: shape and dtype)."""
         sums = {self.replica: self._own_sums.pop(v)}
         for r in self.peers():
             sums[r] = self._received(v, r, summed=True)["grads"]
-        grads, _ = replica_grads.read(self.stage, copy=False)
         total = {}
         for name, g in grads.items():
             out = np.empty(g.shape, g.dtype)
