@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from pipetrain.config import ConfigError, parse_overrides
+from pipetrain.config import REDUCE_EXCHANGES, ConfigError, parse_overrides
 
 INTERRUPTED = 130  # 128 + SIGINT
 
@@ -62,8 +62,9 @@ def _exchange_line(part: Any, replicas: int, exchange: str) -> str:
 
     shown = []
     for st in part.stages:
-        kind = exchange_for(replicas, exchange, 4 * st.params)
-        shown.append(f"stage {st.index} {kind}, {format_bytes(bytes_sent(kind, replicas, 4 * st.params))}")
+        nbytes = 4 * st.params
+        kind = exchange_for(replicas, exchange, nbytes)
+        shown.append(f"stage {st.index} {kind}, {format_bytes(bytes_sent(kind, replicas, nbytes))}")
     return f"gradient exchange per update ({exchange}; sent by each replica): " + "; ".join(shown)
 
 
@@ -311,7 +312,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=int, default=8, help="for the memory estimate (default 8)")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--replicas", type=int, default=1, help="copies of the pipeline (pipeline x data parallelism)")
-    p.add_argument("--reduce-exchange", default="auto", choices=("auto", "direct", "scatter"),
+    p.add_argument("--reduce-exchange", default="auto", choices=REDUCE_EXCHANGES,
                    help="with --replicas: how each stage's replicas sum their gradients (default auto: scatter "
                         "from 3 replicas for stages of 4 MiB of gradients or more)")
     p.set_defaults(run=_partition)
