@@ -11,7 +11,7 @@ The alternative a torch user would pick is gloo's all_reduce (ring / halving-dou
 over TCP). All run here on the same payload, d processes at a time, interleaved rounds;
 the table gives the median time of one reduction and the ratios to gloo.
 
-    .venv/bin/python bench/reduce_engines.py [--sizes 262144,1048576,4194304] [--replicas 2,4]
+    .venv/bin/python bench/reduce_engines.py [--sizes 262144,1048576,4194304] [--replicas 2,3,4]
 
 Prints a table, then one JSON line: {"reduce_ms": {"direct d=2 1 MiB": ..., "scatter d=2 1 MiB": ...,
 "gloo d=2 1 MiB": ...}, "ratio": {"d=2 1 MiB": direct / gloo, ...}, "scatter_ratio": {"d=2 1 MiB":
@@ -66,8 +66,13 @@ def _direct(endpoint, channels, kind, it, rank, d, grads):
     parts = {rank: grads}
     for r in channels:
         parts[r] = endpoint.get(kind, it * d + r, timeout=60).tree["w"]
+    return _in_replica_order(parts)
+
+
+def _in_replica_order(parts: dict) -> np.ndarray:
+    """parts[0] + parts[1] + ... left to right: the same sum on every replica."""
     total = parts[0]
-    for r in range(1, d):  # replica order: the same sum on every replica
+    for r in range(1, len(parts)):
         total = total + parts[r]
     return total
 
@@ -80,9 +85,7 @@ def _scatter(endpoint, channels, kind, it, rank, d, grads):
     parts = {rank: share(grads, rank, d)}
     for r in channels:
         parts[r] = endpoint.get(kind, 2 * (it * d + r), timeout=60).tree["w"]
-    mine = parts[0]
-    for r in range(1, d):
-        mine = mine + parts[r]
+    mine = _in_replica_order(parts)
     for r in channels:
         channels[r].put(kind, 2 * (it * d + rank) + 1, {"w": mine}, timeout=60)
     total = np.empty_like(grads)
