@@ -15,16 +15,10 @@ from pipetrain.runtime.replicas import SCATTER_BYTES, ReplicaMismatch, ReplicaRe
 from pipetrain.schedule.actions import Action, Kind
 from pipetrain.schedule.builders import ScheduleSpec
 from pipetrain.stages import replica_grads
+from test_replicas import _part as _jax_part  # the same JAX MLP, p = 1 or 2
 
 SOURCE = mlp.source(512, microbatch_size=8, seed=3)
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("pipedream", 1), ("pipedream", 2), ("2bw", 1)]
-
-
-def _jax_part(p):
-    from pipetrain.stages.jax_stage import JaxSequential
-
-    model = JaxSequential(mlp.layers(sizes=(12, 10, 8)), loss=mlp.loss_fn, seed=0)
-    return partition(model, p, boundaries=[3] if p == 2 else None, example_input=SOURCE.inputs(0))
 
 
 def _torch_part(p):
