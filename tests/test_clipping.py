@@ -314,3 +314,22 @@ def test_a_clipped_run_resumed_from_a_cut_is_bit_identical(framework, schedule):
         assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
     assert {v: n for s, norms in resumed.grad_norms.items() for v, n in norms.items()} == {
         v: n for s, norms in full.grad_norms.items() for v, n in norms.items() if v > cut // m}
+
+
+def test_a_rollback_closes_the_steps_before_its_cut_so_later_records_still_come():
+    # pipedream, p = 2, m = 2: step 1 closes with update 4, whose norms come with each stage's next
+    # report. The job is lost before those: after the rollback to cut 4 no stage reports step 1 again.
+    book = _book("pipedream")
+    book.add(_report(0, 0, norms={1: 3.0, 2: 3.0}))
+    (step0,) = book.add(_report(1, 0, norms={1: 4.0, 2: 4.0}, losses={0: 1.0, 1: 3.0}))
+    assert step0.step == 0 and step0.grad_norm == pytest.approx(5.0)
+    assert book.add(_report(0, 1, norms={3: 3.0, 4: 3.0})) == []
+    assert book.add(_report(1, 1, norms={3: 4.0}, losses={2: 5.0})) == []  # waits for stage 1's norm of update 4
+    closed = book.forget_from(4, committed_losses={0: 1.0, 1: 3.0, 2: 5.0, 3: 7.0})
+    assert [(r.step, r.loss, r.grad_norm, r.samples_per_s) for r in closed] == [(1, 6.0, None, None)]
+    assert closed[0].lr == pytest.approx(0.7)  # update 4 ran at count 3: the LR the schedule gives
+    book.add(_report(0, 2, norms={5: 3.0, 6: 3.0}))
+    assert book.add(_report(1, 2, norms={5: 4.0}, losses={4: 1.0, 5: 1.0})) == []
+    (step2,) = book.add(_report(1, -1, norms={6: 4.0}))  # the new generation's records come again
+    assert (step2.step, step2.loss, step2.grad_norm) == (2, 1.0, pytest.approx(5.0))
+    assert book.forget_from(4) == []  # a second rollback to the same cut: nothing left to close

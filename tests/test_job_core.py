@@ -176,6 +176,26 @@ def test_a_worker_lost_mid_step_rolls_back_to_the_last_committed_cut():
     assert [h["step"] for h in job.core.history] == [0, 1]
 
 
+def test_a_step_before_the_cut_that_no_stage_reports_again_is_closed_at_the_rollback():
+    job = Job()
+    job.start()
+    job.step(0)
+    for s in (2, 1):  # step 1 ran on every stage, but stage 0's report is lost with its worker
+        job(StepReport, generation=0, stage=s, step=1, busy=0.4, wall=0.5, time=job.now,
+            losses={4: 1.0, 5: 1.0} if s == 2 else {})
+    job.checkpoint(8)
+    alive = frozenset({W[1], W[2], SPARE})
+    assert job(WorkersChanged, alive, after=0.3) == [StopGeneration(0, 10.0)]
+    out = job.recover(view(8), alive=alive, after=0.2)
+    assert kinds(out) == ["BeginGeneration", "WriteRecord", "WriteRecord", "Note", "Place"]
+    # Its losses from the checkpoint (the reports held only two of them), no rate or busy shares.
+    (closed,) = records(out, StepRecord)
+    assert (closed.step, closed.loss, closed.samples_per_s, closed.busy) == (1, 1.0, None, [])
+    job.place({0: SPARE, 1: W[1], 2: W[2]})
+    assert [r.step for r in records(job.step(2), StepRecord)] == [2]
+    assert [h["step"] for h in job.core.history] == [0, 1, 2]
+
+
 def test_a_loss_during_recovery_recovers_again():
     job = Job()
     job.start()

@@ -55,15 +55,32 @@ class StepBook:
         return StepRecord(step=t, loss=float(np.mean(losses)) if losses else None, samples_per_s=rate, busy=busy,
                           stage0_done=first["time"], **extra)
 
-    def forget_from(self, cut: int) -> None:
-        """After a rollback to ``cut``, those micro-batches run again."""
-        self.losses = {k: v for k, v in self.losses.items() if k < cut}
+    def forget_from(self, cut: int, committed_losses: dict[int, float] | None = None) -> list[StepRecord]:
+        """After a rollback to ``cut``, those micro-batches run again. Returns the records of the
+        steps before the cut that were not emitted, closed now: no stage reports them again (the
+        checkpoint holds their work), and one left open would hold back every later record (a
+        record waits for its update's norms, which the stages send with their next report). Their
+        losses come from the checkpoint (``committed_losses``, its manifest's) and the reports
+        that came; what only the lost reports held (rate, busy shares, a norm) stays out."""
         first_step = cut // self.m
-        self.emitted = {t for t in self.emitted if t < first_step}
+        self.losses = {k: v for k, v in self.losses.items() if k < cut}
+        self.losses.update({int(k): float(v) for k, v in (committed_losses or {}).items() if int(k) < cut})
+        closed = [self._close(t) for t in range(first_step) if t not in self.emitted]
+        self.emitted = {t for t in self.emitted if t < first_step} | {r.step for r in closed}
         self.reports = {t: r for t, r in self.reports.items() if t < first_step}
         self.last_stage0_time = None
         if self.metrics is not None:
             self.metrics.forget_from(cut)
+        return closed
+
+    def _close(self, t: int) -> StepRecord:
+        """Step ``t``'s record from what is known of it (``forget_from``)."""
+        per_stage = self.reports.pop(t, {})
+        ks = range(t * self.m, (t + 1) * self.m)
+        losses = [self.losses[k] for k in ks if k in self.losses]
+        extra = self.metrics.fields(t, known_only=True) if self.metrics is not None else {}
+        return StepRecord(step=t, loss=float(np.mean(losses)) if losses else None, samples_per_s=None, busy=[],
+                          stage0_done=per_stage[0]["time"] if 0 in per_stage else None, **extra)
 
     def restore(self, losses: dict[int, float], cut: int) -> list[dict]:
         """A resumed job: the losses before ``cut`` come from the checkpoint manifest;

@@ -435,8 +435,10 @@ class JobCore:
         # Fenced before anything (the metrics log, the progress line) says a recovery
         # happened: from then on an old stage that wakes up finds its writes refused.
         out: list[Instruction] = [BeginGeneration(self.generation, self.cut)] if self.settings.store else []
-        self.book.forget_from(self.cut)
+        closed = self.book.forget_from(self.cut, dict(latest.losses) if latest else None)
         self.history = [h for h in self.history if h["step"] < self.cut // self.settings.microbatches]
+        self.history += [record.as_dict() for record in closed]
+        out += [WriteRecord(record) for record in closed]
         skipped = [{"cut": cut, "why": why} for cut, why in (latest.skipped if latest else ())]
         record = RecoveryRecord(generation=self.generation, stage=loss.stage, worker=loss.worker, stages=loss.stages,
                                 workers=loss.workers, reason=loss.reason, worker_died=loss.worker_died,

@@ -46,16 +46,17 @@ class StepOptimizerMetrics:
             return (self.p - 1, v) in self.norms
         return self.clip == "off" or all((s, v) in self.norms for s in range(self.p))
 
-    def fields(self, step: int) -> dict[str, float | None]:
+    def fields(self, step: int, *, known_only: bool = False) -> dict[str, float | None]:
+        """The figures of ``step``'s record; ``known_only``: a norm not reported is None (a step
+        closed at a rollback, ``StepBook.forget_from``), else it must be there (``ready``)."""
         from pipetrain.optim import lr_at
 
         v = self.version_closing(step)
         lr = lr_at(self.optimizer, v - 1) if self.optimizer is not None and v >= 1 else None
         norm = None
-        if self.clip == "global":
-            norm = self.norms[self.p - 1, v]
-        elif self.clip == "local":
-            norm = math.sqrt(sum(self.norms[s, v] ** 2 for s in range(self.p)))
+        if self.clip != "off" and (self.ready(step) or not known_only):
+            norm = (self.norms[self.p - 1, v] if self.clip == "global"  # every stage clipped by this one
+                    else math.sqrt(sum(self.norms[s, v] ** 2 for s in range(self.p))))
         self.norms = {key: n for key, n in self.norms.items() if key[1] > v}  # (pipedream: every update's)
         return {"lr": lr, "grad_norm": norm}
 
