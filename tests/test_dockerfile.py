@@ -1,8 +1,8 @@
 """The Dockerfile: hadolint finds nothing, and every command it runs is one the tests run.
 
-There is no Docker engine on the dev machines or in CI, so "every command it runs
-is one the tests run" means, instruction by instruction (cheaply, and no more than
-it says):
+CI has no Docker engine (the built image's own check, ``test_container_image.py``,
+is opt-in), so "every command it runs is one the tests run" means, instruction by
+instruction (cheaply, and no more than it says):
 
 - RUN: each `&&`-joined command must have a checker in `RUN_CHECKS`; a new kind of
   command fails `test_every_run_command_has_a_checker` until someone writes one.
@@ -133,8 +133,9 @@ def test_pip_install_resolves_from_the_build_context(tmp_path):
         skip_if_offline(result)
         assert result.returncode == 0, f"`{shlex.join(command)}` does not resolve:\n{result.stderr[-3000:]}"
         chosen = {item["metadata"]["name"].lower(): item for item in json.loads(report.read_text())["install"]}
-        assert set(chosen["pipetrain"].get("requested_extras", [])) == {"torch", "cuda"}
-        assert "jax-cuda12-plugin" in chosen, "the cuda extra no longer brings JAX's CUDA plugin"
+        assert set(chosen["pipetrain"].get("requested_extras", [])) == {"torch", "cuda13"}
+        assert "jax-cuda13-plugin" in chosen, "the cuda13 extra no longer brings JAX's CUDA 13 plugin"
+        assert "jax-cuda12-plugin" not in chosen, "JAX's CUDA 12 next to torch's CUDA 13: two CUDA stacks"
         for name in ("torch", "jax", "distributed"):
             assert name in chosen
 
