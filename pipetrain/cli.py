@@ -3,7 +3,9 @@
 Each subcommand parses its arguments and hands over to the module that does
 the work; errors the user can fix (a bad config field, an unknown schedule)
 print one clear line and exit 2 instead of a traceback. Ctrl-C prints one line
-saying how to continue and exits 130 (the shell's code for SIGINT).
+saying how to continue and exits 130 (the shell's code for SIGINT). SIGTERM, how
+`docker stop`, Kubernetes and SLURM's `scancel` end a driver, does the same
+(the stages stopped, the resume command said) and exits 143.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 from pipetrain.config import REDUCE_EXCHANGES, ConfigError, parse_overrides
 
 INTERRUPTED = 130  # 128 + SIGINT
+TERMINATED = 143  # 128 + SIGTERM
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -387,8 +390,32 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     return f"; `pipetrain resume {run_dir}` continues it from its last committed checkpoint"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where a Ctrl-C is, so that the driver stops the stages the same way."""
+
+
+def _sigterm_as_interrupt() -> list[bool]:
+    """Make SIGTERM a KeyboardInterrupt in this (the main) thread; the flag says whether one came.
+    Python's default for SIGTERM is to die on the spot: the stage tasks would run on with no
+    driver, and the user would get no word of how to continue."""
+    import signal
+
+    came = [False]
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        came[0] = True
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # main() called off the main thread: signals are not ours to take
+        pass
+    return came
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    terminated = _sigterm_as_interrupt()
     try:
         return args.run(args)
     except BaseException as e:
@@ -396,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             # JobInterrupted's message already says where to resume; a bare Ctrl-C (while
             # partitioning, say) is told from what the run directory holds.
             said = f"interrupted{_how_to_continue(args)}" if isinstance(e, KeyboardInterrupt) else str(e)
-            print(f"pipetrain {args.command}: {said}", file=sys.stderr)
-            return INTERRUPTED
+            by = " (SIGTERM)" if terminated[0] else ""
+            print(f"pipetrain {args.command}{by}: {said}", file=sys.stderr)
+            return TERMINATED if terminated[0] else INTERRUPTED
         if not isinstance(e, _user_errors()) or os.environ.get("PIPETRAIN_DEBUG"):
             raise
         print(f"pipetrain {args.command}: error: {e}", file=sys.stderr)
