@@ -167,3 +167,26 @@ def test_a_cluster_of_containers_trains_and_a_killed_worker_container_costs_a_ro
                for run in ("clean", "killed")}
     assert sorted(by_step["clean"]) == list(range(16)) and by_step["killed"] == by_step["clean"]
     assert recovered["heldout_loss_after"] == clean["heldout_loss_after"]
+
+
+def test_docker_stop_on_the_driver_stops_the_job_and_a_resume_container_finishes_it(hosts):
+    sched = hosts.start("sched", "dask", "scheduler", "--port", "8786", "--no-dashboard")
+    for w in range(2):
+        hosts.start(f"w{w}", "dask", "worker", f"tcp://{sched}:8786", "--nthreads", "1", "--no-dashboard")
+    driver = hosts.start("driver", "pipetrain", "train", CONFIG, "--scheduler", f"tcp://{sched}:8786",
+                         "--set", "run_dir=/runs/job", *JOB)
+    deadline = time.monotonic() + 300
+    while not any(r["type"] == "checkpoint" for r in records(hosts.runs / "job")):
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    docker("stop", "--time", "30", driver)  # SIGTERM through dumb-init, SIGKILL after 30 s
+    code, logs = hosts.wait(driver, timeout=60)
+    assert code == 143, logs[-3000:]
+    assert "pipetrain train (SIGTERM): interrupted" in logs and "pipetrain resume /runs/job" in logs, logs[-3000:]
+    assert any(r["type"] == "interrupted" for r in records(hosts.runs / "job"))
+
+    resumed = hosts.start("resume", "pipetrain", "resume", "/runs/job", "--scheduler", f"tcp://{sched}:8786")
+    code, logs = hosts.wait(resumed, timeout=600)
+    assert code == 0, logs[-3000:]
+    summary = json.loads((hosts.runs / "job" / "summary.json").read_text())
+    assert summary["resumed_from_step"] > 0 and summary["steps"] == 16, summary
