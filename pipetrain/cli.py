@@ -390,12 +390,9 @@ def _how_to_continue(args: argparse.Namespace) -> str:
     return f"; `pipetrain resume {run_dir}` continues it from its last committed checkpoint"
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where a Ctrl-C is, so that the driver stops the stages the same way."""
-
-
 def _sigterm_as_interrupt() -> list[bool]:
-    """Make SIGTERM a KeyboardInterrupt in this (the main) thread; the flag says whether one came.
+    """Make SIGTERM a KeyboardInterrupt in this (the main) thread, so that the driver stops the
+    stages as for a Ctrl-C; the flag says whether one came.
     Python's default for SIGTERM is to die on the spot: the stage tasks would run on with no
     driver, and the user would get no word of how to continue."""
     import signal
@@ -404,7 +401,7 @@ def _sigterm_as_interrupt() -> list[bool]:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         came[0] = True
-        raise _Terminated()
+        raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGTERM, on_sigterm)
