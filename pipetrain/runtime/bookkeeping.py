@@ -42,8 +42,6 @@ class StepBook:
 
     def _record(self, t: int) -> StepRecord:
         per_stage = self.reports.pop(t)
-        ks = range(t * self.m, (t + 1) * self.m)
-        losses = [self.losses[k] for k in ks if k in self.losses]
         first = per_stage[0]
         rate = None
         if self.last_stage0_time is not None and first["time"] > self.last_stage0_time:
@@ -52,8 +50,13 @@ class StepBook:
         busy = [per_stage[s]["busy"] / per_stage[s]["wall"] if per_stage[s]["wall"] > 0 else 0.0
                 for s in range(self.p)]
         extra = self.metrics.fields(t) if self.metrics is not None else {}
-        return StepRecord(step=t, loss=float(np.mean(losses)) if losses else None, samples_per_s=rate, busy=busy,
-                          stage0_done=first["time"], **extra)
+        return StepRecord(step=t, loss=self._mean_loss(t), samples_per_s=rate, busy=busy, stage0_done=first["time"],
+                          **extra)
+
+    def _mean_loss(self, t: int) -> float | None:
+        """The mean of step ``t``'s micro-batch losses known so far; None if none is."""
+        losses = [self.losses[k] for k in range(t * self.m, (t + 1) * self.m) if k in self.losses]
+        return float(np.mean(losses)) if losses else None
 
     def forget_from(self, cut: int, committed_losses: dict[int, float] | None = None) -> list[StepRecord]:
         """After a rollback to ``cut``, those micro-batches run again. Returns the records of the
@@ -76,10 +79,8 @@ class StepBook:
     def _close(self, t: int) -> StepRecord:
         """Step ``t``'s record from what is known of it (``forget_from``)."""
         per_stage = self.reports.pop(t, {})
-        ks = range(t * self.m, (t + 1) * self.m)
-        losses = [self.losses[k] for k in ks if k in self.losses]
         extra = self.metrics.fields(t, known_only=True) if self.metrics is not None else {}
-        return StepRecord(step=t, loss=float(np.mean(losses)) if losses else None, samples_per_s=None, busy=[],
+        return StepRecord(step=t, loss=self._mean_loss(t), samples_per_s=None, busy=[],
                           stage0_done=per_stage[0]["time"] if 0 in per_stage else None, **extra)
 
     def restore(self, losses: dict[int, float], cut: int) -> list[dict]:
@@ -89,10 +90,8 @@ class StepBook:
         self.losses = {k: v for k, v in losses.items() if k < cut}
         records = []
         for t in range(cut // self.m):
-            ks = range(t * self.m, (t + 1) * self.m)
-            values = [self.losses[k] for k in ks if k in self.losses]
-            records.append({"type": "step", "step": t, "loss": float(np.mean(values)) if values else None,
-                            "samples_per_s": None, "busy": [], "restored": True})
+            records.append({"type": "step", "step": t, "loss": self._mean_loss(t), "samples_per_s": None,
+                            "busy": [], "restored": True})
             self.emitted.add(t)
         return records
 
