@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from reliability.processes import wait_until
+from test_dockerfile import is_pip_install, pip_install_specs, run_commands
 
 IMAGE = os.environ.get("PIPETRAIN_TEST_IMAGE", "")
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "/opt/pipetrain/models/configs/demo.toml"  # COPY models ./models puts it there
 # The flagship, cut into 2 stages, short: a checkpoint every 4 steps (8 micro-batches each).
 JOB = ["--set", "partition.stages=2", "--set", "schedule.steps=16", "--set", "checkpoint.every=32"]
@@ -62,13 +61,20 @@ class Hosts:
         docker("network", "create", self.network)
         self.names: list[str] = []
 
-    def start(self, name: str, *command: str, env: dict[str, str] | None = None) -> str:
+    def start(self, name: str, *command: str) -> str:
         full = f"{self.tag}-{name}"
-        flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
         docker("run", "--detach", f"--name={full}", f"--network={self.network}", f"--volume={self.runs}:/runs",
-               "--env=JAX_PLATFORMS=cpu", *flags, self.image, *command)
+               "--env=JAX_PLATFORMS=cpu", self.image, *command)
         self.names.append(full)
         return full
+
+    def cluster(self, run: str, *, workers: int) -> str:
+        """A scheduler and ``workers`` worker containers (one thread each); the scheduler's address."""
+        sched = self.start(f"{run}-sched", "dask", "scheduler", "--port", "8786", "--no-dashboard")
+        for w in range(workers):
+            self.start(f"{run}-w{w}", "dask", "worker", f"tcp://{sched}:8786", "--nthreads", "1",
+                       "--name", f"{run}-w{w}", "--no-dashboard")
+        return f"tcp://{sched}:8786"
 
     def address(self, name: str) -> str:
         return docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
@@ -109,10 +115,10 @@ def test_the_image_runs_as_its_user_under_dumb_init_with_the_pinned_frameworks(i
     assert (uid, pid1) == ("1000", "dumb-init")
     listed = docker("run", "--rm", image, "python", "-m", "pip", "list", "--format=json").stdout
     installed = {d["name"].lower(): d["version"] for d in json.loads(listed)}
-    pins = dict(re.findall(r'"(jax|torch|dask|distributed)==([^"]+)"', (ROOT / "Dockerfile").read_text()))
-    assert pins.keys() == {"jax", "torch", "dask", "distributed"}
-    for name, version in pins.items():
-        assert installed[name].split("+")[0] == version, f"the image has {name} {installed[name]}"
+    pins = dict(spec.split("==") for command in filter(is_pip_install, run_commands())
+                for spec in pip_install_specs(command) if "==" in spec)
+    for name in ("jax", "torch", "dask", "distributed"):
+        assert installed[name].split("+")[0] == pins[name], f"the image has {name} {installed[name]}"
     # One CUDA for both frameworks: torch's wheels are CUDA 13, so JAX's must be too.
     torch_cuda = docker("run", "--rm", image, "python", "-c", "import torch; print(torch.version.cuda)").stdout
     assert torch_cuda.strip().startswith("13.") and "jax-cuda13-plugin" in installed, torch_cuda
@@ -123,24 +129,18 @@ def train(hosts: Hosts, run: str, *, workers: int, kill_after_step: int | None =
     """``pipetrain train`` in a driver container against a scheduler and ``workers`` worker
     containers; with ``kill_after_step``, the container of stage 1's worker is killed
     (SIGKILL) once that step and a checkpoint are recorded."""
-    sched = hosts.start(f"{run}-sched", "dask", "scheduler", "--port", "8786", "--no-dashboard")
-    for w in range(workers):
-        hosts.start(f"{run}-w{w}", "dask", "worker", f"tcp://{sched}:8786", "--nthreads", "1",
-                    "--name", f"{run}-w{w}", "--no-dashboard")
-    driver = hosts.start(f"{run}-driver", "pipetrain", "train", CONFIG, "--scheduler", f"tcp://{sched}:8786",
+    scheduler = hosts.cluster(run, workers=workers)
+    driver = hosts.start(f"{run}-driver", "pipetrain", "train", CONFIG, "--scheduler", scheduler,
                          "--set", f"run_dir=/runs/{run}", *JOB)
-    killed = None
     if kill_after_step is not None:
-        deadline = time.monotonic() + 300
-        while killed is None:
-            assert time.monotonic() < deadline, f"no step {kill_after_step} and checkpoint within 300 s"
+        def step_and_checkpoint_seen() -> bool:
             seen = records(hosts.runs / run)
             steps = [r["step"] for r in seen if r["type"] == "step"]
-            if steps and max(steps) >= kill_after_step and any(r["type"] == "checkpoint" for r in seen):
-                stage1_host = next(r for r in seen if r["type"] == "placement")["hosts"]["1"]
-                killed = next(n for n in hosts.names if "-w" in n and hosts.address(n) == stage1_host)
-                docker("kill", killed)
-            time.sleep(0.2)
+            return bool(steps) and max(steps) >= kill_after_step and any(r["type"] == "checkpoint" for r in seen)
+
+        wait_until(step_and_checkpoint_seen, timeout=300, poll=0.2, what=f"step {kill_after_step} and a checkpoint")
+        stage1_host = next(r for r in records(hosts.runs / run) if r["type"] == "placement")["hosts"]["1"]
+        docker("kill", next(n for n in hosts.names if "-w" in n and hosts.address(n) == stage1_host))
     code, logs = hosts.wait(driver, timeout=600)
     assert code == 0, f"the driver exited {code}:\n{logs[-4000:]}"
     summary = json.loads((hosts.runs / run / "summary.json").read_text())
@@ -170,22 +170,18 @@ def test_a_cluster_of_containers_trains_and_a_killed_worker_container_costs_a_ro
 
 
 def test_docker_stop_on_the_driver_stops_the_job_and_a_resume_container_finishes_it(hosts):
-    sched = hosts.start("sched", "dask", "scheduler", "--port", "8786", "--no-dashboard")
-    for w in range(2):
-        hosts.start(f"w{w}", "dask", "worker", f"tcp://{sched}:8786", "--nthreads", "1", "--no-dashboard")
-    driver = hosts.start("driver", "pipetrain", "train", CONFIG, "--scheduler", f"tcp://{sched}:8786",
+    scheduler = hosts.cluster("job", workers=2)
+    driver = hosts.start("driver", "pipetrain", "train", CONFIG, "--scheduler", scheduler,
                          "--set", "run_dir=/runs/job", *JOB)
-    deadline = time.monotonic() + 300
-    while not any(r["type"] == "checkpoint" for r in records(hosts.runs / "job")):
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+    wait_until(lambda: any(r["type"] == "checkpoint" for r in records(hosts.runs / "job")), timeout=300, poll=0.2,
+               what="a checkpoint")
     docker("stop", "--time", "30", driver)  # SIGTERM through dumb-init, SIGKILL after 30 s
     code, logs = hosts.wait(driver, timeout=60)
     assert code == 143, logs[-3000:]
     assert "pipetrain train (SIGTERM): interrupted" in logs and "pipetrain resume /runs/job" in logs, logs[-3000:]
     assert any(r["type"] == "interrupted" for r in records(hosts.runs / "job"))
 
-    resumed = hosts.start("resume", "pipetrain", "resume", "/runs/job", "--scheduler", f"tcp://{sched}:8786")
+    resumed = hosts.start("resume", "pipetrain", "resume", "/runs/job", "--scheduler", scheduler)
     code, logs = hosts.wait(resumed, timeout=600)
     assert code == 0, logs[-3000:]
     summary = json.loads((hosts.runs / "job" / "summary.json").read_text())
